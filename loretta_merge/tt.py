@@ -414,11 +414,17 @@ def matrix_modes(rows: int, cols: int, *, shapes: str = "paper", target: int = 8
     if shapes not in ("paper", "auto"):
         raise ConfigError(f"shapes must be 'paper' or 'auto', got {shapes!r}")
     if shapes == "paper":
+        # Some entries of the reference table do not multiply to dim * bottleneck (b=32 for
+        # most widths, b=64 for 2304, square 5120): those are skipped, never used.
+        candidates = []
         if rows == cols and rows in PAPER_SQUARE_SHAPES:
-            return list(PAPER_SQUARE_SHAPES[rows])
+            candidates.append(PAPER_SQUARE_SHAPES[rows])
         for dim, b in ((rows, cols), (cols, rows)):
             if b in PAPER_SHAPES and dim in PAPER_SHAPES[b]:
-                return list(PAPER_SHAPES[b][dim])
+                candidates.append(PAPER_SHAPES[b][dim])
+        for modes in candidates:
+            if math.prod(modes) == rows * cols:
+                return list(modes)
     modes: list[int] = []
     for side in (rows, cols):
         if side > 1:
