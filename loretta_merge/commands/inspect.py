@@ -1,0 +1,54 @@
+"""``loretta-merge inspect``: describe an adapter/model directory, or count what an adapter
+would train on a model given only its config.json (built on the meta device)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("inspect")
+@click.argument("path", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--config", "config_json", type=click.Path(exists=True),
+              help="A model's config.json (or its directory): count what an adapter would train.")
+@click.option("--method", type=click.Choice(["rep", "adp"]), help="With --config: LoRETTA_rep or _adp.")
+@click.option("--r", "r", type=click.IntRange(min=1), default=8, show_default=True,
+              help="rep rank (and the r of the LoRA it is compared with).")
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="rep lora_alpha.")
+@click.option("--tensor-rank", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Inner TT rank R.")
+@click.option("--bottleneck", type=click.IntRange(min=1), default=64, show_default=True,
+              help="adp bottleneck size.")
+@click.option("--non-linearity", type=click.Choice(["relu", "gelu", "silu", "tanh"]), default="relu",
+              show_default=True, help="adp activation.")
+@click.option("--task", type=click.Choice(["seq-cls", "causal-lm"]),
+              help="Model head (default: seq-cls for encoders, causal-lm otherwise).")
+@click.option("--shapes", type=click.Choice(["paper", "auto"]), default="paper", show_default=True,
+              help="TT mode shapes: the paper's table where it applies, or factorised.")
+@click.option("--no-norms", is_flag=True, help="Do not count trained norms (the paper trains them).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect_command(path, config_json, method, r, lora_alpha, tensor_rank, bottleneck, non_linearity,
+                    task, shapes, no_norms, as_json):
+    """Describe PATH (an adapter or model directory), or with --config and --method count
+    the trainable parameters an adapter would have, next to LoRA of the same r.
+
+    \b
+    Examples:
+      loretta-merge inspect ./my-adapter
+      loretta-merge inspect --config llama/config.json --method adp --json
+    """
+    from ..errors import ConfigError
+    from ..inspect import count_params, describe, format_report
+
+    if (path is None) == (config_json is None):
+        raise ConfigError("give either PATH (an adapter or model directory) or --config CONFIG_JSON")
+    if config_json is not None:
+        if method is None:
+            raise ConfigError("--config needs --method rep or --method adp")
+        info = count_params(config_json, method, r=r, tensor_rank=tensor_rank, bottleneck=bottleneck,
+                            task=task, lora_alpha=lora_alpha, non_linearity=non_linearity,
+                            train_norms=not no_norms, shapes=shapes)
+    else:
+        info = describe(path)
+    click.echo(json.dumps(info, indent=2) if as_json else format_report(info))

@@ -1,0 +1,135 @@
+"""``loretta-merge merge BASE ADAPTER [ADAPTER ...] -o OUT`` and ``loretta-merge BASE+A:0.7+B -o OUT``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import click
+
+_WEIGHT_RE = re.compile(r"^(?P<path>.+):(?P<weight>[-+]?(?:[0-9]*\.)?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+
+
+def _split_weight(spec: str) -> tuple[str, float | None]:
+    """``dir:0.7`` -> (dir, 0.7); an existing directory named with a colon stays whole."""
+    if os.path.isdir(spec):
+        return spec, None
+    m = _WEIGHT_RE.match(spec)
+    if m:
+        return m.group("path"), float(m.group("weight"))
+    return spec, None
+
+
+def _group(tokens: list[str], *, weighted: bool) -> tuple[str, int]:
+    """The longest run of ``+``-joined tokens that names an existing directory (so paths
+    containing '+' work); one token when none does."""
+    for n in range(len(tokens), 0, -1):
+        cand = "+".join(tokens[:n])
+        path = _split_weight(cand)[0] if weighted else cand
+        if os.path.isdir(path):
+            return cand, n
+    return tokens[0], 1
+
+
+def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple[str, float | None]]]:
+    """``("BASE+A1:0.7+A2:0.3",)`` or ``("BASE", "A1:0.7", "A2")`` -> base and
+    ``[(adapter, weight or None)]``."""
+    from ..errors import ConfigError
+
+    args = list(args)
+    if not args:
+        raise ConfigError("give BASE and at least one ADAPTER (or BASE+ADAPTER)")
+    base, rest = args[0], args[1:]
+    adapters: list[str] = []
+    if not os.path.isdir(base) and "+" in base:
+        tokens = base.split("+")
+        base, n = _group(tokens, weighted=False)
+        tokens = tokens[n:]
+        while tokens:
+            spec, n = _group(tokens, weighted=True)
+            adapters.append(spec)
+            tokens = tokens[n:]
+    adapters += rest
+    if not adapters:
+        raise ConfigError(f"no adapter given after {base!r}; use BASE+ADAPTER or "
+                          f"`merge BASE ADAPTER`")
+    if any(a == "" for a in adapters):
+        raise ConfigError("empty adapter path in the merge spec (two '+' in a row?)")
+    return base, [_split_weight(a) for a in adapters]
+
+
+@click.command("merge")
+@click.argument("specs", nargs=-1, required=True, metavar="BASE ADAPTER[:W] [ADAPTER[:W] ...]")
+@click.option("-o", "--out", "out", required=True, type=click.Path(),
+              help="Output directory (written atomically; must not exist unless --force).")
+@click.option("--weights", default=None,
+              help="Comma-separated adapter weights, e.g. 0.7,0.3 (default 1 each).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"]),
+              help="Output dtype; auto keeps the base checkpoint's dtypes.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N (where the deltas are computed).")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest output shard in BYTES, with units: 5GB, 500MB, 2GiB or a number.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT (kept until the new one is complete).")
+@click.option("--verify", is_flag=True,
+              help="After writing, compare logits of OUT with base + adapter in memory.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help="Allow reading pickled (.bin) adapters from trusted sources only.")
+def merge_command(specs, out, weights, dtype, device, max_shard_size, force, verify, as_json,
+                  quiet, allow_unsafe_pickle):
+    """Merge adapters into BASE and write a plain transformers checkpoint to OUT.
+
+    \b
+    loretta-merge merge ./llama ./adapter -o ./merged
+    loretta-merge ./llama+./a1:0.7+./a2:0.3 -o ./merged
+
+    Streams the base one tensor at a time (peak memory about one output shard), checks
+    every adapter target before reading weights, and never leaves a half-written OUT.
+    """
+    import signal
+
+    from ..errors import ConfigError
+    from ..io import parse_size
+    from ..merge import merge
+
+    base, adapters = parse_merge_spec(specs)
+    if weights is not None:
+        if any(w is not None for _, w in adapters):
+            raise ConfigError("give adapter weights either as ADAPTER:W or with --weights, not both")
+        try:
+            values = [float(x) for x in weights.split(",")]
+        except ValueError as exc:
+            raise ConfigError(f"--weights {weights!r}: expected comma-separated numbers") from exc
+        if len(values) != len(adapters):
+            raise ConfigError(f"--weights has {len(values)} value(s) for {len(adapters)} adapter(s)")
+        adapters = [(a, w) for (a, _), w in zip(adapters, values)]
+    adapters = [(a, 1.0 if w is None else w) for a, w in adapters]
+
+    def on_term(signum, frame):  # SIGTERM cleans up like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        report = merge(base, adapters, out, dtype=dtype, device=device,
+                       max_shard_bytes=parse_size(max_shard_size), force=force, verify=verify,
+                       progress=not (quiet or as_json), allow_unsafe_pickle=allow_unsafe_pickle)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif not quiet:
+        msg = (f"merged {report.merged_tensors} tensors (+{report.replaced_tensors} replaced, "
+               f"{report.copied_tensors} copied) into {report.out}: {report.shards} shard(s), "
+               f"{report.total_bytes / 1e9:.3f} GB, {report.dtype}, {report.seconds:.1f}s")
+        if report.untied:
+            msg += f"; untied {', '.join(report.untied)} (the adapter changes the embeddings)"
+        if report.verify:
+            v = report.verify
+            msg += ("; verify: " + v["skipped"] if "skipped" in v else
+                    f"; verify: max |logit diff| {v['max_abs_logit_diff']:.3g} "
+                    f"(tolerance {v['tolerance']:.3g})")
+        click.echo(msg, err=True)

@@ -1,0 +1,304 @@
+"""Configs of the two LoRETTA methods and their per-architecture defaults.
+
+``RepConfig`` (LoRETTA_rep: LoRA whose factors are tensor trains) and ``AdpConfig``
+(LoRETTA_adp: bottleneck adapters whose projections are tensor trains). Both validate in
+``__post_init__`` and round-trip through ``to_dict`` / ``from_dict`` (JSON-safe).
+
+Target matching follows PEFT exactly: a list entry ``key`` matches a module name when
+``name == key`` or ``name.endswith("." + key)``; a string is a regex that must fullmatch
+the name. Never substrings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION")
+NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
+PLACEMENTS = ("input", "output")
+
+_LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
+                "olmo", "olmo2", "granite")
+# model_type -> default rep targets
+REP_TARGETS: dict[str, list[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in _LLAMA_STYLE},
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+}
+# model_type -> default adp placement {module key: "input" | "output"}
+ADP_PLACEMENT: dict[str, dict[str, str]] = {
+    **{t: {"gate_proj": "input", "up_proj": "input", "down_proj": "output"} for t in _LLAMA_STYLE},
+    "opt": {"fc1": "input", "fc2": "output"},
+    "gpt2": {"mlp.c_fc": "input", "mlp.c_proj": "output"},
+    **{t: {"output.dense": "output"} for t in ("bert", "roberta", "xlm-roberta", "deberta", "deberta-v2")},
+}
+
+
+# --------------------------------------------------------------------------- matching
+
+def key_matches(name: str, key: str) -> bool:
+    """PEFT's list rule: ``name == key`` or ``name`` ends with ``"." + key``."""
+    return name == key or name.endswith("." + key)
+
+
+def target_matches(name: str, targets: list[str] | str) -> bool:
+    """Whether module ``name`` is targeted: a regex string must fullmatch, a list entry
+    matches by :func:`key_matches`."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(key_matches(name, k) for k in targets)
+
+
+def pattern_value(name: str, patterns: dict[str, Any]) -> Any | None:
+    """The value of the longest pattern key that matches ``name`` (list rule), or None."""
+    hits = [k for k in patterns if key_matches(name, k)]
+    return patterns[max(hits, key=len)] if hits else None
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _help(text: str, default: Any = MISSING, factory: Any = MISSING):
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _prob(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{name} must be a probability in [0, 1), got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _key_list(name: str, value: Any, *, regex_ok: bool) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not regex_ok:
+            raise ConfigError(f"{name} must be a list of module names, got the string {value!r}")
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ConfigError(f"{name} {value!r} is not a valid regex ({exc}); "
+                              f"pass a list of module names instead") from None
+        return
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(k, str) and k for k in value):
+        raise ConfigError(f"{name} must be a non-empty list of module names"
+                          f"{' or a regex string' if regex_ok else ''}, got {value!r}")
+
+
+def parse_shape_key(key: Any) -> tuple[int, ...]:
+    """A ``mode_shapes`` key: a width (``768`` / ``"768"``) -> ``(768,)``; ``"768x8"`` ->
+    ``(768, 8)``."""
+    text = str(key).replace(" ", "").lower()
+    parts = text.split("x")
+    if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
+        return tuple(int(p) for p in parts)
+    raise ConfigError(f"mode_shapes key {key!r} must be a width like 768 or 'rows x cols' like '768x8'")
+
+
+def _check_mode_shapes(value: Any) -> dict[str, list[int]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"mode_shapes must be a dict {{width or 'rows x cols': [modes]}}, got {value!r}")
+    out: dict[str, list[int]] = {}
+    for key, modes in value.items():
+        dims = parse_shape_key(key)
+        if (not isinstance(modes, (list, tuple)) or not modes
+                or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in modes)):
+            raise ConfigError(f"mode_shapes[{key!r}] must be a list of positive integers, got {modes!r}")
+        want = math.prod(dims)
+        if math.prod(modes) != want:
+            what = f"the width {dims[0]}" if len(dims) == 1 else f"rows * cols = {dims[0]} * {dims[1]}"
+            raise ConfigError(f"mode_shapes[{key!r}] = {list(modes)} multiplies to {math.prod(modes)}, "
+                              f"but it must multiply to {what} = {want}; fix the modes")
+        out["x".join(map(str, dims))] = [int(m) for m in modes]
+    return out
+
+
+class _Base:
+    """to_dict / from_dict shared by both configs."""
+
+    method: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)  # type: ignore[arg-type]
+        d["method"] = self.method
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        method = data.get("method", cls.method)
+        if method != cls.method:
+            raise ConfigError(f"config is for method {method!r}, not {cls.method!r}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def _check_common(self) -> None:
+        _int("tensor_rank", self.tensor_rank)  # type: ignore[attr-defined]
+        _choice("shapes", self.shapes, ("paper", "auto"))  # type: ignore[attr-defined]
+        _choice("init", self.init, ("paper", "zero"))  # type: ignore[attr-defined]
+        _choice("task_type", self.task_type, TASK_TYPES, optional=True)  # type: ignore[attr-defined]
+        _key_list("modules_to_save", self.modules_to_save, regex_ok=False)  # type: ignore[attr-defined]
+        if self.modules_to_save is not None:  # type: ignore[attr-defined]
+            self.modules_to_save = list(self.modules_to_save)  # type: ignore[attr-defined]
+        for flag in ("train_norms",):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.replace_dense is not None and not isinstance(self.replace_dense, bool):  # type: ignore
+            raise ConfigError(f"replace_dense must be true, false or null, got {self.replace_dense!r}")  # type: ignore
+        self.mode_shapes = _check_mode_shapes(self.mode_shapes)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- configs
+
+@dataclass
+class RepConfig(_Base):
+    """LoRETTA_rep: ``y = W0 x + b + s * B(A(dropout(x)))`` with A, B tensor trains."""
+
+    method = "rep"
+
+    r: int = _help("LoRA rank: A is (in, r), B is (r, out).", 8)
+    lora_alpha: float = _help("Scale numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora).", 16)
+    lora_dropout: float = _help("Dropout on the adapter input.", 0.05)
+    tensor_rank: int = _help("Inner TT rank R of every core (the paper uses 5).", 5)
+    target_modules: list[str] | str | None = _help(
+        "Module names (PEFT suffix rule) or a regex that fullmatches; None = architecture default.", None)
+    use_rslora: bool = _help("Scale by lora_alpha / sqrt(r) instead of lora_alpha / r.", False)
+    rank_pattern: dict[str, int] = _help("Per-module r overrides {module key: r}.", factory=dict)
+    alpha_pattern: dict[str, float] = _help("Per-module lora_alpha overrides {module key: alpha}.",
+                                            factory=dict)
+    mode_shapes: dict[str, list[int]] | None = _help(
+        "Mode overrides: {width: modes of that side} or {'rows x cols': modes of the whole matrix}.", None)
+    shapes: str = _help("'paper' (the paper's table where it applies) or 'auto' (factorise).", "paper")
+    init: str = _help("'paper' (Gaussian TT init) or 'zero' (B's last core zero: an exact no-op at "
+                      "step 0).", "paper")
+    train_norms: bool = _help("Train every LayerNorm/RMSNorm (the paper does).", True)
+    modules_to_save: list[str] | None = _help("Extra modules trained in full and saved.", None)
+    task_type: str | None = _help("SEQ_CLS, CAUSAL_LM or FEATURE_EXTRACTION; None = from the model class.",
+                                  None)
+    replace_dense: bool | None = _help(
+        "SEQ_CLS: replace the pooler dense (BERT/DeBERTa) or classifier dense (RoBERTa) by a square "
+        "TT layer with bias, as the paper does. None = true for SEQ_CLS.", None)
+
+    def __post_init__(self) -> None:
+        _int("r", self.r)
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        _prob("lora_dropout", self.lora_dropout)
+        _key_list("target_modules", self.target_modules, regex_ok=True)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+        for name, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pat, dict):
+                raise ConfigError(f"{name} must be a dict {{module key: value}}, got {pat!r}")
+        for k, v in self.rank_pattern.items():
+            _int(f"rank_pattern[{k!r}]", v)
+        for k, v in self.alpha_pattern.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"alpha_pattern[{k!r}] must be a positive number, got {v!r}")
+        self._check_common()
+
+    def rank_for(self, name: str) -> int:
+        v = pattern_value(name, self.rank_pattern)
+        return int(v) if v is not None else self.r
+
+    def scale_for(self, name: str) -> float:
+        r = self.rank_for(name)
+        alpha = pattern_value(name, self.alpha_pattern)
+        alpha = float(alpha if alpha is not None else self.lora_alpha)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+@dataclass
+class AdpConfig(_Base):
+    """LoRETTA_adp: ``h' = h + s * up(act(down(dropout(h))))``, up/down TT layers with bias."""
+
+    method = "adp"
+
+    bottleneck_size: int = _help("Bottleneck width b: down is (dim, b), up is (b, dim).", 64)
+    non_linearity: str = _help("Activation between down and up: relu, gelu, silu or tanh.", "relu")
+    adapter_dropout: float = _help("Dropout on the adapter input.", 0.0)
+    scaling: float = _help("Scale s of the adapter output.", 1.0)
+    tensor_rank: int = _help("Inner TT rank R of every core (the paper uses 5).", 5)
+    placement: dict[str, str] | None = _help(
+        "{module key (PEFT suffix rule): 'input' | 'output'}: an input adapter acts on the wrapped "
+        "linear's input, an output adapter on its output. None = architecture default.", None)
+    mode_shapes: dict[str, list[int]] | None = _help(
+        "Mode overrides: {width: modes of that side} or {'rows x cols': modes of the whole matrix}.", None)
+    shapes: str = _help("'paper' (the paper's table where it applies) or 'auto' (factorise).", "paper")
+    init: str = _help("'paper' (Gaussian TT init) or 'zero' (up's last core and bias zero: an exact "
+                      "no-op at step 0).", "paper")
+    train_norms: bool = _help("Train every LayerNorm/RMSNorm (the paper does).", True)
+    modules_to_save: list[str] | None = _help("Extra modules trained in full and saved.", None)
+    task_type: str | None = _help("SEQ_CLS, CAUSAL_LM or FEATURE_EXTRACTION; None = from the model class.",
+                                  None)
+    replace_dense: bool | None = _help(
+        "SEQ_CLS: replace the pooler dense (BERT/DeBERTa) or classifier dense (RoBERTa) by a square "
+        "TT layer with bias, as the paper does. None = true for SEQ_CLS.", None)
+
+    def __post_init__(self) -> None:
+        _int("bottleneck_size", self.bottleneck_size)
+        _choice("non_linearity", self.non_linearity, NON_LINEARITIES)
+        _prob("adapter_dropout", self.adapter_dropout)
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) \
+                or not math.isfinite(self.scaling):
+            raise ConfigError(f"scaling must be a finite number, got {self.scaling!r} "
+                              f"(a learned scaling is not supported)")
+        if self.placement is not None:
+            if not isinstance(self.placement, dict) or not self.placement:
+                raise ConfigError(f"placement must be a non-empty dict {{module key: 'input' | 'output'}}, "
+                                  f"got {self.placement!r}")
+            for k, v in self.placement.items():
+                if not isinstance(k, str) or not k:
+                    raise ConfigError(f"placement keys must be module names, got {k!r}")
+                _choice(f"placement[{k!r}]", v, PLACEMENTS)
+        self._check_common()
+
+
+LorettaConfig = RepConfig | AdpConfig
+
+
+def config_from_dict(data: dict[str, Any]) -> RepConfig | AdpConfig:
+    """Build the config named by ``data["method"]`` ("rep" or "adp")."""
+    method = data.get("method")
+    if method == "rep":
+        return RepConfig.from_dict(data)
+    if method == "adp":
+        return AdpConfig.from_dict(data)
+    raise ConfigError(f"config method must be 'rep' or 'adp', got {method!r}")
+
+
+# --------------------------------------------------------------------------- defaults
+
+def default_targets(model_type: str | None, method: str) -> list[str] | dict[str, str] | None:
+    """The architecture default: rep target keys, or adp placement; None if unknown."""
+    table = REP_TARGETS if method == "rep" else ADP_PLACEMENT
+    value = table.get(model_type or "")
+    if value is None:
+        return None
+    return list(value) if isinstance(value, list) else dict(value)

@@ -1,0 +1,243 @@
+"""Checkpoint reader, shard writer and atomic output directories (real files on disk)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loretta_merge.errors import ConfigError, FormatError, OutputExistsError
+from loretta_merge.io import (CheckpointReader, ShardWriter, atomic_output_dir, parse_dtype,
+                              parse_size, resolve_device)
+
+
+# --------------------------------------------------------------------------- parsing
+
+@pytest.mark.parametrize("text,expected", [
+    ("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("40KB", 40_000),
+    ("1.5GB", 1_500_000_000), ("64KiB", 65536), ("1234", 1234), (4096, 4096), ("10 mib", 10 * 2**20),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "5 parsecs", "GB", "-1GB", "0", 0, "1e9", True])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ConfigError, match="size"):
+        parse_size(bad)
+
+
+def test_parse_dtype():
+    assert parse_dtype("auto") is None and parse_dtype(None) is None
+    assert parse_dtype("bf16") is parse_dtype("bfloat16") is torch.bfloat16
+    assert parse_dtype("fp16") is torch.float16 and parse_dtype("float32") is torch.float32
+    with pytest.raises(ConfigError, match="int8"):
+        parse_dtype("int8")
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cpu"):
+            resolve_device("cuda:0")
+
+
+# --------------------------------------------------------------------------- reader
+
+def test_reader_sharded_checkpoint(tiny_model_dir):
+    d = tiny_model_dir("llama")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # the fixture is sharded
+    reader = CheckpointReader(d)
+    assert sorted(reader.keys()) == sorted(index["weight_map"])
+    opened = set()
+    for key in reader.keys():
+        t = reader.get(key)
+        assert tuple(t.shape) == reader.shape(key) and t.dtype == reader.dtype(key)
+        assert t.nbytes == reader.nbytes(key)
+        opened.add(reader._open_name)
+        assert reader._open_name == index["weight_map"][key]  # one shard open at a time
+    assert opened == set(index["weight_map"].values())
+    ref = load_file(d / index["weight_map"]["lm_head.weight"])["lm_head.weight"]
+    assert torch.equal(reader.get("lm_head.weight"), ref)
+
+
+def test_reader_missing_and_corrupt_shards(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama")
+    d = tmp_path / "ck"
+    shutil.copytree(src, d)
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match=f"{shard.name}.*model.safetensors.index.json.*truncated"):
+        CheckpointReader(d)
+    shard.unlink()
+    with pytest.raises(FormatError, match=f"lists shard {shard.name}, which is missing"):
+        CheckpointReader(d)
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(FormatError, match=shard.name):
+        CheckpointReader(d)
+
+
+def test_reader_refuses_pickled_and_missing(tmp_path):
+    (tmp_path / "bin").mkdir()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(FormatError, match="pickled.*safetensors.*save_pretrained"):
+        CheckpointReader(tmp_path / "bin")
+    with pytest.raises(FormatError, match="does not exist"):
+        CheckpointReader(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FormatError, match="neither"):
+        CheckpointReader(tmp_path / "empty")
+
+
+def test_reader_single_file(tmp_path):
+    save_file({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reader = CheckpointReader(tmp_path)
+    assert set(reader.keys()) == {"a", "b"} and reader.metadata == {"format": "pt"}
+    assert reader.shape("a") == (2, 3) and reader.dtype("b") == torch.bfloat16
+    assert torch.equal(reader.get("a"), torch.arange(6.0).reshape(2, 3))
+
+
+# --------------------------------------------------------------------------- writer
+
+def _tensors(n=10, size=1000):
+    g = torch.Generator().manual_seed(0)
+    return {f"layer.{i}.weight": torch.randn(size, generator=g) for i in range(n)}  # 4000 B each
+
+
+def test_writer_shards_by_bytes(tmp_path):
+    tensors = _tensors()
+    w = ShardWriter(tmp_path, max_shard_bytes=10_000)  # two 4000-byte tensors per shard
+    for k, t in tensors.items():
+        w.add(k, t)
+    files = w.close()
+    shards = sorted(f for f in files if f.endswith(".safetensors"))
+    assert shards == [f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 40_000
+    assert sorted(os.listdir(tmp_path)) == sorted(files)  # no temporary names left
+    back = {}
+    for s in shards:
+        assert (tmp_path / s).stat().st_size <= 10_000 + 1000  # budget + header
+        back.update(load_file(tmp_path / s))
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert index["weight_map"] == {k: s for s in shards for k in load_file(tmp_path / s)}
+    reader = CheckpointReader(tmp_path)  # what we write, we read
+    assert sorted(reader.keys()) == sorted(tensors)
+
+
+def test_writer_single_shard_and_big_tensor(tmp_path):
+    w = ShardWriter(tmp_path / "one", max_shard_bytes="1MB")
+    (tmp_path / "one").mkdir()
+    w.add("a", torch.ones(3))
+    assert w.close() == ["model.safetensors"]
+    assert not (tmp_path / "one" / "model.safetensors.index.json").exists()
+    (tmp_path / "big").mkdir()
+    w = ShardWriter(tmp_path / "big", max_shard_bytes=100)
+    w.add("small", torch.ones(2))
+    w.add("huge", torch.ones(1000))  # larger than the budget: a shard of its own
+    w.add("tail", torch.ones(2))
+    assert len([f for f in w.close() if f.endswith(".safetensors")]) == 3
+
+
+def test_writer_shared_memory_tensors(tmp_path):
+    base = torch.arange(12.0).reshape(3, 4)
+    w = ShardWriter(tmp_path, max_shard_bytes="1GB")
+    w.add("full", base)
+    w.add("tied", base)  # same storage
+    w.add("row", base[1])  # a view into it
+    w.add("t", base.T)  # non-contiguous
+    w.close()
+    back = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(back["tied"], base) and torch.equal(back["row"], base[1])
+    assert torch.equal(back["t"], base.T)
+
+
+# --------------------------------------------------------------------------- atomic output
+
+def _temps(parent):
+    return [p.name for p in parent.iterdir() if ".loretta-" in p.name]
+
+
+def test_atomic_success_and_umask(tmp_path):
+    out = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        with atomic_output_dir(out) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".out.loretta-tmp-")
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (out / "f").read_text() == "x" and not _temps(tmp_path)
+    assert (out.stat().st_mode & 0o777) == 0o750
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_atomic_failure_leaves_nothing(tmp_path, exc):
+    out = tmp_path / "out"
+    with pytest.raises(exc):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "f").write_text("x")
+            raise exc()
+    assert not out.exists() and not _temps(tmp_path)
+
+
+def test_atomic_existing_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("old")
+    with pytest.raises(OutputExistsError, match="--force"):
+        with atomic_output_dir(out):
+            pass
+    with pytest.raises(RuntimeError):  # a failing forced run keeps the old output
+        with atomic_output_dir(out, force=True) as tmp:
+            (tmp / "new").write_text("new")
+            raise RuntimeError("boom")
+    assert os.listdir(out) == ["keep"] and not _temps(tmp_path)
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert os.listdir(out) == ["new"] and not _temps(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        with atomic_output_dir(tmp_path / "file", force=True):
+            pass
+
+
+def test_atomic_removes_stale_temps_of_dead_processes(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".out.loretta-tmp-{pid}-abcd1234"
+    stale.mkdir()
+    (stale / "model-part").write_text("x")
+    live = tmp_path / f".out.loretta-tmp-{os.getppid()}-abcd1234"  # a running process's
+    live.mkdir()
+    other = tmp_path / f".other.loretta-tmp-{pid}-abcd1234"  # another output's
+    other.mkdir()
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_atomic_unwritable_parent(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match="cannot write"):
+            with atomic_output_dir(ro / "out"):
+                pass
+    finally:
+        ro.chmod(0o755)

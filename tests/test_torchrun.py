@@ -1,0 +1,52 @@
+"""Data-parallel training with torchrun: 2 CPU processes (gloo) through the same train()."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from test_train import _csv, _sentences, _tokenizer
+
+HERE = Path(__file__).parent
+
+
+def test_two_processes_train_identical_adapters(tiny_model_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "bert"
+    shutil.copytree(tiny_model_dir("bert"), model)
+    _tokenizer(model, causal=False)
+    data = _csv(tmp_path / "train.csv", _sentences(32, 0))
+    out, dumps = tmp_path / "out", tmp_path / "dumps"
+    dumps.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "0", "--standalone", str(HERE / "_torchrun_train.py"),
+           str(model), str(data), str(out), str(dumps)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    ranks = [load_file(dumps / f"rank{r}.safetensors") for r in (0, 1)]
+    for r in (0, 1):
+        with safe_open(dumps / f"rank{r}.safetensors", "pt") as f:
+            assert f.metadata() == {"world_size": "2", "steps": "3"}
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    # exactly one adapter directory, written by rank 0, holding rank 0's weights
+    configs = sorted(p.parent for p in tmp_path.rglob("adapter_config.json"))
+    assert configs == [out]
+    saved = load_file(out / "adapter_model.safetensors")
+    cores = [k for k in saved if ".lora_A.tt_cores." in k or ".lora_B.tt_cores." in k]
+    assert cores
+    for key in cores:  # base_model.model.<module>.lora_A.tt_cores.<k> -> <module>.lora_A.tt_cores.<k>
+        name = key.removeprefix("base_model.model.")
+        torch.testing.assert_close(saved[key], ranks[0][name], rtol=0, atol=0)
+    assert not list(out.glob(".adapter-tmp-*"))
