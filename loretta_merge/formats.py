@@ -11,8 +11,21 @@ Kinds read (detected by ``adapter_config.json`` AND the tensor key names):
   included (the merge refuses them).
 
 Module names are relative to the trained model; on disk every key carries PEFT's
-``base_model.model.`` prefix. Loading is safe: safetensors, or ``torch.load`` with
-``weights_only=True``; config paths are information only and never opened.
+``base_model.model.`` prefix.
+
+What the authors' package saves (read from its source, checked against its layers by
+tests/fixtures/make_loretta01.py): TT layers compute ``x @ full(cores).reshape(in, out)``,
+so ``lora_A`` is ``(in, r)``, ``lora_B`` ``(r, out)``, ``adapter_down`` ``(dim, b)`` and
+``adapter_up`` ``(b, dim)``, with ``dim`` the wrapped linear's in_features for input ("mh")
+adapters and out_features for output adapters. Placement is NOT in its config: the package
+picks it from the target's last name, which :data:`_AUTHORS_PLACEMENT` mirrors. Scales:
+``lora_alpha / r``; adp ``scaling`` (or a saved ``adapter_scaling`` when "learned"). It
+saves only ``lora_*`` / ``adapter_*`` keys plus, for SEQ_CLS, keys containing
+"classifier"/"score" (the TT-replaced ``classifier.dense`` and ``out_proj``); trained norms
+are not saved.
+
+Loading is safe: safetensors, or ``torch.load`` with ``weights_only=True``; config paths are
+information only and never opened.
 """
 
 from __future__ import annotations
@@ -185,7 +198,7 @@ def rank_for(config: dict, module_name: str) -> int:
     """The LoRA rank ``r`` of one module: ``rank_pattern`` override or ``r``."""
     patterns = config.get("rank_pattern") or {}
     if not isinstance(patterns, dict):
-        raise ConfigError(f"rank_pattern must be a mapping of module pattern -> rank, got {patterns!r}")
+        raise ConfigError(f"rank_pattern must be a mapping of module pattern -> rank, got {str(patterns)[:80]}")
     key = _pattern_key(patterns, module_name, "rank_pattern")
     r = patterns[key] if key is not None else config.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= _MAX_DIM:
@@ -204,7 +217,7 @@ def scale_for(config: dict, module_name: str) -> float:
     r = rank_for(config, module_name)
     patterns = config.get("alpha_pattern") or {}
     if not isinstance(patterns, dict):
-        raise ConfigError(f"alpha_pattern must be a mapping of module pattern -> alpha, got {patterns!r}")
+        raise ConfigError(f"alpha_pattern must be a mapping of module pattern -> alpha, got {str(patterns)[:80]}")
     key = _pattern_key(patterns, module_name, "alpha_pattern")
     alpha = patterns[key] if key is not None else config.get("lora_alpha", 8)
     if alpha is None:
@@ -400,6 +413,9 @@ def _collect_cores(found: dict[int, torch.Tensor], what: str, source: Path) -> l
 
 
 def _tt(cores: list[torch.Tensor], rows: int, cols: int, what: str) -> TTMatrix:
+    for side in (rows, cols):
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+            raise ShapeError(f"{what}: rows and cols must be positive integers, got ({rows!r}, {cols!r})")
     tt.validate_cores(cores, name=what)
     n = math.prod(tt.tt_modes_of(cores))
     if n != rows * cols:

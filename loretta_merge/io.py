@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import secrets
@@ -296,24 +297,56 @@ class CheckpointReader:
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict) -> None:
-    """Write one safetensors file straight from the tensors' memory (no serialised copy of
-    the whole shard, which would double the writer's peak memory). A separate function so
-    tests can simulate a full disk."""
+def _header_bytes(entries: list[tuple[str, tuple, torch.dtype, int]], metadata: dict) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file holding ``entries``
+    ``(key, shape, dtype, nbytes)`` stored back to back in that order."""
     header: dict = {"__metadata__": metadata}
     offset = 0
-    for key, t in tensors.items():
-        header[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                       "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
+    for key, shape, dtype, nbytes in entries:
+        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_bytes(f, data) -> None:
+    """Every byte the writers put on disk goes through here (tests simulate a full disk)."""
+    f.write(data)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _disk_error(exc: OSError, out_dir: Path, shard_bytes: int, written: int) -> OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(exc.errno, f"no space left on the device holding {out_dir} while writing a "
+                       f"{shard_bytes / 1e9:.2f} GB shard (about {written / 1e9:.2f} GB written "
+                       f"so far); free space or choose an output on another disk; nothing was "
+                       f"written to the output")
+    return exc
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict) -> None:
+    """Write one safetensors file straight from the tensors' memory (no serialised copy of
+    the whole shard, which would double the writer's peak memory)."""
+    entries = [(k, tuple(t.shape), t.dtype, t.nbytes) for k, t in tensors.items()]
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        _write_bytes(f, _header_bytes(entries, metadata))
         for t in tensors.values():
             if t.nbytes:
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                _write_bytes(f, _tensor_bytes(t))
+
+
+def _shard_names(n: int) -> list[str]:
+    return [SINGLE_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _write_index(out_dir: Path, weight_map: dict[str, str], total: int) -> None:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 class ShardWriter:
@@ -371,13 +404,7 @@ class ShardWriter:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 path.unlink()
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OSError(exc.errno, f"no space left on the device holding {self.out_dir} "
-                              f"while writing a {self._buffer_bytes / 1e9:.2f} GB shard "
-                              f"(about {self.total_bytes / 1e9:.2f} GB written so far); free "
-                              f"space or choose an output on another disk; nothing was "
-                              f"written to the output") from exc
-            raise
+            raise _disk_error(exc, self.out_dir, self._buffer_bytes, self.total_bytes) from exc
         self._shards.append((name, list(self._buffer)))
         self.largest_shard_bytes = max(self.largest_shard_bytes, self._buffer_bytes)
         self._buffer = {}
@@ -392,14 +419,95 @@ class ShardWriter:
         if n == 0:
             raise ValueError("ShardWriter: no tensors were added")
         weight_map: dict[str, str] = {}
-        for i, (tmp, keys) in enumerate(self._shards, 1):
-            final = SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        for (tmp, keys), final in zip(self._shards, _shard_names(n)):
             os.replace(self.out_dir / tmp, self.out_dir / final)
             self.files.append(final)
             weight_map.update({k: final for k in keys})
         if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            _write_index(self.out_dir, weight_map, self.total_bytes)
+            self.files.append(INDEX_NAME)
+        return list(self.files)
+
+
+class StreamingShardWriter:
+    """A shard writer for when every output tensor is known up front (name, shape, dtype),
+    as in a merge, whose plan knows them all before any weight is read.
+
+    The shard layout is fixed at construction with the same rule as :class:`ShardWriter`
+    (start a new shard when the next tensor would pass ``max_shard_bytes``), so every
+    shard's header can be written first and each tensor goes to disk the moment it is
+    added, in layout order. Peak memory is one tensor, whatever the shard size.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike,
+                 layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int | str = 5 * 10**9) -> None:
+        self.out_dir = Path(out_dir)
+        budget = parse_size(max_shard_bytes)
+        groups: list[list[tuple[str, tuple, torch.dtype, int]]] = []
+        size = 0
+        for key, shape, dtype in layout:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if not groups or (groups[-1] and size + nbytes > budget):
+                groups.append([])
+                size = 0
+            groups[-1].append((key, tuple(int(x) for x in shape), dtype, nbytes))
+            size += nbytes
+        if not groups:
+            raise ValueError("StreamingShardWriter: empty layout")
+        self._groups = groups
+        self._names = _shard_names(len(groups))
+        self._queue = [(i, e) for i, g in enumerate(groups) for e in g]
+        self._pos = 0
+        self._file = None
+        self._file_index = -1
+        self.total_bytes = sum(e[3] for _, e in self._queue)
+        self.largest_shard_bytes = max(sum(e[3] for e in g) for g in groups)
+        self.written_bytes = 0
+        self.files: list[str] = []
+        self._slow = float(os.environ.get("LORETTA_TEST_SLOW_WRITE", "0") or 0)  # tests only
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if self._pos >= len(self._queue):
+            raise ValueError(f"StreamingShardWriter: {key!r} is not in the layout (all written)")
+        index, (want, shape, dtype, nbytes) = self._queue[self._pos]
+        if key != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"StreamingShardWriter: got {key!r} {tuple(tensor.shape)} {tensor.dtype}, "
+                             f"the layout expects {want!r} {shape} {dtype} next")
+        t = tensor.detach().to("cpu").contiguous()
+        try:
+            if index != self._file_index:
+                self._close_file()
+                self._file = open(self.out_dir / self._names[index], "wb")  # noqa: SIM115
+                self._file_index = index
+                _write_bytes(self._file, _header_bytes(self._groups[index], {"format": "pt"}))
+            if nbytes:
+                _write_bytes(self._file, _tensor_bytes(t))
+        except OSError as exc:
+            self._close_file()
+            shard = sum(e[3] for e in self._groups[index])
+            raise _disk_error(exc, self.out_dir, shard, self.written_bytes) from exc
+        self.written_bytes += nbytes
+        self._pos += 1
+        if self._slow:
+            time.sleep(self._slow)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self.files.append(self._names[self._file_index])
+            self._file = None
+
+    def close(self) -> list[str]:
+        """Finish the last shard and write the index. Returns the file names written."""
+        if self._pos != len(self._queue):
+            missing = [e[0] for _, e in self._queue[self._pos:]]
+            raise ValueError(f"StreamingShardWriter: {len(missing)} tensor(s) never added, "
+                             f"first {missing[0]!r}")
+        self._close_file()
+        if len(self._groups) > 1:
+            _write_index(self.out_dir, {e[0]: self._names[i] for i, e in self._queue},
+                         self.total_bytes)
             self.files.append(INDEX_NAME)
         return list(self.files)
 

@@ -26,8 +26,8 @@ import torch
 
 from . import __version__, tt
 from .errors import ConfigError, NumericsError, ShapeError
-from .io import (CheckpointReader, ShardWriter, atomic_output_dir, dtype_name, parse_dtype,
-                 parse_size, resolve_device)
+from .io import (CheckpointReader, StreamingShardWriter, atomic_output_dir, dtype_name,
+                 parse_dtype, parse_size, resolve_device)
 
 PROVENANCE_NAME = "loretta_merge_provenance.json"
 # files of a base directory that are weights (never copied as-is)
@@ -434,9 +434,18 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
                                     "tensors": len(a.tensors)} for a, w, label in loaded],
                          dtype=dtype_name(main_dtype), device=str(dev),
                          untied=sorted(untie))
-    sources = {}  # input embedding key -> output embedding keys to write from it
+    sources: dict[str, list[str]] = {}  # input embedding key -> output embeddings written from it
     for t, s in untie.items():
         sources.setdefault(s, []).append(t)
+
+    def dtype_of(src: str) -> torch.dtype:
+        d = reader.dtype(src)
+        return out_dtype if (out_dtype is not None and d.is_floating_point) else d
+
+    # every output tensor is known now, so shards are laid out up front and each tensor
+    # goes to disk as soon as it is computed
+    layout = [(name, reader.shape(key), dtype_of(key))
+              for key in keys for name in [key] + sources.get(key, [])]
     bar = None
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -444,12 +453,12 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
                    file=sys.stderr, leave=False)
     try:
         with atomic_output_dir(out_path, force=force) as tmp:
-            writer = ShardWriter(tmp, max_bytes)
+            writer = StreamingShardWriter(tmp, layout, max_bytes)
             stream = _prefetched(reader, keys, pin=set(ops) if dev.type == "cuda" else set())
             try:
                 for key, w0 in stream:
+                    kind_dtype = dtype_of(key)
                     for name in [key] + sources.get(key, []):
-                        kind_dtype = out_dtype if (out_dtype and w0.is_floating_point()) else w0.dtype
                         key_ops = ops.get(name)
                         if key_ops:
                             writer.add(name, _apply(name, w0, key_ops, dev, kind_dtype))

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -91,7 +92,7 @@ def mode_shapes_for(config: RepConfig | AdpConfig, rows: int, cols: int, *, modu
                 modes += tt.factorize(side)
     else:
         modes = tt.matrix_modes(rows, cols, shapes=config.shapes)
-    if int(torch.tensor(modes).prod()) != rows * cols:
+    if math.prod(modes) != rows * cols:
         raise ConfigError(f"module {module}: modes {modes} do not multiply to {rows} x {cols} = "
                           f"{rows * cols}; fix mode_shapes (key '{rows}x{cols}' or the widths)")
     return modes

@@ -241,3 +241,26 @@ def test_atomic_unwritable_parent(tmp_path):
                 pass
     finally:
         ro.chmod(0o755)
+
+
+def test_streaming_writer_matches_layout(tmp_path):
+    from loretta_merge.io import StreamingShardWriter
+
+    tensors = _tensors(5)
+    tensors["half"] = torch.ones(3, 2, dtype=torch.bfloat16)
+    layout = [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
+    w = StreamingShardWriter(tmp_path, layout, max_shard_bytes=10_000)
+    with pytest.raises(ValueError, match="expects 'layer.0.weight'"):
+        w.add("half", tensors["half"])
+    for k, t in tensors.items():
+        w.add(k, t)
+    files = w.close()
+    assert files[-1] == "model.safetensors.index.json" and len(files) == 4  # 3 shards + index
+    back = {}
+    for f in files[:-1]:
+        back.update(load_file(tmp_path / f))
+    assert all(torch.equal(back[k], t) for k, t in tensors.items())
+    assert w.largest_shard_bytes <= 10_000 and sorted(os.listdir(tmp_path)) == sorted(files)
+    w = StreamingShardWriter(tmp_path / "x", [("a", (2,), torch.float32)], max_shard_bytes=100)
+    with pytest.raises(ValueError, match="never added"):
+        w.close()

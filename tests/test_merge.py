@@ -355,11 +355,15 @@ def test_disk_full_fails_cleanly(tiny_model_dir, tmp_path, monkeypatch, capsys):
 
     adapter = make_lora("llama", tmp_path / "lora")
 
-    def full(tensors, path, metadata):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    calls = []
 
-    monkeypatch.setattr(lio, "_save_file", full)
+    def full(f, data):  # the disk fills up a few writes into the run
+        calls.append(len(data))
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        f.write(data)
+
+    monkeypatch.setattr(lio, "_write_bytes", full)
     with pytest.raises(SystemExit) as info:
         main([f"{tiny_model_dir('llama')}+{adapter}", "-o", str(tmp_path / "out"), "-q"])
     assert info.value.code == 1

@@ -294,3 +294,27 @@ def test_modules_to_save_on_a_wrapped_module_round_trips(tmp_path):
     loaded = load_loretta_model(build_tiny("opt"), tmp_path / "ad", is_trainable=True)
     assert torch.equal(logits(loaded.eval()), want)
     assert trainable_parameters(loaded) == trainable_parameters(model)
+
+
+def test_configs_validate_and_round_trip():
+    rep = RepConfig(r=4, target_modules=r".*q_proj", rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 8},
+                    use_rslora=True, mode_shapes={768: [8, 8, 12]}, init="zero")
+    assert RepConfig.from_dict(rep.to_dict()) == rep
+    assert rep.rank_for("model.layers.0.self_attn.v_proj") == 2
+    assert rep.scale_for("model.layers.0.self_attn.v_proj") == pytest.approx(8 / 2 ** 0.5)
+    assert rep.rank_for("model.layers.0.self_attn.xv_proj") == 4  # suffix rule, never substrings
+    adp = AdpConfig(placement={"fc1": "input"}, non_linearity="tanh")
+    assert AdpConfig.from_dict(adp.to_dict()) == adp
+    assert RepConfig.__dataclass_fields__["r"].metadata["help"]
+    for bad, match in [(dict(r=0), "r must be an integer >= 1"), (dict(lora_dropout=1.0), "lora_dropout"),
+                       (dict(target_modules="("), "not a valid regex"), (dict(init="kaiming"), "init must be"),
+                       (dict(task_type="SEQ2SEQ"), "task_type must be one of"),
+                       (dict(mode_shapes={"768": [5, 5]}), r"multiplies to 25.*768")]:
+        with pytest.raises(ConfigError, match=match):
+            RepConfig(**bad)
+    with pytest.raises(ConfigError, match=r"placement\['fc1'\] must be one of"):
+        AdpConfig(placement={"fc1": "middle"})
+    with pytest.raises(ConfigError, match="non_linearity must be one of"):
+        AdpConfig(non_linearity="softmax")
+    with pytest.raises(ConfigError, match="not 'adp'"):
+        AdpConfig.from_dict(rep.to_dict())

@@ -66,7 +66,7 @@ def convert_group():
               help="Relative Frobenius error target for each factor, in (0, 1).")
 @click.option("--shapes", type=click.Choice(["paper", "auto"]), default="paper", show_default=True,
               help="TT mode shapes: the paper's table where it applies, or balanced factors.")
-@click.option("--device", default="cpu", show_default=True, help="Device for the decomposition, e.g. cuda.")
+@click.option("--device", default="cpu", show_default=True, help="Device for the decomposition: cpu, cuda, cuda:N or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--allow-unsafe-pickle", is_flag=True,

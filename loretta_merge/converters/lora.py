@@ -9,6 +9,8 @@ as two TT matrices, ``A : (in, r)`` and ``B : (r, out)``, and its delta is
   truncation of the delta to a lower rank, whose error is reported.
 * :func:`lora_to_tt` is a TT-SVD of each factor, approximate unless the TT ranks are large
   enough. Factors that share a mode list are decomposed in one batched call.
+  DoRA is refused: its magnitude vector rescales the columns of the MERGED weight by norms
+  that depend on the base weight, so no pair of TT factors (rep adapter) reproduces it.
 
 Error bound used in the reports. TT-SVD discards at most ``(eps / sqrt(d - 1))**2 * ||X||**2``
 of energy at each of its ``d - 1`` steps, on orthonormal projections, so the factor error is
@@ -213,7 +215,9 @@ def lora_to_tt(lora, *, tensor_rank: int | None = None, eps: float | None = None
         raise ConfigError(f"tensor_rank must be an integer >= 1, got {tensor_rank!r}")
     if shapes not in ("paper", "auto"):
         raise ConfigError(f"shapes must be 'paper' or 'auto', got {shapes!r}")
-    device = torch.device(device)
+    from ..io import resolve_device
+
+    device = resolve_device(device)
     start = time.perf_counter()
     adapter = _load(lora, "PEFT LoRA", allow_unsafe_pickle)
     where = adapter.path or "<in-memory adapter>"
