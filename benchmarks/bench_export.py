@@ -9,10 +9,10 @@ Models:
 Each model is exported once with :func:`loretta_merge.converters.onnx.export_onnx`
 (validated; export time and parity recorded), then both runtimes run the same padded
 batches at a few (batch, sequence) sizes in this one process: warm-up, then the median of
-N timed runs. Both use the same number of intra-op threads (``--threads``, default 1) and
-ORT uses ``ORT_ENABLE_ALL`` graph optimisations. Results go to
-``benchmarks/results/export.json``; the printed ratio is ``torch_ms / ort_ms`` (> 1 means
-ONNX Runtime is faster).
+N timed runs, the two runtimes taking turns within each run. Both use the same number of
+intra-op threads (``--threads``, default 1) and ORT uses ``ORT_ENABLE_ALL`` graph
+optimisations. Results go to ``benchmarks/results/export.json``; the printed ratio is
+``torch_ms / ort_ms`` (> 1 means ONNX Runtime is faster).
 
     python benchmarks/bench_export.py            # about a minute on 2 cores
     python benchmarks/bench_export.py --repeats 20 --threads 2
@@ -40,15 +40,19 @@ TINY_LLAMA = dict(vocab_size=2000, hidden_size=256, intermediate_size=688, num_h
                   tie_word_embeddings=False)
 
 
-def _median_ms(fn, warmup: int, repeats: int) -> float:
+def _median_ms(fns, warmup: int, repeats: int) -> list[float]:
+    """Median wall time (ms) of each function. The functions take turns within every
+    repeat, so a change in machine load hits all of them alike (the machine is shared)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        for fn, acc in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return [1000 * statistics.median(t) for t in times]
 
 
 def _batch(vocab: int, batch: int, seq: int, torch):
@@ -96,8 +100,7 @@ def bench_model(name: str, model_dir: Path, task: str, out_dir: Path, *, threads
 
         keep = feed["attention_mask"].numpy().astype(bool)
         diff = float(np.abs(run_ort() - run_torch().numpy())[keep].max())
-        torch_ms = _median_ms(run_torch, warmup, repeats)
-        ort_ms = _median_ms(run_ort, warmup, repeats)
+        torch_ms, ort_ms = _median_ms([run_torch, run_ort], warmup, repeats)
         rows.append({"batch": batch, "sequence": seq, "torch_ms": round(torch_ms, 3),
                      "ort_ms": round(ort_ms, 3), "speedup": round(torch_ms / ort_ms, 3),
                      "max_abs_diff": diff})

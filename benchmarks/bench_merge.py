@@ -118,13 +118,16 @@ def child(case: str, work: Path, out: Path, max_shard: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from peft import PeftModel
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
-    import transformers.models.llama.modeling_llama  # noqa: F401 - imports outside the timing
-
+    # each case imports what it needs before its timer (and only that: imports count in RSS)
     from loretta_merge.io import parse_size
-    from loretta_merge.merge import merge
+    if case == "io_floor":
+        from safetensors.torch import load_file, save_file
+    elif case.startswith("merge_"):
+        from loretta_merge.merge import merge
+    elif case == "peft":
+        import transformers.models.llama.modeling_llama  # noqa: F401
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
 
     base = work / "base"
     start = time.perf_counter()
@@ -161,8 +164,8 @@ def child(case: str, work: Path, out: Path, max_shard: str) -> dict:
 
 
 def baseline_rss() -> int:
-    """Peak RSS of a child that only does the imports every case does before its timer."""
-    code = ("import resource, torch, peft, transformers.models.llama.modeling_llama, loretta_merge.merge;"
+    """Peak RSS of a child that only imports what the merge cases import before their timer."""
+    code = ("import resource, torch, loretta_merge.merge;"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     return int(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout)

@@ -4,8 +4,9 @@ at a time, write output shards as they fill, and publish an output directory ato
 Why: a merge must never hold the whole model (tens of GB) in memory and must never leave a
 half-written output behind. :class:`CheckpointReader` keeps one shard open at a time and
 reads each tensor with one positioned read (no memory map, whose touched pages would stay
-resident); :class:`ShardWriter` holds at most one output shard and writes it straight from
-the tensors' memory; :func:`atomic_output_dir` writes into a temporary directory beside the
+resident); :class:`StreamingShardWriter` writes each tensor the moment it is added into
+shards laid out in advance (:class:`ShardWriter` buffers one shard when the tensors are not
+known up front); :func:`atomic_output_dir` writes into a temporary directory beside the
 output and renames it into place only on success.
 """
 

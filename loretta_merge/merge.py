@@ -2,9 +2,11 @@
 
 Plan first (map every adapter module to a base tensor, check every shape, check the
 adapter for non-finite values) without reading any base weight; then read the base one
-tensor at a time, add ``sum_i w_i * delta_i`` in fp32 on the chosen
-device, cast once to the output dtype and hand the result to the shard writer. Peak
-memory is about one output shard plus one tensor, whatever the model size.
+tensor at a time, add ``sum_i w_i * delta_i`` in fp32 on the chosen device, cast once to
+the output dtype and write it. Three stages overlap: a reader thread fetches the next
+tensor, the main thread computes, a writer thread puts the previous result on disk. The
+output shards are laid out from the plan, so each tensor is written as soon as it is
+computed: peak memory is a few tensors, whatever the model or shard size.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import __version__, tt
-from .errors import ConfigError, NumericsError, ShapeError
+from .errors import ConfigError, NumericsError, OutputExistsError, ShapeError
 from .io import (CheckpointReader, StreamingShardWriter, atomic_output_dir, dtype_name,
                  parse_dtype, parse_size, resolve_device)
 
@@ -37,6 +39,7 @@ _KNOWN_PREFIXES = ("model", "transformer", "bert", "roberta", "deberta", "gpt_ne
 # tolerance of --verify on max |logit difference| / max(1, max |logit|), by output dtype
 VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 _BATCH_BYTES = 256 * 2**20  # reconstruction chunk budget
+_BLOCK_ELEMS = 256 * 1024  # rows per CPU block: about 1 MB of fp32, cache-sized
 
 
 @dataclass
@@ -76,6 +79,7 @@ class _Op:
     value: Any = None
     transpose: bool = False
     source: str = ""
+    magnitude: Any = None  # DoRA: per-output-feature norms of the merged weight
 
 
 # --------------------------------------------------------------------------- planning
@@ -103,7 +107,7 @@ def _load_adapters(adapters: Sequence, allow_unsafe_pickle: bool) -> list[tuple[
 
 
 def _refuse_unmergeable(adapter, label: str) -> None:
-    from .formats import AdpModule, LoraModule
+    from .formats import AdpModule
 
     adp = [m for m, mod in adapter.modules.items() if isinstance(mod, AdpModule)]
     if adapter.method == "adp" or adp:
@@ -111,13 +115,6 @@ def _refuse_unmergeable(adapter, label: str) -> None:
             f"adapter {label} is LoRETTA_adp (bottleneck adapters with a non-linearity), which "
             f"cannot be folded into the base weights; deploy it unmerged instead: "
             f"`loretta-merge export onnx MODEL --adapter {label} -o OUT`")
-    dora = [m for m, mod in adapter.modules.items()
-            if isinstance(mod, LoraModule) and mod.magnitude is not None]
-    if dora:
-        raise ConfigError(
-            f"adapter {label} is a DoRA adapter ({len(dora)} modules, e.g. {dora[0]}); "
-            f"loretta-merge does not merge DoRA (its column norms would need the whole "
-            f"merged weight per layer); merge it with PEFT's merge_and_unload instead")
 
 
 def _tied_pairs(base_dir: Path, config: dict) -> dict[str, str]:
@@ -210,8 +207,9 @@ def _check_finite_adapter(adapter, label: str) -> None:
 def _plan(reader: CheckpointReader, loaded, tied: dict[str, str]):
     """Map every adapter target to a base tensor and check shapes; no weights are read.
 
-    Returns ``(ops by base key, rep jobs, keys to untie)``; raises one ShapeError listing
-    every mismatch.
+    Returns ``(ops by base key, rep jobs, untie)``; ``untie`` maps each output embedding
+    that must stop being tied to the input embedding it is written from ("" when the
+    checkpoint stores it already). Raises one ShapeError listing every mismatch.
     """
     from .formats import LoraModule, RepModule, TTDenseModule
 
@@ -223,6 +221,7 @@ def _plan(reader: CheckpointReader, loaded, tied: dict[str, str]):
         return reader.shape(virtual.get(key, key))
 
     ops: dict[str, list[_Op]] = {}
+    w_of: dict[int, float] = {}  # adapter weight of each DoRA op
     rep_jobs: list[tuple[Any, _Op]] = []
     problems: list[str] = []
     for adapter, w, label in loaded:
@@ -250,6 +249,9 @@ def _plan(reader: CheckpointReader, loaded, tied: dict[str, str]):
                 # delta (in, out) = s * (B @ A).T ; Linear W (out, in) += s * B @ A
                 op = (_Op("lora", w * mod.scale, b, a, source=f"{label}:{m}") if transpose else
                       _Op("lora", w * mod.scale, a.T, b.T, source=f"{label}:{m}"))
+                if mod.magnitude is not None:
+                    op.magnitude, op.transpose = mod.magnitude.float().reshape(-1), transpose
+                    w_of[id(op)] = w
             elif isinstance(mod, RepModule):
                 op = _Op("lora", w * mod.scale, transpose=transpose, source=f"{label}:{m}")
                 rep_jobs.append((mod, op))
@@ -283,11 +285,19 @@ def _plan(reader: CheckpointReader, loaded, tied: dict[str, str]):
                          f"{reader.model_dir}:\n  {shown}\nIs BASE the model the adapter was "
                          f"trained on? (nothing was written)")
     for key, key_ops in ops.items():
+        dora = [op for op in key_ops if op.magnitude is not None]
+        if dora and (len(key_ops) > 1 or w_of[id(dora[0])] != 1.0):
+            raise ConfigError(f"{key}: a DoRA module ({dora[0].source}) rescales the whole merged "
+                              f"weight, so it cannot be summed with other adapters or weighted; "
+                              f"merge it alone with weight 1")
         if sum(op.kind in ("full", "dense") for op in key_ops) > 1:
             srcs = ", ".join(op.source for op in key_ops if op.kind in ("full", "dense"))
             raise ConfigError(f"tensor {key} is replaced by several adapters ({srcs}); a full "
                               f"replacement cannot be summed; merge these adapters one at a time")
     untie = {t: s for t, s in virtual.items() if t in ops or s in ops}
+    # both stored but tied by the config: a changed one must not be re-tied on load
+    untie.update({t: "" for t, s in tied.items()
+                  if t in present and s in present and (t in ops or s in ops)})
     return ops, rep_jobs, untie
 
 
@@ -321,28 +331,60 @@ def _reconstruct_rep_factors(rep_jobs, device: torch.device) -> None:
 
 def _apply(key: str, w0: torch.Tensor, ops: list[_Op], device: torch.device,
            out_dtype: torch.dtype) -> torch.Tensor:
-    """W0 + sum of the ops' deltas, accumulated in fp32 on ``device``, cast once."""
-    base = w0.to(device, torch.float32, non_blocking=True)
-    acc = base.clone()
-    for op in ops:  # replacements first: W = w * new + (1 - w) * W0 (exactly new when w = 1)
-        if op.kind in ("full", "dense"):
-            if op.kind == "full":
-                new = op.value.to(device, torch.float32)
-            else:  # a TT matrix (in, out) replaces the weight
-                mat = op.value.matrix(dtype=torch.float32).to(device)
-                new = mat.T if op.transpose else mat
-            acc = new * op.weight if op.weight == 1.0 else torch.lerp(base, new, op.weight)
-    for op in ops:
-        if op.kind == "lora":
-            acc.addmm_(op.m1.to(device), op.m2.to(device), alpha=op.weight)
-    if not bool(torch.isfinite(acc).all()):
+    """W0 + sum of the ops' deltas, accumulated in fp32 on ``device``, cast once.
+
+    On CPU a 2-D tensor is processed in blocks of rows that fit in cache (rows are
+    independent in every op), so the upcast, the rank-r update, the finiteness scan and
+    the cast back each touch memory once instead of streaming the whole fp32 copy.
+    """
+    rows = int(w0.shape[0]) if w0.ndim else 1
+    whole = (device.type != "cpu" or w0.ndim != 2
+             or any(op.magnitude is not None and not op.transpose for op in ops))  # Conv1D DoRA: column norms
+    step = rows if whole else max(1, _BLOCK_ELEMS // max(1, int(w0.shape[1])))
+    replacements = []
+    for op in ops:  # W = w * new + (1 - w) * W0 (exactly new when w = 1)
+        if op.kind == "full":
+            replacements.append((op, op.value.to(device, torch.float32)))
+        elif op.kind == "dense":  # a TT matrix (in, out) replaces the weight
+            mat = op.value.matrix(dtype=torch.float32).to(device)
+            replacements.append((op, mat.T if op.transpose else mat))
+    out = torch.empty(tuple(w0.shape), dtype=out_dtype, device=device)
+    low, high = math.inf, -math.inf
+    for start in range(0, rows, step):
+        rs = slice(start, start + step)
+
+        def part(t: torch.Tensor) -> torch.Tensor:
+            return t[rs] if t.ndim else t
+
+        src = part(w0)
+        base = src.to(device, torch.float32, non_blocking=True)
+        acc = base.clone() if base.data_ptr() == src.data_ptr() else base  # never change w0
+        for op, new in replacements:
+            acc = part(new).clone() if op.weight == 1.0 else torch.lerp(base, part(new), op.weight)
+        for op in ops:
+            if op.kind == "lora":
+                acc.addmm_(op.m1[rs].to(device), op.m2.to(device), alpha=op.weight)
+            if op.magnitude is not None:  # DoRA (PEFT's merge): W' = m * W / ||W||, per output
+                if op.transpose:  # Linear (out, in): one norm per row
+                    acc = acc * (op.magnitude[rs].to(device) / torch.linalg.norm(acc, dim=1))[:, None]
+                else:  # Conv1D (in, out): one norm per column (whole tensor in one block)
+                    acc = acc * (op.magnitude.to(device) / torch.linalg.norm(acc, dim=0))[None, :]
+        if acc.numel():  # min/max propagate NaN and show Inf: one cheap pass
+            lo, hi = (float(x) for x in torch.aminmax(acc))
+            low, high = min(low, lo), max(high, hi)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                low = high = math.nan
+                break
+        out[rs] = acc
+    if w0.numel() and not (math.isfinite(low) and math.isfinite(high)):
         raise NumericsError(f"merging {', '.join(op.source for op in ops)} into {key} gives "
                             f"NaN or Inf values; the adapter (or its weight) is unusable; "
                             f"nothing was written")
-    out = acc.to(out_dtype)
-    if out_dtype != torch.float32 and not bool(torch.isfinite(out).all()):
-        raise NumericsError(f"{key} overflows {dtype_name(out_dtype)} after merging; choose "
-                            f"--dtype float32 or bfloat16")
+    limit = torch.finfo(out_dtype).max if out_dtype.is_floating_point else math.inf
+    if w0.numel() and max(-low, high) > limit:
+        raise NumericsError(f"{key} has values up to {max(-low, high):.3g} after merging, beyond "
+                            f"{dtype_name(out_dtype)}'s range ({limit:.3g}); choose --dtype "
+                            f"float32 or bfloat16")
     return out.cpu() if device.type != "cpu" else out
 
 
@@ -419,7 +461,6 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     # refuse an existing OUT before any heavy work
     out_path = Path(os.path.abspath(out_dir))
     if out_path.exists() and not force:
-        from .errors import OutputExistsError
         raise OutputExistsError(f"output {out_path} already exists; pass --force to replace it, "
                                 f"or choose another output path")
     _reconstruct_rep_factors(rep_jobs, dev)
@@ -436,7 +477,8 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
                          untied=sorted(untie))
     sources: dict[str, list[str]] = {}  # input embedding key -> output embeddings written from it
     for t, s in untie.items():
-        sources.setdefault(s, []).append(t)
+        if s:
+            sources.setdefault(s, []).append(t)
 
     def dtype_of(src: str) -> torch.dtype:
         d = reader.dtype(src)
@@ -455,26 +497,38 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
         with atomic_output_dir(out_path, force=force) as tmp:
             writer = StreamingShardWriter(tmp, layout, max_bytes)
             stream = _prefetched(reader, keys, pin=set(ops) if dev.type == "cuda" else set())
-            try:
-                for key, w0 in stream:
-                    kind_dtype = dtype_of(key)
-                    for name in [key] + sources.get(key, []):
-                        key_ops = ops.get(name)
-                        if key_ops:
-                            writer.add(name, _apply(name, w0, key_ops, dev, kind_dtype))
-                            if any(op.kind != "full" for op in key_ops):
-                                report.merged_tensors += 1
+            # a writer thread: the disk write of one tensor overlaps the next one's compute
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loretta-write") as wpool:
+                pending = None
+
+                def put(name: str, tensor: torch.Tensor) -> None:
+                    nonlocal pending
+                    if pending is not None:
+                        pending.result()
+                    pending = wpool.submit(writer.add, name, tensor)
+
+                try:
+                    for key, w0 in stream:
+                        kind_dtype = dtype_of(key)
+                        for name in [key] + sources.get(key, []):
+                            key_ops = ops.get(name)
+                            if key_ops:
+                                put(name, _apply(name, w0, key_ops, dev, kind_dtype))
+                                if any(op.kind != "full" for op in key_ops):
+                                    report.merged_tensors += 1
+                                else:
+                                    report.replaced_tensors += 1
                             else:
-                                report.replaced_tensors += 1
-                        else:
-                            writer.add(name, w0 if kind_dtype == w0.dtype else w0.to(kind_dtype))
-                            report.copied_tensors += 1
-                        report.tensors += 1
-                    if bar is not None:
-                        bar.update(reader.nbytes(key))
-            finally:
-                stream.close()
-                reader.close()
+                                put(name, w0 if kind_dtype == w0.dtype else w0.to(kind_dtype))
+                                report.copied_tensors += 1
+                            report.tensors += 1
+                        if bar is not None:
+                            bar.update(reader.nbytes(key))
+                    if pending is not None:
+                        pending.result()
+                finally:
+                    stream.close()
+                    reader.close()
             files = writer.close()
             report.shards = sum(f.endswith(".safetensors") for f in files)
             report.total_bytes = writer.total_bytes

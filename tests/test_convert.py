@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import subprocess
 import sys
 import warnings
@@ -199,9 +198,29 @@ def structured_adapter(seed: int = 0) -> Adapter:
                    config={"r": 8, "lora_alpha": 16}, fan_in_fan_out=set())
 
 
-@pytest.mark.parametrize("kind,eps", [("random", 0.3), ("random", 0.6), ("trained", 0.1)])
+def peft_trained_lora(path: Path) -> Path:
+    """A PEFT LoRA really trained (a few Adam steps of next-token loss on fixed tokens)."""
+    torch.manual_seed(5)
+    model = peft.get_peft_model(build_tiny("llama"), peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = probe_inputs(batch=4, seq=12)["input_ids"]
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind,eps", [("random", 0.3), ("random", 0.6), ("trained", 0.1),
+                                      ("peft-trained", 0.2)])
 def test_eps_is_honoured(kind, eps, tmp_path):
-    src = make_peft_lora("llama", tmp_path / "lora", r=8) if kind == "random" else structured_adapter()
+    src = {"random": lambda: make_peft_lora("llama", tmp_path / "lora", r=8),
+           "trained": structured_adapter,
+           "peft-trained": lambda: peft_trained_lora(tmp_path / "lora")}[kind]()
     original = src if isinstance(src, Adapter) else read_adapter(src)
     tt_adapter, report = lora_to_tt(src, eps=eps, shapes="auto")
     assert report.eps_met is True

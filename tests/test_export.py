@@ -81,7 +81,8 @@ def llama_export(models, out_root):
 @pytest.fixture(scope="module")
 def gpt2_past_export(models, out_root):
     out = out_root / "gpt2-past"
-    report = json.loads(run_cli("export", "onnx", models["gpt2"], "-o", out, "--with-past", "--json"))
+    report = json.loads(run_cli("export", "onnx", models["gpt2"], "-o", out, "--with-past",
+                                "--json"))
     return out, report
 
 
@@ -164,7 +165,8 @@ def test_gpt2_with_past_generation(gpt2_past_export):
         nxt = outs[0][:, -1].argmax(-1)
         tokens.append(nxt)
         past = dict(zip(past_names, outs[1:]))
-        ids, mask = nxt[:, None].astype(np.int64), np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        ids = nxt[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
     assert np.stack(tokens, 1).tolist() == gen.tolist()
 
 

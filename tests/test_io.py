@@ -264,3 +264,20 @@ def test_streaming_writer_matches_layout(tmp_path):
     w = StreamingShardWriter(tmp_path / "x", [("a", (2,), torch.float32)], max_shard_bytes=100)
     with pytest.raises(ValueError, match="never added"):
         w.close()
+
+
+def test_reshard_checkpoint(tiny_model_dir, tmp_path):
+    from loretta_merge.converters.safetensors import reshard_checkpoint
+
+    src = tiny_model_dir("opt")
+    summary = reshard_checkpoint(src, tmp_path / "one", dtype="bf16")
+    assert summary["shards"] == 1 and (tmp_path / "one" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["dtype"] == "bfloat16"
+    a, b = CheckpointReader(src), CheckpointReader(tmp_path / "one")
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        assert torch.equal(b.get(k), a.get(k).to(torch.bfloat16))
+    summary = reshard_checkpoint(tmp_path / "one", tmp_path / "many", max_shard_bytes="30KB")
+    assert summary["shards"] > 2 and summary["largest_shard_bytes"] <= 30_000
+    with pytest.raises(OutputExistsError):
+        reshard_checkpoint(src, tmp_path / "many")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import ARCHS, TINY, build_tiny, probe_inputs, save_tiny
+from conftest import ARCHS, TINY, build_tiny, probe_inputs
 from loretta_merge.cli import cli
 from loretta_merge.errors import ConfigError, NumericsError, OutputExistsError, ShapeError
 from loretta_merge.io import CheckpointReader
@@ -110,10 +109,11 @@ def test_lora_rslora_patterns_and_json(tiny_model_dir, tmp_path):
     adapter = make_lora("llama", tmp_path / "lora", use_rslora=True,
                         rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 32})
     out = tmp_path / "out"
-    res = run("merge", base, adapter, "-o", out, "--json")
+    res = run("merge", base, adapter, "-o", out, "--json", "--verify")
     assert res.exit_code == 0, res.output + repr(res.exception)
     report = json.loads(res.stdout)
     assert report["merged_tensors"] == 6 and report["dtype"] == "float32"
+    assert report["verify"]["passed"] and report["verify"]["max_abs_logit_diff"] < 1e-5
     got, want = read_all(out), peft_merged_state("llama", adapter)
     for k, t in got.items():
         torch.testing.assert_close(t, want[k], rtol=1e-6, atol=1e-6, msg=k)
@@ -434,12 +434,54 @@ def test_merge_spec_parsing(tmp_path):
     assert "BYTES" in res.output and "5GB" in res.output
 
 
-def test_dora_refused_and_cuda_without_gpu(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_equals_peft(arch, tiny_model_dir, tmp_path):
+    base = tiny_model_dir(arch)
+    dora = make_lora(arch, tmp_path / "dora", use_dora=True)
+    assert any("magnitude" in k for k in load_file(dora / "adapter_model.safetensors"))
+    merge(base, [(dora, 1.0)], tmp_path / "out", progress=False)
+    got, want = read_all(tmp_path / "out"), peft_merged_state(arch, dora)
+    for k, t in got.items():
+        torch.testing.assert_close(t, want[k], rtol=1e-6, atol=1e-6, msg=k)
+    assert not torch.equal(got[[k for k in got if LORA_TARGETS[arch][0] in k][0]],
+                           read_all(base)[[k for k in got if LORA_TARGETS[arch][0] in k][0]])
+    with pytest.raises(ConfigError, match="DoRA.*alone with weight 1"):
+        merge(base, [(dora, 0.5)], tmp_path / "out2", progress=False)
+
+
+def test_cuda_without_gpu(tiny_model_dir, tmp_path):
     base = tiny_model_dir("llama")
-    dora = make_lora("llama", tmp_path / "dora", use_dora=True)
-    with pytest.raises(ConfigError, match="DoRA.*merge_and_unload"):
-        merge(base, [(dora, 1.0)], tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
+    dora = make_lora("llama", tmp_path / "dora")
     if not torch.cuda.is_available():
         res = run(f"{base}+{dora}", "-o", tmp_path / "out", "--device", "cuda")
         assert isinstance(res.exception, ConfigError) and "--device cpu" in str(res.exception)
+
+
+def test_tied_pair_stored_twice_is_untied_when_changed(tmp_path):
+    """A checkpoint that stores lm_head although its config ties it: changing the input
+    embedding must set tie_word_embeddings false, or loading would re-tie lm_head to it."""
+    from peft import PeftModel
+
+    base = tmp_path / "base"
+    model = build_tiny("gpt2")
+    model.save_pretrained(base)
+    sd = load_file(base / "model.safetensors")
+    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
+    save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
+    emb = make_lora("gpt2", tmp_path / "emb", modules_to_save=["wte"])
+    report = merge(base, [(emb, 1.0)], tmp_path / "out", progress=False)
+    assert report.untied == ["lm_head.weight"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = model_class("gpt2").from_pretrained(tmp_path / "out").eval()
+    unmerged = PeftModel.from_pretrained(build_tiny("gpt2"), emb).eval()
+    torch.testing.assert_close(logits(merged), logits(unmerged), rtol=1e-5, atol=1e-5)
+
+
+def test_failed_verify_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch):
+    import loretta_merge.merge as lm
+
+    adapter = make_lora("opt", tmp_path / "lora")
+    monkeypatch.setitem(lm.VERIFY_TOLERANCE, torch.float32, -1.0)  # nothing can pass
+    with pytest.raises(NumericsError, match="differs from base"):
+        merge(tiny_model_dir("opt"), [(adapter, 1.0)], tmp_path / "out", verify=True, progress=False)
+    assert not (tmp_path / "out").exists() and not temps(tmp_path)

@@ -12,13 +12,15 @@ def _table(report, *, limit: int = 10) -> str:
     s = report.summary()
     lines = []
     mods = sorted(report.modules, key=lambda m: m.err_delta, reverse=True)
+    factors = report.direction == "lora-to-tt"  # tt-to-lora factors are exact: no A/B columns
     if mods:
-        lines.append(f"{'module':<48} {'r':>4} {'err A':>9} {'err B':>9} {'err BA':>9} "
-                     f"{'params':>17} {'ratio':>8}")
+        lines.append(f"{'module':<48} {'r':>4} " + (f"{'err A':>9} {'err B':>9} " if factors else "")
+                     + f"{'err BA':>9} {'params':>17} {'ratio':>8}")
         for m in mods[:limit]:
             name = m.name if len(m.name) <= 48 else "..." + m.name[-45:]
-            lines.append(f"{name:<48} {m.r:>4} {m.err_a:>9.2e} {m.err_b:>9.2e} {m.err_delta:>9.2e} "
-                         f"{m.params_before:>8}->{m.params_after:<8} {m.compression:>7.2f}x")
+            lines.append(f"{name:<48} {m.r:>4} " + (f"{m.err_a:>9.2e} {m.err_b:>9.2e} " if factors else "")
+                         + f"{m.err_delta:>9.2e} {m.params_before:>8}->{m.params_after:<8} "
+                         f"{m.compression:>7.2f}x")
         if len(mods) > limit:
             lines.append(f"... {len(mods) - limit} more module(s) with smaller delta error (--json lists all)")
     lines.append(f"modules: {s['modules']}   parameters: {s['params_before']:,} -> {s['params_after']:,} "

@@ -40,8 +40,9 @@ def _size(ctx, param, value):
 @click.option("--dtype", default="auto", show_default=True,
               help="Cast the model before export: auto (keep), float32, float16, bfloat16.")
 @click.option("--atol", type=float, default=None,
-              help="Validation tolerance (default by dtype: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16; "
-                   "|onnx - torch| <= atol + atol*|torch|).")
+              help="Absolute validation tolerance; passes when |onnx - torch| <= atol + "
+                   "rtol*|torch| at kept positions (atol and rtol by dtype: 1e-4 fp32, 1e-2 "
+                   "fp16, 5e-2 bf16).")
 @click.option("--no-validate", is_flag=True,
               help="Skip the ONNX Runtime vs PyTorch check (not recommended).")
 @click.option("--external-data-threshold", default="2GB", show_default=True, callback=_size,

@@ -32,6 +32,13 @@ def _group(tokens: list[str], *, weighted: bool) -> tuple[str, int]:
     return tokens[0], 1
 
 
+def _human(nbytes: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
+
+
 def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple[str, float | None]]]:
     """``("BASE+A1:0.7+A2:0.3",)`` or ``("BASE", "A1:0.7", "A2")`` -> base and
     ``[(adapter, weight or None)]``."""
@@ -87,7 +94,7 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
     loretta-merge merge ./llama ./adapter -o ./merged
     loretta-merge ./llama+./a1:0.7+./a2:0.3 -o ./merged
 
-    Streams the base one tensor at a time (peak memory about one output shard), checks
+    Streams the base one tensor at a time (peak memory: a few tensors), checks
     every adapter target before reading weights, and never leaves a half-written OUT.
     """
     import signal
@@ -124,7 +131,7 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
     elif not quiet:
         msg = (f"merged {report.merged_tensors} tensors (+{report.replaced_tensors} replaced, "
                f"{report.copied_tensors} copied) into {report.out}: {report.shards} shard(s), "
-               f"{report.total_bytes / 1e9:.3f} GB, {report.dtype}, {report.seconds:.1f}s")
+               f"{_human(report.total_bytes)}, {report.dtype}, {report.seconds:.1f}s")
         if report.untied:
             msg += f"; untied {', '.join(report.untied)} (the adapter changes the embeddings)"
         if report.verify:

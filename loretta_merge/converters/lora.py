@@ -158,27 +158,48 @@ def _peft_scale(alpha: float, r: int, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+def delta_errors(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Per item ``||a b - a2 b2||_F / ||a b||_F`` for batches ``a, a2 (M, in, r)``,
+    ``b, b2 (M, r, out)``, without forming any ``(in, out)`` matrix.
+
+    ``a b - a2 b2 = [a - a2, a2] @ [b; b - b2]``, so its squared norm is ``tr(G1 G2)`` with
+    the ``(2r, 2r)`` Gram matrices ``G1 = L^T L``, ``G2 = R R^T``. Written with the
+    differences (not ``[a, -a2] [b; b2]``) the terms are all of the error's own size, so
+    there is no cancellation: fp32 Grams give the error to fp32 relative accuracy.
+    """
+    left = torch.cat([a - a2, a2], dim=-1)                       # (M, in, 2r)
+    right = torch.cat([b, b - b2], dim=-2)                       # (M, 2r, out)
+    g1 = (left.transpose(-1, -2) @ left).double()                # (M, 2r, 2r)
+    g2 = (right @ right.transpose(-1, -2)).double()
+    num = (g1 * g2).sum((-1, -2)).clamp_min(0)
+    den = ((a.transpose(-1, -2) @ a).double() * (b @ b.transpose(-1, -2)).double()).sum((-1, -2))
+    out = (num / den.clamp_min(1e-300)).sqrt()
+    out = torch.where(den > 0, out, torch.where(num > 0, torch.full_like(out, math.inf), torch.zeros_like(out)))
+    return out.float()
+
+
 def _rel_delta_error(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> float:
-    """``||a @ b - a2 @ b2||_F / ||a @ b||_F`` for ``a (in, r), b (r, out)`` via (2r, 2r) Gram
-    matrices in float64: ``||[a, -a2] [b; b2]||^2 = tr(G_a G_b)``. Never forms (in, out)."""
-    left = torch.cat([a, -a2], dim=1).double()        # (in, 2r)
-    right = torch.cat([b, b2], dim=0).double()        # (2r, out)
-    ga, gb = left.T @ left, right @ right.T           # (2r, 2r) each
-    num = float((ga * gb).sum().clamp_min(0))
-    r = a.shape[1]
-    den = float((ga[:r, :r] * gb[:r, :r]).sum().clamp_min(0))
+    """:func:`delta_errors` of one pair ``a (in, r), b (r, out)``. When ``a2, b2`` have
+    another rank (a truncation), ``[a, -a2] [b; b2]`` is used, in float64."""
+    if a.shape == a2.shape:
+        f = lambda t: t.float().unsqueeze(0)  # noqa: E731
+        return float(delta_errors(f(a), f(b), f(a2), f(b2))[0])
+    left = torch.cat([a, -a2], dim=1).double()       # (in, r + k)
+    right = torch.cat([b, b2], dim=0).double()       # (r + k, out)
+    num = float(((left.T @ left) * (right @ right.T)).sum().clamp_min(0))
+    den = float(((a.T.double() @ a.double()) * (b.double() @ b.T.double())).sum())
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return math.sqrt(num / den)
 
 
-def _rel_error(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double(), y.double()
-    den = float(torch.linalg.vector_norm(x))
-    num = float(torch.linalg.vector_norm(x - y))
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return num / den
+def _rel_errors(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per row ``||x - y|| / ||x||`` of ``(G, N)`` batches (0 where both are zero)."""
+    den = torch.linalg.vector_norm(x, dim=-1).double()
+    num = torch.linalg.vector_norm(x - y, dim=-1).double()
+    out = torch.where(den > 0, num / den.clamp_min(1e-300),
+                      torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)))
+    return out.float()
 
 
 def _module_of(param_name: str) -> str:
@@ -202,6 +223,8 @@ def lora_to_tt(lora, *, tensor_rank: int | None = None, eps: float | None = None
     reconstructing the cores (not taken from the singular values), and ``eps_met`` is
     true only if every measured factor error is <= eps. With both options the rank cap
     wins, so ``eps_met`` can be false; the report says which modules missed it.
+    Items decomposed together share their TT ranks (the largest any of them needs), so
+    with ``eps`` a module may keep more rank than it alone would need, never less.
     """
     formats = _formats()
     if tensor_rank is None and eps is None:
@@ -255,30 +278,44 @@ def lora_to_tt(lora, *, tensor_rank: int | None = None, eps: float | None = None
 
     cores_of: dict[int, list[torch.Tensor]] = {}
     recon_of: dict[int, torch.Tensor] = {}
+    err_of: dict[int, float] = {}
     for modes, idx in groups.items():
         x = torch.stack([items[i][4].detach().to(device=device, dtype=torch.float32).reshape(-1)
                          for i in idx])                                      # (G, N)
         dec = tt.tt_svd_batched(x, list(modes), max_rank=tensor_rank, eps=eps)
         full = tt.reconstruct_batched(dec.cores, 1, x.shape[1])[:, 0]        # (G, N)
+        errs = _rel_errors(x, full).tolist()                                 # measured, not predicted
+        cores = [c.to("cpu") for c in dec.cores]
+        full = full.to("cpu")
         for j, i in enumerate(idx):
-            cores_of[i] = [c[j].to("cpu").contiguous() for c in dec.cores]
-            recon_of[i] = full[j].to("cpu").reshape(items[i][2], items[i][3])
+            cores_of[i] = [c[j].contiguous() for c in cores]
+            recon_of[i] = full[j].reshape(items[i][2], items[i][3])
+            err_of[i] = errs[j]
+
+    # Delta errors, batched over modules of the same (in, r, out).
+    shape_groups: dict[tuple[int, int, int], list[int]] = {}
+    for k in range(0, len(items), 2):
+        shape_groups.setdefault((items[k][2], items[k][3], items[k + 1][3]), []).append(k)
+    delta_of: dict[int, float] = {}
+    for ks in shape_groups.values():
+        st = lambda j, src: torch.stack([src(k + j).float() for k in ks])  # noqa: E731
+        errs = delta_errors(st(0, lambda i: items[i][4]), st(1, lambda i: items[i][4]),
+                            st(0, recon_of.__getitem__), st(1, recon_of.__getitem__)).tolist()
+        delta_of.update(zip(ks, errs))
 
     modules, reports = {}, []
     for k in range(0, len(items), 2):
-        name, _, n_in, r, a_mat = items[k]
-        _, _, _, n_out, b_mat = items[k + 1]
-        a_mat, b_mat = a_mat.float().cpu(), b_mat.float().cpu()
+        name, _, n_in, r, _ = items[k]
+        n_out = items[k + 1][3]
         ca, cb = cores_of[k], cores_of[k + 1]
-        ra, rb = recon_of[k], recon_of[k + 1]
         mod = adapter.modules[name]
         modules[name] = formats.RepModule(a=formats.TTMatrix(cores=ca, rows=n_in, cols=r),
                                           b=formats.TTMatrix(cores=cb, rows=r, cols=n_out),
                                           scale=float(mod.scale))
-        err_a, err_b = _rel_error(a_mat, ra), _rel_error(b_mat, rb)
+        err_a, err_b = err_of[k], err_of[k + 1]
         reports.append(ModuleReport(
             name=name, in_features=n_in, out_features=n_out, r=r, err_a=err_a, err_b=err_b,
-            err_delta=_rel_delta_error(a_mat, b_mat, ra, rb),
+            err_delta=delta_of[k],
             params_before=r * (n_in + n_out), params_after=sum(c.numel() for c in ca + cb),
             modes_a=tt.tt_modes_of(ca), modes_b=tt.tt_modes_of(cb),
             ranks_a=[1] + [int(c.shape[-1]) for c in ca], ranks_b=[1] + [int(c.shape[-1]) for c in cb],
@@ -290,8 +327,9 @@ def lora_to_tt(lora, *, tensor_rank: int | None = None, eps: float | None = None
         missed = [m.name for m in reports if max(m.err_a, m.err_b) > eps]
         report.eps_met = not missed
         if missed:
-            report.notes.append(f"eps={eps} not met by {len(missed)} module(s) (the tensor-rank cap "
-                                f"{tensor_rank} binds), e.g. {missed[0]}")
+            why = (f"the tensor-rank cap {tensor_rank} binds" if tensor_rank is not None
+                   else "fp32 rounding exceeds so small an eps")
+            report.notes.append(f"eps={eps} not met by {len(missed)} module(s) ({why}), e.g. {missed[0]}")
     if report.compression < 1.0:
         report.notes.append(f"the TT form is larger than the LoRA ({report.params_after:,} vs "
                             f"{report.params_before:,} parameters): these factors have little TT "

@@ -28,7 +28,7 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,6 @@ class ExportReport:
     outputs: list[str]
     validation: ValidationReport | None = None
     validate_seconds: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,7 +186,7 @@ def _make_wrappers():
             return out.logits if self.task != "feature-extraction" else out.last_hidden_state
 
     class PastWrapper(torch.nn.Module):
-        """Decoder step with the KV cache as flat tensors: (ids, mask, past) -> (logits, present)."""
+        """Decoder step, KV cache as flat tensors: (ids, mask, past) -> (logits, *present)."""
 
         def __init__(self, model, layers: int):
             super().__init__()
@@ -339,7 +338,9 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
 
     PlainWrapper, PastWrapper = _make_wrappers()
     layers = _decoder_dims(model.config)[0] if with_past else 0
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if _uses_token_types(model) else [])
+    names = ["input_ids", "attention_mask"]
+    if _uses_token_types(model):
+        names.append("token_type_ids")
     example = _probe_batch(model.config, names, 2, 5, seed=0)
     if with_past:
         wrapper = PastWrapper(model, layers).eval()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..io import CheckpointReader, ShardWriter, atomic_output_dir, dtype_name, parse_dtype, parse_size
+from ..io import (CheckpointReader, StreamingShardWriter, atomic_output_dir, dtype_name, parse_dtype,
+                  parse_size)
 
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
@@ -30,14 +31,16 @@ def reshard_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
     budget = parse_size(max_shard_bytes)
     model_dir = Path(model_dir)
     reader = CheckpointReader(model_dir)
+    def dtype_of(key: str) -> torch.dtype:
+        d = reader.dtype(key)
+        return out_dtype if (out_dtype is not None and d.is_floating_point) else d
+
+    layout = [(k, reader.shape(k), dtype_of(k)) for k in reader.keys()]
     with atomic_output_dir(out_dir, force=force) as tmp:
-        writer = ShardWriter(tmp, budget)
+        writer = StreamingShardWriter(tmp, layout, budget)
         try:
             for key in reader.keys():
-                t = reader.get(key)
-                if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
-                    t = t.to(out_dtype)
-                writer.add(key, t)
+                writer.add(key, reader.get(key).to(dtype_of(key)))
         finally:
             reader.close()
         files = writer.close()
