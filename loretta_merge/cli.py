@@ -94,10 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        # one line, like every other error; usage errors point at the command's help
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see `{exc.ctx.command_path} --help`)"
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except click.exceptions.Abort:  # click's form of Ctrl-C
+        click.echo("error: interrupted; no output was written", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
         click.echo("error: interrupted; no output was written", err=True)

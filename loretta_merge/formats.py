@@ -262,12 +262,14 @@ def _check_link(path: Path, root: Path, allow_symlinks: bool) -> None:
 def _adapter_files(path: Path, allow_symlinks: bool) -> tuple[Path, Path]:
     """The config and weights files of an adapter directory (existence and symlinks checked)."""
     if not path.exists():
-        raise FormatError(f"adapter directory {path} does not exist")
+        raise FormatError(f"adapter directory {path} does not exist; pass the path of an adapter "
+                          f"directory (the one that holds {CONFIG_NAME})")
     if not path.is_dir():
         raise FormatError(f"{path} is not a directory; pass the adapter directory that holds {CONFIG_NAME}")
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
-        raise FormatError(f"{path} has no {CONFIG_NAME}; is this an adapter directory?")
+        raise FormatError(f"{path} has no {CONFIG_NAME}; is this an adapter directory? Pass the directory "
+                          f"that holds {CONFIG_NAME} and the adapter weights")
     _check_link(config_path, path, allow_symlinks)
     for name in (SAFETENSORS_NAME, BIN_NAME):
         weights = path / name
@@ -350,7 +352,8 @@ def _check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
             if not bool(finite.all()):
                 bad = int((~finite).sum())
                 raise NumericsError(f"{source}: tensor {key} {tuple(value.shape)} has {bad} NaN/Inf "
-                                    f"value(s); the adapter diverged in training or the file is damaged")
+                                    f"value(s); the adapter diverged in training or the file is damaged: retrain it, or use "
+                                    f"an earlier checkpoint")
 
 
 # --------------------------------------------------------------------------- kind detection
@@ -375,7 +378,8 @@ def _kind(config: dict, keys: list[str], source: Path) -> str:
         raise FormatError(f"{source}: peft_type LORA but no LoRA tensors (neither PEFT's "
                           f"'...lora_A.weight' nor the authors' '...lora_A.layer.tensor.factors.<k>'); "
                           f"{len(keys)} keys, e.g. {keys[:3]}")
-    raise FormatError(f"{source}: unknown peft_type {peft_type!r}; supported: LORETTA_REP, LORETTA_ADP, "
+    where = source if source.name == CONFIG_NAME else source.parent / CONFIG_NAME
+    raise FormatError(f"{where}: unknown peft_type {peft_type!r}; supported: LORETTA_REP, LORETTA_ADP, "
                       f"LORA (PEFT or the authors' loretta 0.1), BOTTLENECK (loretta 0.1 tensorized)")
 
 
@@ -696,7 +700,8 @@ def _read_peft(config: dict, state: dict, source: Path) -> tuple[str, dict, dict
         r = rank_for(config, name)
         if a.shape[0] != r or b.shape[1] != r:
             raise ShapeError(f"{source}: module {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
-                             f"do not have rank r = {r} from the config (r / rank_pattern)")
+                             f"do not have rank r = {r} from the config (r / rank_pattern); fix r or rank_pattern in "
+                             f"{CONFIG_NAME} to match the tensors")
         mag = parts.get("lora_magnitude_vector")
         if mag is not None and mag.numel() != b.shape[0]:
             raise ShapeError(f"{source}: module {name}: lora_magnitude_vector has {mag.numel()} values, "
@@ -848,9 +853,22 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike, *, force: bool = Fa
     from .io import atomic_output_dir
 
     with atomic_output_dir(path, force=force) as tmp:
-        save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(config_text + "\n")
+        try:
+            save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(config_text + "\n")
+        except OSError as exc:
+            raise disk_full_error(exc, path) from None
     return path
+
+
+def disk_full_error(exc: OSError, out: Path) -> OSError:
+    """A full disk (ENOSPC/EDQUOT) while writing ``out``, said plainly; other errors as they are."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(exc.errno, f"no space left on the device holding {out}; free space or choose "
+                                  f"an output on another disk; nothing was written to the output")
+    return exc
 
 
 __all__ = ["TTMatrix", "RepModule", "LoraModule", "AdpModule", "TTDenseModule", "Adapter",

@@ -99,7 +99,12 @@ def _describe_model(path: Path) -> dict[str, Any]:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path / 'config.json'}: cannot read it ({exc})") from None
+        raise FormatError(f"{path / 'config.json'}: cannot read it ({exc}); fix the JSON or re-save "
+                          f"the model with save_pretrained") from None
+    if (path / "model.safetensors.index.json").is_file() or (path / "model.safetensors").is_file():
+        from .io import CheckpointReader
+
+        CheckpointReader(path).close()  # checks the index, every shard's header and size, escapes
     shards = sorted(path.glob("*.safetensors"))
     n_params, dtypes, shard_info = 0, {}, []
     for shard in shards:
@@ -144,14 +149,20 @@ def _meta_model(config_json: Path, task: str, num_labels: int | None):
     try:
         data = json.loads(Path(config_json).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{config_json}: cannot read it as JSON ({exc})") from None
+        raise FormatError(f"{config_json}: cannot read it as JSON ({exc}); fix the JSON or pass "
+                              f"a transformers config.json") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{config_json}: expected a JSON object, got {type(data).__name__}; pass a "
+                          f"transformers config.json")
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ConfigError(f"{config_json}: no 'model_type'; is this a transformers config.json?")
     try:
         cfg = transformers.AutoConfig.for_model(model_type, **data)
     except ValueError as exc:
-        raise ConfigError(f"{config_json}: transformers does not know model_type {model_type!r} ({exc})") from None
+        raise ConfigError(f"{config_json}: transformers {transformers.__version__} does not know "
+                          f"model_type {model_type!r}; check the spelling in config.json, or use a "
+                          f"transformers version that has it") from None
     if num_labels is not None:
         cfg.num_labels = num_labels
     auto = transformers.AutoModelForSequenceClassification if task == "SEQ_CLS" \
@@ -185,9 +196,11 @@ def count_params(config_json: str | Path, method: str, *, r: int = 8, tensor_ran
         config_json = config_json / "config.json"
     if task is None:
         try:
-            model_type = json.loads(config_json.read_text()).get("model_type")
+            data = json.loads(config_json.read_text())
+            model_type = data.get("model_type") if isinstance(data, dict) else None
         except (OSError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{config_json}: cannot read it as JSON ({exc})") from None
+            raise FormatError(f"{config_json}: cannot read it as JSON ({exc}); fix the JSON or pass "
+                              f"a transformers config.json") from None
         task = "seq-cls" if model_type in ENCODER_TYPES else "causal-lm"
     if task not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}")

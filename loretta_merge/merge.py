@@ -324,7 +324,8 @@ def _reconstruct_rep_factors(rep_jobs, device: torch.device) -> None:
                     op.m2 = mat
     for _, op in rep_jobs:
         a, b = op.m1, op.m2  # (in, r), (r, out); Linear W (out, in) += s * B.T @ A.T
-        op.m1, op.m2 = (b.T, a.T) if op.transpose else (a, b)
+        op.m1, op.m2 = ((b.T, a.T) if op.transpose else (a, b))
+        op.m1, op.m2 = op.m1.contiguous(), op.m2.contiguous()
 
 
 # --------------------------------------------------------------------------- the loop

@@ -207,7 +207,8 @@ def _head_labels(config, num_labels: int | None) -> tuple[int | None, dict | Non
 
 
 def _apply_method(model, method: str, *, task: str, r: int, lora_alpha: float,
-                  tensor_rank: int, bottleneck: int, train_norms: bool, target_modules):
+                  tensor_rank: int, bottleneck: int, train_norms: bool, target_modules,
+                  replace_dense: bool | None = None, init: str = "paper"):
     """Wrap / freeze ``model`` for ``method``; returns (model, lora_r8_equivalent, adapter_params)."""
     from .config import REP_TARGETS, AdpConfig, RepConfig, target_matches
 
@@ -225,10 +226,11 @@ def _apply_method(model, method: str, *, task: str, r: int, lora_alpha: float,
         if method == "rep":
             cfg = RepConfig(r=r, lora_alpha=lora_alpha, tensor_rank=tensor_rank,
                             target_modules=target_modules, train_norms=train_norms,
-                            task_type=task_type)
+                            task_type=task_type, replace_dense=replace_dense, init=init)
         else:
             cfg = AdpConfig(bottleneck_size=bottleneck, tensor_rank=tensor_rank,
-                            train_norms=train_norms, task_type=task_type)
+                            train_norms=train_norms, task_type=task_type,
+                            replace_dense=replace_dense, init=init)
         model = get_loretta_model(model, cfg)
         adapter = sum(p.numel() for n, p in model.named_parameters()
                       if p.requires_grad and _category(n) == "adapter")
@@ -393,8 +395,8 @@ def train(*, model: str | os.PathLike | None = None, method: str = "rep", task: 
           max_steps: int | None = None, max_train_samples: int | None = None,
           max_eval_samples: int | None = None, eval_batch_size: int = 64,
           r: int = 8, lora_alpha: float = 16.0, tensor_rank: int = 5, bottleneck: int = 64,
-          train_norms: bool = True, target_modules: Sequence[str] | str | None = None,
-          save_steps: int | None = None, logging_steps: int = 25,
+          train_norms: bool = True, replace_dense: bool | None = None, init: str = "paper",
+          target_modules: Sequence[str] | str | None = None, save_steps: int | None = None, logging_steps: int = 25,
           resume: bool = True, force: bool = False, progress: bool = True,
           eval_before: bool = True, callbacks: Sequence[Any] = ()) -> TrainReport:
     """Fine-tune ``model`` (a local directory; None = the embedded MiniLM) with LoRETTA.
@@ -464,7 +466,8 @@ def train(*, model: str | os.PathLike | None = None, method: str = "rep", task: 
                  batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
                  seed=seed, max_steps=max_steps, max_train_samples=max_train_samples, r=r,
                  lora_alpha=lora_alpha, tensor_rank=tensor_rank, bottleneck=bottleneck,
-                 train_norms=train_norms, weight_decay=weight_decay,
+                 train_norms=train_norms, replace_dense=replace_dense, init=init,
+                 weight_decay=weight_decay,
                  target_modules=list(target_modules) if isinstance(target_modules, (list, tuple))
                  else target_modules)
     last_ckpt = _prepare_output(out, resume=resume, force=force, run_key=hyper)
@@ -505,7 +508,8 @@ def train(*, model: str | os.PathLike | None = None, method: str = "rep", task: 
     total_params = sum(p.numel() for p in net.parameters())
     net, lora_eq, adapter_params = _apply_method(
         net, method, task=task, r=r, lora_alpha=lora_alpha, tensor_rank=tensor_rank,
-        bottleneck=bottleneck, train_norms=train_norms, target_modules=target_modules)
+        bottleneck=bottleneck, train_norms=train_norms, target_modules=target_modules,
+        replace_dense=replace_dense, init=init)
     breakdown = _breakdown(net)
 
     # ---- the Trainer

@@ -78,6 +78,14 @@ def logits(model, vocab: int = 128) -> torch.Tensor:
         return model(**probe_inputs(vocab)).logits.float()
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Make the CPU path process tensors in many row blocks of 5 rows (64 columns)."""
+    import loretta_merge.merge as lm
+
+    monkeypatch.setattr(lm, "_BLOCK_ELEMS", 5 * 64)
+
+
 # --------------------------------------------------------------------------- PEFT LoRA
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -104,7 +112,7 @@ def test_lora_merge_equals_peft_merge_and_unload(arch, tiny_model_dir, tmp_path)
     torch.testing.assert_close(logits(merged), logits(ref), rtol=1e-5, atol=1e-5)
 
 
-def test_lora_rslora_patterns_and_json(tiny_model_dir, tmp_path):
+def test_lora_rslora_patterns_and_json(tiny_model_dir, tmp_path, small_blocks):
     base = tiny_model_dir("llama")
     adapter = make_lora("llama", tmp_path / "lora", use_rslora=True,
                         rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 32})
@@ -121,7 +129,7 @@ def test_lora_rslora_patterns_and_json(tiny_model_dir, tmp_path):
     assert prov["adapters"][0]["weight"] == 1.0 and prov["base"] == str(base.resolve())
 
 
-def test_two_adapters_weighted_sum(tiny_model_dir, tmp_path):
+def test_two_adapters_weighted_sum(tiny_model_dir, tmp_path, small_blocks):
     base = tiny_model_dir("opt")
     a1 = make_lora("opt", tmp_path / "a1", seed=1)
     a2 = make_lora("opt", tmp_path / "a2", seed=2, target_modules=["q_proj", "v_proj"])
@@ -141,7 +149,7 @@ def test_two_adapters_weighted_sum(tiny_model_dir, tmp_path):
     assert all(torch.equal(got[k], got2[k]) for k in got)
 
 
-def test_bf16_base_stays_bf16_within_one_ulp(tiny_model_dir, tmp_path):
+def test_bf16_base_stays_bf16_within_one_ulp(tiny_model_dir, tmp_path, small_blocks):
     base = tiny_model_dir("llama", torch.bfloat16)
     adapter = make_lora("llama", tmp_path / "lora")
     out = tmp_path / "out"
@@ -213,7 +221,7 @@ def _rep_model(arch: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_rep_merge_equals_loretta_model(arch, tiny_model_dir, tmp_path):
+def test_rep_merge_equals_loretta_model(arch, tiny_model_dir, tmp_path, small_blocks):
     from loretta_merge.model import save_loretta_adapter
 
     model = _rep_model(arch)
@@ -299,7 +307,7 @@ def test_seq_cls_adapter_matches_bare_base(tiny_model_dir, tmp_path):
     assert report.merged_tensors == 4
 
 
-def test_non_finite_adapter(tiny_model_dir, tmp_path):
+def test_non_finite_adapter(tiny_model_dir, tmp_path, small_blocks):
     from loretta_merge.formats import read_adapter
 
     base = tiny_model_dir("llama")
@@ -435,7 +443,7 @@ def test_merge_spec_parsing(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_dora_equals_peft(arch, tiny_model_dir, tmp_path):
+def test_dora_equals_peft(arch, tiny_model_dir, tmp_path, small_blocks):
     base = tiny_model_dir(arch)
     dora = make_lora(arch, tmp_path / "dora", use_dora=True)
     assert any("magnitude" in k for k in load_file(dora / "adapter_model.safetensors"))
@@ -457,7 +465,7 @@ def test_cuda_without_gpu(tiny_model_dir, tmp_path):
         assert isinstance(res.exception, ConfigError) and "--device cpu" in str(res.exception)
 
 
-def test_tied_pair_stored_twice_is_untied_when_changed(tmp_path):
+def test_tied_pair_stored_twice_is_untied_when_changed(tmp_path, small_blocks):
     """A checkpoint that stores lm_head although its config ties it: changing the input
     embedding must set tie_word_embeddings false, or loading would re-tie lm_head to it."""
     from peft import PeftModel

@@ -50,6 +50,8 @@ import click
 @click.option("--tensor-rank", type=int, default=5, show_default=True, help="TT rank of every core.")
 @click.option("--bottleneck", type=int, default=64, show_default=True, help="adp: bottleneck width.")
 @click.option("--no-train-norms", is_flag=True, help="Keep LayerNorm/RMSNorm frozen.")
+@click.option("--replace-dense/--no-replace-dense", default=None,
+              help="seq-cls: replace the pooler/classifier dense by a TT layer (paper: yes).")
 @click.option("--save-steps", type=int, default=None, help="Checkpoint every N steps.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from the last checkpoint in OUTPUT/checkpoints.")
@@ -60,7 +62,7 @@ def train_command(model, method, task, train_file, eval_file, eval_split, text_c
                   label_column, prompt_column, response_column, num_labels, output, epochs,
                   batch_size, learning_rate, warmup_steps, max_length, max_steps,
                   max_train_samples, seed, r, lora_alpha, tensor_rank, bottleneck,
-                  no_train_norms, save_steps, resume, force, as_json, quiet):
+                  no_train_norms, replace_dense, save_steps, resume, force, as_json, quiet):
     """Fine-tune a model with LoRETTA_rep or LoRETTA_adp and write the adapter."""
     import contextlib
     import sys
@@ -78,7 +80,8 @@ def train_command(model, method, task, train_file, eval_file, eval_split, text_c
                        learning_rate=learning_rate, warmup_steps=warmup_steps, max_length=max_length,
                        max_steps=max_steps, max_train_samples=max_train_samples, seed=seed, r=r,
                        lora_alpha=lora_alpha, tensor_rank=tensor_rank, bottleneck=bottleneck,
-                       train_norms=not no_train_norms, save_steps=save_steps, resume=resume,
+                       train_norms=not no_train_norms, replace_dense=replace_dense,
+                       save_steps=save_steps, resume=resume,
                        force=force, progress=not quiet)
     summary = report.to_dict()
     if as_json:

@@ -394,7 +394,7 @@ def tt_to_lora(tt_adapter, *, rank: int | None = None, allow_unsafe_pickle: bool
     if adapter.method != "rep":
         why = ("LoRETTA_adp is a non-linear bottleneck adapter, which no LoRA can represent; "
                "deploy it unmerged (e.g. export onnx)" if adapter.method == "adp"
-               else "it is already a LoRA")
+               else "it is already a LoRA: use it as it is (e.g. `loretta-merge merge BASE ADAPTER`)")
         raise FormatError(f"{where}: is a {adapter.method!r} adapter, not LoRETTA_rep; {why}")
     cfg = adapter.config
     rslora = bool(cfg.get("use_rslora", False))
@@ -533,5 +533,8 @@ def write_peft_lora(adapter, path: str | os.PathLike, *, force: bool = False) ->
     from ..io import atomic_output_dir
 
     with atomic_output_dir(out, force=force) as tmp:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:
+            raise formats.disk_full_error(exc, out) from None
     return out

@@ -109,7 +109,14 @@ def _read_config(model_dir: Path) -> dict:
     try:
         return json.loads(cfg.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{cfg}: cannot read ({exc}); the file is corrupt") from exc
+        raise FormatError(f"{cfg}: cannot read ({exc}); the file is corrupt: fix the JSON or "
+                          f"re-save the model with save_pretrained") from exc
+
+
+def _formats():
+    from .. import formats
+
+    return formats
 
 
 def resolve_task(config: dict, task: str = "auto") -> str:
@@ -134,6 +141,10 @@ def _load_model(model_dir: Path, task: str, dtype, trust_remote_code: bool):
     auto = {"causal-lm": transformers.AutoModelForCausalLM,
             "seq-cls": transformers.AutoModelForSequenceClassification,
             "feature-extraction": transformers.AutoModel}[task]
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # stderr carries only our one-line errors
     try:
         model = auto.from_pretrained(model_dir, dtype=dtype if dtype is not None else "auto",
                                      local_files_only=True, trust_remote_code=trust_remote_code)
@@ -141,7 +152,11 @@ def _load_model(model_dir: Path, task: str, dtype, trust_remote_code: bool):
         raise ConfigError(f"cannot load {model_dir} for task {task!r} ({exc}); choose the "
                           f"--task that matches the model's head") from exc
     except OSError as exc:
-        raise FormatError(f"cannot load the model in {model_dir}: {exc}") from exc
+        raise FormatError(f"cannot load the model in {model_dir}: {exc}; check that the directory "
+                          f"holds a complete transformers checkpoint") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     model.requires_grad_(False)
     return model, torch
@@ -311,6 +326,16 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
 
     model_dir = Path(model_dir)
     config = _read_config(model_dir)
+    if config.get("auto_map") and not trust_remote_code:
+        from ..errors import UnsafeInputError
+
+        auto_map = config["auto_map"]
+        refs = auto_map.values() if isinstance(auto_map, dict) else []
+        code = sorted({v.split("--")[-1].split(".")[0] + ".py" for v in refs if isinstance(v, str)})
+        raise UnsafeInputError(f"{model_dir / 'config.json'} names custom model code (auto_map: "
+                               f"{', '.join(code) or '?'}); loading it would run that code. Pass "
+                               f"--trust-remote-code (trust_remote_code=True) only if you trust "
+                               f"the model's author")
     task = resolve_task(config, task)
     if with_past and task != "causal-lm":
         raise ConfigError(f"--with-past exports a KV-cache decoder and needs task causal-lm; "
@@ -320,9 +345,26 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     if atol is not None and not atol > 0:
         raise ConfigError(f"atol must be positive, got {atol}")
     torch_dtype = parse_dtype(dtype)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise OutputExistsError(f"output {out_dir} exists and is a file; choose a directory path")
     if Path(out_dir).exists() and not force:  # fail before the (possibly long) model load
         raise OutputExistsError(f"output {out_dir} already exists; pass --force (force=True) "
                                 f"to replace it, or choose another output path")
+    if (model_dir / "model.safetensors.index.json").is_file() or (model_dir / "model.safetensors").is_file():
+        from ..io import CheckpointReader
+
+        # transformers may load a damaged checkpoint without complaint; check the index, each
+        # shard's header and size, and that no shard lies outside MODEL_DIR first
+        CheckpointReader(model_dir).close()
+    adapter_label = None if adapter is None else str(getattr(adapter, "path", None) or adapter)
+    if adapter is not None and not isinstance(adapter, _formats().Adapter):
+        adapter_path = adapter
+        adapter = _formats().read_adapter(adapter)  # a bad adapter fails before the model load
+        adapter.path = Path(adapter_path)
+    if adapter is not None and adapter.method not in ("rep", "adp"):
+        raise ConfigError(f"{adapter.path or 'the adapter'} is a {adapter.method!r} adapter "
+                          f"({adapter.source}); export onnx applies LoRETTA adapters only: merge it "
+                          f"first (`loretta-merge merge MODEL ADAPTER -o MERGED`) and export MERGED")
 
     model, torch = _load_model(model_dir, task, torch_dtype, trust_remote_code)
     if adapter is not None:
@@ -378,7 +420,7 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
         report = ExportReport(
             onnx_path=str(Path(out_dir).absolute() / ONNX_NAME), task=task, exporter=exporter,
             exporter_note=note, opset=used_opset, dtype=dtype_name(run_dtype),
-            with_past=with_past, adapter=str(adapter) if adapter is not None else None,
+            with_past=with_past, adapter=adapter_label,
             external_data=external, files=sorted(p.name for p in tmp.iterdir()),
             num_parameters=sum(p.numel() for p in model.parameters()),
             weight_bytes=weight_bytes, export_seconds=round(export_seconds, 3),

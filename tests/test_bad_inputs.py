@@ -1,0 +1,616 @@
+"""The bad-input corpus: every command against broken, hostile or mistaken inputs.
+
+Each case runs the real CLI (``loretta_merge.cli.main``) in-process on real files (a tiny
+Llama checkpoint, a LoRETTA_rep and _adp adapter, a real PEFT LoRA, each copied and damaged
+per case) and asserts the promise of issue 7: a non-zero exit, exactly one ``error:`` line
+on stderr naming the culprit and saying what to do, no traceback, and no output left behind
+(no OUT, no ``.<OUT>.loretta-*`` temporary beside it; an existing OUT is untouched).
+A few cases run as real subprocesses to prove the console behaviour, one with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import build_tiny, save_tiny
+from loretta_merge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTER_ST = "adapter_model.safetensors"
+ADAPTER_CFG = "adapter_config.json"
+# a hint of what to do: every message must contain one of these verbs/phrases
+HINT = re.compile(r"\b(pass|use|choose|re-?download|re-?save|save|fix|convert|copy|install|give|"
+                  r"remove|free|see|expected|expects?|needs?|must|only|supported|check|try|"
+                  r"retrain|train|point|add|rename|select|drop|deploy|merge)\b", re.I)
+
+
+class TrustedDict(dict):
+    """A dict subclass: pickling it records a GLOBAL that ``weights_only`` loading refuses."""
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def _tiny_llama(path: Path, *, hidden: int = 64) -> Path:
+    """A tiny Llama saved in small shards (sharded index) with the given width."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path, max_shard_size="40KB")
+    return path
+
+
+def _perturb(model: torch.nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _loretta_adapter(path: Path, method: str, *, hidden: int = 64) -> Path:
+    import transformers
+
+    from loretta_merge.config import AdpConfig, RepConfig
+    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+
+    if hidden == 64:
+        net = build_tiny("llama")
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=96,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, max_position_embeddings=64,
+                                       tie_word_embeddings=False)
+        net = transformers.LlamaForCausalLM(cfg).eval()
+    config = RepConfig(lora_dropout=0.0) if method == "rep" else AdpConfig()
+    model = get_loretta_model(net, config)
+    _perturb(model)
+    save_loretta_adapter(model, path)
+    return path
+
+
+def _peft_lora(path: Path, arch: str = "llama", targets=("q_proj", "v_proj")) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(build_tiny(arch), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    _perturb(pm)
+    pm.save_pretrained(path)
+    return path
+
+
+@dataclass
+class Env:
+    root: Path
+    base: Path            # tiny llama, sharded with an index
+    rep: Path             # LoRETTA_rep adapter for base
+    adp: Path             # LoRETTA_adp adapter for base
+    lora: Path            # PEFT LoRA for base
+    rep_wide: Path        # LoRETTA_rep adapter for a llama of another width (48)
+    lora_gpt2: Path       # PEFT LoRA for gpt2 (module names absent from llama)
+    data: Path            # a valid training CSV
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Env:
+    root = tmp_path_factory.mktemp("corpus")
+    base = _tiny_llama(root / "base")
+    data = root / "train.csv"
+    data.write_text("text,label\n" + "".join(f"the film {i},{i % 2}\n" for i in range(8)))
+    return Env(root=root, base=base, rep=_loretta_adapter(root / "rep", "rep"),
+               adp=_loretta_adapter(root / "adp", "adp"), lora=_peft_lora(root / "lora"),
+               rep_wide=_loretta_adapter(root / "rep48", "rep", hidden=48),
+               lora_gpt2=_peft_lora(root / "lora-gpt2", "gpt2", ("c_attn",)), data=data)
+
+
+# --------------------------------------------------------------------------- corruptions
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def _shards(d: Path) -> list[Path]:
+    return sorted(d.glob("model-*.safetensors"))
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+
+
+def corrupt_header(path: Path) -> None:
+    """Keep the length prefix, garble the JSON header."""
+    data = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    data[8:8 + min(n, 16)] = b"#" * min(n, 16)
+    path.write_bytes(bytes(data))
+
+
+def edit_json(path: Path, fn: Callable[[dict], None]) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def edit_tensors(path: Path, fn: Callable[[dict], None]) -> None:
+    state = load_file(str(path))
+    fn(state)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def poison(value: float) -> Callable[[dict], None]:
+    def fn(state: dict) -> None:
+        key = sorted(k for k in state if state[k].is_floating_point())[0]
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = value
+    return fn
+
+
+def to_unsafe_bin(d: Path) -> None:
+    """Replace the adapter safetensors with a .bin that needs full unpickling."""
+    state = TrustedDict(load_file(str(d / ADAPTER_ST)))
+    torch.save(state, d / "adapter_model.bin")
+    (d / ADAPTER_ST).unlink()
+
+
+def link_outside(d: Path, name: str) -> None:
+    """Move ``d/name`` out of the directory and leave a symlink to it."""
+    outside = d.parent / f"{d.name}-outside-{name}"
+    shutil.move(d / name, outside)
+    (d / name).symlink_to(outside)
+
+
+def index_escape(d: Path) -> None:
+    """The index maps one tensor to ``../x.safetensors``, a real shard outside ``d``."""
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = data["weight_map"][next(iter(data["weight_map"]))]
+    shutil.copy(d / shard, d.parent / "x.safetensors")
+    for k, v in data["weight_map"].items():
+        if v == shard:
+            data["weight_map"][k] = "../x.safetensors"
+    (d / shard).unlink()
+    index.write_text(json.dumps(data))
+
+
+def rank_mismatch_ours(d: Path) -> None:
+    """module_shapes claims a different rank than the cores hold."""
+    def fn(cfg):
+        name = sorted(cfg["module_shapes"])[0]
+        rows, cols = cfg["module_shapes"][name]["a"]
+        cfg["module_shapes"][name]["a"] = [rows, cols * 2]
+    edit_json(d / ADAPTER_CFG, fn)
+
+
+def modes_mismatch_ours(d: Path) -> None:
+    """A core of the first module's A factor loses a mode (shape does not match the chain)."""
+    def fn(state):
+        key = sorted(k for k in state if ".lora_A.tt_cores.1" in k)[0]
+        state[key] = state[key][:, :-1, :].contiguous()
+    edit_tensors(d / ADAPTER_ST, fn)
+
+
+# --------------------------------------------------------------------------- the table
+
+@dataclass
+class Case:
+    command: str               # the table's row: merge, lora-to-tt, tt-to-lora, onnx, ...
+    name: str
+    argv: Callable[[Env, Path], list[str]]   # (env, case dir) -> argv; OUT is case_dir/"out"
+    expect: tuple[str, ...]    # substrings (case-insensitive) the error line must contain
+    prepare: Callable[[Env, Path], None] | None = None
+    out: str = "out"           # output path relative to case dir ("" when the command has none)
+    code: int = 2
+    marks: tuple = field(default_factory=tuple)
+
+
+def _p(fn):
+    """Helper to build argv lambdas readably."""
+    return fn
+
+
+CASES: list[Case] = []
+
+
+def case(command, name, argv, expect, prepare=None, **kw):
+    CASES.append(Case(command, name, argv, tuple(expect), prepare, **kw))
+
+
+def bad_dir(kind: str):
+    """Prepare a corrupted copy of an input at case_dir/'in'; kind chooses the damage."""
+    def prep(e: Env, d: Path) -> None:
+        src = {"base": e.base, "rep": e.rep, "adp": e.adp, "lora": e.lora}[kind.split(":")[0]]
+        _copy(src, d / "in")
+    return prep
+
+
+def prep(src: str, fn: Callable[[Path], None] | None = None):
+    def go(e: Env, d: Path) -> None:
+        target = _copy(getattr(e, src), d / "in")
+        if fn is not None:
+            fn(target)
+    return go
+
+
+def not_a_dir_of_anything(e: Env, d: Path) -> None:
+    (d / "in").mkdir()
+    (d / "in" / "notes.txt").write_text("hello")
+
+
+IN = lambda e, d: str(d / "in")  # noqa: E731
+OUT = lambda d: str(d / "out")  # noqa: E731
+
+# Each input family is tried against every command that reads it.
+BASE_CASES = [  # (name, prepare, expect)
+    ("nonexistent", None, ("does not exist",)),
+    ("not-a-model", not_a_dir_of_anything, ("in",)),
+    ("truncated-shard", prep("base", lambda t: truncate(_shards(t)[1])), ("model-00002",)),
+    ("corrupt-header", prep("base", lambda t: corrupt_header(_shards(t)[0])), ("model-00001",)),
+    ("missing-shard", prep("base", lambda t: _shards(t)[-1].unlink()), ("missing",)),
+    ("index-escapes", prep("base", index_escape), ("x.safetensors", "outside")),
+    ("shard-symlink-outside", prep("base", lambda t: link_outside(t, _shards(t)[0].name)),
+     ("model-00001",)),
+    ("malformed-index", prep("base", lambda t: (t / "model.safetensors.index.json").write_text("{\"weight_map\": ")),
+     ("model.safetensors.index.json",)),
+    ("malformed-config", prep("base", lambda t: (t / "config.json").write_text("{model_type: llama")),
+     ("config.json",)),
+]
+
+ADAPTER_CASES = {  # kind -> [(name, prepare, expect)]
+    "common": [
+        ("nonexistent", None, ("does not exist",)),
+        ("not-an-adapter", not_a_dir_of_anything, (ADAPTER_CFG,)),
+        ("truncated", lambda k: prep(k, lambda t: truncate(t / ADAPTER_ST)), (ADAPTER_ST,)),
+        ("corrupt-header", lambda k: prep(k, lambda t: corrupt_header(t / ADAPTER_ST)), (ADAPTER_ST,)),
+        ("nan", lambda k: prep(k, lambda t: edit_tensors(t / ADAPTER_ST, poison(float("nan")))),
+         ("NaN",)),
+        ("inf", lambda k: prep(k, lambda t: edit_tensors(t / ADAPTER_ST, poison(float("inf")))),
+         ("Inf",)),
+        ("unknown-peft-type", lambda k: prep(k, lambda t: edit_json(t / ADAPTER_CFG,
+                                                                     lambda c: c.update(peft_type="IA3"))),
+         ("IA3", ADAPTER_CFG)),
+        ("malformed-json", lambda k: prep(k, lambda t: (t / ADAPTER_CFG).write_text('{"peft_type": "LORA",')),
+         (ADAPTER_CFG, "line")),
+        ("pickle-bin", lambda k: prep(k, to_unsafe_bin), ("adapter_model.bin", "unpickl")),
+        ("symlink-outside", lambda k: prep(k, lambda t: link_outside(t, ADAPTER_ST)),
+         (ADAPTER_ST, "outside")),
+    ],
+    "rep": [
+        ("rank-mismatch", lambda k: prep(k, rank_mismatch_ours), ("model.layers.0",)),
+        ("mode-mismatch", lambda k: prep(k, modes_mismatch_ours), ("model.layers.0",)),
+    ],
+    "lora": [
+        ("rank-mismatch", lambda k: prep(k, lambda t: edit_json(t / ADAPTER_CFG, lambda c: c.update(r=8))),
+         ("lora_A", "r = 8")),
+    ],
+}
+
+
+def _adapter_cases(kind: str):
+    for name, make, expect in ADAPTER_CASES["common"] + ADAPTER_CASES.get(kind, []):
+        if name in ("nonexistent",) or make is not_a_dir_of_anything:
+            yield name, make, expect
+        else:
+            yield name, make(kind), expect
+
+
+def _arg_in(prepare) -> Callable[[Env, Path], str]:
+    return lambda e, d: str(d / "in")
+
+
+def _output_cases(command: str, argv_for_out: Callable[[Env, Path, str], list[str]]):
+    """Output exists (untouched), output is a file, output parent not writable."""
+    def exists(e, d):
+        (d / "out").mkdir()
+        (d / "out" / "precious").write_text("keep me")
+
+    def is_file(e, d):
+        (d / "out").write_text("a file")
+
+    case(command, "output-exists", lambda e, d: argv_for_out(e, d, str(d / "out")), ("out", "--force"),
+         exists)
+    case(command, "output-is-a-file", lambda e, d: argv_for_out(e, d, str(d / "out")) + ["--force"],
+         ("out", "file"), is_file)
+    case(command, "output-unwritable", lambda e, d: argv_for_out(e, d, "/proc/loretta-out"),
+         ("/proc",), out="/proc/loretta-out")
+
+
+# ---- merge
+for name, make, expect in BASE_CASES:
+    case("merge", f"base-{name}", (lambda e, d: ["merge", str(d / "in"), str(e.lora), "-o", OUT(d)]),
+         expect, make)
+for kind in ("lora", "rep"):
+    for name, make, expect in _adapter_cases(kind):
+        case("merge", f"{kind}-{name}", (lambda e, d: ["merge", str(e.base), str(d / "in"), "-o", OUT(d)]),
+             expect, make)
+case("merge", "adapter-wrong-width", lambda e, d: ["merge", str(e.base), str(e.rep_wide), "-o", OUT(d)],
+     ("model.layers.0", "48"))
+case("merge", "adapter-missing-modules", lambda e, d: [f"{e.base}+{e.lora_gpt2}", "-o", OUT(d)],
+     ("c_attn",))
+case("merge", "adp-adapter", lambda e, d: ["merge", str(e.base), str(e.adp), "-o", OUT(d)], ("adp",))
+case("merge", "dtype-int7", lambda e, d: ["merge", str(e.base), str(e.lora), "-o", OUT(d), "--dtype", "int7"],
+     ("int7", "--dtype"))
+case("merge", "device-tpu", lambda e, d: ["merge", str(e.base), str(e.lora), "-o", OUT(d), "--device", "tpu"],
+     ("tpu", "cpu"))
+case("merge", "device-cuda", lambda e, d: ["merge", str(e.base), str(e.lora), "-o", OUT(d), "--device", "cuda"],
+     ("cuda", "--device cpu"))
+_output_cases("merge", lambda e, d, o: ["merge", str(e.base), str(e.lora), "-o", o])
+
+# ---- convert lora-to-tt
+L2T = lambda e, d, src=None, o=None: ["convert", "lora-to-tt", src or str(d / "in"), "-o",  # noqa: E731
+                                       o or OUT(d), "--tensor-rank", "2"]
+for name, make, expect in _adapter_cases("lora"):
+    case("lora-to-tt", name, lambda e, d: L2T(e, d), expect, make)
+case("lora-to-tt", "given-a-tt-adapter", lambda e, d: L2T(e, d, str(e.rep)), ("LoRA",))
+case("lora-to-tt", "device-tpu", lambda e, d: L2T(e, d, str(e.lora)) + ["--device", "tpu"], ("tpu", "cpu"))
+case("lora-to-tt", "device-cuda", lambda e, d: L2T(e, d, str(e.lora)) + ["--device", "cuda"],
+     ("cuda", "--device cpu"))
+case("lora-to-tt", "eps-out-of-range", lambda e, d: L2T(e, d, str(e.lora)) + ["--eps", "1.5"], ("eps",))
+_output_cases("lora-to-tt", lambda e, d, o: L2T(e, d, str(e.lora), o))
+
+# ---- convert tt-to-lora
+T2L = lambda e, d, src=None, o=None: ["convert", "tt-to-lora", src or str(d / "in"), "-o", o or OUT(d)]  # noqa: E731
+for name, make, expect in _adapter_cases("rep"):
+    case("tt-to-lora", name, lambda e, d: T2L(e, d), expect, make)
+case("tt-to-lora", "given-an-adp-adapter", lambda e, d: T2L(e, d, str(e.adp)), ("adp",))
+case("tt-to-lora", "given-a-peft-lora", lambda e, d: T2L(e, d, str(e.lora)), ("LoRA",))
+case("tt-to-lora", "rank-zero", lambda e, d: T2L(e, d, str(e.rep)) + ["--rank", "0"], ("rank",))
+_output_cases("tt-to-lora", lambda e, d, o: T2L(e, d, str(e.rep), o))
+
+# ---- export safetensors
+EST = lambda e, d, src=None, o=None: ["export", "safetensors", src or str(d / "in"), "-o", o or OUT(d)]  # noqa: E731
+for name, make, expect in BASE_CASES:
+    if name == "malformed-config":
+        continue  # re-sharding copies config.json as a file; it does not parse it
+    case("export-safetensors", f"base-{name}", lambda e, d: EST(e, d), expect, make)
+case("export-safetensors", "dtype-int7", lambda e, d: EST(e, d, str(e.base)) + ["--dtype", "int7"], ("int7",))
+case("export-safetensors", "shard-size-garbage",
+     lambda e, d: EST(e, d, str(e.base)) + ["--max-shard-size", "lots"], ("lots",))
+_output_cases("export-safetensors", lambda e, d, o: EST(e, d, str(e.base), o))
+
+# ---- export onnx (every case must fail before any export work)
+EOX = lambda e, d, src=None, o=None: ["export", "onnx", src or str(d / "in"), "-o", o or OUT(d)]  # noqa: E731
+for name, make, expect in BASE_CASES:
+    case("export-onnx", f"base-{name}", lambda e, d: EOX(e, d), expect, make)
+case("export-onnx", "dtype-int7", lambda e, d: EOX(e, d, str(e.base)) + ["--dtype", "int7"], ("int7",))
+case("export-onnx", "adapter-wrong-width",
+     lambda e, d: EOX(e, d, str(e.base)) + ["--adapter", str(e.rep_wide)], ("model.layers.0",))
+case("export-onnx", "adapter-nan",
+     lambda e, d: EOX(e, d, str(e.base)) + ["--adapter", str(d / "in")], ("NaN",),
+     prep("rep", lambda t: edit_tensors(t / ADAPTER_ST, poison(float("nan")))))
+case("export-onnx", "adapter-is-peft-lora",
+     lambda e, d: EOX(e, d, str(e.base)) + ["--adapter", str(e.lora)], ("LoRA",))
+_output_cases("export-onnx", lambda e, d, o: EOX(e, d, str(e.base), o))
+
+# ---- inspect (no output)
+for name, make, expect in _adapter_cases("rep"):
+    if name in ("not-an-adapter",):
+        expect = ("in",)
+    case("inspect", f"rep-{name}", lambda e, d: ["inspect", str(d / "in")], expect, make, out="")
+for name, make, expect in BASE_CASES[2:6] + BASE_CASES[7:]:
+    case("inspect", f"base-{name}", lambda e, d: ["inspect", str(d / "in")], expect, make, out="")
+case("inspect", "config-malformed", lambda e, d: ["inspect", "--config", str(d / "in" / "config.json"),
+                                                  "--method", "rep"], ("config.json",),
+     prep("base", lambda t: (t / "config.json").write_text("{oops")), out="")
+case("inspect", "config-unknown-model-type",
+     lambda e, d: ["inspect", "--config", str(d / "in" / "config.json"), "--method", "adp"],
+     ("not-a-model-type",),
+     prep("base", lambda t: edit_json(t / "config.json", lambda c: c.update(model_type="not-a-model-type"))),
+     out="")
+case("inspect", "path-and-config", lambda e, d: ["inspect", str(e.rep), "--config", str(e.base)],
+     ("--config",), out="")
+
+
+# ---- train (bad data; every case must fail before training starts)
+def _train(e: Env, d: Path, data: str | None = None, *extra: str, model: str | None = None) -> list[str]:
+    return ["train", "--model", model or str(e.base), "--train-file", data or str(d / "data.csv"),
+            "-o", OUT(d), "--max-steps", "1", "--eval-split", "0", "-q", *extra]
+
+
+def data_file(name: str, text: str):
+    def go(e: Env, d: Path) -> None:
+        (d / name).write_text(text)
+    return go
+
+
+case("train", "model-not-a-model", lambda e, d: _train(e, d, str(e.data), model=str(d / "in")), ("in",),
+     not_a_dir_of_anything)
+case("train", "model-malformed-config", lambda e, d: _train(e, d, str(e.data), model=str(d / "in")),
+     ("config.json",), prep("base", lambda t: (t / "config.json").write_text("{nope")))
+case("train", "missing-column", lambda e, d: _train(e, d), ("label",),
+     data_file("data.csv", "text,stars\n" + "the film,1\nthe plot,0\n" * 4))
+case("train", "missing-text-column", lambda e, d: _train(e, d, None, "--text-column", "review"),
+     ("review",), data_file("data.csv", "text,label\n" + "the film,1\nthe plot,0\n" * 4))
+case("train", "empty-file", lambda e, d: _train(e, d), ("data.csv",), data_file("data.csv", ""))
+case("train", "header-only", lambda e, d: _train(e, d), ("data.csv",), data_file("data.csv", "text,label\n"))
+case("train", "labels-exceed-num-labels", lambda e, d: _train(e, d, None, "--num-labels", "2"),
+     ("label",), data_file("data.csv", "text,label\n" + "a,0\nb,1\nc,5\nd,1\n" * 2))
+case("train", "non-string-text", lambda e, d: _train(e, d, str(d / "data.jsonl")), ("text",),
+     data_file("data.jsonl", '{"text": 3, "label": 0}\n{"text": ["a"], "label": 1}\n' * 4))
+case("train", "malformed-jsonl", lambda e, d: _train(e, d, str(d / "data.jsonl")), ("data.jsonl",),
+     data_file("data.jsonl", '{"text": "a", "label": 0}\n{"text": \n'))
+case("train", "unknown-extension", lambda e, d: _train(e, d, str(d / "data.xlsx")), ("data.xlsx",),
+     data_file("data.xlsx", "text,label\na,0\n"))
+case("train", "train-file-missing", lambda e, d: _train(e, d, str(d / "nope.csv")), ("nope.csv",))
+case("train", "output-is-a-file", lambda e, d: _train(e, d, str(e.data)), ("out",),
+     lambda e, d: (d / "out").write_text("a file"))
+case("train", "output-unwritable", lambda e, d: _train(e, d, str(e.data)) + ["-o", "/proc/loretta-out"],
+     ("/proc",), out="/proc/loretta-out")
+
+
+# --------------------------------------------------------------------------- running
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    if path.is_file():
+        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def check_error(code: int, err: str, expect: tuple[str, ...], *, want_code: int | None = 2) -> str:
+    assert code != 0, f"exit code 0; stderr: {err!r}"
+    if want_code is not None:
+        assert code == want_code, (code, err)
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    line = lines[0]
+    assert line.startswith("error: ") and len(line) > len("error: ") + 10, line
+    for word in expect:
+        assert word.lower() in line.lower(), f"{word!r} not in {line!r}"
+    assert HINT.search(line), f"no hint of what to do in {line!r}"
+    return line
+
+
+TALLY: collections.Counter = collections.Counter()
+
+
+# Cases that still fail because of code this corpus's author may not edit (owned by engineers
+# still at work). strict: the mark must come off as soon as the fix lands.
+_IO_HINT = ("io.CheckpointReader: the message names the file but says nothing to do (add e.g. "
+            "'pass the model directory that holds config.json and *.safetensors' / 'copy the shard "
+            "into the directory or fix the index')")
+_IO_PROC = ("io.atomic_output_dir: os.mkdir of the temp dir in an unwritable parent raises a bare "
+            "FileNotFoundError/PermissionError (exit 1, 'error: FileNotFoundError: ...') instead of "
+            "a ConfigError naming the parent; root passes the os.access check")
+KNOWN_FAILURES = {
+    "merge:base-not-a-model": _IO_HINT,
+    "merge:base-index-escapes": _IO_HINT,
+    "merge:base-shard-symlink-outside": _IO_HINT,
+    "export-safetensors:base-not-a-model": _IO_HINT,
+    "export-safetensors:base-index-escapes": _IO_HINT,
+    "export-safetensors:base-shard-symlink-outside": _IO_HINT,
+    "export-onnx:base-index-escapes": _IO_HINT,
+    "export-onnx:base-shard-symlink-outside": _IO_HINT,
+    "inspect:base-index-escapes": _IO_HINT,
+    "merge:output-unwritable": _IO_PROC,
+    "lora-to-tt:output-unwritable": _IO_PROC,
+    "tt-to-lora:output-unwritable": _IO_PROC,
+    "export-safetensors:output-unwritable": _IO_PROC,
+    "export-onnx:output-unwritable": _IO_PROC,
+    "merge:base-malformed-config": ("merge.py: a base whose config.json is not valid JSON is merged "
+                                    "anyway (exit 0) and the broken config.json is copied to OUT"),
+    "merge:adapter-wrong-width": ("merge.py: the target-mismatch error spans several lines (one per "
+                                  "module); the CLI contract is one line (join with '; ' and count)"),
+    "merge:adapter-missing-modules": ("merge.py: the target-mismatch error spans several lines (one per "
+                                      "module); the CLI contract is one line"),
+    "train:model-malformed-config": ("train.py: transformers' OSError for a config.json that is not "
+                                     "JSON escapes as 'error: OSError: ...' (exit 1), not a FormatError"),
+    "train:output-unwritable": ("train.py: an output under an unwritable parent (/proc) fails with a bare "
+                                "FileNotFoundError (exit 1), not a ConfigError naming the parent"),
+}
+
+
+def _param(c: Case):
+    cid = f"{c.command}:{c.name}"
+    marks = [pytest.mark.xfail(reason=KNOWN_FAILURES[cid], strict=True)] if cid in KNOWN_FAILURES else []
+    return pytest.param(c, id=cid, marks=marks)
+
+
+@pytest.mark.parametrize("c", [_param(c) for c in CASES])
+def test_corpus(c: Case, env: Env, tmp_path: Path, capsys) -> None:
+    d = tmp_path
+    if c.prepare is not None:
+        c.prepare(env, d)
+    out = Path(c.out) if c.out.startswith("/") else (d / c.out if c.out else None)
+    before = _tree_digest(out) if out is not None and out.exists() else None
+    argv = c.argv(env, d)
+    code, _, err = run_cli(argv, capsys)
+    check_error(code, err, c.expect, want_code=c.code)
+    if out is not None:
+        if before is None:
+            assert not out.exists(), f"{out} was left behind"
+        else:
+            assert _tree_digest(out) == before, f"{out} was changed"
+        if out.parent.exists() and str(out.parent) != "/proc":
+            stray = [p.name for p in out.parent.iterdir() if ".loretta-" in p.name]
+            assert not stray, stray
+    TALLY[c.command] += 1
+
+
+def test_unsafe_pickle_accepted_with_flag(env: Env, tmp_path: Path, capsys) -> None:
+    """The same pickled .bin the corpus refuses is read with --allow-unsafe-pickle."""
+    lora = _copy(env.lora, tmp_path / "lora-bin")
+    to_unsafe_bin(lora)
+    code, _, err = run_cli(["convert", "lora-to-tt", str(lora), "-o", str(tmp_path / "tt"),
+                            "--tensor-rank", "2", "--allow-unsafe-pickle"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "tt" / ADAPTER_ST).is_file()
+    code, _, err = run_cli(["merge", str(env.base), str(lora), "-o", str(tmp_path / "merged"), "-q",
+                            "--allow-unsafe-pickle"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_corpus_table(capsys) -> None:
+    """Print the number of bad inputs tried per command (runs after the corpus)."""
+    table = collections.Counter(c.command for c in CASES)
+    with capsys.disabled():
+        print("\nbad inputs per command: " + ", ".join(f"{k} {v}" for k, v in sorted(table.items()))
+              + f"; total {sum(table.values())}")
+    assert set(table) == {"merge", "lora-to-tt", "tt-to-lora", "export-onnx", "export-safetensors",
+                          "train", "inspect"}
+    assert all(v >= 10 for v in table.values()), table
+
+
+# --------------------------------------------------------------------------- real console
+
+def _console(argv: list[str], *, debug: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env.pop("LORETTA_DEBUG", None)
+    cmd = [sys.executable, "-m", "loretta_merge.cli"] + (["--debug"] if debug else []) + argv
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+SUBPROCESS = ["merge:lora-nan", "tt-to-lora:pickle-bin", "export-safetensors:base-truncated-shard",
+              "merge:device-cuda"]
+
+
+@pytest.mark.parametrize("cid", SUBPROCESS)
+def test_console_one_line(cid: str, env: Env, tmp_path: Path) -> None:
+    c = next(c for c in CASES if f"{c.command}:{c.name}" == cid)
+    if c.prepare is not None:
+        c.prepare(env, tmp_path)
+    proc = _console(c.argv(env, tmp_path))
+    check_error(proc.returncode, proc.stderr, c.expect, want_code=2)
+    assert proc.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_debug_shows_traceback(env: Env, tmp_path: Path) -> None:
+    c = next(c for c in CASES if f"{c.command}:{c.name}" == "merge:lora-nan")
+    c.prepare(env, tmp_path)
+    proc = _console(c.argv(env, tmp_path), debug=True)
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "NumericsError" in proc.stderr and "NaN" in proc.stderr
+    assert not (tmp_path / "out").exists()
