@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors for bad input, exit codes by kind."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # our own one-line errors and progress bars only; transformers' load reports and
+    # weight-loading bars are noise here (LORETTA_DEBUG / TRANSFORMERS_VERBOSITY override)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("LORETTA_DEBUG"))
     try:

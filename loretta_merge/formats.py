@@ -837,8 +837,6 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike, *, force: bool = Fa
     when complete. An existing ``path`` is refused unless ``force``; with ``force`` it is
     replaced only after the new directory is complete. Returns ``path``.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists; choose another output path or pass force=True")
@@ -854,11 +852,26 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike, *, force: bool = Fa
 
     with atomic_output_dir(path, force=force) as tmp:
         try:
-            save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(config_text + "\n")
+            save_safetensors(state, tmp / SAFETENSORS_NAME)
+            _write_bytes(tmp / CONFIG_NAME, (config_text + "\n").encode())
         except OSError as exc:
             raise disk_full_error(exc, path) from None
     return path
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Every adapter file is written here, with a plain open(): its mode follows the umask
+    (safetensors' own save_file creates files 0600 whatever the umask). Tests simulate a
+    full disk by replacing this function."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``state`` as one safetensors file at ``path`` (mode by the umask)."""
+    from safetensors.torch import save
+
+    _write_bytes(Path(path), save(state, metadata={"format": "pt"}))
 
 
 def disk_full_error(exc: OSError, out: Path) -> OSError:

@@ -165,7 +165,25 @@ def _pick_transform(adapter, known: set[str]):
         hits = sum(fn(t) in known for t in targets)
         if best is None or hits > best[0]:
             best = (hits, label, fn)
-    return best[2]
+    return best[1], best[2]
+
+
+def _head_class(config: dict, adapter) -> str | None:
+    """The transformers class of the task model an adapter was trained on (for a base
+    checkpoint saved as a bare model): recorded in the adapter config, else derived from
+    its task type and the base's model_type."""
+    cls = adapter.config.get("model_class")
+    if cls:
+        return str(cls)
+    task = str(adapter.config.get("task_type") or "").upper()
+    try:
+        from transformers.models.auto import modeling_auto as ma
+    except ImportError:  # pragma: no cover
+        return None
+    table = {"SEQ_CLS": ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+             "CAUSAL_LM": ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+             "TOKEN_CLS": ma.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES}.get(task)
+    return table.get(config.get("model_type")) if table else None
 
 
 def _dims(mod) -> tuple[int, int]:
@@ -221,12 +239,17 @@ def _plan(reader: CheckpointReader, loaded, tied: dict[str, str]):
         return reader.shape(virtual.get(key, key))
 
     ops: dict[str, list[_Op]] = {}
+    new: dict[str, tuple[torch.Tensor, str]] = {}  # tensors the base lacks (a new task head)
+    head_of: dict[str, Any] = {}
     w_of: dict[int, float] = {}  # adapter weight of each DoRA op
     rep_jobs: list[tuple[Any, _Op]] = []
     problems: list[str] = []
     for adapter, w, label in loaded:
         _check_finite_adapter(adapter, label)
-        rename = _pick_transform(adapter, known)
+        how, rename = _pick_transform(adapter, known)
+        # adapter trained on a task model (names "bert.encoder...") over a bare base
+        # checkpoint ("encoder..."): tensors outside "bert." (the new head) are added
+        prefix = how[len("without '"):-2] if how.startswith("without '") else None
         for m, mod in adapter.modules.items():
             key = rename(f"{m}.weight")
             if key not in known:
@@ -271,6 +294,13 @@ def _plan(reader: CheckpointReader, loaded, tied: dict[str, str]):
             ops.setdefault(key, []).append(op)
         for name, t in adapter.tensors.items():
             key = rename(name)
+            if key not in known and prefix and not name.startswith(prefix + "."):
+                if name in new and not torch.equal(new[name][0], t):
+                    problems.append(f"{label}: new tensor {name} is also given by {new[name][1]}")
+                new[name] = (t, label)
+                head_of.setdefault("prefix", prefix)
+                head_of.setdefault("adapter", adapter)
+                continue
             if key not in known:
                 problems.append(f"{label}: tensor {name} has no base tensor {key}")
             elif tuple(t.shape) != shape(key):
@@ -298,7 +328,11 @@ def _plan(reader: CheckpointReader, loaded, tied: dict[str, str]):
     # both stored but tied by the config: a changed one must not be re-tied on load
     untie.update({t: "" for t, s in tied.items()
                   if t in present and s in present and (t in ops or s in ops)})
-    return ops, rep_jobs, untie
+    head = None
+    if new:
+        head = {"prefix": head_of["prefix"], "adapter": head_of["adapter"],
+                "tensors": {n: t for n, (t, _) in new.items()}}
+    return ops, rep_jobs, untie, head
 
 
 def _reconstruct_rep_factors(rep_jobs, device: torch.device) -> None:
@@ -458,7 +492,10 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     reader = CheckpointReader(base_dir)
     config = _read_json(base_dir / "config.json")
     loaded = _load_adapters(adapters, allow_unsafe_pickle)
-    ops, rep_jobs, untie = _plan(reader, loaded, _tied_pairs(base_dir, config))
+    ops, rep_jobs, untie, head = _plan(reader, loaded, _tied_pairs(base_dir, config))
+    # a new task head: write the task model's checkpoint (base keys get the prefix back)
+    out_name = (lambda k: f"{head['prefix']}.{k}") if head else (lambda k: k)
+    head_tensors = head["tensors"] if head else {}
     # refuse an existing OUT before any heavy work
     out_path = Path(os.path.abspath(out_dir))
     if out_path.exists() and not force:
@@ -487,8 +524,10 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
 
     # every output tensor is known now, so shards are laid out up front and each tensor
     # goes to disk as soon as it is computed
-    layout = [(name, reader.shape(key), dtype_of(key))
+    layout = [(out_name(name), reader.shape(key), dtype_of(key))
               for key in keys for name in [key] + sources.get(key, [])]
+    head_dtype = out_dtype or main_dtype
+    layout += [(n, tuple(t.shape), head_dtype) for n, t in head_tensors.items()]
     bar = None
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -514,17 +553,23 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
                         for name in [key] + sources.get(key, []):
                             key_ops = ops.get(name)
                             if key_ops:
-                                put(name, _apply(name, w0, key_ops, dev, kind_dtype))
+                                put(out_name(name), _apply(name, w0, key_ops, dev, kind_dtype))
                                 if any(op.kind != "full" for op in key_ops):
                                     report.merged_tensors += 1
                                 else:
                                     report.replaced_tensors += 1
                             else:
-                                put(name, w0 if kind_dtype == w0.dtype else w0.to(kind_dtype))
+                                put(out_name(name), w0 if kind_dtype == w0.dtype else w0.to(kind_dtype))
                                 report.copied_tensors += 1
                             report.tensors += 1
                         if bar is not None:
                             bar.update(reader.nbytes(key))
+                    for name, t in head_tensors.items():
+                        if not bool(torch.isfinite(t).all()):
+                            raise NumericsError(f"adapter tensor {name} holds NaN or Inf values")
+                        put(name, t.detach().to("cpu", head_dtype).contiguous())
+                        report.replaced_tensors += 1
+                        report.tensors += 1
                     if pending is not None:
                         pending.result()
                 finally:
@@ -542,6 +587,8 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
                         out_config["torch_dtype"] = dtype_name(out_dtype)
                 if untie:
                     out_config["tie_word_embeddings"] = False
+                if head:
+                    _task_config(out_config, head)
             names = " + ".join(f"`{label}` (weight {w:g})" for _, w, label in loaded)
             note = (f"> **Merged model.** This checkpoint is `{base_dir.name}` with the adapter(s) "
                     f"{names} merged into its weights by loretta-merge {__version__}; see "
@@ -588,6 +635,23 @@ def _logits(model, inputs: dict) -> torch.Tensor:
     return out[0].float()
 
 
+def _task_config(out_config: dict, head: dict) -> None:
+    """Turn a bare model's config into its task model's: architectures and labels."""
+    adapter = head["adapter"]
+    cls = _head_class(out_config, adapter)
+    if cls:
+        out_config["architectures"] = [cls]
+    id2label = adapter.config.get("id2label")
+    if not id2label:
+        rows = [int(t.shape[0]) for n, t in head["tensors"].items()
+                if n.endswith(".weight") and t.ndim == 2]
+        if rows and str(adapter.config.get("task_type", "")).upper() == "SEQ_CLS":
+            id2label = {str(i): f"LABEL_{i}" for i in range(rows[-1])}
+    if id2label:
+        out_config["id2label"] = {str(k): v for k, v in id2label.items()}
+        out_config["label2id"] = {v: int(k) for k, v in id2label.items()}
+
+
 def verify_merge(base_dir: str | os.PathLike, loaded, out_dir: str | os.PathLike, *,
                  dtype: torch.dtype) -> dict:
     """Compare the merged model with base + adapter(s) in memory on a small probe batch.
@@ -600,8 +664,8 @@ def verify_merge(base_dir: str | os.PathLike, loaded, out_dir: str | os.PathLike
     if len(loaded) != 1 or loaded[0][1] != 1.0:
         return {"skipped": "verify compares one adapter with weight 1 against its in-memory model"}
     adapter, _, label = loaded[0]
-    config = _read_json(base_dir / "config.json")
-    cls = _auto_class(config)
+    config = _read_json(out_dir / "config.json") or _read_json(base_dir / "config.json")
+    cls = _auto_class(config)  # the output's class: a task model when a head was added
     base = cls.from_pretrained(base_dir, dtype=torch.float32).eval()
     if adapter.method == "lora" and adapter.source == "peft" and adapter.path is not None:
         from peft import PeftModel

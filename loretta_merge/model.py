@@ -315,8 +315,14 @@ def adapter_from_model(model: nn.Module) -> "Adapter":
             fan_in_fan_out.add(name)
     tensors = {_clean(n): model.get_parameter(n).detach() for n in getattr(model, _FULL, [])}
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    cfg = config.to_dict()
+    # what a merge into a bare base checkpoint needs to write the task model's config
+    cfg["model_class"] = type(model).__name__
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if config.task_type == "SEQ_CLS" and id2label:
+        cfg["id2label"] = {str(k): str(v) for k, v in id2label.items()}
     return Adapter(method=config.method, source="loretta-merge", modules=modules, tensors=tensors,
-                   config=config.to_dict(), fan_in_fan_out=fan_in_fan_out,
+                   config=cfg, fan_in_fan_out=fan_in_fan_out,
                    base_model_name_or_path=base, path=None)
 
 

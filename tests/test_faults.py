@@ -5,7 +5,7 @@ tests/test_merge.py already covers the merge's SIGKILL, SIGINT, ENOSPC and a fai
 run caught by a NaN check; this file covers the other writers (convert both ways, export
 safetensors) and what the merge tests leave out (SIGTERM, a --force run killed by ENOSPC,
 compared bit for bit). The disk fills up by injecting ``OSError(ENOSPC)`` at the real
-writers (``io._write_bytes`` for the shard writers, ``safetensors.torch.save_file`` for the
+writers (``io._write_bytes`` for the shard writers, ``formats._write_bytes`` for the
 adapter writers); kills are real signals to real subprocesses.
 """
 
@@ -109,9 +109,9 @@ def convert_argv(direction: str, adapters: dict[str, Path], out: Path) -> list:
 
 @pytest.mark.parametrize("direction", ["lora-to-tt", "tt-to-lora"])
 def test_convert_disk_full_fails_cleanly(direction, adapters, tmp_path, monkeypatch, capsys):
-    import safetensors.torch as st
+    import loretta_merge.formats as lf
 
-    monkeypatch.setattr(st, "save_file", full_disk_after(0)(st.save_file))
+    monkeypatch.setattr(lf, "_write_bytes", full_disk_after(0)(lf._write_bytes))
     out = tmp_path / "out"
     code, err = run_cli(convert_argv(direction, adapters, out), capsys)
     assert_disk_full(code, err, out)
@@ -120,19 +120,19 @@ def test_convert_disk_full_fails_cleanly(direction, adapters, tmp_path, monkeypa
 
 @pytest.mark.parametrize("direction", ["lora-to-tt", "tt-to-lora"])
 def test_convert_failed_force_keeps_previous_output(direction, adapters, tmp_path, monkeypatch, capsys):
-    import safetensors.torch as st
+    import loretta_merge.formats as lf
 
     out = tmp_path / "out"
     code, err = run_cli(convert_argv(direction, adapters, out), capsys)
     assert code == 0, err
     before = digest(out)
     assert "adapter_model.safetensors" in before
-    real = st.save_file
-    monkeypatch.setattr(st, "save_file", full_disk_after(0)(real))
+    real = lf._write_bytes
+    monkeypatch.setattr(lf, "_write_bytes", full_disk_after(1)(real))  # the second file fails
     code, err = run_cli(convert_argv(direction, adapters, out) + ["--force"], capsys)
     assert_disk_full(code, err, out)
     assert digest(out) == before and not temps(tmp_path)
-    monkeypatch.setattr(st, "save_file", real)  # the disk has room again: --force replaces
+    monkeypatch.setattr(lf, "_write_bytes", real)  # the disk has room again: --force replaces
     code, err = run_cli(convert_argv(direction, adapters, out) + ["--force"], capsys)
     assert code == 0, err
     assert set(digest(out)) == set(before) and not temps(tmp_path)

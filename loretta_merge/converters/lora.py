@@ -509,8 +509,6 @@ def write_peft_lora(adapter, path: str | os.PathLike, *, force: bool = False) ->
     own parameter names). Written to a temp directory and renamed into place."""
     import json
 
-    from safetensors.torch import save_file
-
     formats = _formats()
     if adapter.method != "lora":
         raise FormatError(f"write_peft_lora writes LoRA adapters; got a {adapter.method!r} adapter "
@@ -527,8 +525,9 @@ def write_peft_lora(adapter, path: str | os.PathLike, *, force: bool = False) ->
     out = Path(path)
 
     def write(tmp: Path) -> None:
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        formats.save_safetensors(state, tmp / "adapter_model.safetensors")
+        formats._write_bytes(tmp / "adapter_config.json",
+                             (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
     from ..io import atomic_output_dir
 

@@ -253,8 +253,12 @@ def _export_graph(wrapper, args: tuple, *, input_names, output_names, dynamic, o
                   external_data: bool) -> tuple[str, str | None]:
     """Export ``wrapper`` to ``path``; the dynamo exporter first, TorchScript as fallback.
     Returns (exporter used, reason for the fallback or None)."""
+    import logging
+
     import torch
 
+    # the exporter logs a warning per torchvision op it cannot register: not our business
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -350,12 +354,12 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     if Path(out_dir).exists() and not force:  # fail before the (possibly long) model load
         raise OutputExistsError(f"output {out_dir} already exists; pass --force (force=True) "
                                 f"to replace it, or choose another output path")
-    if (model_dir / "model.safetensors.index.json").is_file() or (model_dir / "model.safetensors").is_file():
-        from ..io import CheckpointReader
+    from ..io import CheckpointReader
 
-        # transformers may load a damaged checkpoint without complaint; check the index, each
-        # shard's header and size, and that no shard lies outside MODEL_DIR first
-        CheckpointReader(model_dir).close()
+    # transformers may load a damaged checkpoint without complaint; check the index, each
+    # shard's header and size, and that no shard lies outside MODEL_DIR first. Pickled
+    # weights (.bin) are refused here, as by merge: loading them could run code.
+    CheckpointReader(model_dir).close()
     adapter_label = None if adapter is None else str(getattr(adapter, "path", None) or adapter)
     if adapter is not None and not isinstance(adapter, _formats().Adapter):
         adapter_path = adapter

@@ -1,0 +1,55 @@
+"""The scripts in examples/ run, end to end, on the real embedded model (so they cannot rot)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str) -> None:
+    argv = sys.argv
+    sys.argv = [str(EXAMPLES / name), *args]
+    try:
+        runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("examples")
+
+
+def test_finetune_merge_export_chain(work, capsys):
+    from loretta_merge.data import default_model_path
+
+    run_example("finetune.py", "--output", str(work / "adapter"), "--max-steps", "6",
+                "--max-train-samples", "64")
+    out = capsys.readouterr().out
+    assert "trainable parameters" in out and (work / "adapter" / "adapter_config.json").exists()
+
+    run_example("merge.py", str(default_model_path()), str(work / "adapter"), "--output", str(work / "merged"))
+    out = capsys.readouterr().out
+    diff = float(out.split("unmerged model:")[1].split()[0])
+    assert diff < 1e-4
+    assert (work / "merged" / "config.json").exists()
+
+    run_example("export_onnx.py", str(work / "merged"), "--output", str(work / "onnx"), "--task", "seq-cls")
+    out = capsys.readouterr().out
+    assert "validated on CPUExecutionProvider" in out
+    assert (work / "onnx" / "model.onnx").exists()
+
+
+def test_lora_roundtrip(work, capsys):
+    run_example("lora_roundtrip.py", "--workdir", str(work / "roundtrip"), "--eps", "0.05")
+    out = capsys.readouterr().out
+    assert "met: True" in out
+    exact = float(out.split("max delta error")[-1].split()[0])
+    assert exact < 1e-5
+    for d in ("lora", "tt", "lora-again"):
+        assert (work / "roundtrip" / d / "adapter_config.json").exists()
