@@ -307,6 +307,35 @@ def test_seq_cls_adapter_matches_bare_base(tiny_model_dir, tmp_path):
     assert report.merged_tensors == 4
 
 
+def test_seq_cls_rep_adapter_over_bare_base_writes_the_task_model(tmp_path):
+    """The demo's situation: a bare BertModel checkpoint (MiniLM-style, no 'bert.' prefix)
+    plus a rep adapter trained on BertForSequenceClassification, whose new head and TT pooler
+    the base lacks. The output is a BertForSequenceClassification checkpoint equal to the
+    in-memory LoRETTA model."""
+    import transformers
+
+    from loretta_merge.model import save_loretta_adapter
+
+    model = _rep_model("bert")  # BertForSequenceClassification with rep, head and TT pooler
+    bare = tmp_path / "bare"
+    transformers.BertModel(model.config).save_pretrained(bare)  # different random weights
+    # the adapter's model must be built on THIS base: reload it from the bare checkpoint
+    base = transformers.BertForSequenceClassification.from_pretrained(bare).eval()
+    from loretta_merge.model import adapter_from_model, load_loretta_model
+
+    ref = load_loretta_model(base, adapter_from_model(model)).eval()
+    save_loretta_adapter(ref, tmp_path / "rep")
+    report = merge(bare, [(tmp_path / "rep", 1.0)], tmp_path / "out", progress=False, verify=True)
+    assert report.verify["passed"]
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForSequenceClassification"]
+    assert len(cfg["id2label"]) == 2
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(merged), logits(ref), rtol=0, atol=1e-5)
+    keys = set(read_all(tmp_path / "out"))
+    assert "classifier.weight" in keys and "bert.pooler.dense.weight" in keys
+
+
 def test_non_finite_adapter(tiny_model_dir, tmp_path, small_blocks):
     from loretta_merge.formats import read_adapter
 
