@@ -402,7 +402,8 @@ def _strip_prefix(state: dict[str, torch.Tensor], source: Path) -> dict[str, tor
     for key, value in state.items():
         if not key.startswith(PREFIX):
             raise FormatError(f"{source}: tensor key {key!r} lacks the '{PREFIX}' prefix every adapter "
-                              f"key carries; was this file written by PEFT or loretta?")
+                              f"key carries; was this file written by PEFT or loretta? Re-save the "
+                              f"adapter with PEFT's save_pretrained (or save_loretta_adapter)")
         out[key[len(PREFIX):]] = value
     return out
 

@@ -3,7 +3,7 @@
 
 tests/test_merge.py already covers the merge's SIGKILL, SIGINT, ENOSPC and a failing --force
 run caught by a NaN check; this file covers the other writers (convert both ways, export
-safetensors) and what the merge tests leave out (SIGTERM, a --force run killed by ENOSPC,
+safetensors, train's adapter) and what the merge tests leave out (SIGTERM, a --force run killed by ENOSPC,
 compared bit for bit). The disk fills up by injecting ``OSError(ENOSPC)`` at the real
 writers (``io._write_bytes`` for the shard writers, ``formats._write_bytes`` for the
 adapter writers); kills are real signals to real subprocesses.
@@ -51,13 +51,15 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def assert_disk_full(code: int, err: str, out: Path) -> None:
+def assert_disk_full(code: int, err: str, out: Path, *, one_line: bool = True) -> None:
     """A full disk: exit 1 (not a user error), one line that says so and what to do."""
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 1, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    if one_line:
+        assert len(lines) == 1, err
+    assert lines[-1].startswith("error: "), err
     assert "Traceback" not in err
-    line = lines[0].lower()
+    line = lines[-1].lower()
     assert "no space left" in line and "free space" in line, line
     assert out.name in line, line
 
@@ -243,3 +245,60 @@ def test_merge_force_disk_full_keeps_previous_bitwise(tiny_model_dir, adapters, 
     code, err = run_cli([f"{base}+{adapters['lora']}", "-o", out, "-q", "--force"], capsys)
     assert_disk_full(code, err, out)
     assert digest(out) == before and not temps(tmp_path)
+
+
+# --------------------------------------------------------------------------- train
+
+def _tiny_bert_with_tokenizer(tiny_model_dir, path: Path) -> Path:
+    """The tiny BERT checkpoint plus a real word-level tokenizer (built offline)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(tiny_model_dir("bert"), path)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film", "the", "was", "plot"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(path)
+    return path
+
+
+def _train_argv(tiny_model_dir, tmp_path: Path) -> tuple[list, Path]:
+    model = _tiny_bert_with_tokenizer(tiny_model_dir, tmp_path / "bert")
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "the film was good,1\nthe plot was bad,0\n" * 4)
+    out = tmp_path / "adapter"
+    return ["train", "--model", model, "--train-file", data, "--eval-split", "0", "--max-steps", "1",
+            "--batch-size", "4", "-o", out, "-q"], out
+
+
+@pytest.mark.xfail(strict=True, reason="train.py: with -q, transformers' 'Loading weights' progress bar "
+                   "still goes to stderr, so a failing run prints more than its one error line "
+                   "(disable transformers' progress bars when quiet, as converters/onnx.py does)")
+def test_train_quiet_failure_prints_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import loretta_merge.formats as lf
+
+    argv, out = _train_argv(tiny_model_dir, tmp_path)
+    monkeypatch.setattr(lf, "_write_bytes", full_disk_after(0)(lf._write_bytes))
+    code, err = run_cli(argv, capsys)
+    assert_disk_full(code, err, out)
+
+
+def test_train_disk_full_keeps_previous_adapter(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import loretta_merge.formats as lf
+
+    argv, out = _train_argv(tiny_model_dir, tmp_path)
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    before = {k: v for k, v in digest(out).items() if "/" not in k}  # the adapter and the summary
+    assert {"adapter_model.safetensors", "adapter_config.json", "train_summary.json"} <= set(before)
+    monkeypatch.setattr(lf, "_write_bytes", full_disk_after(0)(lf._write_bytes))
+    code, err = run_cli(argv + ["--force", "--seed", "1"], capsys)
+    assert_disk_full(code, err, out, one_line=False)  # see test_train_quiet_failure_prints_one_line
+    after = {k: v for k, v in digest(out).items() if "/" not in k}
+    assert after == before, "a failed --force training run changed the previous adapter"
+    assert not temps(out) and not [p for p in out.iterdir() if p.name.startswith(".adapter-tmp")]
