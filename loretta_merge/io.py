@@ -60,7 +60,7 @@ def parse_size(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise ConfigError(f"size must be bytes such as 5GB or 500MiB, got {text!r}")
     if isinstance(text, (int, float)):
-        if text <= 0 or text != int(text):
+        if not math.isfinite(text) or text <= 0 or text != int(text):
             raise ConfigError(f"size must be a positive whole number of bytes, got {text!r}")
         return int(text)
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
@@ -176,9 +176,13 @@ class CheckpointReader:
                 data = json.loads(index.read_text())
                 weight_map = data["weight_map"]
                 self.metadata = dict(data.get("metadata") or {})
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+                    raise TypeError("'weight_map' must map tensor names to shard file names")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise FormatError(f"{index}: not a valid safetensors index ({exc}); it needs a "
-                                  f"'weight_map' of tensor name -> shard file") from exc
+                                  f"'weight_map' of tensor name -> shard file: re-save the model "
+                                  f"with save_pretrained or fix the index") from exc
             shards = sorted(set(weight_map.values()))
         elif (d / SINGLE_NAME).is_file():
             weight_map, shards = None, [SINGLE_NAME]
@@ -190,14 +194,22 @@ class CheckpointReader:
                     f"loretta-merge reads safetensors only, because unpickling can run code. "
                     f"Convert it once from a trusted copy: python -c \"import transformers as t; "
                     f"t.AutoModel.from_pretrained('{d}').save_pretrained('{d}-st')\"")
-            raise FormatError(f"{d} has neither {INDEX_NAME} nor {SINGLE_NAME}; is it a "
-                              f"transformers model directory?")
+            raise FormatError(f"{d} has neither {INDEX_NAME} nor {SINGLE_NAME}; pass a "
+                              f"transformers model directory (save_pretrained output with "
+                              f"config.json and *.safetensors)")
         self._headers: dict[str, dict] = {}
         self._header_len: dict[str, int] = {}
+        self._paths: dict[str, Path] = {}  # resolved, checked to lie inside the directory
         for shard in shards:
+            if "\x00" in shard:
+                raise FormatError(f"{index}: shard name {shard!r} is not a file name; re-save the "
+                                  f"model with save_pretrained or fix the index")
             path = (d / shard).resolve()
-            if Path(shard).is_absolute() or d.resolve() not in path.parents:
-                raise FormatError(f"{index}: shard name {shard!r} points outside {d}")
+            if (Path(shard).is_absolute() or ".." in Path(shard).parts
+                    or d.resolve() not in path.parents):
+                raise FormatError(f"{index}: shard name {shard!r} points outside {d} (a path or a "
+                                  f"symlink leaving the directory); copy the shard into {d} and "
+                                  f"fix the index")
             if not path.is_file():
                 raise FormatError(f"{index} lists shard {shard}, which is missing from {d}; "
                                   f"the checkpoint is incomplete: re-download the missing file")
@@ -207,6 +219,7 @@ class CheckpointReader:
                 where = f" (listed in {index.name})" if weight_map is not None else ""
                 raise FormatError(f"shard {shard}{where}: {exc}") from exc
             self._headers[shard] = header
+            self._paths[shard] = path
             with open(path, "rb") as f:
                 self._header_len[shard] = struct.unpack("<Q", f.read(8))[0]
         if weight_map is None:
@@ -266,7 +279,7 @@ class CheckpointReader:
             raise KeyError(f"{self.model_dir} has no tensor {key!r}")
         if shard != self._open_name:
             self.close()
-            self._open = open(self.model_dir / shard, "rb")  # noqa: SIM115 - closed in close()
+            self._open = open(self._paths[shard], "rb")  # noqa: SIM115 - closed in close()
             self._open_name = shard
         header = self._headers[shard]
         start, end = (int(x) for x in header[key]["data_offsets"])
@@ -572,7 +585,11 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     remove_stale_temps(out)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = parent / f".{out.name}.loretta-tmp-{tag}"
-    os.mkdir(tmp)  # mode 0o777 minus the umask, like any new directory
+    try:
+        os.mkdir(tmp)  # mode 0o777 minus the umask, like any new directory
+    except OSError as exc:  # root passes os.access on read-only mounts such as /proc
+        raise ConfigError(f"cannot write to {parent} ({exc.strerror or exc}); choose an output "
+                          f"path in a directory you can write to") from exc
     try:
         yield tmp
         if out.exists():

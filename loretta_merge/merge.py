@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import __version__, tt
-from .errors import ConfigError, NumericsError, OutputExistsError, ShapeError
+from .errors import ConfigError, FormatError, NumericsError, OutputExistsError, ShapeError
 from .io import (CheckpointReader, StreamingShardWriter, atomic_output_dir, dtype_name,
                  parse_dtype, parse_size, resolve_device)
 
@@ -309,11 +309,11 @@ def _plan(reader: CheckpointReader, loaded, tied: dict[str, str]):
             else:
                 ops.setdefault(key, []).append(_Op("full", w, value=t, source=f"{label}:{name}"))
     if problems:
-        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more"
-                                             if len(problems) > 50 else "")
+        shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more"
+                                          if len(problems) > 20 else "")
         raise ShapeError(f"{len(problems)} adapter target(s) do not fit the base checkpoint "
-                         f"{reader.model_dir}:\n  {shown}\nIs BASE the model the adapter was "
-                         f"trained on? (nothing was written)")
+                         f"{reader.model_dir}: {shown}. Is BASE the model the adapter was "
+                         f"trained on? Pass that base (nothing was written)")
     for key, key_ops in ops.items():
         dora = [op for op in key_ops if op.magnitude is not None]
         if dora and (len(key_ops) > 1 or w_of[id(dora[0])] != 1.0):
@@ -445,6 +445,21 @@ def _prefetched(reader: CheckpointReader, keys: list[str],
             future.cancel()
 
 
+def _read_base_config(base_dir: Path) -> dict:
+    """The base's config.json ({} when absent); a malformed one is an error, never copied."""
+    path = base_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path} is not valid JSON ({exc}); fix or re-save the base model's "
+                          f"config (save_pretrained) before merging") from exc
+    if not isinstance(data, dict):
+        raise FormatError(f"{path} must hold a JSON object; fix or re-save the base model's config")
+    return data
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -490,7 +505,7 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     dev = resolve_device(device)
     max_bytes = parse_size(max_shard_bytes)
     reader = CheckpointReader(base_dir)
-    config = _read_json(base_dir / "config.json")
+    config = _read_base_config(base_dir)
     loaded = _load_adapters(adapters, allow_unsafe_pickle)
     ops, rep_jobs, untie, head = _plan(reader, loaded, _tied_pairs(base_dir, config))
     # a new task head: write the task model's checkpoint (base keys get the prefix back)

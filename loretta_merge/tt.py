@@ -107,10 +107,22 @@ def tt_modes_of(cores: Cores, *, batched: bool = False) -> list[int]:
     return [int(c.shape[2 if batched else 1]) for c in cores]
 
 
+def _check_modes(modes: object) -> list[int]:
+    if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or not modes:
+        raise ConfigError(f"modes must be a non-empty list of positive integers, got {modes!r}")
+    return [_check_int(f"mode {i}", n) for i, n in enumerate(modes)]
+
+
 def tt_num_params(modes: Sequence[int], rank: int | Sequence[int]) -> int:
     """Parameters of a TT with the given modes; ``rank`` is the inner rank R or the full
     rank list ``[1, r_1, ..., 1]``."""
-    ranks = tt_ranks(modes, rank) if isinstance(rank, int) else list(rank)
+    modes = _check_modes(modes)
+    if isinstance(rank, int) and not isinstance(rank, bool):
+        ranks = tt_ranks(modes, rank)
+    elif isinstance(rank, Sequence) and not isinstance(rank, (str, bytes)):
+        ranks = [_check_int(f"rank {i}", r) for i, r in enumerate(rank)]
+    else:
+        raise ConfigError(f"rank must be an integer or a list of ranks, got {rank!r}")
     if len(ranks) != len(modes) + 1:
         raise ConfigError(f"rank list {ranks} needs {len(modes) + 1} entries for {len(modes)} modes")
     return sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(modes))
@@ -120,6 +132,7 @@ def tt_ranks(modes: Sequence[int], rank: int, *, cap: bool = False) -> list[int]
     """Ranks ``[1, R, ..., R, 1]``. With ``cap``, each inner rank is also limited to what
     the modes allow (``min(prod(left modes), prod(right modes))``); the paper does not cap."""
     _check_int("tensor rank", rank)
+    modes = _check_modes(modes)
     d = len(modes)
     ranks = [1] + [rank] * (d - 1) + [1]
     if cap:
@@ -295,7 +308,7 @@ def tt_svd_batched(x: torch.Tensor, modes: Sequence[int], *, max_rank: int | Non
     _check_eps(eps)
     if max_rank is not None:
         _check_int("max_rank", max_rank)
-    modes = [_check_int(f"mode {i}", int(n)) for i, n in enumerate(modes)]
+    modes = _check_modes(modes)
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
         raise ShapeError("tt_svd_batched: x must be a tensor with a leading batch dimension")
     b = x.shape[0]

@@ -498,32 +498,11 @@ _IO_PROC = ("io.atomic_output_dir: os.mkdir of the temp dir in an unwritable par
             "FileNotFoundError/PermissionError (exit 1, 'error: FileNotFoundError: ...') instead of "
             "a ConfigError naming the parent; root passes the os.access check")
 KNOWN_FAILURES = {
-    "merge:base-not-a-model": _IO_HINT,
-    "merge:base-index-escapes": _IO_HINT,
-    "merge:base-shard-symlink-outside": _IO_HINT,
-    "export-safetensors:base-not-a-model": _IO_HINT,
-    "export-safetensors:base-index-escapes": _IO_HINT,
-    "export-safetensors:base-shard-symlink-outside": _IO_HINT,
-    "export-onnx:base-index-escapes": _IO_HINT,
-    "export-onnx:base-shard-symlink-outside": _IO_HINT,
-    "inspect:base-index-escapes": _IO_HINT,
-    "merge:output-unwritable": _IO_PROC,
-    "lora-to-tt:output-unwritable": _IO_PROC,
-    "tt-to-lora:output-unwritable": _IO_PROC,
-    "export-safetensors:output-unwritable": _IO_PROC,
-    "export-onnx:output-unwritable": _IO_PROC,
-    "merge:base-malformed-config": ("merge.py: a base whose config.json is not valid JSON is merged "
-                                    "anyway (exit 0) and the broken config.json is copied to OUT"),
-    "merge:adapter-wrong-width": ("merge.py: the target-mismatch error spans several lines (one per "
-                                  "module); the CLI contract is one line (join with '; ' and count)"),
-    "merge:adapter-missing-modules": ("merge.py: the target-mismatch error spans several lines (one per "
-                                      "module); the CLI contract is one line"),
-    "merge:weights-count": ("commands/merge.py: '--weights has 2 value(s) for 1 adapter(s)' names the "
-                            "option but not the fix (e.g. 'give one weight per adapter')"),
     "train:model-malformed-config": ("train.py: transformers' OSError for a config.json that is not "
                                      "JSON escapes as 'error: OSError: ...' (exit 1), not a FormatError"),
     "train:output-unwritable": ("train.py: an output under an unwritable parent (/proc) fails with a bare "
                                 "FileNotFoundError (exit 1), not a ConfigError naming the parent"),
+
 }
 
 

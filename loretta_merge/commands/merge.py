@@ -112,7 +112,8 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
         except ValueError as exc:
             raise ConfigError(f"--weights {weights!r}: expected comma-separated numbers") from exc
         if len(values) != len(adapters):
-            raise ConfigError(f"--weights has {len(values)} value(s) for {len(adapters)} adapter(s)")
+            raise ConfigError(f"--weights has {len(values)} value(s) for {len(adapters)} adapter(s); "
+                              f"give one comma-separated weight per adapter, e.g. --weights 0.7,0.3")
         adapters = [(a, w) for (a, _), w in zip(adapters, values)]
     adapters = [(a, 1.0 if w is None else w) for a, w in adapters]
 
