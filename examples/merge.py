@@ -21,7 +21,7 @@ def main() -> None:
                    force=args.force, progress=False)
     print(f"merged {report.merged_tensors} tensors, replaced {report.replaced_tensors}, "
           f"copied {report.copied_tensors} in {report.seconds:.1f} s")
-    print(f"max |logit difference| against the unmerged model: {report.verify['max_abs_diff']:.2e}")
+    print(f"max |logit difference| against the unmerged model: {report.verify['max_abs_logit_diff']:.2e}")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def main() -> None:
          f"{train['trainable_params']:,} trainable params (LoRA r=8 on the same targets: "
          f"{train['lora_r8_equivalent_params']:,}); {train_s:.0f} s", "adapter/"),
         ("merge BASE+ADAPTER", f"{merge_s:.1f} s, peak RSS {merge_rss:.0f} MiB, "
-         f"max |logit diff| vs unmerged {ver.get('max_abs_diff', float('nan')):.2e}", "merged/"),
+         f"max |logit diff| vs unmerged {ver.get('max_abs_logit_diff', float('nan')):.2e}", "merged/"),
         ("TT -> PEFT LoRA", f"max delta error {max_err(to_lora):.2e} (exact up to fp32)", "lora/"),
         ("LoRA -> TT (eps 0.01)", f"max delta error {max_err(back):.2e}, eps met: {back.get('eps_met')}",
          "tt-again/"),

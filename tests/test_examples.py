@@ -29,7 +29,7 @@ def test_finetune_merge_export_chain(work, capsys):
     from loretta_merge.data import default_model_path
 
     run_example("finetune.py", "--output", str(work / "adapter"), "--max-steps", "6",
-                "--max-train-samples", "64")
+                "--max-train-samples", "64", "--max-eval-samples", "64")
     out = capsys.readouterr().out
     assert "trainable parameters" in out and (work / "adapter" / "adapter_config.json").exists()
 

@@ -36,7 +36,7 @@ import click
               help="Default 10 (paper); 1 for the embedded default.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Per process.")
 @click.option("--lr", "learning_rate", type=float, default=None,
-              help="Default 1e-4 (paper); 5e-3 for the embedded default's short budget.")
+              help="Default 1e-4 (paper); 2e-3 for the embedded default's short budget.")
 @click.option("--warmup-steps", type=int, default=None,
               help="Default min(500, a tenth of the steps).")
 @click.option("--max-length", type=int, default=None,
