@@ -157,8 +157,12 @@ def _prepare_output(out: Path, *, resume: bool, force: bool, run_key: dict) -> s
         if _is_main():
             shutil.rmtree(ckpt_dir)
     if _is_main():
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(json.dumps(run_key, indent=1, sort_keys=True))
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(json.dumps(run_key, indent=1, sort_keys=True))
+        except OSError as exc:  # root passes permission checks on read-only mounts (/proc)
+            raise ConfigError(f"cannot write to {out} ({exc.strerror or exc}); choose an "
+                              f"--output in a directory you can write to") from exc
     return None
 
 
@@ -187,7 +191,25 @@ def _model_config(model_path: Path):
     if not (model_path / "config.json").is_file():
         raise FormatError(f"{model_path} is not a transformers model directory (no config.json); "
                           "pass --model DIR with a locally saved model")
-    return AutoConfig.from_pretrained(str(model_path))
+    cfg_path = model_path / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{cfg_path} is not valid JSON ({exc}); fix or re-save the model's "
+                          f"config with save_pretrained") from exc
+    if not isinstance(raw, dict):
+        raise FormatError(f"{cfg_path} must hold a JSON object; re-save the model with save_pretrained")
+    if raw.get("auto_map"):
+        from .errors import UnsafeInputError
+
+        raise UnsafeInputError(f"{cfg_path} asks for custom model code (auto_map); loretta-merge "
+                               f"never runs a model's own code: use a model whose architecture "
+                               f"transformers ships")
+    try:
+        return AutoConfig.from_pretrained(str(model_path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FormatError(f"{cfg_path}: transformers cannot read this config ({exc}); pass a "
+                          f"model directory saved with save_pretrained") from exc
 
 
 def _head_labels(config, num_labels: int | None) -> tuple[int | None, dict | None]:
@@ -477,6 +499,10 @@ def train(*, model: str | os.PathLike | None = None, method: str = "rep", task: 
     import torch
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoTokenizer, TrainingArguments, set_seed)
+    from transformers.utils import logging as hf_logging
+
+    if not progress:  # quiet means quiet: no weight-loading bars either
+        hf_logging.disable_progress_bar()
 
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer or model_path))

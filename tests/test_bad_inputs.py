@@ -497,12 +497,7 @@ _IO_HINT = ("io.CheckpointReader: the message names the file but says nothing to
 _IO_PROC = ("io.atomic_output_dir: os.mkdir of the temp dir in an unwritable parent raises a bare "
             "FileNotFoundError/PermissionError (exit 1, 'error: FileNotFoundError: ...') instead of "
             "a ConfigError naming the parent; root passes the os.access check")
-KNOWN_FAILURES = {
-    "train:model-malformed-config": ("train.py: transformers' OSError for a config.json that is not "
-                                     "JSON escapes as 'error: OSError: ...' (exit 1), not a FormatError"),
-    "train:output-unwritable": ("train.py: an output under an unwritable parent (/proc) fails with a bare "
-                                "FileNotFoundError (exit 1), not a ConfigError naming the parent"),
-
+KNOWN_FAILURES: dict[str, str] = {
 }
 
 

@@ -276,9 +276,6 @@ def _train_argv(tiny_model_dir, tmp_path: Path) -> tuple[list, Path]:
             "--batch-size", "4", "-o", out, "-q"], out
 
 
-@pytest.mark.xfail(strict=True, reason="train.py: with -q, transformers' 'Loading weights' progress bar "
-                   "still goes to stderr, so a failing run prints more than its one error line "
-                   "(disable transformers' progress bars when quiet, as converters/onnx.py does)")
 def test_train_quiet_failure_prints_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import loretta_merge.formats as lf
 

@@ -95,15 +95,7 @@ def test_export_onnx_refuses_remote_code_without_the_flag(evil_model, tmp_path, 
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-_TRAIN_REMOTE = ("train.py _model_config: AutoConfig.from_pretrained(model) without "
-                 "trust_remote_code=False; for an auto_map config transformers asks on stdin whether "
-                 "to run the model's code (a terminal user can say yes), else raises ValueError, "
-                 "which escapes with a traceback; pass trust_remote_code=False and raise "
-                 "UnsafeInputError naming the .py file")
-
-
-@pytest.mark.parametrize("command", ["inspect", "inspect-config", "merge", pytest.param(
-    "train", marks=pytest.mark.xfail(reason=_TRAIN_REMOTE, strict=True))])
+@pytest.mark.parametrize("command", ["inspect", "inspect-config", "merge", "train"])
 def test_other_commands_never_run_model_code(command, evil_model, lora, tmp_path, capsys):
     """Commands without --trust-remote-code read config.json as data; whatever they answer
     (an error, or a result for merge/inspect), evil.py is never imported."""

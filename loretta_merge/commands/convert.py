@@ -74,7 +74,16 @@ def convert_group():
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="Read a .bin adapter (still with torch.load weights_only=True).")
 def lora_to_tt_command(lora_dir, out, tensor_rank, eps, shapes, device, as_json, force, allow_unsafe_pickle):
-    """TT-decompose the factors of the PEFT LoRA in LORA_DIR (needs --tensor-rank and/or --eps)."""
+    """TT-decompose the factors of the PEFT LoRA in LORA_DIR (needs --tensor-rank and/or --eps).
+
+    Reports, per module and overall, the relative error of each factor and of the delta
+    B @ A, and the compression; with --eps it proves every factor error is <= eps.
+
+    \b
+    Examples:
+      loretta-merge convert lora-to-tt ./peft-lora -o ./tt --eps 0.05
+      loretta-merge convert lora-to-tt ./peft-lora -o ./tt --tensor-rank 5 --json
+    """
     from ..converters.lora import lora_to_tt
     from ..errors import OutputExistsError
     from ..formats import write_adapter
@@ -99,7 +108,16 @@ def lora_to_tt_command(lora_dir, out, tensor_rank, eps, shapes, device, as_json,
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="Read the authors' adapter_model.bin (torch.load with weights_only=True).")
 def tt_to_lora_command(tt_dir, out, rank, as_json, force, allow_unsafe_pickle):
-    """Convert the LoRETTA_rep adapter in TT_DIR to a PEFT LoRA directory (exact unless --rank)."""
+    """Convert the LoRETTA_rep adapter in TT_DIR to a PEFT LoRA directory (exact unless --rank).
+
+    Trained norms, heads and TT-replaced dense layers go to PEFT's modules_to_save, so
+    nothing trained is lost. TT_DIR may also be the authors' loretta 0.1 format.
+
+    \b
+    Examples:
+      loretta-merge convert tt-to-lora ./my-adapter -o ./peft-lora
+      loretta-merge convert tt-to-lora ./my-adapter -o ./peft-lora-r4 --rank 4
+    """
     from ..converters.lora import tt_to_lora, write_peft_lora
     from ..errors import OutputExistsError
     from pathlib import Path

@@ -13,7 +13,15 @@ import click
 
 @click.group("export")
 def export_group():
-    """Export a model to ONNX (validated) or re-shard/cast a safetensors checkpoint."""
+    """Export a model to ONNX (validated) or re-shard/cast a safetensors checkpoint.
+
+    \b
+    Examples:
+      loretta-merge export onnx ./merged -o ./merged-onnx
+      loretta-merge export onnx ./llama --adapter ./adp-adapter -o ./llama-adp-onnx
+      loretta-merge export onnx ./merged-llama -o ./onnx --task causal-lm --with-past
+      loretta-merge export safetensors ./merged -o ./merged-bf16 --dtype bfloat16
+    """
 
 
 def _size(ctx, param, value):

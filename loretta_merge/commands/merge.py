@@ -68,7 +68,7 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
 
 @click.command("merge")
 @click.argument("specs", nargs=-1, required=True, metavar="BASE ADAPTER[:W] [ADAPTER[:W] ...]")
-@click.option("-o", "--out", "out", required=True, type=click.Path(),
+@click.option("-o", "--output", "--out", "out", required=True, type=click.Path(),
               help="Output directory (written atomically; must not exist unless --force).")
 @click.option("--weights", default=None,
               help="Comma-separated adapter weights, e.g. 0.7,0.3 (default 1 each).")

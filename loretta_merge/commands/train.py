@@ -44,6 +44,8 @@ import click
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
 @click.option("--max-train-samples", type=int, default=None,
               help="Train on a fixed subset (default 2000 for the embedded default).")
+@click.option("--max-eval-samples", type=int, default=None,
+              help="Evaluate on a fixed subset of the eval data (default: all of it).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--r", type=int, default=8, show_default=True, help="rep: LoRA rank.")
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="rep: scale numerator.")
@@ -61,9 +63,17 @@ import click
 def train_command(model, method, task, train_file, eval_file, eval_split, text_column,
                   label_column, prompt_column, response_column, num_labels, output, epochs,
                   batch_size, learning_rate, warmup_steps, max_length, max_steps,
-                  max_train_samples, seed, r, lora_alpha, tensor_rank, bottleneck,
+                  max_train_samples, max_eval_samples, seed, r, lora_alpha, tensor_rank, bottleneck,
                   no_train_norms, replace_dense, save_steps, resume, force, as_json, quiet):
-    """Fine-tune a model with LoRETTA_rep or LoRETTA_adp and write the adapter."""
+    """Fine-tune a model with LoRETTA_rep or LoRETTA_adp and write the adapter.
+
+    \b
+    Examples:
+      loretta-merge train                                   # MiniLM + Rotten Tomatoes (embedded)
+      loretta-merge train --method adp -o adp-adapter
+      loretta-merge train --model ./llama --task causal-lm --train-file chat.jsonl \\
+          --prompt-column prompt --response-column response -o llama-adapter
+    """
     import contextlib
     import sys
 
@@ -78,7 +88,8 @@ def train_command(model, method, task, train_file, eval_file, eval_split, text_c
                        prompt_column=prompt_column, response_column=response_column,
                        num_labels=num_labels, epochs=epochs, batch_size=batch_size,
                        learning_rate=learning_rate, warmup_steps=warmup_steps, max_length=max_length,
-                       max_steps=max_steps, max_train_samples=max_train_samples, seed=seed, r=r,
+                       max_steps=max_steps, max_train_samples=max_train_samples,
+                       max_eval_samples=max_eval_samples, seed=seed, r=r,
                        lora_alpha=lora_alpha, tensor_rank=tensor_rank, bottleneck=bottleneck,
                        train_norms=not no_train_norms, replace_dense=replace_dense,
                        save_steps=save_steps, resume=resume,
