@@ -114,5 +114,6 @@ def safetensors_command(model_dir, out_dir, dtype, max_shard_size, as_json, forc
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
-    for key, value in report.items():
-        click.echo(f"{key}: {value}")
+    click.echo(f"wrote {report['out']}: {report['tensors']} tensors in {report['shards']} shard(s), "
+               f"{report['total_bytes'] / 1e6:.1f} MB ({report['dtype']}), largest shard "
+               f"{report['largest_shard_bytes'] / 1e6:.1f} MB, in {report['seconds']:.1f} s")

@@ -93,7 +93,7 @@ def train_command(model, method, task, train_file, eval_file, eval_split, text_c
                        lora_alpha=lora_alpha, tensor_rank=tensor_rank, bottleneck=bottleneck,
                        train_norms=not no_train_norms, replace_dense=replace_dense,
                        save_steps=save_steps, resume=resume,
-                       force=force, progress=not quiet)
+                       force=force, progress=not quiet and sys.stderr.isatty())
     summary = report.to_dict()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
