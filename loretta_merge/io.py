@@ -52,6 +52,22 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+def read_model_config(model_dir: str | os.PathLike) -> dict:
+    """A model directory's config.json as data ({} when absent); malformed JSON or a
+    non-object is a FormatError naming the file. Never imports or runs anything."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path} is not valid JSON ({exc}); fix it or re-save the model "
+                          f"with save_pretrained") from exc
+    if not isinstance(data, dict):
+        raise FormatError(f"{path} must hold a JSON object; re-save the model with save_pretrained")
+    return data
+
+
 # --------------------------------------------------------------------------- option parsing
 
 def parse_size(text: str | int | float) -> int:

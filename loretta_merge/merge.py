@@ -28,7 +28,7 @@ import torch
 
 from . import __version__, tt
 from .errors import ConfigError, FormatError, NumericsError, OutputExistsError, ShapeError
-from .io import (CheckpointReader, StreamingShardWriter, atomic_output_dir, dtype_name,
+from .io import (CheckpointReader, read_model_config, StreamingShardWriter, atomic_output_dir, dtype_name,
                  parse_dtype, parse_size, resolve_device)
 
 PROVENANCE_NAME = "loretta_merge_provenance.json"
@@ -445,21 +445,6 @@ def _prefetched(reader: CheckpointReader, keys: list[str],
             future.cancel()
 
 
-def _read_base_config(base_dir: Path) -> dict:
-    """The base's config.json ({} when absent); a malformed one is an error, never copied."""
-    path = base_dir / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"{path} is not valid JSON ({exc}); fix or re-save the base model's "
-                          f"config (save_pretrained) before merging") from exc
-    if not isinstance(data, dict):
-        raise FormatError(f"{path} must hold a JSON object; fix or re-save the base model's config")
-    return data
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -505,7 +490,7 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     dev = resolve_device(device)
     max_bytes = parse_size(max_shard_bytes)
     reader = CheckpointReader(base_dir)
-    config = _read_base_config(base_dir)
+    config = read_model_config(base_dir)  # a malformed one is an error, never copied
     loaded = _load_adapters(adapters, allow_unsafe_pickle)
     ops, rep_jobs, untie, head = _plan(reader, loaded, _tied_pairs(base_dir, config))
     # a new task head: write the task model's checkpoint (base keys get the prefix back)

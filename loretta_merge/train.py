@@ -191,14 +191,10 @@ def _model_config(model_path: Path):
     if not (model_path / "config.json").is_file():
         raise FormatError(f"{model_path} is not a transformers model directory (no config.json); "
                           "pass --model DIR with a locally saved model")
+    from .io import read_model_config
+
     cfg_path = model_path / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"{cfg_path} is not valid JSON ({exc}); fix or re-save the model's "
-                          f"config with save_pretrained") from exc
-    if not isinstance(raw, dict):
-        raise FormatError(f"{cfg_path} must hold a JSON object; re-save the model with save_pretrained")
+    raw = read_model_config(model_path)
     if raw.get("auto_map"):
         from .errors import UnsafeInputError
 
