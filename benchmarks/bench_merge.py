@@ -190,7 +190,11 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    generate(work, args.size)
+    # generated in a child: a forked child inherits this process's peak RSS across exec,
+    # so the parent must stay small for the children's peak RSS to mean anything
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
+                    f"from bench_merge import generate; from pathlib import Path; "
+                    f"generate(Path({str(work)!r}), {args.size!r})"], check=True, cwd=ROOT)
     print(f"checkpoint ready in {work} ({time.perf_counter() - t0:.1f}s)", flush=True)
     base_bytes = sum(p.stat().st_size for p in (work / "base").glob("*.safetensors"))
     cases = ["cp", "io_floor", "merge_rep", "merge_lora"] + ([] if args.skip_peft else ["peft"])
