@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py --output $(DEMO_OUT)
+	$(PY) examples/quickstart.py --output $(DEMO_OUT) --force  # replaces only its own demo folder
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
