@@ -43,8 +43,9 @@ TRAINED_FILE = "trained_tensors.safetensors"
 # 2,000 training snippets (a fixed subset, the same for every seed), 1 epoch at batch 8
 # = 250 steps at max length 64; MiniLM's own pooler is kept (not replaced by a TT layer).
 # The TT adapters need a higher learning rate than the paper's 1e-4 (tuned for 10 epochs).
-# Measured on this budget (seed 0, full test split, pooler replaced): rep reaches 0.667 / 0.707 / 0.521 accuracy at lr 1e-3 / 2e-3 / 5e-3 (5e-3 collapses to
-# the majority class); at 100-120 steps 5e-3 did better (0.63-0.67) than 2e-3 (0.56).
+# Measured on this budget (seed 0, full test split, pooler replaced): rep reaches
+# 0.667 / 0.707 / 0.521 accuracy at lr 1e-3 / 2e-3 / 5e-3 (5e-3 collapses to the majority
+# class); at 100-120 steps 5e-3 did better (0.63-0.67) than 2e-3 (0.56).
 DEFAULT_BUDGET = dict(max_train_samples=2000, epochs=1.0, max_length=64, learning_rate=2e-3)
 # The paper's recipe (LORETTA.md section 4) for everything else.
 PAPER = dict(epochs=10.0, batch_size=8, learning_rate=1e-4, warmup_steps=500, max_length=128)
