@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
@@ -137,10 +137,22 @@ def _check_mode_shapes(value: Any) -> dict[str, list[int]] | None:
     return out
 
 
+@dataclass
 class _Base:
-    """to_dict / from_dict shared by both configs."""
+    """Fields, to_dict / from_dict and checks shared by both configs."""
 
-    method: str = ""
+    method: ClassVar[str] = ""
+
+    mode_shapes: dict[str, list[int]] | None = _help(
+        "Mode overrides: {width: modes of that side} or {'rows x cols': modes of the whole matrix}.", None)
+    shapes: str = _help("'paper' (the paper's table where it applies) or 'auto' (factorise).", "paper")
+    train_norms: bool = _help("Train every LayerNorm/RMSNorm (the paper does).", True)
+    modules_to_save: list[str] | None = _help("Extra modules trained in full and saved.", None)
+    task_type: str | None = _help("SEQ_CLS, CAUSAL_LM or FEATURE_EXTRACTION; None = from the model class.",
+                                  None)
+    replace_dense: bool | None = _help(
+        "SEQ_CLS: replace the pooler dense (BERT/DeBERTa) or classifier dense (RoBERTa) by a square "
+        "TT layer with bias, as the paper does. None = true for SEQ_CLS.", None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)  # type: ignore[arg-type]
@@ -189,18 +201,8 @@ class RepConfig(_Base):
     rank_pattern: dict[str, int] = _help("Per-module r overrides {module key: r}.", factory=dict)
     alpha_pattern: dict[str, float] = _help("Per-module lora_alpha overrides {module key: alpha}.",
                                             factory=dict)
-    mode_shapes: dict[str, list[int]] | None = _help(
-        "Mode overrides: {width: modes of that side} or {'rows x cols': modes of the whole matrix}.", None)
-    shapes: str = _help("'paper' (the paper's table where it applies) or 'auto' (factorise).", "paper")
     init: str = _help("'paper' (Gaussian TT init) or 'zero' (B's last core zero: an exact no-op at "
                       "step 0).", "paper")
-    train_norms: bool = _help("Train every LayerNorm/RMSNorm (the paper does).", True)
-    modules_to_save: list[str] | None = _help("Extra modules trained in full and saved.", None)
-    task_type: str | None = _help("SEQ_CLS, CAUSAL_LM or FEATURE_EXTRACTION; None = from the model class.",
-                                  None)
-    replace_dense: bool | None = _help(
-        "SEQ_CLS: replace the pooler dense (BERT/DeBERTa) or classifier dense (RoBERTa) by a square "
-        "TT layer with bias, as the paper does. None = true for SEQ_CLS.", None)
 
     def __post_init__(self) -> None:
         _int("r", self.r)
@@ -248,18 +250,8 @@ class AdpConfig(_Base):
     placement: dict[str, str] | None = _help(
         "{module key (PEFT suffix rule): 'input' | 'output'}: an input adapter acts on the wrapped "
         "linear's input, an output adapter on its output. None = architecture default.", None)
-    mode_shapes: dict[str, list[int]] | None = _help(
-        "Mode overrides: {width: modes of that side} or {'rows x cols': modes of the whole matrix}.", None)
-    shapes: str = _help("'paper' (the paper's table where it applies) or 'auto' (factorise).", "paper")
     init: str = _help("'paper' (Gaussian TT init) or 'zero' (up's last core and bias zero: an exact "
                       "no-op at step 0).", "paper")
-    train_norms: bool = _help("Train every LayerNorm/RMSNorm (the paper does).", True)
-    modules_to_save: list[str] | None = _help("Extra modules trained in full and saved.", None)
-    task_type: str | None = _help("SEQ_CLS, CAUSAL_LM or FEATURE_EXTRACTION; None = from the model class.",
-                                  None)
-    replace_dense: bool | None = _help(
-        "SEQ_CLS: replace the pooler dense (BERT/DeBERTa) or classifier dense (RoBERTa) by a square "
-        "TT layer with bias, as the paper does. None = true for SEQ_CLS.", None)
 
     def __post_init__(self) -> None:
         _int("bottleneck_size", self.bottleneck_size)
