@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import __version__, tt
-from .errors import ConfigError, FormatError, NumericsError, OutputExistsError, ShapeError
+from .errors import ConfigError, NumericsError, OutputExistsError, ShapeError
 from .io import (CheckpointReader, read_model_config, StreamingShardWriter, atomic_output_dir, dtype_name,
                  parse_dtype, parse_size, resolve_device)
 

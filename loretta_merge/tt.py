@@ -14,6 +14,7 @@ Half-precision cores are contracted in fp32.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -110,7 +111,9 @@ def tt_modes_of(cores: Cores, *, batched: bool = False) -> list[int]:
 def _check_modes(modes: object) -> list[int]:
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or not modes:
         raise ConfigError(f"modes must be a non-empty list of positive integers, got {modes!r}")
-    return [_check_int(f"mode {i}", n) for i, n in enumerate(modes)]
+    # numpy / torch integer scalars are modes too; floats and bools are not
+    return [_check_int(f"mode {i}", int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                       else n) for i, n in enumerate(modes)]
 
 
 def tt_num_params(modes: Sequence[int], rank: int | Sequence[int]) -> int:

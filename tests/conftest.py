@@ -81,6 +81,31 @@ def tiny_model_dir(tmp_path_factory):
     return get
 
 
+def perturb_trainable(model, *, seed: int = 1, std: float = 0.05):
+    """Add seeded Gaussian noise to every trainable tensor (PEFT starts lora_B at zero;
+    this makes an adapter really change outputs, so losing a tensor would show)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    """Run the console entry point in-process: (exit code, stdout, stderr)."""
+    from loretta_merge.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def probe_inputs(vocab_size: int = 128, batch: int = 2, seq: int = 7, *, seed: int = 0):
     """Token ids and an attention mask with right padding on the first row."""
     g = torch.Generator().manual_seed(seed)

@@ -27,8 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tiny
-from loretta_merge.cli import main
+from conftest import build_tiny, perturb_trainable, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_ST = "adapter_model.safetensors"
@@ -59,11 +58,7 @@ def _tiny_llama(path: Path, *, hidden: int = 64) -> Path:
 
 
 def _perturb(model: torch.nn.Module, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_trainable(model, seed=seed)
 
 
 def _loretta_adapter(path: Path, method: str, *, hidden: int = 64) -> Path:
@@ -464,14 +459,7 @@ def _tree_digest(path: Path) -> dict[str, str]:
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(argv, capsys)
 
 
 def check_error(code: int, err: str, expect: tuple[str, ...], *, want_code: int | None = 2) -> str:

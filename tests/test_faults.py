@@ -21,10 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import build_tiny
-from loretta_merge.cli import main
+from conftest import build_tiny, perturb_trainable, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,13 +40,8 @@ def temps(parent: Path) -> list[str]:
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
+    code, _, err = run_main(argv, capsys)
+    return code, err
 
 
 def assert_disk_full(code: int, err: str, out: Path, *, one_line: bool = True) -> None:
@@ -73,15 +66,11 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     from loretta_merge.model import get_loretta_model, save_loretta_adapter
 
     root = tmp_path_factory.mktemp("fault-adapters")
-    g = torch.Generator().manual_seed(3)
     pm = get_peft_model(build_tiny("llama"), LoraConfig(r=4, lora_alpha=8,
                                                         target_modules=["q_proj", "v_proj"]))
     rep = get_loretta_model(build_tiny("llama"), RepConfig(lora_dropout=0.0))
-    with torch.no_grad():
-        for model in (pm, rep):
-            for _, p in model.named_parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_trainable(pm, seed=3)
+    perturb_trainable(rep, seed=4)
     pm.save_pretrained(root / "lora")
     save_loretta_adapter(rep, root / "rep")
     return {"lora": root / "lora", "rep": root / "rep"}

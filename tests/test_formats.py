@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tiny
+from conftest import build_tiny, perturb_trainable
 from loretta_merge import tt
 from loretta_merge.errors import (ConfigError, FormatError, LorettaError, NumericsError,
                                   OutputExistsError, ShapeError, UnsafeInputError)
@@ -298,11 +298,7 @@ def _peft_dir(tmp_path: Path, arch: str, config) -> tuple[Path, object]:
     from peft import get_peft_model
 
     model = get_peft_model(build_tiny(arch), config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # B starts at zero: move every trained tensor
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    perturb_trainable(model, seed=0, std=0.1)  # B starts at zero: move every trained tensor
     path = tmp_path / arch
     model.save_pretrained(str(path))
     return path, model

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import ARCHS, TINY, build_tiny, probe_inputs
+from conftest import ARCHS, TINY, build_tiny, perturb_trainable, probe_inputs
 from loretta_merge.cli import cli
 from loretta_merge.errors import ConfigError, NumericsError, OutputExistsError, ShapeError
 from loretta_merge.io import CheckpointReader
@@ -38,11 +38,7 @@ def make_lora(arch: str, path: Path, *, seed: int = 1, **kw) -> Path:
 
     kw.setdefault("target_modules", LORA_TARGETS[arch])
     pm = get_peft_model(build_tiny(arch), LoraConfig(r=4, lora_alpha=8, **kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    perturb_trainable(pm, seed=seed, std=0.1)
     pm.save_pretrained(path)
     return path
 
@@ -212,12 +208,7 @@ def _rep_model(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     model = get_loretta_model(build_tiny(arch), RepConfig(r=4, lora_alpha=8, tensor_rank=3))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return perturb_trainable(model, seed=seed + 1).eval()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -10,7 +10,7 @@ from torch import nn
 import copy
 import functools
 
-from conftest import ARCHS, probe_inputs
+from conftest import ARCHS, perturb_trainable, probe_inputs
 from conftest import build_tiny as _build
 from loretta_merge.config import AdpConfig, RepConfig
 from loretta_merge.errors import ConfigError, FormatError, ShapeError
@@ -46,11 +46,7 @@ def logits(model, seed=0):
 
 def _perturb(model, seed=1):
     """Move trained tensors away from their init so that losing one would show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_trainable(model, seed=seed)
 
 
 def reference_with_hooks(arch, wrapped):

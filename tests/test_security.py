@@ -21,8 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tiny
-from loretta_merge.cli import main
+from conftest import build_tiny, perturb_trainable, run_main
 from loretta_merge.errors import FormatError, LorettaError, UnsafeInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +38,8 @@ class Opener:
 
 
 def run_cli(argv: list, capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
+    code, _, err = run_main(argv, capsys)
+    return code, err
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +48,7 @@ def lora(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("sec") / "lora"
     pm = get_peft_model(build_tiny("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_trainable(pm, seed=5)
     pm.save_pretrained(d)
     return d
 
