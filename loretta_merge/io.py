@@ -5,8 +5,8 @@ Why: a merge must never hold the whole model (tens of GB) in memory and must nev
 half-written output behind. :class:`CheckpointReader` keeps one shard open at a time and
 reads each tensor with one positioned read (no memory map, whose touched pages would stay
 resident); :class:`StreamingShardWriter` writes each tensor the moment it is added into
-shards laid out in advance (:class:`ShardWriter` buffers one shard when the tensors are not
-known up front); :func:`atomic_output_dir` writes into a temporary directory beside the
+shards laid out in advance (a merge and a re-shard know every output tensor before the
+first write); :func:`atomic_output_dir` writes into a temporary directory beside the
 output and renames it into place only on success.
 """
 
@@ -359,17 +359,6 @@ def _disk_error(exc: OSError, out_dir: Path, shard_bytes: int, written: int) -> 
     return exc
 
 
-def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict) -> None:
-    """Write one safetensors file straight from the tensors' memory (no serialised copy of
-    the whole shard, which would double the writer's peak memory)."""
-    entries = [(k, tuple(t.shape), t.dtype, t.nbytes) for k, t in tensors.items()]
-    with open(path, "wb") as f:
-        _write_bytes(f, _header_bytes(entries, metadata))
-        for t in tensors.values():
-            if t.nbytes:
-                _write_bytes(f, _tensor_bytes(t))
-
-
 def _shard_names(n: int) -> list[str]:
     return [SINGLE_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
@@ -379,92 +368,12 @@ def _write_index(out_dir: Path, weight_map: dict[str, str], total: int) -> None:
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-class ShardWriter:
-    """Collect tensors one at a time and write a shard whenever the next tensor would push
-    it past ``max_shard_bytes`` (a tensor larger than the budget gets a shard of its own).
-
-    ``close()`` names shards ``model-0000i-of-0000N.safetensors`` and writes
-    ``model.safetensors.index.json``; a lone shard becomes ``model.safetensors`` with no
-    index, as transformers does. Tensors are stored contiguous and owning their memory, so
-    safetensors never sees shared storage.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int | str = 5 * 10**9) -> None:
-        self.out_dir = Path(out_dir)
-        self.max_shard_bytes = parse_size(max_shard_bytes)
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._storages: set[int] = set()  # storages held by the current shard
-        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
-        self._keys: set[str] = set()
-        self.total_bytes = 0
-        self.largest_shard_bytes = 0
-        self.files: list[str] = []
-        self._slow = float(os.environ.get("LORETTA_TEST_SLOW_WRITE", "0") or 0)  # tests only
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        if key in self._keys:
-            raise ValueError(f"ShardWriter: tensor {key!r} added twice")
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        if (not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes
-                or t.storage_offset() != 0 or t.untyped_storage().data_ptr() in self._storages):
-            t = t.contiguous().clone()  # own memory: safetensors refuses shared storage
-        size = t.nbytes
-        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self._buffer[key] = t
-        if size:
-            self._storages.add(t.untyped_storage().data_ptr())
-        self._keys.add(key)
-        self._buffer_bytes += size
-        self.total_bytes += size
-        if self._slow:
-            time.sleep(self._slow)
-
-    def flush(self) -> None:
-        """Write the buffered tensors as the next shard."""
-        if not self._buffer:
-            return
-        name = f".shard-{len(self._shards) + 1:05d}.tmp.safetensors"
-        path = self.out_dir / name
-        try:
-            _save_file(self._buffer, str(path), {"format": "pt"})
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise _disk_error(exc, self.out_dir, self._buffer_bytes, self.total_bytes) from exc
-        self._shards.append((name, list(self._buffer)))
-        self.largest_shard_bytes = max(self.largest_shard_bytes, self._buffer_bytes)
-        self._buffer = {}
-        self._storages = set()
-        self._buffer_bytes = 0
-
-    def close(self) -> list[str]:
-        """Write the last shard, give shards their final names and write the index.
-        Returns the file names written."""
-        self.flush()
-        n = len(self._shards)
-        if n == 0:
-            raise ValueError("ShardWriter: no tensors were added")
-        weight_map: dict[str, str] = {}
-        for (tmp, keys), final in zip(self._shards, _shard_names(n)):
-            os.replace(self.out_dir / tmp, self.out_dir / final)
-            self.files.append(final)
-            weight_map.update({k: final for k in keys})
-        if n > 1:
-            _write_index(self.out_dir, weight_map, self.total_bytes)
-            self.files.append(INDEX_NAME)
-        return list(self.files)
-
-
 class StreamingShardWriter:
     """A shard writer for when every output tensor is known up front (name, shape, dtype),
     as in a merge, whose plan knows them all before any weight is read.
 
-    The shard layout is fixed at construction with the same rule as :class:`ShardWriter`
-    (start a new shard when the next tensor would pass ``max_shard_bytes``), so every
+    The shard layout is fixed at construction (start a new shard when the next tensor
+    would pass ``max_shard_bytes``; a larger tensor gets a shard of its own), so every
     shard's header can be written first and each tensor goes to disk the moment it is
     added, in layout order. Peak memory is one tensor, whatever the shard size.
     """

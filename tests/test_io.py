@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loretta_merge.errors import ConfigError, FormatError, OutputExistsError
-from loretta_merge.io import (CheckpointReader, ShardWriter, atomic_output_dir, parse_dtype,
+from loretta_merge.io import (CheckpointReader, StreamingShardWriter, atomic_output_dir, parse_dtype,
                               parse_size, resolve_device)
 
 
@@ -116,12 +116,18 @@ def _tensors(n=10, size=1000):
     return {f"layer.{i}.weight": torch.randn(size, generator=g) for i in range(n)}  # 4000 B each
 
 
-def test_writer_shards_by_bytes(tmp_path):
-    tensors = _tensors()
-    w = ShardWriter(tmp_path, max_shard_bytes=10_000)  # two 4000-byte tensors per shard
+def write_all(out, tensors: dict, max_shard_bytes):
+    """Lay out and write ``tensors`` in order; the files written."""
+    w = StreamingShardWriter(out, [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()],
+                             max_shard_bytes)
     for k, t in tensors.items():
         w.add(k, t)
-    files = w.close()
+    return w.close()
+
+
+def test_writer_shards_by_bytes(tmp_path):
+    tensors = _tensors()
+    files = write_all(tmp_path, tensors, 10_000)  # two 4000-byte tensors per shard
     shards = sorted(f for f in files if f.endswith(".safetensors"))
     assert shards == [f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6)]
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -138,27 +144,20 @@ def test_writer_shards_by_bytes(tmp_path):
 
 
 def test_writer_single_shard_and_big_tensor(tmp_path):
-    w = ShardWriter(tmp_path / "one", max_shard_bytes="1MB")
     (tmp_path / "one").mkdir()
-    w.add("a", torch.ones(3))
-    assert w.close() == ["model.safetensors"]
+    assert write_all(tmp_path / "one", {"a": torch.ones(3)}, "1MB") == ["model.safetensors"]
     assert not (tmp_path / "one" / "model.safetensors.index.json").exists()
     (tmp_path / "big").mkdir()
-    w = ShardWriter(tmp_path / "big", max_shard_bytes=100)
-    w.add("small", torch.ones(2))
-    w.add("huge", torch.ones(1000))  # larger than the budget: a shard of its own
-    w.add("tail", torch.ones(2))
-    assert len([f for f in w.close() if f.endswith(".safetensors")]) == 3
+    # "huge" is larger than the budget: a shard of its own
+    files = write_all(tmp_path / "big", {"small": torch.ones(2), "huge": torch.ones(1000),
+                                          "tail": torch.ones(2)}, 100)
+    assert len([f for f in files if f.endswith(".safetensors")]) == 3
 
 
 def test_writer_shared_memory_tensors(tmp_path):
     base = torch.arange(12.0).reshape(3, 4)
-    w = ShardWriter(tmp_path, max_shard_bytes="1GB")
-    w.add("full", base)
-    w.add("tied", base)  # same storage
-    w.add("row", base[1])  # a view into it
-    w.add("t", base.T)  # non-contiguous
-    w.close()
+    # "tied" shares storage, "row" is a view into it, "t" is non-contiguous
+    write_all(tmp_path, {"full": base, "tied": base, "row": base[1], "t": base.T}, "1GB")
     back = load_file(tmp_path / "model.safetensors")
     assert torch.equal(back["tied"], base) and torch.equal(back["row"], base[1])
     assert torch.equal(back["t"], base.T)
