@@ -35,3 +35,13 @@ class OutputExistsError(LorettaError):
 
 class NumericsError(LorettaError):
     """Non-finite values, or a numerical check (verify, validation) failed."""
+
+
+class OutputError(LorettaError, OSError):
+    """Writing an output failed for a reason of the file system (disk full, permissions,
+    read-only mount). The message names the path and what to free or change."""
+
+
+class MissingDependencyError(LorettaError, ImportError):
+    """An optional package a command needs is not installed; the message gives the one
+    ``pip install`` line that fixes it."""
