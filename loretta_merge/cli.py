@@ -7,7 +7,10 @@ the first argument is short for ``merge BASE ADAPTER``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
+import io
 import os
 import sys
 
@@ -32,6 +35,85 @@ SHORT_HELP = {
 }
 
 
+# options of the top-level group itself; everything else before BASE+ADAPTER belongs to merge
+GROUP_OPTIONS = {"--debug", "-h", "--help", "-V", "--version"}
+QUIET_HELP = "Print nothing on success (errors still go to stderr; --json still prints)."
+
+
+def _quiet_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta["loretta.quiet"] = True
+    return value
+
+
+def _quiet_callback(callback):
+    """Run ``callback`` with stdout swallowed when -q was given (and --json was not)."""
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        ctx = click.get_current_context()
+        if not ctx.meta.get("loretta.quiet") or kwargs.get("as_json"):
+            return callback(*args, **kwargs)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return callback(*args, **kwargs)
+    return run
+
+
+def add_quiet_option(command: click.Command) -> click.Command:
+    """Give ``command`` (and every sub-command of a group) ``-q/--quiet``, once.
+
+    Commands that declare their own ``quiet`` parameter (merge, train) keep it: they also
+    turn off their progress bars with it. For the others, -q swallows what the command
+    prints on stdout; with --json the JSON still prints.
+    """
+    if getattr(command, "_loretta_quiet", False):
+        return command
+    command._loretta_quiet = True
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_quiet_option(sub)
+        return command
+    if not any(p.name == "quiet" for p in command.params):
+        command.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
+                                           callback=_quiet_flag, help=QUIET_HELP))
+        command.callback = _quiet_callback(command.callback)
+    return command
+
+
+def _takes_value(option: str) -> bool:
+    """Whether the merge option ``option`` (e.g. ``-o``) consumes the next argument."""
+    from .commands.merge import merge_command
+
+    for param in merge_command.params:
+        if isinstance(param, click.Option) and option in param.opts + param.secondary_opts:
+            return not param.is_flag and not param.count
+    return False
+
+
+def shorthand_args(args: list[str]) -> list[str]:
+    """``[-o OUT] BASE+ADAPTER[:W]+... [options]`` -> ``merge [-o OUT] BASE+... [options]``.
+
+    The first positional argument decides: a command name leaves ``args`` as they are; a
+    token with ``+`` makes it a merge, wherever merge's options stand (``-o OUT`` may come
+    first). The group's own options (--debug, --help, --version) stay in front of ``merge``.
+    """
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return args
+        if arg.startswith("-") and arg != "-":
+            if arg not in GROUP_OPTIONS and "=" not in arg and _takes_value(arg):
+                i += 1  # skip the option's value
+            i += 1
+            continue
+        if arg in COMMANDS or "+" not in arg:
+            return args
+        front = [a for a in args[:i] if a in GROUP_OPTIONS]
+        moved = [a for a in args[:i] if a not in GROUP_OPTIONS]
+        return front + ["merge"] + moved + args[i:]
+    return args
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return list(COMMANDS)
@@ -47,7 +129,7 @@ class LazyGroup(click.Group):
             if exc.name == f"loretta_merge.commands.{module}":
                 return None
             raise
-        return getattr(mod, attr)
+        return add_quiet_option(getattr(mod, attr))
 
     def format_commands(self, ctx, formatter):
         rows = [(name, SHORT_HELP.get(name, "")) for name in COMMANDS if self.get_command(ctx, name)]
@@ -56,12 +138,8 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
     def parse_args(self, ctx, args):
-        # `loretta-merge BASE+ADAPTER[:W]+... -o OUT` is `loretta-merge merge BASE+... -o OUT`
-        first = next((a for a in args if not a.startswith("-")), None)
-        if first is not None and first not in COMMANDS and "+" in first:
-            i = args.index(first)
-            args = args[:i] + ["merge"] + args[i:]
-        return super().parse_args(ctx, args)
+        # `loretta-merge [-o OUT] BASE+ADAPTER[:W]+... -o OUT` is `loretta-merge merge ...`
+        return super().parse_args(ctx, shorthand_args(list(args)))
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
