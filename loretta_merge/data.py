@@ -107,7 +107,7 @@ def read_rows(path: str | Path) -> list[dict]:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise FormatError(f"{path} line {i} is not valid JSON ({exc.msg}); "
-                                          "JSONL needs one JSON object per line") from None
+                                          "fix that line (JSONL holds one JSON object per line)") from None
         if any(not isinstance(r, dict) for r in rows):
             raise FormatError(f"{path}: every JSONL line must be a JSON object "
                               '(e.g. {"text": "...", "label": 1})')
@@ -122,7 +122,7 @@ def read_rows(path: str | Path) -> list[dict]:
         raise FormatError(f"{path}: unsupported data file type {suffix!r}; "
                           "use .csv, .tsv, .jsonl, .json or .parquet")
     if not rows:
-        raise FormatError(f"data file {path} is empty (no rows); it needs a header and data rows")
+        raise FormatError(f"data file {path} is empty (no rows); add a header line and data rows")
     return rows
 
 

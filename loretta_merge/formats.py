@@ -380,7 +380,7 @@ def _kind(config: dict, keys: list[str], source: Path) -> str:
                           f"{len(keys)} keys, e.g. {keys[:3]}")
     where = source if source.name == CONFIG_NAME else source.parent / CONFIG_NAME
     raise FormatError(f"{where}: unknown peft_type {peft_type!r}; supported: LORETTA_REP, LORETTA_ADP, "
-                      f"LORA (PEFT or the authors' loretta 0.1), BOTTLENECK (loretta 0.1 tensorized)")
+                      f"LORA (PEFT or the authors' loretta 0.1), BOTTLENECK (loretta 0.1 tensorized); pass an adapter of one of these types")
 
 
 def detect_adapter_kind(path: str | os.PathLike, *, allow_symlinks: bool = False) -> str:
@@ -425,7 +425,7 @@ def _tt(cores: list[torch.Tensor], rows: int, cols: int, what: str) -> TTMatrix:
     n = math.prod(tt.tt_modes_of(cores))
     if n != rows * cols:
         raise ShapeError(f"{what}: modes {tt.tt_modes_of(cores)} multiply to {n}, expected "
-                         f"{rows} x {cols} = {rows * cols}; the cores do not fit the recorded shape")
+                         f"{rows} x {cols} = {rows * cols}; the cores do not fit the recorded shape: re-save the adapter or fix module_shapes in adapter_config.json")
     return TTMatrix(cores=cores, rows=rows, cols=cols)
 
 

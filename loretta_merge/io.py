@@ -503,9 +503,9 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create the output's parent directory {parent}: {exc}") from exc
+        raise ConfigError(f"cannot create {parent} for the output {out}: {exc}; choose an output path you can write to") from exc
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write to {parent} (permission denied); choose an output "
+        raise ConfigError(f"cannot write {out}: {parent} is not writable (permission denied); choose an output "
                           f"path in a directory you can write to")
     remove_stale_temps(out)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -513,7 +513,7 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     try:
         os.mkdir(tmp)  # mode 0o777 minus the umask, like any new directory
     except OSError as exc:  # root passes os.access on read-only mounts such as /proc
-        raise ConfigError(f"cannot write to {parent} ({exc.strerror or exc}); choose an output "
+        raise ConfigError(f"cannot write {out} in {parent} ({exc.strerror or exc}); choose an output "
                           f"path in a directory you can write to") from exc
     try:
         yield tmp

@@ -345,7 +345,7 @@ def save_loretta_adapter(model: nn.Module, path: str | Path, *, force: bool = Fa
 def _fit(name: str, what: str, got: tuple, want: tuple) -> None:
     if tuple(got) != tuple(want):
         raise ShapeError(f"adapter module {name}: {what} has shape {tuple(got)} but the model needs "
-                         f"{tuple(want)}; is this the base model the adapter was trained on?")
+                         f"{tuple(want)}; pass the base model the adapter was trained on")
 
 
 def _tt_from(mat, name: str, *, like: torch.Tensor, bias: torch.Tensor | None = None) -> TTLinear:
@@ -384,7 +384,7 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
         target = named.get(name)
         if target is None:
             raise ShapeError(f"adapter module {name} is not in this {type(model).__name__}; "
-                             f"is this the base model the adapter was trained on?")
+                             f"pass the base model the adapter was trained on")
         if not _is_linear(target):
             raise ShapeError(f"adapter module {name} needs an nn.Linear/Conv1D, the model has a "
                              f"{type(target).__name__}")
@@ -408,7 +408,7 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
     for pname, tensor in adapter.tensors.items():
         if pname not in params:
             raise ShapeError(f"adapter tensor {pname} is not a parameter of this {type(model).__name__}; "
-                             f"is this the base model the adapter was trained on?")
+                             f"pass the base model the adapter was trained on")
         _fit(pname, "tensor", tuple(tensor.shape), tuple(params[pname].shape))
     cfg = _config_of(adapter)
     drop_rep = cfg.lora_dropout if isinstance(cfg, RepConfig) else 0.0

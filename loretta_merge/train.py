@@ -103,10 +103,10 @@ def _check_options(method: str, task: str, **numbers: Any) -> None:
         if value is None:
             continue
         if name in positive and not value > 0:
-            raise ConfigError(f"{name} must be > 0, got {value!r}")
+            raise ConfigError(f"{name} must be > 0, got {value!r}; pass a positive --{'lr' if name == 'learning_rate' else name.replace('_', '-')}")
     split = numbers.get("eval_split")
     if split is not None and not 0 <= split < 1:
-        raise ConfigError(f"eval_split must be in [0, 1), got {split!r}")
+        raise ConfigError(f"eval_split (--eval-split) must be in [0, 1), got {split!r}; pass e.g. --eval-split 0.1 (0: none)")
 
 
 def _subset(rows: list, n: int | None) -> list:

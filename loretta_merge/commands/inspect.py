@@ -45,7 +45,7 @@ def inspect_command(path, config_json, method, r, lora_alpha, tensor_rank, bottl
         raise ConfigError("give either PATH (an adapter or model directory) or --config CONFIG_JSON")
     if config_json is not None:
         if method is None:
-            raise ConfigError("--config needs --method rep or --method adp")
+            raise ConfigError("--config needs --method: pass --method rep or --method adp")
         info = count_params(config_json, method, r=r, tensor_rank=tensor_rank, bottleneck=bottleneck,
                             task=task, lora_alpha=lora_alpha, non_linearity=non_linearity,
                             train_norms=not no_norms, shapes=shapes)

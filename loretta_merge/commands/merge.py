@@ -62,7 +62,7 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
         raise ConfigError(f"no adapter given after {base!r}; use BASE+ADAPTER or "
                           f"`merge BASE ADAPTER`")
     if any(a == "" for a in adapters):
-        raise ConfigError("empty adapter path in the merge spec (two '+' in a row?)")
+        raise ConfigError(f"empty adapter path in {' '.join(args)!r} (two '+' in a row?); remove the extra '+'")
     return base, [_split_weight(a) for a in adapters]
 
 
@@ -110,7 +110,7 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
         try:
             values = [float(x) for x in weights.split(",")]
         except ValueError as exc:
-            raise ConfigError(f"--weights {weights!r}: expected comma-separated numbers") from exc
+            raise ConfigError(f"--weights {weights!r}: expected comma-separated numbers; pass e.g. --weights 0.7,0.3") from exc
         if len(values) != len(adapters):
             raise ConfigError(f"--weights has {len(values)} value(s) for {len(adapters)} adapter(s); "
                               f"give one comma-separated weight per adapter, e.g. --weights 0.7,0.3")

@@ -228,14 +228,14 @@ def lora_to_tt(lora, *, tensor_rank: int | None = None, eps: float | None = None
     """
     formats = _formats()
     if tensor_rank is None and eps is None:
-        raise ConfigError("lora-to-tt needs --tensor-rank N (a maximum TT rank), --eps E "
+        raise ConfigError("lora-to-tt needs a target: pass --tensor-rank N (a maximum TT rank), --eps E "
                           "(a relative error target in (0, 1)), or both")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
                             or not math.isfinite(eps) or not 0 < eps < 1):
-        raise ConfigError(f"eps must be a relative error in (0, 1), e.g. 0.05; got {eps!r}")
+        raise ConfigError(f"eps must be a relative error in (0, 1), got {eps!r}; pass e.g. --eps 0.05")
     if tensor_rank is not None and (isinstance(tensor_rank, bool) or not isinstance(tensor_rank, int)
                                     or tensor_rank < 1):
-        raise ConfigError(f"tensor_rank must be an integer >= 1, got {tensor_rank!r}")
+        raise ConfigError(f"tensor_rank (--tensor-rank) must be an integer >= 1, got {tensor_rank!r}; pass e.g. --tensor-rank 5")
     if shapes not in ("paper", "auto"):
         raise ConfigError(f"shapes must be 'paper' or 'auto', got {shapes!r}")
     from ..io import resolve_device
@@ -387,7 +387,7 @@ def tt_to_lora(tt_adapter, *, rank: int | None = None, allow_unsafe_pickle: bool
     """
     formats = _formats()
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ConfigError(f"rank must be an integer >= 1, got {rank!r}")
+        raise ConfigError(f"rank (--rank) must be an integer >= 1, got {rank!r}; pass e.g. --rank 4, or omit it for the exact conversion")
     start = time.perf_counter()
     adapter = _load(tt_adapter, "LoRETTA_rep", allow_unsafe_pickle)
     where = adapter.path or "<in-memory adapter>"

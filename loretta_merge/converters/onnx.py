@@ -104,7 +104,7 @@ class ExportReport:
 def _read_config(model_dir: Path) -> dict:
     cfg = model_dir / "config.json"
     if not cfg.is_file():
-        raise FormatError(f"{model_dir} has no config.json; MODEL_DIR must be a transformers "
+        raise FormatError(f"{model_dir} has no config.json; pass a transformers "
                           f"model directory (save_pretrained output, or a merged output)")
     try:
         return json.loads(cfg.read_text())
@@ -343,11 +343,11 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     task = resolve_task(config, task)
     if with_past and task != "causal-lm":
         raise ConfigError(f"--with-past exports a KV-cache decoder and needs task causal-lm; "
-                          f"{model_dir} resolves to task {task!r}")
+                          f"{model_dir} resolves to task {task!r}; drop --with-past, or pass --task causal-lm for a decoder")
     if opset is not None and not 14 <= int(opset) <= 23:
-        raise ConfigError(f"opset {opset} is outside the supported range 14..23")
+        raise ConfigError(f"--opset {opset} is outside the supported range 14..23; pass one in it, or omit --opset")
     if atol is not None and not atol > 0:
-        raise ConfigError(f"atol must be positive, got {atol}")
+        raise ConfigError(f"--atol must be positive, got {atol}; pass e.g. --atol 1e-4, or omit it for the default")
     torch_dtype = parse_dtype(dtype)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise OutputExistsError(f"output {out_dir} exists and is a file; choose a directory path")
