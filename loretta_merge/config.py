@@ -75,19 +75,19 @@ def _help(text: str, default: Any = MISSING, factory: Any = MISSING):
 
 def _int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; set {name} to an integer >= {minimum}")
 
 
 def _prob(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ConfigError(f"{name} must be a probability in [0, 1), got {value!r}")
+        raise ConfigError(f"{name} must be a probability in [0, 1), got {value!r}; set {name} to a value in [0, 1), e.g. 0.05")
 
 
 def _choice(name: str, value: Any, choices: tuple, *, optional: bool = False) -> None:
     if optional and value is None:
         return
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}; set {name} to one of {list(choices)}")
 
 
 def _key_list(name: str, value: Any, *, regex_ok: bool) -> None:
@@ -95,7 +95,7 @@ def _key_list(name: str, value: Any, *, regex_ok: bool) -> None:
         return
     if isinstance(value, str):
         if not regex_ok:
-            raise ConfigError(f"{name} must be a list of module names, got the string {value!r}")
+            raise ConfigError(f"{name} must be a list of module names, got the string {value!r}; pass a list such as [{value!r}]")
         try:
             re.compile(value)
         except re.error as exc:
@@ -104,7 +104,7 @@ def _key_list(name: str, value: Any, *, regex_ok: bool) -> None:
         return
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(k, str) and k for k in value):
         raise ConfigError(f"{name} must be a non-empty list of module names"
-                          f"{' or a regex string' if regex_ok else ''}, got {value!r}")
+                          f"{' or a regex string' if regex_ok else ''}, got {value!r}; pass a list such as ['q_proj', 'v_proj']")
 
 
 def parse_shape_key(key: Any) -> tuple[int, ...]:
@@ -114,20 +114,20 @@ def parse_shape_key(key: Any) -> tuple[int, ...]:
     parts = text.split("x")
     if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
         return tuple(int(p) for p in parts)
-    raise ConfigError(f"mode_shapes key {key!r} must be a width like 768 or 'rows x cols' like '768x8'")
+    raise ConfigError(f"mode_shapes key {key!r} must be a width like 768 or 'rows x cols' like '768x8'; use a width (768) or 'ROWSxCOLS' ('768x8') as the key")
 
 
 def _check_mode_shapes(value: Any) -> dict[str, list[int]] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ConfigError(f"mode_shapes must be a dict {{width or 'rows x cols': [modes]}}, got {value!r}")
+        raise ConfigError(f"mode_shapes must be a dict {{width or 'rows x cols': [modes]}}, got {value!r}; pass a dict that maps a width to its modes, e.g. 768: [8, 12, 8]")
     out: dict[str, list[int]] = {}
     for key, modes in value.items():
         dims = parse_shape_key(key)
         if (not isinstance(modes, (list, tuple)) or not modes
                 or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in modes)):
-            raise ConfigError(f"mode_shapes[{key!r}] must be a list of positive integers, got {modes!r}")
+            raise ConfigError(f"mode_shapes[{key!r}] must be a list of positive integers, got {modes!r}; give positive integers whose product is the width")
         want = math.prod(dims)
         if math.prod(modes) != want:
             what = f"the width {dims[0]}" if len(dims) == 1 else f"rows * cols = {dims[0]} * {dims[1]}"
@@ -164,7 +164,7 @@ class _Base:
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         method = data.get("method", cls.method)
         if method != cls.method:
-            raise ConfigError(f"config is for method {method!r}, not {cls.method!r}")
+            raise ConfigError(f"config is for method {method!r}, not {cls.method!r}; use RepConfig for 'rep' and AdpConfig for 'adp'")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def _check_common(self) -> None:
@@ -177,9 +177,9 @@ class _Base:
             self.modules_to_save = list(self.modules_to_save)  # type: ignore[attr-defined]
         for flag in ("train_norms",):
             if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}; set {flag} to true or false")
         if self.replace_dense is not None and not isinstance(self.replace_dense, bool):  # type: ignore
-            raise ConfigError(f"replace_dense must be true, false or null, got {self.replace_dense!r}")  # type: ignore
+            raise ConfigError(f"replace_dense must be true, false or null, got {self.replace_dense!r}; set replace_dense to true, false or null")  # type: ignore
         self.mode_shapes = _check_mode_shapes(self.mode_shapes)  # type: ignore[attr-defined]
 
 
@@ -208,21 +208,21 @@ class RepConfig(_Base):
         _int("r", self.r)
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
                 or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+            raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}; set lora_alpha to a positive number, e.g. 16")
         _prob("lora_dropout", self.lora_dropout)
         _key_list("target_modules", self.target_modules, regex_ok=True)
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if not isinstance(self.use_rslora, bool):
-            raise ConfigError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+            raise ConfigError(f"use_rslora must be true or false, got {self.use_rslora!r}; set use_rslora to true or false")
         for name, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pat, dict):
-                raise ConfigError(f"{name} must be a dict {{module key: value}}, got {pat!r}")
+                raise ConfigError(f"{name} must be a dict {{module key: value}}, got {pat!r}; pass a dict of module key -> value, or remove it")
         for k, v in self.rank_pattern.items():
             _int(f"rank_pattern[{k!r}]", v)
         for k, v in self.alpha_pattern.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigError(f"alpha_pattern[{k!r}] must be a positive number, got {v!r}")
+                raise ConfigError(f"alpha_pattern[{k!r}] must be a positive number, got {v!r}; set it to a positive number")
         self._check_common()
 
     def rank_for(self, name: str) -> int:
@@ -260,14 +260,14 @@ class AdpConfig(_Base):
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) \
                 or not math.isfinite(self.scaling):
             raise ConfigError(f"scaling must be a finite number, got {self.scaling!r} "
-                              f"(a learned scaling is not supported)")
+                              f"(a learned scaling is not supported); set scaling to a finite number")
         if self.placement is not None:
             if not isinstance(self.placement, dict) or not self.placement:
                 raise ConfigError(f"placement must be a non-empty dict {{module key: 'input' | 'output'}}, "
-                                  f"got {self.placement!r}")
+                                  f"got {self.placement!r}; give each module key 'input' or 'output'")
             for k, v in self.placement.items():
                 if not isinstance(k, str) or not k:
-                    raise ConfigError(f"placement keys must be module names, got {k!r}")
+                    raise ConfigError(f"placement keys must be module names, got {k!r}; use module-name strings as keys")
                 _choice(f"placement[{k!r}]", v, PLACEMENTS)
         self._check_common()
 
@@ -282,7 +282,7 @@ def config_from_dict(data: dict[str, Any]) -> RepConfig | AdpConfig:
         return RepConfig.from_dict(data)
     if method == "adp":
         return AdpConfig.from_dict(data)
-    raise ConfigError(f"config method must be 'rep' or 'adp', got {method!r}")
+    raise ConfigError(f"config method must be 'rep' or 'adp', got {method!r}; pass 'rep' or 'adp'")
 
 
 # --------------------------------------------------------------------------- defaults

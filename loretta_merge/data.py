@@ -90,7 +90,7 @@ def read_rows(path: str | Path) -> list[dict]:
     """Rows of a local ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` / ``.parquet`` file."""
     path = Path(path)
     if not path.is_file():
-        raise FormatError(f"data file {path} does not exist")
+        raise FormatError(f"data file {path} does not exist; pass an existing file to --train-file / --eval-file")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8", newline="") as f:
@@ -110,7 +110,7 @@ def read_rows(path: str | Path) -> list[dict]:
                                           "fix that line (JSONL holds one JSON object per line)") from None
         if any(not isinstance(r, dict) for r in rows):
             raise FormatError(f"{path}: every JSONL line must be a JSON object "
-                              '(e.g. {"text": "...", "label": 1})')
+                              '(e.g. {"text": "...", "label": 1}); fix or drop the other lines')
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -146,7 +146,7 @@ def _check_text(rows: list[dict], column: str, source: str) -> None:
 def _parse_label(value: Any, source: str, i: int, column: str) -> int | str:
     if isinstance(value, bool) or value is None or (isinstance(value, float) and not value.is_integer()):
         raise ConfigError(f"{source} row {i}: label {value!r} in column {column!r} is neither "
-                          "an integer class id nor a class name")
+                          "an integer class id nor a class name; use integer ids or the same class names in every row")
     if isinstance(value, (int, float)):
         return int(value)
     if isinstance(value, str):
@@ -154,7 +154,7 @@ def _parse_label(value: Any, source: str, i: int, column: str) -> int | str:
         if s.lstrip("-").isdigit():
             return int(s)
         if not s:
-            raise ConfigError(f"{source} row {i}: empty label in column {column!r}")
+            raise ConfigError(f"{source} row {i}: empty label in column {column!r}; fill in or drop that row")
         return s
     raise ConfigError(f"{source} row {i}: label {value!r} in column {column!r} is a "
                       f"{type(value).__name__}; use an integer id or a class name")
@@ -214,7 +214,7 @@ def lm_rows(rows: list[dict], *, text_column: str | None, prompt_column: str | N
     if prompt_column or response_column:
         if not (prompt_column and response_column):
             raise ConfigError("causal-lm needs both --prompt-column and --response-column, "
-                              "or --text-column alone")
+                              "or --text-column alone; pass both, or --text-column alone")
         _check_columns(rows, [prompt_column, response_column], source)
         _check_text(rows, prompt_column, source)
         _check_text(rows, response_column, source)

@@ -190,7 +190,7 @@ def _number(value: Any, what: str, *, positive: bool = False) -> float:
         number = math.inf
     if not math.isfinite(number) or (positive and number <= 0):
         kind = "a positive" if positive else "a finite"
-        raise ConfigError(f"{what} must be {kind} number, got {str(value)[:40]}")
+        raise ConfigError(f"{what} must be {kind} number, got {str(value)[:40]}; fix that value in adapter_config.json")
     return number
 
 
@@ -198,13 +198,13 @@ def rank_for(config: dict, module_name: str) -> int:
     """The LoRA rank ``r`` of one module: ``rank_pattern`` override or ``r``."""
     patterns = config.get("rank_pattern") or {}
     if not isinstance(patterns, dict):
-        raise ConfigError(f"rank_pattern must be a mapping of module pattern -> rank, got {str(patterns)[:80]}")
+        raise ConfigError(f"rank_pattern must be a mapping of module pattern -> rank, got {str(patterns)[:80]}; fix rank_pattern in adapter_config.json")
     key = _pattern_key(patterns, module_name, "rank_pattern")
     r = patterns[key] if key is not None else config.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= _MAX_DIM:
         where = f"rank_pattern[{key!r}]" if key is not None else "r"
         raise ConfigError(f"{where} must be an integer in [1, {_MAX_DIM}], got {str(r)[:40]} "
-                          f"(module {module_name})")
+                          f"(module {module_name}); fix r / rank_pattern in adapter_config.json")
     return r
 
 
@@ -213,11 +213,11 @@ def scale_for(config: dict, module_name: str) -> float:
     ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` keys override per module (first key
     in order whose regex ``(.*\\.)?key$`` matches the full module name)."""
     if not isinstance(config, dict):
-        raise ConfigError(f"adapter config must be a mapping, got {type(config).__name__}")
+        raise ConfigError(f"adapter config must be a mapping, got {type(config).__name__}; pass a dict")
     r = rank_for(config, module_name)
     patterns = config.get("alpha_pattern") or {}
     if not isinstance(patterns, dict):
-        raise ConfigError(f"alpha_pattern must be a mapping of module pattern -> alpha, got {str(patterns)[:80]}")
+        raise ConfigError(f"alpha_pattern must be a mapping of module pattern -> alpha, got {str(patterns)[:80]}; fix alpha_pattern in adapter_config.json")
     key = _pattern_key(patterns, module_name, "alpha_pattern")
     alpha = patterns[key] if key is not None else config.get("lora_alpha", 8)
     if alpha is None:
@@ -231,20 +231,20 @@ def parse_config(data: bytes | str, *, source: str = CONFIG_NAME) -> dict:
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
     except UnicodeDecodeError as exc:
-        raise FormatError(f"{source}: not UTF-8 text ({exc}); is this really an adapter config?") from None
+        raise FormatError(f"{source}: not UTF-8 text ({exc}); is this really an adapter config? Pass the directory of a saved adapter") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise FormatError(f"{source}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
                           f"fix the file or re-save the adapter") from None
     except RecursionError:
-        raise FormatError(f"{source}: JSON nested too deeply") from None
+        raise FormatError(f"{source}: JSON nested too deeply; re-save the adapter") from None
     if not isinstance(config, dict):
-        raise FormatError(f"{source}: expected a JSON object at the top level, got {type(config).__name__}")
+        raise FormatError(f"{source}: expected a JSON object at the top level, got {type(config).__name__}; re-save the adapter")
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str):
         raise FormatError(f"{source}: 'peft_type' is missing or not a string ({peft_type!r}); "
-                          f"expected LORETTA_REP, LORETTA_ADP, LORA or BOTTLENECK")
+                          f"expected LORETTA_REP, LORETTA_ADP, LORA or BOTTLENECK; set peft_type in adapter_config.json")
     return config
 
 
@@ -276,14 +276,14 @@ def _adapter_files(path: Path, allow_symlinks: bool) -> tuple[Path, Path]:
         if weights.is_file():
             _check_link(weights, path, allow_symlinks)
             return config_path, weights
-    raise FormatError(f"{path} has no {SAFETENSORS_NAME} or {BIN_NAME}; the adapter weights are missing")
+    raise FormatError(f"{path} has no {SAFETENSORS_NAME} or {BIN_NAME}; the adapter weights are missing; copy the weights file into the directory, or re-save the adapter")
 
 
 def _read_config(config_path: Path) -> dict:
     try:
         data = config_path.read_bytes()
     except OSError as exc:
-        raise FormatError(f"cannot read {config_path}: {exc}") from None
+        raise FormatError(f"cannot read {config_path}: {exc}; fix its permissions or re-save the adapter") from None
     return parse_config(data, source=str(config_path))
 
 
@@ -312,13 +312,13 @@ def _load_bin(path: Path, *, allow_unsafe_pickle: bool, mmap: bool = False) -> d
             state = torch.load(str(path), map_location="cpu", weights_only=False)
         else:
             raise FormatError(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0][:200]}); "
-                              f"the file is corrupt or not a state dict") from None
+                              f"the file is corrupt or not a state dict; re-download it, or re-save it as safetensors") from None
     except Exception as exc:  # zip errors, EOF on truncation
         raise FormatError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); the file is truncated or corrupt") from None
+                          f"{str(exc)[:200]}); the file is truncated or corrupt; re-download or re-save it") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
-        raise FormatError(f"{path}: expected a dict of tensor name -> tensor, got {type(state).__name__}")
+        raise FormatError(f"{path}: expected a dict of tensor name -> tensor, got {type(state).__name__}; re-save the adapter as safetensors")
     return state
 
 
@@ -338,7 +338,7 @@ def _weight_keys(path: Path) -> list[str]:
                 return list(f.keys())
         except Exception as exc:
             raise FormatError(f"{path}: not a readable safetensors file ({exc}); "
-                              f"the file is truncated or corrupt") from None
+                              f"the file is truncated or corrupt; re-save or re-download it") from None
     try:
         return list(_load_bin(path, allow_unsafe_pickle=False, mmap=True))
     except FormatError:  # mmap needs the zip format; old-style pickles load in full
@@ -377,7 +377,7 @@ def _kind(config: dict, keys: list[str], source: Path) -> str:
             return "peft:lora"
         raise FormatError(f"{source}: peft_type LORA but no LoRA tensors (neither PEFT's "
                           f"'...lora_A.weight' nor the authors' '...lora_A.layer.tensor.factors.<k>'); "
-                          f"{len(keys)} keys, e.g. {keys[:3]}")
+                          f"{len(keys)} keys, e.g. {keys[:3]}; re-save the adapter with PEFT's save_pretrained")
     where = source if source.name == CONFIG_NAME else source.parent / CONFIG_NAME
     raise FormatError(f"{where}: unknown peft_type {peft_type!r}; supported: LORETTA_REP, LORETTA_ADP, "
                       f"LORA (PEFT or the authors' loretta 0.1), BOTTLENECK (loretta 0.1 tensorized); pass an adapter of one of these types")
@@ -413,14 +413,14 @@ def _collect_cores(found: dict[int, torch.Tensor], what: str, source: Path) -> l
     if indices != list(range(len(indices))):
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
         raise FormatError(f"{source}: {what} has cores {indices}, core(s) {missing} missing; "
-                          f"the file is incomplete")
+                          f"the file is incomplete; re-save or re-download the adapter")
     return [found[k] for k in indices]
 
 
 def _tt(cores: list[torch.Tensor], rows: int, cols: int, what: str) -> TTMatrix:
     for side in (rows, cols):
         if isinstance(side, bool) or not isinstance(side, int) or side < 1:
-            raise ShapeError(f"{what}: rows and cols must be positive integers, got ({rows!r}, {cols!r})")
+            raise ShapeError(f"{what}: rows and cols must be positive integers, got ({rows!r}, {cols!r}); re-save or re-download the adapter")
     tt.validate_cores(cores, name=what)
     n = math.prod(tt.tt_modes_of(cores))
     if n != rows * cols:
@@ -436,7 +436,7 @@ def _split(cores: list[torch.Tensor], *, known: int, known_is_rows: bool, what: 
     n = math.prod(tt.tt_modes_of(cores))
     if n % known:
         raise ShapeError(f"{what}: modes {tt.tt_modes_of(cores)} multiply to {n}, not a multiple of "
-                         f"{known_name} = {known}; the config's {known_name} does not match the cores")
+                         f"{known_name} = {known}; the config's {known_name} does not match the cores; fix module_shapes in adapter_config.json or re-save the adapter")
     other = n // known
     return TTMatrix(cores, known, other) if known_is_rows else TTMatrix(cores, other, known)
 
@@ -459,15 +459,15 @@ def _pop_bias(rest: dict, key: str, source: Path, *, required: bool = True) -> t
     if key in rest:
         return rest.pop(key)
     if required:
-        raise FormatError(f"{source}: tensor {PREFIX}{key} is missing; the adapter is incomplete")
+        raise FormatError(f"{source}: tensor {PREFIX}{key} is missing; the adapter is incomplete; re-save or re-download the adapter")
     return None
 
 
 def _check_bias(bias: torch.Tensor, size: int, key: str) -> None:
     if not isinstance(bias, torch.Tensor):
-        raise ShapeError(f"tensor {PREFIX}{key} is a {type(bias).__name__}, expected a ({size},) tensor")
+        raise ShapeError(f"tensor {PREFIX}{key} is a {type(bias).__name__}, expected a ({size},) tensor; re-save or re-download the adapter")
     if tuple(bias.shape) != (size,):
-        raise ShapeError(f"tensor {PREFIX}{key} has shape {tuple(bias.shape)}, expected ({size},)")
+        raise ShapeError(f"tensor {PREFIX}{key} has shape {tuple(bias.shape)}, expected ({size},); re-save or re-download the adapter")
 
 
 def _pairs(groups: dict, first: str, second: str, source: Path, suffix: str) -> None:
@@ -475,7 +475,7 @@ def _pairs(groups: dict, first: str, second: str, source: Path, suffix: str) -> 
         for p, q in ((first, second), (second, first)):
             if p in parts and q not in parts:
                 raise FormatError(f"{source}: module {name} has {p} tensors but no {q} "
-                                  f"('{PREFIX}{name}.{q}.{suffix}...'); the adapter is incomplete")
+                                  f"('{PREFIX}{name}.{q}.{suffix}...'); the adapter is incomplete; re-save or re-download the adapter")
 
 
 def _non_linearity(value: Any, where: str) -> str:
@@ -488,7 +488,7 @@ def _non_linearity(value: Any, where: str) -> str:
 def _module_map(config: dict, key: str) -> dict:
     value = config.get(key) or {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{CONFIG_NAME}: '{key}' must be a mapping of module name -> value, got {value!r}")
+        raise ConfigError(f"{CONFIG_NAME}: '{key}' must be a mapping of module name -> value, got {value!r}; fix it in adapter_config.json")
     return value
 
 
@@ -498,7 +498,7 @@ def _shape_pair(shapes: dict, name: str, part: str) -> tuple[int, int]:
     if (not isinstance(dims, list) or len(dims) != 2
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims)):
         raise ConfigError(f"{CONFIG_NAME}: module_shapes[{name!r}][{part!r}] must be [rows, cols] "
-                          f"(positive integers), got {dims!r}; the config is damaged")
+                          f"(positive integers), got {dims!r}; the config is damaged; re-save the adapter")
     return dims[0], dims[1]
 
 
@@ -506,7 +506,7 @@ def _leftover_check(rest: dict, source: Path, markers: tuple[str, ...]) -> None:
     for key in rest:
         if any(mark in key for mark in markers):
             raise FormatError(f"{source}: unexpected tensor {PREFIX}{key}: it looks like an adapter "
-                              f"tensor but fits no known key pattern")
+                              f"tensor but fits no known key pattern; remove it, or re-save the adapter with this version")
 
 
 # --------------------------------------------------------------------------- readers per kind
@@ -543,31 +543,31 @@ def _read_ours(config: dict, state: dict, source: Path) -> tuple[str, dict, dict
                 _check_bias(bias, cols, f"{name}.tt_dense.bias")
             modules[name] = TTDenseModule(weight=w, bias=bias)
             if parts:
-                raise FormatError(f"{source}: module {name} has both tt_dense and {sorted(parts)} tensors")
+                raise FormatError(f"{source}: module {name} has both tt_dense and {sorted(parts)} tensors; re-save or re-download the adapter")
             continue
         if method == "rep":
             if set(parts) - {"lora_A", "lora_B"}:
-                raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in a LORETTA_REP adapter")
+                raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in a LORETTA_REP adapter; re-save or re-download the adapter")
             a = _tt(_collect_cores(parts["lora_A"], f"{name}.lora_A", source),
                     *_shape_pair(shapes, name, "a"), f"{name}.lora_A")
             b = _tt(_collect_cores(parts["lora_B"], f"{name}.lora_B", source),
                     *_shape_pair(shapes, name, "b"), f"{name}.lora_B")
             if a.cols != b.rows:
                 raise ShapeError(f"{source}: module {name}: A is ({a.rows}, {a.cols}) but B is "
-                                 f"({b.rows}, {b.cols}); A's columns must equal B's rows (r)")
+                                 f"({b.rows}, {b.cols}); A's columns must equal B's rows (r); re-save or re-download the adapter")
             scale = scales.get(name)
             scale = scale_for(config, name) if scale is None else _number(scale, f"module_scales[{name!r}]")
             modules[name] = RepModule(a=a, b=b, scale=scale)
         else:
             if set(parts) - {"adapter_down", "adapter_up"}:
-                raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in a LORETTA_ADP adapter")
+                raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in a LORETTA_ADP adapter; re-save or re-download the adapter")
             down = _tt(_collect_cores(parts["adapter_down"], f"{name}.adapter_down", source),
                        *_shape_pair(shapes, name, "down"), f"{name}.adapter_down")
             up = _tt(_collect_cores(parts["adapter_up"], f"{name}.adapter_up", source),
                      *_shape_pair(shapes, name, "up"), f"{name}.adapter_up")
             if (down.rows, down.cols) != (up.cols, up.rows):
                 raise ShapeError(f"{source}: module {name}: down is ({down.rows}, {down.cols}) but up is "
-                                 f"({up.rows}, {up.cols}); they must be (dim, b) and (b, dim)")
+                                 f"({up.rows}, {up.cols}); they must be (dim, b) and (b, dim); re-save or re-download the adapter")
             db = _pop_bias(rest, f"{name}.adapter_down.bias", source)
             ub = _pop_bias(rest, f"{name}.adapter_up.bias", source)
             _check_bias(db, down.cols, f"{name}.adapter_down.bias")
@@ -575,7 +575,7 @@ def _read_ours(config: dict, state: dict, source: Path) -> tuple[str, dict, dict
             where = placement.get(name)
             if where not in ("input", "output"):
                 raise ConfigError(f"{source}: adapter_placement[{name!r}] is {where!r}; "
-                                  f"expected 'input' or 'output'")
+                                  f"expected 'input' or 'output'; set it to 'input' or 'output' in adapter_config.json")
             act = _non_linearity(acts.get(name, config.get("non_linearity", "relu")), f"module {name}")
             scaling = scales.get(name, config.get("scaling", 1.0))
             modules[name] = AdpModule(down=down, down_bias=db, up=up, up_bias=ub, placement=where,
@@ -587,7 +587,7 @@ def _read_ours(config: dict, state: dict, source: Path) -> tuple[str, dict, dict
 def _int_field(config: dict, key: str, source: Path) -> int:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_DIM:
-        raise ConfigError(f"{source}: '{key}' must be an integer in [1, {_MAX_DIM}], got {str(value)[:40]}")
+        raise ConfigError(f"{source}: '{key}' must be an integer in [1, {_MAX_DIM}], got {str(value)[:40]}; fix it in adapter_config.json")
     return value
 
 
@@ -602,10 +602,10 @@ def _read_authors(config: dict, state: dict, source: Path, method: str) -> tuple
     else:
         if config.get("tensorized") is not True:
             raise FormatError(f"{source}: BOTTLENECK adapter with tensorized={config.get('tensorized')!r}; "
-                              f"only the tensorized (LoRETTA_adp) kind is supported")
+                              f"only the tensorized (LoRETTA_adp) kind is supported; pass a LoRETTA_adp (tensorized) adapter")
         if config.get("use_parallel_adapter") or config.get("use_adapterp"):
             raise FormatError(f"{source}: parallel adapters are not supported (use_parallel_adapter / "
-                              f"use_adapterp is set); only sequential LoRETTA_adp adapters are")
+                              f"use_adapterp is set); only sequential LoRETTA_adp adapters are; retrain with sequential adapters")
         b = _int_field(config, "bottleneck_size", source)
         act = _non_linearity(config.get("non_linearity"), str(source))
         _pairs({n: p for n, p in groups.items() if None not in p}, "adapter_down", "adapter_up", source,
@@ -618,18 +618,18 @@ def _read_authors(config: dict, state: dict, source: Path, method: str) -> tuple
             side = math.isqrt(n)
             if side * side != n:
                 raise ShapeError(f"{source}: replaced dense layer {name}: modes {tt.tt_modes_of(cores)} "
-                                 f"multiply to {n}, not a square; expected a (hidden, hidden) layer")
+                                 f"multiply to {n}, not a square; expected a (hidden, hidden) layer; re-save or re-download the adapter")
             bias = _pop_bias(rest, f"{name}.layer.bias", source, required=False)
             if bias is not None:
                 _check_bias(bias, side, f"{name}.layer.bias")
             modules[name] = TTDenseModule(weight=TTMatrix(cores, side, side), bias=bias)
             if parts:
                 raise FormatError(f"{source}: module {name} has both a replaced dense layer and "
-                                  f"{sorted(parts)} tensors")
+                                  f"{sorted(parts)} tensors; re-save or re-download the adapter")
             continue
         if method == "rep":
             if set(parts) - {"lora_A", "lora_B"}:
-                raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in a rep adapter")
+                raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in a rep adapter; re-save or re-download the adapter")
             a = _split(_collect_cores(parts["lora_A"], f"{name}.lora_A", source), known=r,
                        known_is_rows=False, what=f"{name}.lora_A", known_name="r")
             bm = _split(_collect_cores(parts["lora_B"], f"{name}.lora_B", source), known=r,
@@ -637,14 +637,14 @@ def _read_authors(config: dict, state: dict, source: Path, method: str) -> tuple
             modules[name] = RepModule(a=a, b=bm, scale=scale)
         else:
             if set(parts) - {"adapter_down", "adapter_up"}:
-                raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in an adp adapter")
+                raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in an adp adapter; re-save or re-download the adapter")
             down = _split(_collect_cores(parts["adapter_down"], f"{name}.adapter_down", source), known=b,
                           known_is_rows=False, what=f"{name}.adapter_down", known_name="bottleneck_size")
             up = _split(_collect_cores(parts["adapter_up"], f"{name}.adapter_up", source), known=b,
                         known_is_rows=True, what=f"{name}.adapter_up", known_name="bottleneck_size")
             if down.rows != up.cols:
                 raise ShapeError(f"{source}: module {name}: down is ({down.rows}, {down.cols}), up is "
-                                 f"({up.rows}, {up.cols}); both must use the same width")
+                                 f"({up.rows}, {up.cols}); both must use the same width; re-save or re-download the adapter")
             db = _pop_bias(rest, f"{name}.adapter_down.layer.bias", source)
             ub = _pop_bias(rest, f"{name}.adapter_up.layer.bias", source)
             _check_bias(db, b, f"{name}.adapter_down.layer.bias")
@@ -653,13 +653,13 @@ def _read_authors(config: dict, state: dict, source: Path, method: str) -> tuple
             if leaf not in _AUTHORS_PLACEMENT:
                 raise FormatError(f"{source}: cannot tell whether the adapter on {name} is an input or an "
                                   f"output adapter: the loretta 0.1 package decides by the module's last "
-                                  f"name, and {leaf!r} is not one it knows ({sorted(_AUTHORS_PLACEMENT)})")
+                                  f"name, and {leaf!r} is not one it knows ({sorted(_AUTHORS_PLACEMENT)}); set adapter_placement for it in adapter_config.json")
             scaling = config.get("scaling", 1.0)
             if scaling == "learned":
                 learned = _pop_bias(rest, f"{name}.adapter_scaling", source)
                 if learned.numel() != 1:
                     raise ShapeError(f"{source}: {PREFIX}{name}.adapter_scaling has shape "
-                                     f"{tuple(learned.shape)}, expected one value")
+                                     f"{tuple(learned.shape)}, expected one value; re-save or re-download the adapter")
                 scaling = float(learned.reshape(()))
             modules[name] = AdpModule(down=down, down_bias=db, up=up, up_bias=ub,
                                       placement=_AUTHORS_PLACEMENT[leaf], non_linearity=act,
@@ -693,11 +693,11 @@ def _read_peft(config: dict, state: dict, source: Path) -> tuple[str, dict, dict
             if q not in parts:
                 have = p if p in parts else "lora_magnitude_vector"
                 raise FormatError(f"{source}: module {name} has {have} but no {q} "
-                                  f"('{PREFIX}{name}.{q}'); the adapter is incomplete")
+                                  f"('{PREFIX}{name}.{q}'); the adapter is incomplete; re-save or re-download the adapter")
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         if a.ndim != 2 or b.ndim != 2:
             raise FormatError(f"{source}: module {name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} are "
-                              f"not matrices (convolution LoRA?); only Linear/Conv1D LoRA is supported")
+                              f"not matrices (convolution LoRA?); only Linear/Conv1D LoRA is supported; merge it with PEFT's merge_and_unload instead")
         r = rank_for(config, name)
         if a.shape[0] != r or b.shape[1] != r:
             raise ShapeError(f"{source}: module {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
@@ -706,7 +706,7 @@ def _read_peft(config: dict, state: dict, source: Path) -> tuple[str, dict, dict
         mag = parts.get("lora_magnitude_vector")
         if mag is not None and mag.numel() != b.shape[0]:
             raise ShapeError(f"{source}: module {name}: lora_magnitude_vector has {mag.numel()} values, "
-                             f"expected out_features = {b.shape[0]}")
+                             f"expected out_features = {b.shape[0]}; re-save or re-download the adapter")
         modules[name] = LoraModule(a=a, b=b, scale=scale_for(config, name), magnitude=mag)
     _leftover_check(rest, source, (".lora_", "trainable_tokens"))
     # modules_to_save: PEFT 0.21 saves them as <module>.<param>; older PEFT kept the wrapper infix
@@ -729,7 +729,7 @@ def read_adapter(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False,
     config = _read_config(config_path)
     state = _load_weights(weights_path, allow_unsafe_pickle=allow_unsafe_pickle)
     if not state:
-        raise FormatError(f"{weights_path}: holds no tensors")
+        raise FormatError(f"{weights_path}: holds no tensors; re-save or re-download the adapter")
     kind = _kind(config, list(state), weights_path)
     _check_finite(state, weights_path)
     state = _strip_prefix(state, weights_path)
@@ -738,7 +738,7 @@ def read_adapter(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False,
         method, modules, rest = _read_ours(config, state, weights_path)
         fifo = config.get("fan_in_fan_out_modules") or []
         if not isinstance(fifo, list) or not all(isinstance(x, str) for x in fifo):
-            raise ConfigError(f"{config_path}: fan_in_fan_out_modules must be a list of module names")
+            raise ConfigError(f"{config_path}: fan_in_fan_out_modules must be a list of module names; fix it in adapter_config.json")
         fan_in_fan_out = set(fifo)
     elif source == "loretta-0.1":
         method, modules, rest = _read_authors(config, state, weights_path, kind.split(":")[1])
@@ -748,7 +748,7 @@ def read_adapter(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False,
         method, modules, rest = _read_peft(config, state, weights_path)
         fan_in_fan_out = set(modules) if config.get("fan_in_fan_out") else set()
     if not modules:
-        raise FormatError(f"{weights_path}: no adapter modules found ({len(rest)} plain tensors only)")
+        raise FormatError(f"{weights_path}: no adapter modules found ({len(rest)} plain tensors only); pass an adapter directory (LoRA or LoRETTA), not a model")
     base = config.get("base_model_name_or_path")
     return Adapter(method=method, source=source, modules=modules, tensors=rest, config=config,
                    fan_in_fan_out=fan_in_fan_out,
@@ -757,7 +757,7 @@ def read_adapter(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False,
 
 def _tt_entries(key: str, m: TTMatrix, out: dict) -> list[int]:
     if not isinstance(m, TTMatrix):
-        raise ConfigError(f"{key}: expected a TTMatrix, got {type(m).__name__}")
+        raise ConfigError(f"{key}: expected a TTMatrix, got {type(m).__name__}; pass TTMatrix modules")
     _tt(list(m.cores), m.rows, m.cols, key)  # never write what the reader would refuse
     for k, core in enumerate(m.cores):
         out[f"{PREFIX}{key}.tt_cores.{k}"] = core
@@ -786,18 +786,18 @@ def _state_and_config(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict]:
                             "b": _tt_entries(f"{name}.lora_B", mod.b, state)}
             if mod.a.cols != mod.b.rows:
                 raise ShapeError(f"module {name}: A is ({mod.a.rows}, {mod.a.cols}), B is ({mod.b.rows}, "
-                                 f"{mod.b.cols}); A's columns must equal B's rows (r)")
+                                 f"{mod.b.cols}); A's columns must equal B's rows (r); pass A and B with a shared r")
             scales[name] = _number(float(mod.scale), f"scale of module {name}")
         elif isinstance(mod, AdpModule) and adapter.method == "adp":
             shapes[name] = {"down": _tt_entries(f"{name}.adapter_down", mod.down, state),
                             "up": _tt_entries(f"{name}.adapter_up", mod.up, state)}
             if (mod.down.rows, mod.down.cols) != (mod.up.cols, mod.up.rows):
                 raise ShapeError(f"module {name}: down is ({mod.down.rows}, {mod.down.cols}), up is "
-                                 f"({mod.up.rows}, {mod.up.cols}); they must be (dim, b) and (b, dim)")
+                                 f"({mod.up.rows}, {mod.up.cols}); they must be (dim, b) and (b, dim); pass down (dim, b) and up (b, dim)")
             _check_bias(mod.down_bias, mod.down.cols, f"{name}.adapter_down.bias")
             _check_bias(mod.up_bias, mod.up.cols, f"{name}.adapter_up.bias")
             if mod.placement not in ("input", "output"):
-                raise ConfigError(f"module {name}: placement {mod.placement!r}; expected 'input' or 'output'")
+                raise ConfigError(f"module {name}: placement {mod.placement!r}; expected 'input' or 'output'; set it to 'input' or 'output'")
             state[f"{PREFIX}{name}.adapter_down.bias"] = mod.down_bias
             state[f"{PREFIX}{name}.adapter_up.bias"] = mod.up_bias
             scales[name] = _number(float(mod.scaling), f"scaling of module {name}")
@@ -805,15 +805,15 @@ def _state_and_config(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict]:
             acts[name] = _non_linearity(mod.non_linearity, f"module {name}")
         else:
             raise ConfigError(f"module {name} is a {type(mod).__name__}, which a {adapter.method!r} "
-                              f"adapter cannot hold")
+                              f"adapter cannot hold; pass modules of that adapter's kind only")
     for name, value in adapter.tensors.items():
         key = PREFIX + name
         if key in state:
-            raise ConfigError(f"full tensor {name} collides with an adapter tensor key {key}")
+            raise ConfigError(f"full tensor {name} collides with an adapter tensor key {key}; rename the full tensor")
         state[key] = value
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise ConfigError(f"{key} is a {type(value).__name__}, not a tensor")
+            raise ConfigError(f"{key} is a {type(value).__name__}, not a tensor; pass tensors only")
     config = {k: v for k, v in adapter.config.items()
               if k not in ("module_shapes", "module_scales", "adapter_placement", "adapter_non_linearity")}
     config.update({

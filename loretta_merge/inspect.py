@@ -156,7 +156,7 @@ def _meta_model(config_json: Path, task: str, num_labels: int | None):
                           f"transformers config.json")
     model_type = data.pop("model_type", None)
     if not model_type:
-        raise ConfigError(f"{config_json}: no 'model_type'; is this a transformers config.json?")
+        raise ConfigError(f"{config_json}: no 'model_type'; is this a transformers config.json?; pass a transformers config.json to --config")
     try:
         cfg = transformers.AutoConfig.for_model(model_type, **data)
     except ValueError as exc:
@@ -172,7 +172,7 @@ def _meta_model(config_json: Path, task: str, num_labels: int | None):
             return auto.from_config(cfg)
     except ValueError as exc:
         raise ConfigError(f"{config_json}: no {task} model class for model_type {model_type!r} ({exc}); "
-                          f"try the other --task") from None
+                          f"pass the other --task") from None
 
 
 def count_params(config_json: str | Path, method: str, *, r: int = 8, tensor_rank: int = 5,
@@ -190,7 +190,7 @@ def count_params(config_json: str | Path, method: str, *, r: int = 8, tensor_ran
     from .model import get_loretta_model, trainable_parameters
 
     if method not in ("rep", "adp"):
-        raise ConfigError(f"method must be 'rep' or 'adp', got {method!r}")
+        raise ConfigError(f"method must be 'rep' or 'adp', got {method!r}; pass --method rep or --method adp")
     config_json = Path(config_json)
     if config_json.is_dir():
         config_json = config_json / "config.json"
@@ -203,7 +203,7 @@ def count_params(config_json: str | Path, method: str, *, r: int = 8, tensor_ran
                               f"a transformers config.json") from None
         task = "seq-cls" if model_type in ENCODER_TYPES else "causal-lm"
     if task not in TASKS:
-        raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}")
+        raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}; pass --task seq-cls or --task causal-lm")
     task_type = TASKS[task]
     model = _meta_model(config_json, task_type, num_labels)
     base_total = sum(p.numel() for p in model.parameters())

@@ -74,10 +74,10 @@ def parse_size(text: str | int | float) -> int:
     """Bytes from ``"5GB"`` (KB/MB/GB/TB are powers of 1000), ``"512MiB"`` (KiB/MiB/GiB are
     powers of 1024) or a plain integer count of bytes."""
     if isinstance(text, bool):
-        raise ConfigError(f"size must be bytes such as 5GB or 500MiB, got {text!r}")
+        raise ConfigError(f"size must be bytes such as 5GB or 500MiB, got {text!r}; use e.g. 5GB, 500MB or 2GiB")
     if isinstance(text, (int, float)):
         if not math.isfinite(text) or text <= 0 or text != int(text):
-            raise ConfigError(f"size must be a positive whole number of bytes, got {text!r}")
+            raise ConfigError(f"size must be a positive whole number of bytes, got {text!r}; use e.g. 5GB, 500MB or 2GiB")
         return int(text)
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).upper() if m else None
@@ -86,7 +86,7 @@ def parse_size(text: str | int | float) -> int:
                           f"500MB or 2GiB (KB/MB/GB = 1000^n, KiB/MiB/GiB = 1024^n)")
     value = int(float(m.group(1)) * _SIZE_UNITS[unit])
     if value <= 0:
-        raise ConfigError(f"size must be positive, got {text!r}")
+        raise ConfigError(f"size must be positive, got {text!r}; use e.g. 5GB")
     return value
 
 
@@ -140,17 +140,17 @@ def read_safetensors_header(path: Path) -> dict:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise FormatError(f"{path}: only {size} bytes, too short for a safetensors file")
+                raise FormatError(f"{path}: only {size} bytes, too short for a safetensors file; re-download or re-save the file")
             n = struct.unpack("<Q", raw)[0]
             if n > min(size - 8, 100 * 2**20):
                 raise FormatError(f"{path}: header length {n} does not fit in a {size}-byte "
-                                  f"file; the file is truncated or not safetensors")
+                                  f"file; the file is truncated or not safetensors; re-download or re-save it")
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: cannot read the safetensors header ({exc}); the file is "
                           f"corrupt or not safetensors; re-download or re-save it") from exc
     if not isinstance(header, dict):
-        raise FormatError(f"{path}: the safetensors header is not a JSON object")
+        raise FormatError(f"{path}: the safetensors header is not a JSON object; re-download or re-save the file")
     end = 0
     for key, info in header.items():
         if key == "__metadata__":
@@ -159,7 +159,7 @@ def read_safetensors_header(path: Path) -> dict:
             end = max(end, int(info["data_offsets"][1]))
             _ = info["dtype"], list(info["shape"])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise FormatError(f"{path}: header entry {key!r} is malformed ({exc})") from exc
+            raise FormatError(f"{path}: header entry {key!r} is malformed ({exc}); re-download or re-save the file") from exc
     if 8 + n + end > size:
         raise FormatError(f"{path}: header says tensor data ends at byte {8 + n + end}, but the "
                           f"file has {size} bytes; the file is truncated (an interrupted "
@@ -246,7 +246,7 @@ class CheckpointReader:
             for key, shard in weight_map.items():
                 if key not in self._headers[shard]:
                     raise FormatError(f"{index} maps {key!r} to {shard}, but that shard has no "
-                                      f"such tensor; the index and shards do not belong together")
+                                      f"such tensor; the index and shards do not belong together; re-save the model with save_pretrained or fix the index")
         # checkpoint order: shard by shard, tensors by file offset (sequential reads)
         def order(key: str) -> tuple:
             shard = weight_map[key]
@@ -276,7 +276,7 @@ class CheckpointReader:
         name = self._info(key)["dtype"]
         if name not in _ST_DTYPES:
             raise FormatError(f"{self.model_dir}: tensor {key!r} has dtype {name}, which this "
-                              f"torch build cannot hold")
+                              f"torch build cannot hold; upgrade torch, or re-save the checkpoint in another dtype")
         return _ST_DTYPES[name]
 
     def nbytes(self, key: str) -> int:
@@ -306,7 +306,7 @@ class CheckpointReader:
             got = os.preadv(self._open.fileno(), [view[done:]], base + start + done)
             if got <= 0:
                 raise FormatError(f"{self.model_dir / shard}: short read of {key!r} "
-                                  f"({done} of {end - start} bytes); the file changed or is truncated")
+                                  f"({done} of {end - start} bytes); the file changed or is truncated; re-download or re-save it")
             done += got
         return buf.view(self.dtype(key)).reshape(self.shape(key))
 

@@ -39,7 +39,7 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
         return int(module.weight.shape[0]), int(module.weight.shape[1])
     if isinstance(module, nn.Linear):
         return int(module.in_features), int(module.out_features)
-    raise ConfigError(f"expected an nn.Linear or transformers Conv1D, got {type(module).__name__}")
+    raise ConfigError(f"expected an nn.Linear or transformers Conv1D, got {type(module).__name__}; pass an nn.Linear or a Conv1D module")
 
 
 class TTLinear(nn.Module):
@@ -69,7 +69,7 @@ class TTLinear(nn.Module):
             if init == "zero":
                 cores[-1] = torch.zeros_like(cores[-1])
             elif init != "paper":
-                raise ConfigError(f"init must be 'paper' or 'zero', got {init!r}")
+                raise ConfigError(f"init must be 'paper' or 'zero', got {init!r}; pass 'paper' or 'zero'")
         self.tt_cores = nn.ParameterList([nn.Parameter(c) for c in cores])
         if bias:
             b = torch.empty(self.cols, dtype=dtype, device=device)
@@ -91,9 +91,9 @@ class TTLinear(nn.Module):
         modes = tt.tt_modes_of(cores)
         if math.prod(modes) != rows * cols:
             raise ShapeError(f"{name}: cores with modes {modes} hold {math.prod(modes)} entries, "
-                             f"a ({rows}, {cols}) matrix needs {rows * cols}")
+                             f"a ({rows}, {cols}) matrix needs {rows * cols}; pass cores whose modes multiply to {rows * cols}")
         if bias is not None and tuple(bias.shape) != (cols,):
-            raise ShapeError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({cols},)")
+            raise ShapeError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({cols},); pass a bias of shape ({cols},)")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.rows, layer.cols = int(rows), int(cols)
@@ -215,9 +215,9 @@ class AdapterLinear(nn.Module):
     def _setup(self, base: nn.Module, placement: str, non_linearity: str, dropout: float,
                scaling: float) -> int:
         if placement not in ("input", "output"):
-            raise ConfigError(f"adapter placement must be 'input' or 'output', got {placement!r}")
+            raise ConfigError(f"adapter placement must be 'input' or 'output', got {placement!r}; pass 'input' or 'output'")
         if non_linearity not in ACTIVATIONS:
-            raise ConfigError(f"non_linearity must be one of {list(ACTIVATIONS)}, got {non_linearity!r}")
+            raise ConfigError(f"non_linearity must be one of {list(ACTIVATIONS)}, got {non_linearity!r}; pass one of {list(ACTIVATIONS)}")
         self.in_features, self.out_features = linear_dims(base)
         self.fan_in_fan_out = is_conv1d(base)
         self.base_layer = base

@@ -88,16 +88,16 @@ def _load_adapters(adapters: Sequence, allow_unsafe_pickle: bool) -> list[tuple[
     from .formats import Adapter, read_adapter
 
     if not adapters:
-        raise ConfigError("no adapter given; pass at least one adapter directory")
+        raise ConfigError("no adapter given (adapters=[]); pass at least one adapter directory")
     out = []
     for item in adapters:
         spec, weight = (item if isinstance(item, (tuple, list)) else (item, 1.0))
         try:
             weight = float(weight)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"adapter weight {weight!r} is not a number") from exc
+            raise ConfigError(f"adapter weight {weight!r} is not a number; pass a number such as 0.5") from exc
         if not math.isfinite(weight):
-            raise ConfigError(f"adapter weight {weight!r} must be finite")
+            raise ConfigError(f"adapter weight {weight!r} must be finite; pass a finite weight such as 0.5")
         adapter = spec if isinstance(spec, Adapter) else read_adapter(
             spec, allow_unsafe_pickle=allow_unsafe_pickle)
         label = str(adapter.path or "<in memory>") if isinstance(spec, Adapter) else str(spec)
@@ -213,13 +213,13 @@ def _check_finite_adapter(adapter, label: str) -> None:
             if any(bad(t) for t in ts):
                 raise NumericsError(f"adapter {label}: module {m} ({part}) holds NaN or Inf "
                                     f"values; the adapter is corrupt or its training diverged; "
-                                    f"nothing was written")
+                                    f"nothing was written; retrain it, or use an earlier checkpoint")
         if not math.isfinite(float(getattr(mod, "scale", 1.0))):
-            raise NumericsError(f"adapter {label}: module {m} has a non-finite scale {mod.scale}")
+            raise NumericsError(f"adapter {label}: module {m} has a non-finite scale {mod.scale}; retrain or re-save the adapter")
     for name, t in adapter.tensors.items():
         if bad(t):
             raise NumericsError(f"adapter {label}: tensor {name} holds NaN or Inf values; the "
-                                f"adapter is corrupt or its training diverged; nothing was written")
+                                f"adapter is corrupt or its training diverged; nothing was written; retrain it, or use an earlier checkpoint")
 
 
 def _plan(reader: CheckpointReader, loaded, tied: dict[str, str]):
@@ -290,7 +290,7 @@ def _plan(reader: CheckpointReader, loaded, tied: dict[str, str]):
                     ops.setdefault(bias_key, []).append(_Op("full", w, value=bias,
                                                             source=f"{label}:{m}.bias"))
             else:  # pragma: no cover - refused earlier
-                raise ConfigError(f"{label}: module {m} of kind {type(mod).__name__} cannot be merged")
+                raise ConfigError(f"{label}: module {m} of kind {type(mod).__name__} cannot be merged; deploy it unmerged (`loretta-merge export onnx MODEL --adapter ADAPTER -o OUT`)")
             ops.setdefault(key, []).append(op)
         for name, t in adapter.tensors.items():
             key = rename(name)
@@ -414,7 +414,7 @@ def _apply(key: str, w0: torch.Tensor, ops: list[_Op], device: torch.device,
     if w0.numel() and not (math.isfinite(low) and math.isfinite(high)):
         raise NumericsError(f"merging {', '.join(op.source for op in ops)} into {key} gives "
                             f"NaN or Inf values; the adapter (or its weight) is unusable; "
-                            f"nothing was written")
+                            f"nothing was written; retrain the adapter, or pass a smaller weight")
     limit = torch.finfo(out_dtype).max if out_dtype.is_floating_point else math.inf
     if w0.numel() and max(-low, high) > limit:
         raise NumericsError(f"{key} has values up to {max(-low, high):.3g} after merging, beyond "
@@ -566,7 +566,7 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
                             bar.update(reader.nbytes(key))
                     for name, t in head_tensors.items():
                         if not bool(torch.isfinite(t).all()):
-                            raise NumericsError(f"adapter tensor {name} holds NaN or Inf values")
+                            raise NumericsError(f"adapter tensor {name} holds NaN or Inf values; retrain it, or use an earlier checkpoint")
                         put(name, t.detach().to("cpu", head_dtype).contiguous())
                         report.replaced_tensors += 1
                         report.tensors += 1
@@ -689,5 +689,5 @@ def verify_merge(base_dir: str | os.PathLike, loaded, out_dir: str | os.PathLike
     if not diff <= tol:
         raise NumericsError(f"verify: the merged model in {out_dir} differs from base + {label} "
                             f"by {diff:.3g} in logits (tolerance {tol:.3g} for "
-                            f"{dtype_name(dtype)}); no output was written")
+                            f"{dtype_name(dtype)}); no output was written; rerun with --dtype float32 to tell rounding from a real mismatch")
     return result

@@ -133,7 +133,7 @@ def _plan(model: nn.Module, config: RepConfig | AdpConfig) -> dict[str, str]:
     if not plan:
         raise ConfigError(f"{what} {targets!r} matches no module of {cls} (model_type {model_type!r}); "
                           f"keys match a full module name or its '.'-separated suffix (never a "
-                          f"substring); its Linear/Conv1D modules are: {linear_candidates(model)}")
+                          f"substring); its Linear/Conv1D modules are: {linear_candidates(model)}; set {what} to some of them")
     return plan
 
 
@@ -201,7 +201,7 @@ def get_loretta_model(model: nn.Module, config: RepConfig | AdpConfig) -> nn.Mod
     ``model.loretta_config``. Seed ``torch.manual_seed`` for a reproducible init.
     """
     if not isinstance(config, (RepConfig, AdpConfig)):
-        raise ConfigError(f"config must be a RepConfig or AdpConfig, got {type(config).__name__}")
+        raise ConfigError(f"config must be a RepConfig or AdpConfig, got {type(config).__name__}; pass a RepConfig or an AdpConfig")
     if getattr(model, "loretta_config", None) is not None:
         raise ConfigError(f"this {type(model).__name__} already has LoRETTA adapters; "
                           f"build the model afresh before adding another")
@@ -387,7 +387,7 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
                              f"pass the base model the adapter was trained on")
         if not _is_linear(target):
             raise ShapeError(f"adapter module {name} needs an nn.Linear/Conv1D, the model has a "
-                             f"{type(target).__name__}")
+                             f"{type(target).__name__}; pass the base model the adapter was trained on")
         n_in, n_out = linear_dims(target)
         if isinstance(mod, RepModule):
             _fit(name, "lora_A (in, r)", (mod.a.rows, mod.a.cols), (n_in, mod.b.rows))

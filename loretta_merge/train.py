@@ -94,9 +94,9 @@ def _peak_rss_mib() -> float:
 def _check_options(method: str, task: str, **numbers: Any) -> None:
     if method not in METHODS:
         raise ConfigError(f"method must be one of {list(METHODS[:2])} (or the baselines "
-                          f"'lora', 'head'), got {method!r}")
+                          f"'lora', 'head'), got {method!r}; pass --method rep or --method adp")
     if task not in TASKS:
-        raise ConfigError(f"task must be 'seq-cls' or 'causal-lm', got {task!r}")
+        raise ConfigError(f"task must be 'seq-cls' or 'causal-lm', got {task!r}; pass --task seq-cls or --task causal-lm")
     positive = ("epochs", "batch_size", "learning_rate", "max_length", "max_steps",
                 "max_train_samples", "save_steps", "num_labels")
     for name, value in numbers.items():
@@ -218,7 +218,7 @@ def _head_labels(config, num_labels: int | None) -> tuple[int | None, dict | Non
             label2id = None
         if num_labels is not None and num_labels != config.num_labels:
             raise ConfigError(f"num_labels {num_labels} does not match the model's classification "
-                              f"head ({config.num_labels} classes)")
+                              f"head ({config.num_labels} classes); pass --num-labels {config.num_labels}, or omit it")
         return config.num_labels, label2id
     return num_labels, None
 
@@ -283,7 +283,7 @@ def _head_module(model):
         mod = getattr(model, name, None)
         if mod is not None:
             return mod
-    raise ConfigError(f"{type(model).__name__} has no classifier/score/lm_head to train")
+    raise ConfigError(f"{type(model).__name__} has no classifier/score/lm_head to train; pass --model with a *ForSequenceClassification or *ForCausalLM checkpoint")
 
 
 def _category(name: str) -> str:
@@ -345,13 +345,13 @@ def _make_trainer_class():
             if missing or extra:
                 raise FormatError(f"checkpoint {path} does not fit this model (missing "
                                   f"{missing[:3]}, unexpected {extra[:3]}); was it written with "
-                                  "other --method/--r/--tensor-rank options?")
+                                  "other --method/--r/--tensor-rank options? Pass those options, or --force to restart")
             with torch.no_grad():
                 for n, t in saved.items():
                     if params[n].shape != t.shape:
                         raise FormatError(f"checkpoint {path}: tensor {n} has shape "
                                           f"{tuple(t.shape)}, the model expects "
-                                          f"{tuple(params[n].shape)}")
+                                          f"{tuple(params[n].shape)}; pass --force to restart, or the options it was written with")
                     params[n].copy_(t)
 
     return LorettaTrainer
@@ -437,9 +437,9 @@ def train(*, model: str | os.PathLike | None = None, method: str = "rep", task: 
     default_data = train_file is None
     if default_data and task != "seq-cls":
         raise ConfigError("causal-lm training needs --train-file (the embedded default data "
-                          "set is a classification task)")
+                          "set is a classification task); pass --train-file with prompt/response or text data")
     if model is None and task == "causal-lm":
-        raise ConfigError("causal-lm training needs --model DIR (the embedded MiniLM is an encoder)")
+        raise ConfigError("causal-lm training needs --model DIR (the embedded MiniLM is an encoder); pass --model with a local decoder checkpoint")
     budget = DEFAULT_BUDGET if default_data else {}
     epochs = epochs if epochs is not None else budget.get("epochs", PAPER["epochs"])
     learning_rate = learning_rate if learning_rate is not None else \

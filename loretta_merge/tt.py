@@ -57,7 +57,7 @@ PAPER_SQUARE_SHAPES: dict[int, tuple[int, ...]] = {
 
 def _check_int(name: str, value: object, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; pass an integer >= {minimum}")
     return value
 
 
@@ -68,38 +68,38 @@ def validate_cores(cores: Cores, *, batched: bool = False, name: str = "TT") -> 
     ``batched``), ``r_0 = r_d = 1``, and core k starts with the rank core k-1 ends with.
     """
     if isinstance(cores, torch.Tensor) or not isinstance(cores, (list, tuple)) or not cores:
-        raise ShapeError(f"{name}: expected a non-empty list of cores, got {type(cores).__name__}")
+        raise ShapeError(f"{name}: expected a non-empty list of cores, got {type(cores).__name__}; pass a list of 3-D cores (r_prev, n, r_next)")
     ndim = 4 if batched else 3
     batch = None
     ranks = [1]
     for k, core in enumerate(cores):
         if not isinstance(core, torch.Tensor):
-            raise ShapeError(f"{name}: core {k} is a {type(core).__name__}, not a tensor")
+            raise ShapeError(f"{name}: core {k} is a {type(core).__name__}, not a tensor; re-save the adapter, or pass tensors as cores")
         if core.ndim != ndim:
             want = "(B, r_prev, n, r_next)" if batched else "(r_prev, n, r_next)"
             raise ShapeError(f"{name}: core {k} has shape {tuple(core.shape)}; "
-                             f"every core must be {ndim}-D {want}")
+                             f"every core must be {ndim}-D {want}; re-save the adapter, or pass {ndim}-D cores")
         if not (core.is_floating_point() or core.is_complex()):
-            raise ShapeError(f"{name}: core {k} has dtype {core.dtype}; cores must be floating point")
+            raise ShapeError(f"{name}: core {k} has dtype {core.dtype}; cores must be floating point; convert the cores to a float dtype (e.g. .float())")
         shape = tuple(core.shape[1:]) if batched else tuple(core.shape)
         if batched:
             if batch is None:
                 batch = core.shape[0]
             elif core.shape[0] != batch:
-                raise ShapeError(f"{name}: core {k} has batch size {core.shape[0]}, core 0 has {batch}")
+                raise ShapeError(f"{name}: core {k} has batch size {core.shape[0]}, core 0 has {batch}; pass cores with one batch size")
         if min(shape) < 1:
-            raise ShapeError(f"{name}: core {k} has an empty dimension, shape {tuple(core.shape)}")
+            raise ShapeError(f"{name}: core {k} has an empty dimension, shape {tuple(core.shape)}; re-save the adapter, or pass cores without empty dimensions")
         if shape[0] != ranks[-1]:
             expected = "1 (the first rank of a TT is 1)" if k == 0 else f"{ranks[-1]} from core {k - 1}"
             raise ShapeError(f"{name}: core {k} has shape {tuple(core.shape)}, "
-                             f"its rank r_{k} = {shape[0]}, expected {expected}")
+                             f"its rank r_{k} = {shape[0]}, expected {expected}; re-save the adapter, or pass cores whose ranks chain")
         ranks.append(shape[2])
     if ranks[-1] != 1:
         raise ShapeError(f"{name}: the last core has shape {tuple(cores[-1].shape)}; "
-                         f"its last rank must be 1, got {ranks[-1]}")
+                         f"its last rank must be 1, got {ranks[-1]}; re-save the adapter, or pass cores whose last rank is 1")
     devices = {c.device for c in cores}
     if len(devices) > 1:
-        raise ShapeError(f"{name}: cores live on several devices {sorted(map(str, devices))}")
+        raise ShapeError(f"{name}: cores live on several devices {sorted(map(str, devices))}; move every core to one device first")
     return ranks
 
 
@@ -110,7 +110,7 @@ def tt_modes_of(cores: Cores, *, batched: bool = False) -> list[int]:
 
 def _check_modes(modes: object) -> list[int]:
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or not modes:
-        raise ConfigError(f"modes must be a non-empty list of positive integers, got {modes!r}")
+        raise ConfigError(f"modes must be a non-empty list of positive integers, got {modes!r}; pass positive integers, e.g. [8, 12, 8]")
     # numpy / torch integer scalars are modes too; floats and bools are not
     return [_check_int(f"mode {i}", int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool)
                        else n) for i, n in enumerate(modes)]
@@ -125,9 +125,9 @@ def tt_num_params(modes: Sequence[int], rank: int | Sequence[int]) -> int:
     elif isinstance(rank, Sequence) and not isinstance(rank, (str, bytes)):
         ranks = [_check_int(f"rank {i}", r) for i, r in enumerate(rank)]
     else:
-        raise ConfigError(f"rank must be an integer or a list of ranks, got {rank!r}")
+        raise ConfigError(f"rank must be an integer or a list of ranks, got {rank!r}; pass an int such as 5 or a list of ranks")
     if len(ranks) != len(modes) + 1:
-        raise ConfigError(f"rank list {ranks} needs {len(modes) + 1} entries for {len(modes)} modes")
+        raise ConfigError(f"rank list {ranks} needs {len(modes) + 1} entries for {len(modes)} modes; give {len(modes) + 1} ranks or a single integer")
     return sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(modes))
 
 
@@ -189,7 +189,7 @@ def _check_matrix(modes: Sequence[int], rows: int, cols: int, name: str) -> None
     if math.prod(modes) != rows * cols:
         raise ShapeError(f"{name}: modes {list(modes)} multiply to {math.prod(modes)}, "
                          f"but a ({rows}, {cols}) matrix has {rows * cols} entries; "
-                         f"the product of the modes must equal rows * cols")
+                         f"the product of the modes must equal rows * cols; pick modes whose product is {rows * cols}")
 
 
 def tt_to_tensor(cores: Cores, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -226,11 +226,11 @@ def reconstruct_batched(cores: Cores, rows: int, cols: int, *, dtype: torch.dtyp
 def stack_tts(tts: Sequence[Cores]) -> list[torch.Tensor]:
     """Stack TTs of identical core shapes into batched cores."""
     if not tts:
-        raise ShapeError("stack_tts: no TTs given")
+        raise ShapeError("stack_tts: no TTs given; pass at least one TT")
     shapes = [tuple(tuple(c.shape) for c in tt) for tt in tts]
     for i, s in enumerate(shapes):
         if s != shapes[0]:
-            raise ShapeError(f"stack_tts: TT {i} has core shapes {list(s)}, TT 0 has {list(shapes[0])}")
+            raise ShapeError(f"stack_tts: TT {i} has core shapes {list(s)}, TT 0 has {list(shapes[0])}; pass TTs that all share TT 0's core shapes")
     return [torch.stack([tt[k] for tt in tts]) for k in range(len(tts[0]))]
 
 
@@ -258,7 +258,7 @@ class TTDecomposition:
 def _check_eps(eps: float | None) -> None:
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
                             or not math.isfinite(eps) or not 0 <= eps < 1):
-        raise ConfigError(f"eps (relative error target) must be in [0, 1), got {eps!r}")
+        raise ConfigError(f"eps (relative error target) must be in [0, 1), got {eps!r}; pass eps in [0, 1), e.g. 0.05")
 
 
 def _truncate(mat: torch.Tensor, max_rank: int | None, delta_sq: torch.Tensor, *, gram: bool = True):
@@ -313,11 +313,11 @@ def tt_svd_batched(x: torch.Tensor, modes: Sequence[int], *, max_rank: int | Non
         _check_int("max_rank", max_rank)
     modes = _check_modes(modes)
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
-        raise ShapeError("tt_svd_batched: x must be a tensor with a leading batch dimension")
+        raise ShapeError("tt_svd_batched: x must be a tensor with a leading batch dimension; pass a tensor of shape (batch, ...)")
     b = x.shape[0]
     if x[0].numel() != math.prod(modes):
         raise ShapeError(f"tt_svd: an item of shape {tuple(x.shape[1:])} has {x[0].numel()} entries, "
-                         f"modes {modes} multiply to {math.prod(modes)}")
+                         f"modes {modes} multiply to {math.prod(modes)}; pick modes whose product is {x[0].numel()}")
     work = _work_dtype(x.dtype) if x.is_floating_point() else torch.float32
     out_dtype = dtype or (x.dtype if x.is_floating_point() else torch.float32)
     x = x.to(work).reshape(b, -1)
@@ -348,7 +348,7 @@ def tt_svd(x: torch.Tensor, modes: Sequence[int], *, max_rank: int | None = None
     """TT-SVD of one matrix or tensor ``x`` (read in C order) with the given modes.
     See :func:`tt_svd_batched`; ``rel_error`` is a 0-d tensor here."""
     if not isinstance(x, torch.Tensor):
-        raise ShapeError(f"tt_svd: x must be a tensor, got {type(x).__name__}")
+        raise ShapeError(f"tt_svd: x must be a tensor, got {type(x).__name__}; pass a torch.Tensor")
     res = tt_svd_batched(x.unsqueeze(0), modes, max_rank=max_rank, eps=eps, dtype=dtype)
     return TTDecomposition(cores=[c[0] for c in res.cores], rel_error=res.rel_error[0],
                            ranks=res.ranks)
@@ -434,7 +434,7 @@ def matrix_modes(rows: int, cols: int, *, shapes: str = "paper", target: int = 8
     _check_int("rows", rows)
     _check_int("cols", cols)
     if shapes not in ("paper", "auto"):
-        raise ConfigError(f"shapes must be 'paper' or 'auto', got {shapes!r}")
+        raise ConfigError(f"shapes must be 'paper' or 'auto', got {shapes!r}; pass 'paper' or 'auto' (--shapes)")
     if shapes == "paper":
         # Some entries of the reference table do not multiply to dim * bottleneck (b=32 for
         # most widths, b=64 for 2304, square 5120): those are skipped, never used.

@@ -33,12 +33,13 @@ ACTION_VERBS = (
     "increase", "reduce", "omit", "leave", "split", "edit", "replace", "load", "apply", "keep",
     "write", "specify", "provide", "list", "put", "restart", "update", "recreate", "re-create",
     "regenerate", "enable", "disable", "shorten", "label", "make", "start", "call", "clean",
+    "pick", "build", "rebuild", "reinstall", "fill", "report",
 )
 PROGRAMS = ("loretta-merge", "pip", "python", "torchrun", "accelerate")
 
 _BOUNDARY = r"(?:^|[;:.?!,]\s+|\(\s*|\b(?:or|and|then|instead|otherwise)\s+)"
 _VERB = r"(?:" + "|".join(re.escape(v) for v in sorted(ACTION_VERBS, key=len, reverse=True)) + r")"
-IMPERATIVE = re.compile(_BOUNDARY + r"(" + _VERB + r")\s+(?=[\w`'\"./~-])", re.I)
+IMPERATIVE = re.compile(_BOUNDARY + r"(" + _VERB + r")\s+(?=[\w`'\"./~{<(\[-])", re.I)
 COMMAND = re.compile(r"`(?:" + "|".join(map(re.escape, PROGRAMS)) + r")\b[^`]*`")
 PIP = re.compile(r"\bpip install\s+\S+")
 

@@ -146,7 +146,7 @@ def _load(source, kind: str, allow_unsafe_pickle: bool):
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(f"expected a {kind} adapter directory or a loretta_merge.formats.Adapter, "
-                          f"got {type(source).__name__}")
+                          f"got {type(source).__name__}; pass the adapter directory")
     path = Path(source)
     if not path.is_dir():
         raise FormatError(f"{path}: not a directory; give the {kind} adapter directory "
@@ -237,7 +237,7 @@ def lora_to_tt(lora, *, tensor_rank: int | None = None, eps: float | None = None
                                     or tensor_rank < 1):
         raise ConfigError(f"tensor_rank (--tensor-rank) must be an integer >= 1, got {tensor_rank!r}; pass e.g. --tensor-rank 5")
     if shapes not in ("paper", "auto"):
-        raise ConfigError(f"shapes must be 'paper' or 'auto', got {shapes!r}")
+        raise ConfigError(f"shapes must be 'paper' or 'auto', got {shapes!r}; pass --shapes paper or --shapes auto")
     from ..io import resolve_device
 
     device = resolve_device(device)
@@ -248,11 +248,11 @@ def lora_to_tt(lora, *, tensor_rank: int | None = None, eps: float | None = None
         raise FormatError(f"{where}: is a {adapter.method!r} adapter ({adapter.source}), not a PEFT "
                           f"LoRA; lora-to-tt converts LoRA adapters (use tt-to-lora for TT ones)")
     if not adapter.modules:
-        raise FormatError(f"{where}: the adapter has no LoRA modules to convert")
+        raise FormatError(f"{where}: the adapter has no LoRA modules to convert; pass a PEFT LoRA adapter directory")
     for name, m in adapter.modules.items():
         if not isinstance(m, formats.LoraModule):
             raise FormatError(f"{where}: module {name} is a {type(m).__name__}, expected a LoRA "
-                              f"module (lora_A/lora_B weights)")
+                              f"module (lora_A/lora_B weights); convert only LoRA adapters (use tt-to-lora for TT ones)")
         if m.magnitude is not None:
             raise ConfigError(
                 f"{where}: module {name} is DoRA (it has lora_magnitude_vector of shape "
@@ -263,7 +263,7 @@ def lora_to_tt(lora, *, tensor_rank: int | None = None, eps: float | None = None
         if m.a.ndim != 2 or m.b.ndim != 2 or m.a.shape[0] != m.b.shape[1]:
             raise ShapeError(f"{where}: module {name} has lora_A.weight {tuple(m.a.shape)} and "
                              f"lora_B.weight {tuple(m.b.shape)}; expected (r, in) and (out, r) "
-                             f"with the same r")
+                             f"with the same r; re-save or re-download the adapter")
 
     # Every factor matrix as (module, side, rows, cols, matrix), grouped by mode list.
     items: list[tuple[str, str, int, int, torch.Tensor]] = []
@@ -410,7 +410,7 @@ def tt_to_lora(tt_adapter, *, rank: int | None = None, allow_unsafe_pickle: bool
             continue
         if not isinstance(m, formats.RepModule):
             raise FormatError(f"{where}: module {name} is a {type(m).__name__}; only rep modules "
-                              f"and TT dense layers convert to LoRA")
+                              f"and TT dense layers convert to LoRA; pass a LoRETTA_rep adapter")
         a = m.a.matrix(torch.float32)                              # (in, r)
         b = m.b.matrix(torch.float32)                              # (r, out)
         r = a.shape[1]
@@ -428,7 +428,7 @@ def tt_to_lora(tt_adapter, *, rank: int | None = None, allow_unsafe_pickle: bool
             params_after=a.shape[1] * (a.shape[0] + b.shape[1]),
             modes_a=tt.tt_modes_of(m.a.cores), modes_b=tt.tt_modes_of(m.b.cores)))
     if not modules:
-        raise FormatError(f"{where}: the adapter has no rep modules to convert")
+        raise FormatError(f"{where}: the adapter has no rep modules to convert; pass a LoRETTA_rep adapter directory")
     for key, value in adapter.tensors.items():
         tensors[key] = value.detach().clone()
     # Per-module r and alpha so that PEFT's scale alpha/r (alpha/sqrt(r)) is each module's scale.
@@ -516,7 +516,7 @@ def write_peft_lora(adapter, path: str | os.PathLike, *, force: bool = False) ->
     state: dict[str, torch.Tensor] = {}
     for name, m in adapter.modules.items():
         if not isinstance(m, formats.LoraModule) or m.magnitude is not None:
-            raise FormatError(f"module {name}: only plain LoRA modules can be written as PEFT LoRA")
+            raise FormatError(f"module {name}: only plain LoRA modules can be written as PEFT LoRA; convert the adapter with tt-to-lora first")
         state[f"{PREFIX}{name}.lora_A.weight"] = m.a.detach().contiguous()
         state[f"{PREFIX}{name}.lora_B.weight"] = m.b.detach().contiguous()
     for key, value in adapter.tensors.items():

@@ -152,7 +152,7 @@ def _load_model(model_dir: Path, task: str, dtype, trust_remote_code: bool):
         raise ConfigError(f"cannot load {model_dir} for task {task!r} ({exc}); choose the "
                           f"--task that matches the model's head") from exc
     except OSError as exc:
-        raise FormatError(f"cannot load the model in {model_dir}: {exc}; check that the directory "
+        raise FormatError(f"cannot load the model in {model_dir}: {exc}; pass a directory that "
                           f"holds a complete transformers checkpoint") from exc
     finally:
         if bars:
@@ -280,7 +280,7 @@ def _export_graph(wrapper, args: tuple, *, input_names, output_names, dynamic, o
                               opset_version=opset or 17, do_constant_folding=True)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"ONNX export failed with both exporters: {note}; TorchScript "
-                          f"exporter: {type(exc).__name__}: {exc}") from exc
+                          f"exporter: {type(exc).__name__}: {exc}; rerun with --debug for the traceback and report it") from exc
     if external_data:  # TorchScript writes one file per tensor: gather them into one
         _to_single_data_file(path)
     return "torchscript", note
@@ -536,7 +536,7 @@ def validate_onnx(onnx_path, model, *, task: str, with_past: bool = False,
         keep = feed["attention_mask"].numpy().astype(bool) if task != "seq-cls" else None
         if got.shape != ref.shape:
             raise NumericsError(f"ONNX output shape {got.shape} != PyTorch {ref.shape} for "
-                                f"probe batch={b} seq={s}; the export is broken")
+                                f"probe batch={b} seq={s}; the export is broken; rerun with --debug and report it (pass --no-validate only to inspect the graph)")
         max_abs, max_rel, ok = _compare(got, ref, keep, atol, rtol)
         probes.append(ProbeResult(b, s, max_abs, max_rel, ok))
     report = ValidationReport(providers=session.get_providers(), atol=atol, rtol=rtol,
