@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         if isinstance(exc, LorettaError):
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {' '.join(str(exc).split())}", err=True)  # one line, always
             sys.exit(exc.exit_code)
         if isinstance(exc, (OSError, MemoryError)):
             click.echo(f"error: {type(exc).__name__}: {exc}", err=True)

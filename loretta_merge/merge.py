@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import __version__, tt
+from .deps import require
 from .errors import ConfigError, NumericsError, OutputExistsError, ShapeError
 from .io import (CheckpointReader, read_model_config, StreamingShardWriter, atomic_output_dir, dtype_name,
                  parse_dtype, parse_size, resolve_device)
@@ -668,7 +669,7 @@ def verify_merge(base_dir: str | os.PathLike, loaded, out_dir: str | os.PathLike
     cls = _auto_class(config)  # the output's class: a task model when a head was added
     base = cls.from_pretrained(base_dir, dtype=torch.float32).eval()
     if adapter.method == "lora" and adapter.source == "peft" and adapter.path is not None:
-        from peft import PeftModel
+        PeftModel = require("peft", purpose="--verify of a PEFT LoRA").PeftModel
 
         reference = PeftModel.from_pretrained(base, adapter.path).eval()
     else:

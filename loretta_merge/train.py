@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import data as D
+from .deps import require
 from .errors import ConfigError, FormatError, OutputExistsError
 
 METHODS = ("rep", "adp", "lora", "head")
@@ -456,6 +457,7 @@ def train(*, model: str | os.PathLike | None = None, method: str = "rep", task: 
                    learning_rate=learning_rate, max_length=max_length, max_steps=max_steps,
                    max_train_samples=max_train_samples, save_steps=save_steps,
                    num_labels=num_labels, eval_split=eval_split)
+    require("accelerate", extra="train", purpose="train (transformers' Trainer)")
 
     # ---- data, validated before any model is built
     model_path = Path(model) if model is not None else D.default_model_path()

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..deps import require
 from ..errors import ConfigError, FormatError, NumericsError, OutputExistsError
 
 TASKS = ("auto", "causal-lm", "seq-cls", "feature-extraction")
@@ -349,6 +350,8 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     if atol is not None and not atol > 0:
         raise ConfigError(f"--atol must be positive, got {atol}; pass e.g. --atol 1e-4, or omit it for the default")
     torch_dtype = parse_dtype(dtype)
+    for module in ("onnx", "onnxruntime") if validate else ("onnx",):  # before any work
+        require(module, extra="onnx", purpose="export onnx")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise OutputExistsError(f"output {out_dir} exists and is a file; choose a directory path")
     if Path(out_dir).exists() and not force:  # fail before the (possibly long) model load
