@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ConfigError, FormatError
+from .errors import ConfigError, FormatError, LorettaError
 
 RT_TEST_MOVIES = 100
 RT_LABELS = ("rotten", "fresh")  # id 0, id 1
@@ -87,8 +87,25 @@ def rotten_tomatoes(*, n_test_movies: int = RT_TEST_MOVIES) -> tuple[list[dict],
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a local ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` / ``.parquet`` file."""
+    """Rows of a local ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` / ``.parquet`` file.
+
+    Any content gives rows or one FormatError naming the file (fuzzed in
+    tests/test_fuzz_data.py): bytes that are not UTF-8, JSON nested too deeply or with
+    numbers too long to convert, CSV fields over the csv module's limit.
+    """
     path = Path(path)
+    try:
+        return _read_rows(path)
+    except LorettaError:
+        raise
+    except (UnicodeDecodeError, csv.Error, ValueError, RecursionError) as exc:
+        kind = path.suffix.lower().lstrip(".").upper()
+        reason = " ".join(str(exc).split())[:200]
+        raise FormatError(f"{path}: cannot read it as {kind} ({reason}); fix the file or "
+                          f"re-save it as UTF-8 {kind}") from None
+
+
+def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise FormatError(f"data file {path} does not exist; pass an existing file to --train-file / --eval-file")
     suffix = path.suffix.lower()
