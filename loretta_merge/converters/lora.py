@@ -228,8 +228,8 @@ def lora_to_tt(lora, *, tensor_rank: int | None = None, eps: float | None = None
     """
     formats = _formats()
     if tensor_rank is None and eps is None:
-        raise ConfigError("lora-to-tt needs a target: pass --tensor-rank N (a maximum TT rank), --eps E "
-                          "(a relative error target in (0, 1)), or both")
+        raise ConfigError("lora-to-tt needs --tensor-rank N (a maximum TT rank), --eps E "
+                          "(a relative error target in (0, 1)), or both; pass at least one of them")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
                             or not math.isfinite(eps) or not 0 < eps < 1):
         raise ConfigError(f"eps must be a relative error in (0, 1), got {eps!r}; pass e.g. --eps 0.05")
