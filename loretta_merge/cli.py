@@ -11,8 +11,10 @@ import contextlib
 import functools
 import importlib
 import io
+import logging
 import os
 import sys
+import warnings
 
 import click
 
@@ -47,23 +49,33 @@ def _quiet_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool
 
 
 def _quiet_callback(callback):
-    """Run ``callback`` with stdout swallowed when -q was given (and --json was not)."""
+    """Run ``callback`` silenced when -q was given: stdout swallowed (unless --json), Python
+    warnings and log records below ERROR dropped (import-time chatter of torch and friends).
+    Errors still reach stderr: they are printed by :func:`main` after the command returns."""
     @functools.wraps(callback)
     def run(*args, **kwargs):
         ctx = click.get_current_context()
-        if not ctx.meta.get("loretta.quiet") or kwargs.get("as_json"):
+        if not (ctx.meta.get("loretta.quiet") or kwargs.get("quiet")):
             return callback(*args, **kwargs)
-        with contextlib.redirect_stdout(io.StringIO()):
-            return callback(*args, **kwargs)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+                warnings.simplefilter("ignore")
+                if not kwargs.get("as_json"):
+                    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                return callback(*args, **kwargs)
+        finally:
+            logging.disable(previous)
     return run
 
 
 def add_quiet_option(command: click.Command) -> click.Command:
     """Give ``command`` (and every sub-command of a group) ``-q/--quiet``, once.
 
-    Commands that declare their own ``quiet`` parameter (merge, train) keep it: they also
-    turn off their progress bars with it. For the others, -q swallows what the command
-    prints on stdout; with --json the JSON still prints.
+    Commands that declare their own ``quiet`` parameter (merge, train) keep it (they also
+    turn off their progress bars with it); every command runs silenced under -q, see
+    :func:`_quiet_callback`. With --json the JSON still prints.
     """
     if getattr(command, "_loretta_quiet", False):
         return command
@@ -75,7 +87,7 @@ def add_quiet_option(command: click.Command) -> click.Command:
     if not any(p.name == "quiet" for p in command.params):
         command.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
                                            callback=_quiet_flag, help=QUIET_HELP))
-        command.callback = _quiet_callback(command.callback)
+    command.callback = _quiet_callback(command.callback)
     return command
 
 

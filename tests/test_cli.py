@@ -156,3 +156,23 @@ def test_quiet_does_not_hide_errors(files, tmp_path, capsys):
     code, out, err = run_main(["convert", "tt-to-lora", files["lora"], "-o", tmp_path / "out", "-q"], capsys)
     assert code == 2
     assert err.startswith("error: ") and out == ""
+
+
+def test_quiet_in_a_fresh_process_prints_nothing(files, tmp_path):
+    """In a new process (as a user runs it), -q also hides import-time warnings and log
+    records of the libraries a command loads (transformers and what it pulls in); stdout and
+    stderr stay empty. Without -q the same command prints its table."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    env.pop("LORETTA_DEBUG", None)
+    argv = [sys.executable, "-m", "loretta_merge.cli", "inspect", "--config",
+            str(files["base"] / "config.json"), "--method", "rep"]
+    proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    proc = subprocess.run(argv + ["-q"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == "", proc.stderr[-2000:]
