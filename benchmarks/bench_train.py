@@ -337,11 +337,15 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_atomic(obj: dict, path: Path) -> None:
+def save(results: dict, path: Path) -> None:
+    """JSON (atomic) and plot, after every method: a stopped run keeps what it measured
+    (``complete`` says whether every method ran)."""
+    results["checks"] = checks(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(obj, indent=1))
+    part.write_text(json.dumps(results, indent=1))
     os.replace(part, path)
+    plot(results, path.with_suffix(".png"))
 
 
 # ----------------------------------------------------------------------- main
@@ -449,23 +453,21 @@ def main(argv=None) -> None:
                                    frozen_baseline(split, max_length=budget["max_length"]))
         r = results["baselines"][b]
         log(f"{b}: C {r['chosen_C']} (val {r['val_accuracy']:.4f}) test {r['test_accuracy']:.4f}")
-        write_atomic(results, out)
+        save(results, out)
     methods = [m for m in args.methods if m in FINETUNED]  # in the order given
     with tempfile.TemporaryDirectory() as tmp:
         files = {p: write_jsonl(rows, Path(tmp) / f"{p}.jsonl") for p, rows in split.items()}
         def one(method: str) -> None:
             results["finetuned"][method] = tune_and_test(method, args=args, budget=budget,
                                                           files=files, log=log)
-            write_atomic(results, out)
+            save(results, out)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             list(pool.map(one, methods))
     results["finetuned"] = {m: results["finetuned"][m] for m in methods}
-    results["checks"] = checks(results)
     results["wall_time_s"] = round(time.perf_counter() - t0, 1)
     results["load_average_at_end"] = os.getloadavg()
     results["complete"] = True
-    write_atomic(results, out)
-    plot(results, out.with_suffix(".png"))
+    save(results, out)
     log(f"checks {json.dumps(results['checks'])}")
     log(f"wrote {out} and {out.with_suffix('.png')}")
 
