@@ -49,6 +49,7 @@ BUDGETS = {
 }
 FINETUNED = ("head", "lora", "rep", "adp")
 BASELINES = ("tfidf_lr", "frozen_lr")
+ALL_ROWS = "tfidf_lr_all_train_rows"  # reference when the budget trains on a subset
 LR_GRIDS = {"head": [3e-3, 1e-2, 3e-2], "lora": [1e-3, 2e-3, 5e-3],
             "rep": [1e-3, 2e-3, 5e-3], "adp": [1e-3, 2e-3, 5e-3]}
 C_GRID = [0.01, 0.1, 1.0, 10.0, 100.0]
@@ -62,22 +63,24 @@ def _movie_order(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()
 
 
-def make_split(*, val_movies: int, train_rows: int | None, smoke: bool) -> dict:
-    """train / val / test rows; val = the first ``val_movies`` training movies by SHA-256."""
+def make_split(*, val_movies: int, train_rows: int | None, smoke: bool) -> tuple[dict, list]:
+    """``({"train", "val", "test"}, pool)``: val = the first ``val_movies`` training movies by
+    SHA-256 of the name; pool = every other training row; train = the budget's fixed subset
+    of the pool (the pool itself when the budget takes every row)."""
     from loretta_merge.data import rotten_tomatoes
 
     train_all, test = rotten_tomatoes()
     movies = sorted({r["movie_name"] for r in train_all}, key=_movie_order)
     val_set = set(movies[:val_movies])
     val = [r for r in train_all if r["movie_name"] in val_set]
-    train = [r for r in train_all if r["movie_name"] not in val_set]
+    train = pool = [r for r in train_all if r["movie_name"] not in val_set]
     if train_rows is not None and train_rows < len(train):
         keep = sorted(random.Random(0).sample(range(len(train)), train_rows))
         train = [train[i] for i in keep]  # a fixed subset, the same for every method and seed
     if smoke:
         val = [val[i] for i in sorted(random.Random(1).sample(range(len(val)), SMOKE_SIZES["val"]))]
         test = [test[i] for i in sorted(random.Random(2).sample(range(len(test)), SMOKE_SIZES["test"]))]
-    return {"train": train, "val": val, "test": test}
+    return {"train": train, "val": val, "test": test}, pool
 
 
 def describe_split(split: dict) -> dict:
@@ -295,8 +298,9 @@ def checks(results: dict) -> dict:
     ft = {m: r for m, r in results["finetuned"].items() if "test_accuracy_mean" in r}
     lines = {b: results["baselines"][b]["test_accuracy"] for b in BASELINES
              if "test_accuracy" in results["baselines"].get(b, {})}
+    reference = results["baselines"].get(ALL_ROWS, {}).get("test_accuracy")
     for m, r in ft.items():
-        for b, acc in lines.items():
+        for b, acc in [*lines.items(), *([(ALL_ROWS, reference)] if reference else [])]:
             out[f"{m}_minus_{b}"] = round(r["test_accuracy_mean"] - acc, 4)
         if lines:
             out[f"{m}_above_both_lr_baselines"] = all(r["test_accuracy_mean"] > a for a in lines.values())
@@ -322,7 +326,7 @@ def plot(results: dict, path: Path) -> None:
                         yerr=r["test_accuracy_std"] or 0, fmt="o", capsize=3,
                         label=f"{m}: {r['test_accuracy_mean']:.3f} ({r['chosen_pooling']}, "
                               f"lr {r['chosen_lr']:g}; {r['trainable_params']:,})")
-    for b, style in zip(BASELINES, ("--", ":")):
+    for b, style in zip([*BASELINES, ALL_ROWS], ("--", ":", "-.")):
         if "test_accuracy" in results["baselines"].get(b, {}):
             acc = results["baselines"][b]["test_accuracy"]
             ax.axhline(acc, color="grey", ls=style, lw=1, label=f"{b}: {acc:.3f}")
@@ -427,7 +431,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)  # noqa: E731
     budget = budget_of(args)
-    split = make_split(val_movies=args.val_movies, train_rows=budget["train_rows"],
+    split, pool = make_split(val_movies=args.val_movies, train_rows=budget["train_rows"],
                        smoke=args.smoke)
     results = {
         "benchmark": "train", "command": "python benchmarks/bench_train.py " + " ".join(
@@ -439,7 +443,7 @@ def main(argv=None) -> None:
         "C_grid": C_GRID, "split": {"how": f"loretta_merge.data.rotten_tomatoes (100 test "
                                            f"movies); validation = the first {args.val_movies} "
                                            f"training movies by SHA-256 of the name",
-                                    **describe_split(split)},
+                                    **describe_split(split), "train_pool_rows": len(pool)},
         "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                     "threads_per_run": args.threads, "jobs": args.jobs,
                     "python": platform.python_version(),
@@ -453,6 +457,12 @@ def main(argv=None) -> None:
                                    frozen_baseline(split, max_length=budget["max_length"]))
         r = results["baselines"][b]
         log(f"{b}: C {r['chosen_C']} (val {r['val_accuracy']:.4f}) test {r['test_accuracy']:.4f}")
+        save(results, out)
+    if "tfidf_lr" in args.methods and len(pool) > len(split["train"]) and not args.smoke:
+        # a reference line: what TF-IDF does with every training row, not the budget's subset
+        results["baselines"][ALL_ROWS] = r = tfidf_baseline({**split, "train": pool})
+        log(f"{ALL_ROWS} ({len(pool)} rows): C {r['chosen_C']} (val {r['val_accuracy']:.4f}) "
+            f"test {r['test_accuracy']:.4f}")
         save(results, out)
     methods = [m for m in args.methods if m in FINETUNED]  # in the order given
     with tempfile.TemporaryDirectory() as tmp:
