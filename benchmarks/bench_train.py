@@ -25,6 +25,7 @@ max length 64 = 250 steps) and ``full`` (every training row, 3 epochs, batch 32,
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -131,10 +132,9 @@ def tfidf_baseline(split: dict) -> dict:
             "wall_s": round(time.perf_counter() - t, 1)}
 
 
-def mean_pooled_embeddings(texts: list[str], *, max_length: int) -> "object":
-    """Frozen MiniLM sentence embeddings: masked mean of the last hidden state, L2-normed
-    (how all-MiniLM-L6-v2 was trained and is used)."""
-    import torch
+@functools.lru_cache(maxsize=1)
+def _frozen_encoder():
+    """MiniLM's tokenizer and bare encoder, loaded once per process."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -142,7 +142,15 @@ def mean_pooled_embeddings(texts: list[str], *, max_length: int) -> "object":
 
     hf_logging.set_verbosity_error()
     path = str(default_model_path())
-    tok, enc = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+def mean_pooled_embeddings(texts: list[str], *, max_length: int) -> "object":
+    """Frozen MiniLM sentence embeddings: masked mean of the last hidden state, L2-normed
+    (how all-MiniLM-L6-v2 was trained and is used)."""
+    import torch
+
+    tok, enc = _frozen_encoder()
     chunks = []
     with torch.no_grad():
         for i in range(0, len(texts), 64):
