@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from loretta_merge import tt
-from loretta_merge.converters.lora import _rel_delta_error, lora_to_tt
+from loretta_merge.converters.lora import lora_to_tt
+from loretta_merge.converters.reports import rel_delta_error
 from loretta_merge.formats import Adapter, LoraModule
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
@@ -83,7 +84,7 @@ def tensorly_loop(adapter: Adapter, report, shapes: str):
             out.append(tensorly.tt_to_tensor(fac).reshape(mat.shape))
         errs.append((m.a.T, m.b.T, out[0], out[1]))
     seconds = time.perf_counter() - start
-    delta = [_rel_delta_error(a, b, a2, b2) for a, b, a2, b2 in errs]
+    delta = [rel_delta_error(a, b, a2, b2) for a, b, a2, b2 in errs]
     return seconds, max(delta), sum(delta) / len(delta)
 
 
