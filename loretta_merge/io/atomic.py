@@ -126,7 +126,7 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
 
 def _name_output(exc: OSError, tmp: Path, out: Path) -> OSError:
     """The mapped error, naming ``out`` where it named the temporary directory."""
-    mapped = output_error(exc, out)
+    mapped = output_error(exc, exc.filename or out)
     if isinstance(mapped, OutputError) and str(tmp) in str(mapped):
         return make_output_error(type(mapped), mapped.errno, str(mapped).replace(str(tmp), str(out)))
     return mapped
