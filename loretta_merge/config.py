@@ -17,6 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .patterns import check_patterns, pattern_value
 
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
@@ -59,10 +60,12 @@ def target_matches(name: str, targets: list[str] | str) -> bool:
     return any(key_matches(name, k) for k in targets)
 
 
-def pattern_value(name: str, patterns: dict[str, Any]) -> Any | None:
-    """The value of the longest pattern key that matches ``name`` (list rule), or None."""
-    hits = [k for k in patterns if key_matches(name, k)]
-    return patterns[max(hits, key=len)] if hits else None
+def placement_for(name: str, placement: dict[str, str]) -> str | None:
+    """The adp placement ("input"/"output") of module ``name``: the value of the longest
+    ``placement`` key that matches by the list rule (:func:`key_matches`), or None.
+    (PEFT's ``rank_pattern``/``alpha_pattern`` follow another rule: :mod:`patterns`.)"""
+    hits = [k for k in placement if key_matches(name, k)]
+    return placement[max(hits, key=len)] if hits else None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -218,6 +221,8 @@ class RepConfig(_Base):
         for name, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pat, dict):
                 raise ConfigError(f"{name} must be a dict {{module key: value}}, got {pat!r}")
+        for name, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            check_patterns(pat, field_name=name)
         for k, v in self.rank_pattern.items():
             _int(f"rank_pattern[{k!r}]", v)
         for k, v in self.alpha_pattern.items():
@@ -226,13 +231,13 @@ class RepConfig(_Base):
         self._check_common()
 
     def rank_for(self, name: str) -> int:
-        v = pattern_value(name, self.rank_pattern)
-        return int(v) if v is not None else self.r
+        """``r`` of module ``name``: ``rank_pattern`` by PEFT's rule (:mod:`patterns`), else ``r``."""
+        return int(pattern_value(self.rank_pattern, name, self.r, field_name="rank_pattern"))
 
     def scale_for(self, name: str) -> float:
+        """PEFT's scale of module ``name``: alpha / r, or alpha / sqrt(r) with use_rslora."""
         r = self.rank_for(name)
-        alpha = pattern_value(name, self.alpha_pattern)
-        alpha = float(alpha if alpha is not None else self.lora_alpha)
+        alpha = float(pattern_value(self.alpha_pattern, name, self.lora_alpha, field_name="alpha_pattern"))
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import tt
 from .config import (AdpConfig, RepConfig, config_from_dict, default_targets, key_matches,
-                     pattern_value, target_matches)
+                     placement_for, target_matches)
 from .errors import ConfigError, FormatError, ShapeError
 from .layers import AdapterLinear, RepLinear, TTLinear, is_conv1d, linear_dims
 
@@ -119,7 +119,7 @@ def _plan(model: nn.Module, config: RepConfig | AdpConfig) -> dict[str, str]:
         if isinstance(config, RepConfig):
             hit = "rep" if target_matches(name, targets) else None  # type: ignore[arg-type]
         else:
-            hit = pattern_value(name, targets)  # type: ignore[arg-type]
+            hit = placement_for(name, targets)  # type: ignore[arg-type]
         if hit is None:
             continue
         if isinstance(module, (RepLinear, AdapterLinear)):
