@@ -385,7 +385,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--jobs", type=int, default=1,
                     help="methods run side by side, each in its own process; 0 = in-process")
-    ap.add_argument("--output", type=Path, help="JSON path (the plot goes beside it); "
+    ap.add_argument("--out", "--output", dest="output", type=Path, help="JSON path (the plot goes beside it); "
                     "default benchmarks/results/train_<budget>.json")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --output")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
