@@ -77,9 +77,9 @@ def logits(model, vocab: int = 128) -> torch.Tensor:
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Make the CPU path process tensors in many row blocks of 5 rows (64 columns)."""
-    import loretta_merge.merge as lm
+    import loretta_merge.merge.kernel as kernel
 
-    monkeypatch.setattr(lm, "_BLOCK_ELEMS", 5 * 64)
+    monkeypatch.setattr(kernel, "BLOCK_ELEMS", 5 * 64)
 
 
 # --------------------------------------------------------------------------- PEFT LoRA
