@@ -10,6 +10,7 @@ synchronised per tensor.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,23 @@ from ..io import CheckpointReader, StreamingShardWriter
 from . import kernel
 from .buffers import BaseReads, BufferPool, typed_view
 from .plan import MergePlan, OpKind, OutputTensor
+
+
+# The kernel runs on one intra-op thread: the run already keeps both cores busy with its
+# own pipeline (reader and writer threads beside the kernel), and a second OpenMP thread
+# on 1 MiB blocks made a 1 GB LoRA merge 6x slower on a loaded 2-core machine (the OpenMP
+# barrier spins while the other thread waits for a core); see docs/ARCH_merge.md.
+KERNEL_THREADS = 1
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -149,7 +167,8 @@ def run_plan(plan: MergePlan, reader: CheckpointReader, out_dir: Path, *, device
     bar = _progress_bar(reader) if progress else None
     keys, shard = plan.reads(), None
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="loretta-read") as rpool, \
+        with _intra_op_threads(KERNEL_THREADS), \
+                ThreadPoolExecutor(1, thread_name_prefix="loretta-read") as rpool, \
                 ThreadPoolExecutor(1, thread_name_prefix="loretta-write") as wpool:
             stream = _prefetch(run.reads, keys, rpool)
             try:
