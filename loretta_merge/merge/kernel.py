@@ -146,7 +146,9 @@ def merge_tensor_device(name: str, w0_pinned: torch.Tensor | None, ops: list[Op]
     ``out_pinned``; nothing waits for the device (see :func:`check_ranges`)."""
     values = _full_values(ops, device)
     if w0_pinned is not None:
-        acc = w0_pinned.to(device, non_blocking=True).float()  # upcast on the device
+        moved = w0_pinned.to(device, non_blocking=True)  # the stored bytes, as stored
+        # upcast on the device; a copy where the move was none (an fp32 tensor already there)
+        acc = moved.to(torch.float32, copy=moved.data_ptr() == w0_pinned.data_ptr())
     else:
         acc = torch.zeros(tuple(out_pinned.shape), device=device)
     _update(acc, ..., ops, values)
