@@ -205,6 +205,16 @@ def _warm(base: Path) -> None:
                 pass
 
 
+def _cache_state(cold: bool, checkpoint_bytes: int) -> str:
+    if cold:
+        return "cold"
+    with open("/proc/meminfo") as f:
+        total = int(f.readline().split()[1]) * 1024
+    if checkpoint_bytes > total // 2:  # input and output cannot both stay cached
+        return "partly warm (the checkpoint is over half the memory; reads partly hit the disk)"
+    return "warm"
+
+
 def _available_bytes() -> int:
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
@@ -263,6 +273,23 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     return {"cases": cases, "ratios": ratios}
 
 
+def _rounds(cases: list[str], args, work: Path) -> dict[str, list[dict]]:
+    """Every case once per round, interleaved; warm (read first) or cold (evicted) cache."""
+    runs: dict[str, list[dict]] = {c: [] for c in cases}
+    for round_ in range(args.repeat):
+        for case in cases:
+            _evict(work / "base") if args.cold else _warm(work / "base")
+            prof = args.profile / f"{case}-{round_}.prof" if args.profile else None
+            if prof:
+                args.profile.mkdir(parents=True, exist_ok=True)
+            r = _run_child(case, args, work, prof)
+            runs[case].append(r)
+            print(f"round {round_ + 1} {case:6s} wall {r['wall_s']:7.2f}s  cpu {r['cpu_s']:7.2f}s "
+                  f"(sys {r['sys_s']:5.2f})  peak RSS +{r['peak_rss_above_interpreter_bytes'] / 2**20:7.0f} MiB",
+                  flush=True)
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="1gb")
@@ -299,31 +326,24 @@ def main() -> None:
         cases.remove("peft")
         skipped["peft"] = reason
         print(f"peft skipped: {reason}")
-    runs: dict[str, list[dict]] = {c: [] for c in cases}
     try:
-        for round_ in range(args.repeat):
-            for case in cases:
-                _evict(work / "base") if args.cold else _warm(work / "base")
-                prof = args.profile / f"{case}-{round_}.prof" if args.profile else None
-                if prof:
-                    args.profile.mkdir(parents=True, exist_ok=True)
-                r = _run_child(case, args, work, prof)
-                runs[case].append(r)
-                print(f"round {round_ + 1} {case:6s} wall {r['wall_s']:7.2f}s  cpu {r['cpu_s']:7.2f}s "
-                      f"(sys {r['sys_s']:5.2f})  peak RSS +{r['peak_rss_above_interpreter_bytes'] / 2**20:7.0f} MiB",
-                      flush=True)
+        runs = _rounds(cases, args, work)
     finally:
-        if args.size == "7b" and not args.keep or args.smoke:
+        if (args.size == "7b" and not args.keep) or args.smoke:
             shutil.rmtree(work, ignore_errors=True)
     summary = {"size": args.size, "checkpoint_bytes": sum(shards), "input_shards": len(shards),
                "largest_input_shard_bytes": max(shards), "max_shard_size": args.max_shard_size,
-               "rounds": args.repeat, "page_cache": "cold" if args.cold else "warm",
+               "rounds": args.repeat, "page_cache": _cache_state(args.cold, sum(shards)),
                "cpu_count": os.cpu_count(), "skipped": skipped, **summarise(runs)}
+    _print_and_write(summary, args)
+
+
+def _print_and_write(summary: dict, args) -> None:
     for case, r in summary["ratios"].items():
         extra = (f", PEFT/ours {r['peft_wall_over_ours']:.2f}" if r.get("peft_wall_over_ours") else "")
         rss = summary["cases"][case]["peak_rss_above_interpreter_bytes"]
         print(f"{case:6s} wall/floor {r['wall_over_floor']:.2f}{extra}; peak RSS "
-              f"{rss / max(shards):.2f}x the largest shard")
+              f"{rss / summary['largest_input_shard_bytes']:.2f}x the largest shard")
     output = args.output or (Path(tempfile.gettempdir()) / "bench_merge-smoke.json" if args.smoke
                              else ROOT / "benchmarks" / "results" / f"merge-{args.size}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
