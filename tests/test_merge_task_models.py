@@ -30,14 +30,18 @@ CASES = {
     "roberta-mlm": ("roberta", "RobertaForMaskedLM", "RobertaForSequenceClassification"),
     "roberta-task": ("roberta", "RobertaForSequenceClassification",
                      "RobertaForSequenceClassification"),
+    "llama-causal": ("llama", "LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "gpt2-lm": ("gpt2", "GPT2LMHeadModel", "GPT2ForSequenceClassification"),
 }
+# a classifier on a decoder pools at the last non-pad token: it needs a pad token id
+_EXTRA = {"llama": {"pad_token_id": 0}, "gpt2": {"pad_token_id": 0}}
 
 
 def _config(family: str, **overrides):
     import transformers
 
-    cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[family]
-    return cls(**{**TINY[family][1], **overrides})
+    cls = getattr(transformers, TINY[family][0])
+    return cls(**{**TINY[family][1], **_EXTRA.get(family, {}), **overrides})
 
 
 def save_base(case: str, path: Path, **overrides) -> Path:
@@ -100,7 +104,7 @@ def test_rep_adapter_merges_into_the_base_it_was_trained_on(case, tmp_path):
     if report["task_model"]:  # the labels the head was trained with
         assert len(cfg["id2label"]) == 2 and cfg["label2id"] == {"LABEL_0": 0, "LABEL_1": 1}
     keys = set(CheckpointReader(out).keys())
-    assert not any(k.startswith(("lm_head.", "cls.")) for k in keys)  # the MLM head is dropped
+    assert not any(k.startswith(("lm_head.", "cls.")) for k in keys)  # the LM head is dropped
     want = set(getattr(transformers, task_cls)(_config(CASES[case][0])).state_dict())
     assert keys == want  # exactly the task model's tensors
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
