@@ -81,7 +81,9 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
               help="Largest output shard in BYTES, with units: 5GB, 500MB, 2GiB or a number.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT (kept until the new one is complete).")
 @click.option("--verify", is_flag=True,
-              help="After writing, compare logits of OUT with base + adapter in memory.")
+              help="After writing, compare logits of OUT with base + adapter in memory. Loads "
+                   "two fp32 copies of the model (8 bytes per parameter); refused up front, "
+                   "with the estimate, when they cannot fit in the available memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-unsafe-pickle", is_flag=True,
@@ -133,6 +135,9 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
         msg = (f"merged {report.merged_tensors} tensors (+{report.replaced_tensors} replaced, "
                f"{report.copied_tensors} copied) into {report.out}: {report.shards} shard(s), "
                f"{_human(report.total_bytes)}, {report.dtype}, {report.seconds:.1f}s")
+        if report.task_model:
+            msg += (f"; wrote {report.task_model} (the model the adapter was trained on; "
+                    f"{len(report.dropped)} base tensor(s) it lacks dropped)")
         if report.untied:
             msg += f"; untied {', '.join(report.untied)} (the adapter changes the embeddings)"
         if report.verify:
@@ -140,4 +145,4 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
             msg += ("; verify: " + v["skipped"] if "skipped" in v else
                     f"; verify: max |logit diff| {v['max_abs_logit_diff']:.3g} "
                     f"(tolerance {v['tolerance']:.3g})")
-        click.echo(msg, err=True)
+        click.echo(msg)  # the summary is the command's output, like every other command

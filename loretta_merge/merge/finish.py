@@ -1,0 +1,96 @@
+"""What a merged checkpoint carries besides its weights: its config, side files, provenance.
+
+The config says the output's dtype, whether embeddings are still tied, and, when the output
+is a task model, its class and labels. The model card gets a note naming the adapters;
+``loretta_merge_provenance.json`` records what was merged, when, and with which tool.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..io import dtype_name
+from .plan import MergePlan
+
+PROVENANCE_NAME = "loretta_merge_provenance.json"
+# files of a base directory that are weights (never copied as-is)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
+                    ".onnx", ".onnx_data")
+
+
+def output_config(config: dict, plan: MergePlan, out_dtype: torch.dtype | None) -> dict:
+    """The base config rewritten for the merged checkpoint."""
+    out = dict(config)
+    if not out:
+        return out
+    if out_dtype is not None:
+        out["dtype"] = dtype_name(out_dtype)
+        if "torch_dtype" in out:
+            out["torch_dtype"] = dtype_name(out_dtype)
+    if plan.untied:
+        out["tie_word_embeddings"] = False
+    if plan.task is not None:
+        out["architectures"] = [plan.task.class_name]
+        if plan.task.id2label:
+            out["id2label"] = dict(plan.task.id2label)
+            out["label2id"] = {v: int(k) for k, v in plan.task.id2label.items()}
+    return out
+
+
+def _card_note(base_dir: Path, plan: MergePlan) -> str:
+    names = " + ".join(f"`{a.label}` (weight {a.weight:g})" for a in plan.adapters)
+    return (f"> **Merged model.** This checkpoint is `{base_dir.name}` with the adapter(s) "
+            f"{names} merged into its weights by loretta-merge {__version__}; see "
+            f"`{PROVENANCE_NAME}`.")
+
+
+def _with_note(text: str, note: str) -> str:
+    """The note after the model card's YAML front matter (kept first), else at the top."""
+    if text.startswith("---\n") and "\n---" in text[4:]:
+        end = text.index("\n---", 4) + 4
+        return text[:end] + "\n\n" + note + "\n" + text[end:]
+    return note + "\n\n" + text
+
+
+def copy_side_files(base_dir: Path, out_dir: Path, *, config: dict, note: str) -> None:
+    """Copy config, generation config, tokenizer files, chat template and the model card."""
+    for p in sorted(base_dir.iterdir()):
+        name = p.name
+        if (not p.is_file() or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES)
+                or name.endswith(".index.json") or name in ("config.json", PROVENANCE_NAME)):
+            continue
+        if name.lower() == "readme.md":
+            (out_dir / name).write_text(_with_note(p.read_text(errors="replace"), note))
+        else:
+            shutil.copyfile(p, out_dir / name)
+    if config:
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def provenance(base_dir: Path, plan: MergePlan) -> dict:
+    return {
+        "tool": "loretta-merge", "version": __version__,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base": str(base_dir.resolve()),
+        "adapters": [{"path": a.label, "weight": a.weight, "method": a.adapter.method,
+                      "source": a.adapter.source,
+                      "base_model_name_or_path": a.adapter.base_model_name_or_path}
+                     for a in plan.adapters],
+        "dtype": dtype_name(plan.main_dtype), "untied": list(plan.untied),
+        "task_model": plan.task.class_name if plan.task else None,
+        "dropped": list(plan.task.dropped) if plan.task else [],
+    }
+
+
+def finish_output(base_dir: Path, out_dir: Path, config: dict, plan: MergePlan,
+                  out_dtype: torch.dtype | None) -> None:
+    """Write config, side files and provenance beside the merged weights in ``out_dir``."""
+    copy_side_files(base_dir, out_dir, config=output_config(config, plan, out_dtype),
+                    note=_card_note(base_dir, plan))
+    (out_dir / PROVENANCE_NAME).write_text(json.dumps(provenance(base_dir, plan), indent=2) + "\n")
