@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from .. import __version__
-from ..io import dtype_name
+from ..io import copy_side_files, dtype_name, write_file
 from .plan import MergePlan
 
 PROVENANCE_NAME = "loretta_merge_provenance.json"
-# files of a base directory that are weights (never copied as-is)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
-                    ".onnx", ".onnx_data")
 
 
 def output_config(config: dict, plan: MergePlan, out_dtype: torch.dtype | None) -> dict:
@@ -58,19 +54,16 @@ def _with_note(text: str, note: str) -> str:
     return note + "\n\n" + text
 
 
-def copy_side_files(base_dir: Path, out_dir: Path, *, config: dict, note: str) -> None:
-    """Copy config, generation config, tokenizer files, chat template and the model card."""
-    for p in sorted(base_dir.iterdir()):
-        name = p.name
-        if (not p.is_file() or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES)
-                or name.endswith(".index.json") or name in ("config.json", PROVENANCE_NAME)):
-            continue
-        if name.lower() == "readme.md":
-            (out_dir / name).write_text(_with_note(p.read_text(errors="replace"), note))
-        else:
-            shutil.copyfile(p, out_dir / name)
+def write_side_files(base_dir: Path, out_dir: Path, *, config: dict, note: str) -> None:
+    """The base's side files by the one policy (:func:`loretta_merge.io.copy_side_files`),
+    then the rewritten config and the model card with the merge note."""
+    copy_side_files(base_dir, out_dir, exclude=("config.json", "README.md", "readme.md",
+                                                PROVENANCE_NAME))
+    for card in ("README.md", "readme.md"):
+        if (base_dir / card).is_file():
+            write_file(out_dir / card, _with_note((base_dir / card).read_text(errors="replace"), note))
     if config:
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_file(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def provenance(base_dir: Path, plan: MergePlan) -> dict:
@@ -91,6 +84,6 @@ def provenance(base_dir: Path, plan: MergePlan) -> dict:
 def finish_output(base_dir: Path, out_dir: Path, config: dict, plan: MergePlan,
                   out_dtype: torch.dtype | None) -> None:
     """Write config, side files and provenance beside the merged weights in ``out_dir``."""
-    copy_side_files(base_dir, out_dir, config=output_config(config, plan, out_dtype),
-                    note=_card_note(base_dir, plan))
-    (out_dir / PROVENANCE_NAME).write_text(json.dumps(provenance(base_dir, plan), indent=2) + "\n")
+    write_side_files(base_dir, out_dir, config=output_config(config, plan, out_dtype),
+                     note=_card_note(base_dir, plan))
+    write_file(out_dir / PROVENANCE_NAME, json.dumps(provenance(base_dir, plan), indent=2) + "\n")
