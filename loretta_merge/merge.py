@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import __version__, tt
+from . import __version__, quant, tt
 from .errors import ConfigError, NumericsError, OutputExistsError, ShapeError
 from .io import (CheckpointReader, read_model_config, StreamingShardWriter, atomic_output_dir, dtype_name,
                  parse_dtype, parse_size, resolve_device)
@@ -457,7 +457,8 @@ def _copy_side_files(base: Path, out: Path, *, config: dict, note: str) -> None:
     for p in sorted(base.iterdir()):
         name = p.name
         if (not p.is_file() or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES)
-                or name.endswith(".index.json") or name in ("config.json", PROVENANCE_NAME)):
+                or name.endswith(".index.json") or name in ("config.json", PROVENANCE_NAME)
+                or name in quant.QUANT_SIDE_FILES):  # quant: the output is not quantized
             continue
         if name.lower() == "readme.md":
             text = p.read_text(errors="replace")
@@ -476,11 +477,14 @@ def _copy_side_files(base: Path, out: Path, *, config: dict, note: str) -> None:
 def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.PathLike, *,
           dtype: str | torch.dtype | None = None, device: str = "auto",
           max_shard_bytes: int | str = 5 * 10**9, force: bool = False, verify: bool = False,
-          progress: bool = True, allow_unsafe_pickle: bool = False) -> MergeReport:
+          progress: bool = True, allow_unsafe_pickle: bool = False,
+          awq_adapter_trained_on: str | None = None) -> MergeReport:
     """Merge ``adapters`` (a list of ``(path or Adapter, weight)``) into the checkpoint at
     ``base_dir`` and write a plain transformers checkpoint to ``out_dir``.
 
-    ``dtype`` None/"auto" keeps each base tensor's dtype. Everything that can be checked
+    ``dtype`` None/"auto" keeps each base tensor's dtype (bf16 for a quantized base, which
+    is read dequantized: see :mod:`loretta_merge.quant`; ``awq_adapter_trained_on`` says
+    whether adapters for an AWQ base were trained on the AWQ model or the original one). Everything that can be checked
     (names, shapes, finiteness of the adapter) is checked before any base weight is read;
     the output appears only when complete (see :func:`io.atomic_output_dir`).
     """
@@ -489,9 +493,15 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     out_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
     max_bytes = parse_size(max_shard_bytes)
-    reader = CheckpointReader(base_dir)
     config = read_model_config(base_dir)  # a malformed one is an error, never copied
+    quant.check_base(base_dir, config)  # quant: HQQ, optimum-quanto, unknown quant_method
+    reader = CheckpointReader(base_dir)
+    dequantized = quant.open_base(base_dir, config, reader)  # quant: None unless quantized
+    if dequantized is not None:  # quant: merge into true weights, write an ordinary checkpoint
+        reader, config = dequantized, quant.strip_quant_config(config)
+        out_dtype = out_dtype or torch.bfloat16
     loaded = _load_adapters(adapters, allow_unsafe_pickle)
+    quant.check_adapters(reader, loaded, awq_adapter_trained_on=awq_adapter_trained_on)  # quant
     ops, rep_jobs, untie, head = _plan(reader, loaded, _tied_pairs(base_dir, config))
     # a new task head: write the task model's checkpoint (base keys get the prefix back)
     out_name = (lambda k: f"{head['prefix']}.{k}") if head else (lambda k: k)
@@ -666,7 +676,8 @@ def verify_merge(base_dir: str | os.PathLike, loaded, out_dir: str | os.PathLike
     adapter, _, label = loaded[0]
     config = _read_json(out_dir / "config.json") or _read_json(base_dir / "config.json")
     cls = _auto_class(config)  # the output's class: a task model when a head was added
-    base = cls.from_pretrained(base_dir, dtype=torch.float32).eval()
+    base = (quant.load_dequantized_model(base_dir, cls)  # quant: None unless quantized
+            or cls.from_pretrained(base_dir, dtype=torch.float32)).eval()
     if adapter.method == "lora" and adapter.source == "peft" and adapter.path is not None:
         from peft import PeftModel
 

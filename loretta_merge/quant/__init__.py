@@ -21,8 +21,9 @@ from . import bnb, ctensors, gptq, torchao
 from .base import QuantLayout, QuantWeight
 from .reader import DequantizedReader
 
-__all__ = ["DequantizedReader", "QuantLayout", "QuantWeight", "SUPPORTED", "check_adapters",
-           "check_base", "describe_quantization", "open_base", "strip_quant_config"]
+__all__ = ["DequantizedReader", "QUANT_SIDE_FILES", "QuantLayout", "QuantWeight", "SUPPORTED",
+           "check_adapters", "check_base", "describe_quantization", "load_dequantized_model",
+           "open_base", "strip_quant_config"]
 
 # quant_method -> what is read (for messages and docs)
 SUPPORTED = {
@@ -33,6 +34,8 @@ SUPPORTED = {
     "awq": "GEMM 4-bit",
 }
 AWQ_TRAINED_ON = ("awq", "original")
+# side files of quantized checkpoints that must not follow the dequantized output
+QUANT_SIDE_FILES = ("quantize_config.json", "quant_config.json", "quanto_qmap.json", "recipe.yaml")
 
 
 def _unsupported(base_dir: Path, method: str) -> FormatError:
@@ -183,3 +186,34 @@ def describe_quantization(base_dir: str | Path, config: dict) -> dict | None:
         return None
     return {"quant_method": qc.get("quant_method"), **layout.summary, "mergeable": True,
             "quantized_weights": sorted(layout.weights)}
+
+
+def load_dequantized_model(base_dir: str | Path, cls):
+    """The transformers model ``cls`` holding the dequantized weights of a quantized base
+    (fp32, in memory: for ``--verify`` on small models), or None when the base is not
+    quantized."""
+    import torch
+
+    from ..io import CheckpointReader, read_model_config
+
+    config = read_model_config(base_dir)
+    if not config.get("quantization_config"):
+        return None
+    with CheckpointReader(base_dir) as raw:
+        reader = open_base(base_dir, config, raw)
+        state = {k: reader.get(k).to(torch.float32) for k in reader.keys()}
+    import transformers
+
+    plain = transformers.AutoConfig.for_model(**strip_quant_config(config))
+    model = cls.from_config(plain) if cls is transformers.AutoModel else cls(plain)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k not in _tied_keys(model)]:
+        raise FormatError(f"{base_dir}: the dequantized tensors do not fit {cls.__name__} (missing "
+                          f"{missing[:3]}, unexpected {unexpected[:3]}); verify cannot build the base")
+    model.tie_weights()
+    return model.to(torch.float32).eval()
+
+
+def _tied_keys(model) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return set(keys) if isinstance(keys, (dict, list, set, tuple)) else set()
