@@ -56,10 +56,33 @@ def _unsupported(base_dir: Path, method: str) -> FormatError:
                        f"merge into that")
 
 
+# suffixes of stored tensors that only exist as parts of a quantized weight, by quant_method:
+# one left over (its weight not recognised) means the checkpoint disagrees with its config
+_AUX_SUFFIXES = {
+    "bitsandbytes": (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB",
+                     ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"),
+    "torchao": ("._weight_qdata", "._weight_scale", "._weight_zero_point"),
+    "compressed-tensors": (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape",
+                           ".weight_g_idx"),
+    "gptq": (".qweight", ".qzeros", ".scales", ".g_idx"),
+    "awq": (".qweight", ".qzeros", ".scales", ".g_idx"),
+}
+
+
 def _quanto_marks(base_dir: Path, keys: Sequence[str] = ()) -> bool:
     if (base_dir / "quanto_qmap.json").is_file():
         return True
-    return any(k.endswith((".weight._data", ".weight._scale")) for k in keys)
+    return any(".weight._data" in k or k.endswith(".weight._scale") for k in keys)
+
+
+def _check_leftovers(method: str, layout: QuantLayout, keys: Sequence[str]) -> None:
+    used = layout.stored_keys()
+    for key in keys:
+        if key not in used and key.endswith(_AUX_SUFFIXES.get(method, ())):
+            from .base import disagree
+
+            raise disagree(layout.format, key, "belongs to no quantized weight that loretta-merge "
+                           "recognised (its other parts are missing or do not match)")
 
 
 def check_base(base_dir: str | Path, config: dict) -> None:
@@ -100,13 +123,15 @@ def detect(base_dir: str | Path, config: dict, reader) -> QuantLayout | None:
     if not qc:
         return None
     method = qc.get("quant_method")
+    layout = None
     if method == "torchao":
-        return torchao.detect(qc, reader, _shard_metadata(reader))
+        layout = torchao.detect(qc, reader, _shard_metadata(reader))
     for module in (bnb, ctensors, gptq):
-        layout = module.detect(qc, reader)
-        if layout is not None:
-            return layout
-    raise _unsupported(Path(base_dir), str(method))  # pragma: no cover - check_base refused it
+        layout = layout or module.detect(qc, reader)
+    if layout is None:  # pragma: no cover - check_base refused it
+        raise _unsupported(Path(base_dir), str(method))
+    _check_leftovers(str(method), layout, reader.keys())
+    return layout
 
 
 def open_base(base_dir: str | Path, config: dict, reader) -> DequantizedReader | None:
@@ -138,10 +163,14 @@ def check_adapters(reader, loaded: Sequence[tuple[Any, float, str]], *,
         raise ConfigError(f"--awq-adapter-trained-on must be one of {AWQ_TRAINED_ON}, got "
                           f"{awq_adapter_trained_on!r}")
     for adapter, _, label in loaded:
-        trained_on = awq_adapter_trained_on or _trained_on(adapter)
+        trained_on, why = awq_adapter_trained_on, "as --awq-adapter-trained-on says"
+        if trained_on is None:
+            trained_on = _trained_on(adapter)
+            why = (f"its base_model_name_or_path {adapter.base_model_name_or_path} is a model "
+                   f"without AWQ quantization")
         if trained_on == "original":
             raise ConfigError(
-                f"adapter {label} was trained on the original (unquantized) model, but the base "
+                f"adapter {label} was trained on the original (unquantized) model ({why}), but the base "
                 f"{reader.model_dir} is AWQ: AWQ folds activation scales into the norms, so its "
                 f"weights are W·diag(s) with s not stored, and the merge would be wrong; merge "
                 f"into the original model instead (then re-quantize with AWQ), or, if the adapter "

@@ -49,6 +49,8 @@ def _scale_shape(args: dict, out: int, inp: int) -> tuple[int, ...] | None:
 def _weight(view: TensorView, have: set[str], module: str, schemes: list[dict]) -> QuantWeight:
     packed = f"{module}.weight_packed" in have
     parts = {"scale": f"{module}.weight_scale"}
+    if parts["scale"] not in have:
+        raise disagree(FMT, parts["scale"], f"is missing (the scale of {module}.weight_packed)")
     if packed:
         parts.update(q=f"{module}.weight_packed", shape=f"{module}.weight_shape")
         if parts["shape"] not in have:
@@ -135,7 +137,9 @@ def detect(qconfig: dict, view: TensorView) -> QuantLayout | None:
                        "save in bf16, then merge")
     keys = view.keys()
     have = set(keys)
-    modules = modules_with(keys, ".weight_scale")
+    found = set(modules_with(keys, ".weight_scale")) | set(modules_with(keys, ".weight_packed"))
+    modules = [k[:-len(".weight_scale")] for k in keys if k.endswith(".weight_scale")]
+    modules += sorted(found - set(modules))  # a packed weight without its scale: refused below
     if not modules:
         raise disagree(FMT, "*.weight_scale", "no tensor of this kind exists, but "
                        "quantization_config says compressed-tensors")

@@ -53,7 +53,8 @@ def _gptq_weight(view: TensorView, have: set[str], module: str, qconfig: dict) -
     expect_shape(fmt, parts["qweight"], view.shape(parts["qweight"]), (rows, out),
                  f"{bits}-bit packing of {out} outputs")
     group = _group(qconfig, fmt, parts["qweight"], inp)
-    expect_shape(fmt, parts["scales"], scales, (inp // group, out), f"group size {group} over {inp} inputs")
+    expect_shape(fmt, parts["scales"], scales, (inp // group, out),
+                 f"bits={bits} (qweight {(rows, out)} holds {inp} inputs) with group size {group}")
     expect_shape(fmt, parts["qzeros"], view.shape(parts["qzeros"]), (inp // group, ceil_div(out * bits, 32)),
                  f"{bits}-bit zeros of {out} outputs")
     if "g_idx" in parts:
