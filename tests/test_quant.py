@@ -136,7 +136,7 @@ def package_dequantized(fmt: str, qdir: Path) -> dict[str, torch.Tensor]:
     if fmt in FIXTURE_FORMATS:
         from safetensors.torch import load_file
 
-        return load_file(qdir / "reference_dequantized.safetensors")
+        return load_file(qdir.parent / f"{qdir.name}-reference.safetensors")
     family = fmt.split("-", 1)[0]
     kwargs = {"device_map": "cpu"}
     if family == "ct":

@@ -210,7 +210,10 @@ def describe_quantization(base_dir: str | Path, config: dict) -> dict | None:
         with CheckpointReader(base_dir) as reader:
             layout = detect(base_dir, config, reader)
     except FormatError as exc:
-        return {"quant_method": (qc or {}).get("quant_method"), "mergeable": False, "reason": str(exc)}
+        method = (qc or {}).get("quant_method") if isinstance(qc, dict) else None
+        name = ("HQQ" if method == "hqq" or (base_dir / "qmodel.pt").is_file() else
+                "optimum-quanto" if "optimum-quanto" in str(exc) else method or "unrecognised")
+        return {"quant_method": method, "format": name, "mergeable": False, "reason": str(exc)}
     if layout is None:  # pragma: no cover - qc was set
         return None
     return {"quant_method": qc.get("quant_method"), **layout.summary, "mergeable": True,
