@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import perturb_trainable, probe_inputs, run_main
+from fixtures.quant.package_quantizers import QUANTIZERS
 from loretta_merge.io import CheckpointReader, read_model_config
 from loretta_merge.quant import DequantizedReader, open_base
 
@@ -33,82 +34,11 @@ LOGIT_TOL = 2e-2  # issue #18: merged vs PEFT on the dequantized model, absolute
 
 # --------------------------------------------------------------------------- making bases
 
-def _quantize_bnb(kind: str, out: Path) -> None:
-    import transformers
-
-    if kind == "int8":
-        qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        qc = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=kind.split("-")[0],
-            bnb_4bit_use_double_quant=kind.endswith("-dq"), bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(BASE, quantization_config=qc,
-                                                              device_map="cpu")
-    model.save_pretrained(out)
-
-
-def _quantize_torchao(kind: str, out: Path) -> None:
-    import transformers
-    from torchao.quantization import (Float8WeightOnlyConfig, Int8WeightOnlyConfig,
-                                      IntxWeightOnlyConfig)
-    from torchao.quantization.granularity import PerGroup
-
-    config = {"int8": lambda: Int8WeightOnlyConfig(),
-              "int4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
-              "fp8": lambda: Float8WeightOnlyConfig()}[kind]()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        BASE, quantization_config=transformers.TorchAoConfig(config), device_map="cpu",
-        dtype=torch.float32)
-    model.save_pretrained(out)
-
-
-CT_SCHEMES = {"fp8": (dict(num_bits=8, type="float", strategy="channel", symmetric=True), "float-quantized"),
-              "int8": (dict(num_bits=8, type="int", strategy="channel", symmetric=True), "int-quantized"),
-              "w4a16": (dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=True),
-                        "pack-quantized"),
-              "w4a16-asym": (dict(num_bits=4, type="int", strategy="group", group_size=32,
-                                  symmetric=False), "pack-quantized")}
-
-
-def _quantize_ct(kind: str, out: Path) -> None:
-    """compressed-tensors' own API: attach the scheme, compute each weight's scales and zero
-    points with its calculate_qparams from the weight's min/max, compress, save."""
-    import transformers
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,
-                                                 QuantizationScheme, QuantizationStatus,
-                                                 apply_quantization_config)
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    args, fmt = CT_SCHEMES[kind]
-    qa = QuantizationArgs(**args)
-    model = transformers.AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
-    cfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=qa)},
-                             ignore=["lm_head"], quantization_status=QuantizationStatus.INITIALIZED)
-    apply_quantization_config(model, cfg)
-    for module in model.modules():
-        if hasattr(module, "weight_scale"):
-            w = module.weight.data
-            if qa.strategy == "group":
-                w = w.reshape(w.shape[0], -1, qa.group_size)
-                lo, hi = w.amin(-1), w.amax(-1)
-            else:
-                lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-            scale, zero = calculate_qparams(lo, hi, qa)
-            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-            if hasattr(module, "weight_zero_point"):
-                module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
-    compressor.compress_model(model)
-    model.save_pretrained(out)
-    compressor.update_config(out)
-
-
 def make_quantized(fmt: str, out: Path) -> Path:
     family, kind = fmt.split("-", 1)
     pytest.importorskip(PACKAGE[family], reason=f"{PACKAGE[family]} is not installed (pip install "
                                                 f"'loretta-merge[test]')")
-    {"bnb": _quantize_bnb, "torchao": _quantize_torchao, "ct": _quantize_ct}[family](kind, out)
+    QUANTIZERS[family](BASE, out, kind)
     return out
 
 
