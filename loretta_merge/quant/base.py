@@ -99,7 +99,12 @@ def modules_with(keys: list[str], suffix: str) -> list[str]:
 def unpack_bits(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The first ``count`` unsigned ``bits``-wide values of each row of ``words`` (int32,
     last dim), read as one little-endian bit stream per row: value i starts at bit
-    i * bits and may straddle two words. Returns int64 (..., count)."""
+    i * bits and may straddle two words. Returns an integer tensor (..., count)."""
+    if 32 % bits == 0:  # values never straddle words: shift and mask, no gather
+        per = 32 // bits
+        shifts = torch.arange(per, dtype=torch.int32) * bits
+        vals = (words.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return vals.reshape(*words.shape[:-1], -1)[..., :count]
     w = words.to(torch.int64) & 0xFFFFFFFF  # (..., n_words) unsigned
     start = torch.arange(count, dtype=torch.int64) * bits
     word, offset = start // 32, start % 32
@@ -113,10 +118,9 @@ def unpack_bits(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def unpack_nibbles(words: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
     """4-bit values packed 8 per int32 along the last dim; ``order[j]`` is the nibble that
-    holds logical value j of each word. Returns int64 (..., 8 * n_words)."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.tensor(order, dtype=torch.int64) * 4
-    vals = (w.unsqueeze(-1) >> shifts) & 0xF  # (..., n_words, 8)
+    holds logical value j of each word. Returns int32 (..., 8 * n_words)."""
+    shifts = torch.tensor(order, dtype=torch.int32) * 4  # (arithmetic shift: masked below)
+    vals = (words.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF  # (..., n_words, 8)
     return vals.reshape(*words.shape[:-1], words.shape[-1] * 8)
 
 

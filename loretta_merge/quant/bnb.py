@@ -78,15 +78,18 @@ def _four_bit(view: TensorView, keys: set[str], blob_key: str) -> QuantWeight:
 def _decode_4bit(w: QuantWeight, t: dict[str, torch.Tensor]) -> torch.Tensor:
     p = w.params
     n = numel(p["shape"])
-    raw = t["packed"].contiguous().view(torch.uint8).reshape(-1).to(torch.int64)
-    codes = torch.stack([raw >> 4, raw & 0xF], dim=-1).reshape(-1)[:n]
+    block = p["blocksize"]
+    raw = t["packed"].contiguous().view(torch.uint8).reshape(-1)
+    codes = torch.stack([raw >> 4, raw & 0xF], dim=-1).reshape(-1)[:n].long()
     absmax = t["absmax"].reshape(-1)
     if p["double_quant"]:
         outer = t["nested_absmax"].float().reshape(-1)
         idx = torch.arange(absmax.numel()) // p["nested_blocksize"]
-        absmax = t["nested_quant_map"].float()[absmax.to(torch.int64)] * outer[idx] + p["nested_offset"]
-    scale = absmax.float().repeat_interleave(p["blocksize"])[:n]
-    return (t["quant_map"].float()[codes] * scale).reshape(p["shape"])
+        absmax = t["nested_quant_map"].float()[absmax.long()] * outer[idx] + p["nested_offset"]
+    values = t["quant_map"].float()[codes]
+    if n % block == 0:  # the usual case: one broadcast multiply per block
+        return (values.view(-1, block) * absmax.float().view(-1, 1)).reshape(p["shape"])
+    return (values * absmax.float().repeat_interleave(block)[:n]).reshape(p["shape"])
 
 
 def _int8(view: TensorView, keys: set[str], module: str) -> QuantWeight:

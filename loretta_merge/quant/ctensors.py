@@ -113,6 +113,17 @@ def _decode(w: QuantWeight, t: dict[str, torch.Tensor]) -> torch.Tensor:
     offset = 1 << (bits - 1)
     q = (unpack_bits(t["q"], bits, inp) - offset).float() if w.params["packed"] else t["q"].float()
     g_idx = t.get("g_idx")
+    scale = t["scale"]
+    if (args.get("strategy") == "group" and g_idx is None and scale.ndim == 2
+            and scale.shape[1] > 1):  # the usual W4A16 case: broadcast per group
+        groups = scale.shape[1]
+        q = q.view(out, groups, inp // groups)
+        if "zero_point" in t:
+            zp = t["zero_point"]
+            if w.params["packed"]:
+                zp = (unpack_bits(zp.T.contiguous(), bits, out) - offset).T
+            q = q - zp.float().unsqueeze(-1)
+        return (q * scale.float().unsqueeze(-1)).view(out, inp)
     if "zero_point" in t:
         zp = t["zero_point"]
         if w.params["packed"]:  # packed along dim 0: one bit stream per column of groups

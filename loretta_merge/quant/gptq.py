@@ -97,9 +97,10 @@ def _awq_weight(view: TensorView, have: set[str], module: str, qconfig: dict) ->
 def _decode_awq(w: QuantWeight, t: dict[str, torch.Tensor]) -> torch.Tensor:
     group = w.params["group"]
     q = unpack_nibbles(t["qweight"], _AWQ_ORDER)  # (in, out)
-    z = unpack_nibbles(t["qzeros"], _AWQ_ORDER).repeat_interleave(group, dim=0)
-    s = t["scales"].float().repeat_interleave(group, dim=0)
-    return ((q - z).float() * s).T
+    n_in, n_out = q.shape
+    z = unpack_nibbles(t["qzeros"], _AWQ_ORDER)  # (groups, out)
+    w = (q.view(-1, group, n_out) - z.unsqueeze(1)).float() * t["scales"].float().unsqueeze(1)
+    return w.view(n_in, n_out).T
 
 
 def detect(qconfig: dict, view: TensorView) -> QuantLayout | None:
