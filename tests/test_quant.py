@@ -154,10 +154,10 @@ def _logits(model, inputs) -> torch.Tensor:
         return model(**inputs).logits.float()
 
 
-def make_peft_lora(model, path: Path, *, base_name: str | None = None):
+def make_peft_lora(model, path: Path, *, base_name: str | None = None, use_dora: bool = False):
     from peft import LoraConfig, get_peft_model
 
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=use_dora, target_modules=[
         "q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]))
     perturb_trainable(pm, seed=3, std=0.1)
     if base_name:
@@ -214,6 +214,18 @@ def test_merge_rep_adapter_matches_the_loretta_model(fmt, quant_base, tmp_path, 
     worst = float((got - want).abs().max())
     print(f"\n[quant] {fmt}: rep merged vs LoRETTA model on dequantized: max |logit diff| {worst:.2e}")
     assert report["merged_tensors"] > 0 and worst < LOGIT_TOL
+
+
+@pytest.mark.parametrize("fmt", ["bnb-nf4-dq", "awq"])
+def test_merge_dora_matches_peft_on_the_dequantized_model(fmt, quant_base, tmp_path, capsys):
+    qdir = quant_base(fmt)
+    peft_model = make_peft_lora(reference_model(fmt, qdir), tmp_path / "dora", base_name=str(qdir),
+                                use_dora=True)
+    want = _logits(peft_model, probe_inputs())
+    got, report = merged_logits(qdir, tmp_path / "dora", tmp_path / "out", capsys)
+    worst = float((got - want).abs().max())
+    print(f"\n[quant] {fmt}: DoRA merged vs PEFT on dequantized: max |logit diff| {worst:.2e}")
+    assert report["merged_tensors"] == 2 * 5 and worst < LOGIT_TOL
 
 
 def test_verify_flag_on_a_quantized_base(quant_base, tmp_path, capsys):
