@@ -484,8 +484,9 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
 
     ``dtype`` None/"auto" keeps each base tensor's dtype (bf16 for a quantized base, which
     is read dequantized: see :mod:`loretta_merge.quant`; ``awq_adapter_trained_on`` says
-    whether adapters for an AWQ base were trained on the AWQ model or the original one). Everything that can be checked
-    (names, shapes, finiteness of the adapter) is checked before any base weight is read;
+    whether adapters for an AWQ base were trained on the AWQ model or the original one).
+    Everything that can be checked (names, shapes, finiteness of the adapter) is checked
+    before any base weight is read;
     the output appears only when complete (see :func:`io.atomic_output_dir`).
     """
     start = time.perf_counter()
