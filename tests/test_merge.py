@@ -380,20 +380,21 @@ def test_existing_output_and_failed_force_run(tiny_model_dir, tmp_path):
 
 
 def test_disk_full_fails_cleanly(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import loretta_merge.io as lio
+    import loretta_merge.io.writer as writer
     from loretta_merge.cli import main
 
     adapter = make_lora("llama", tmp_path / "lora")
 
     calls = []
+    real = writer.write_bytes
 
-    def full(f, data):  # the disk fills up a few writes into the run
-        calls.append(len(data))
+    def full(fd, data, offset):  # the disk fills up a few writes into the run
+        calls.append(len(memoryview(data).cast("B")))
         if len(calls) > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        f.write(data)
+        real(fd, data, offset)
 
-    monkeypatch.setattr(lio, "_write_bytes", full)
+    monkeypatch.setattr(writer, "write_bytes", full)
     with pytest.raises(SystemExit) as info:
         main([f"{tiny_model_dir('llama')}+{adapter}", "-o", str(tmp_path / "out"), "-q"])
     assert info.value.code == 1

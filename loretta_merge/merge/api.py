@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from .. import quant
 from ..errors import OutputExistsError
 from ..io import (CheckpointReader, atomic_output_dir, dtype_name, parse_dtype, parse_size,
                   read_model_config, resolve_device)
@@ -66,11 +67,15 @@ def _report(base_dir: Path, out: Path, plan: MergePlan, device: torch.device,
 def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.PathLike, *,
           dtype: str | torch.dtype | None = None, device: str = "auto",
           max_shard_bytes: int | str = 5 * 10**9, force: bool = False, verify: bool = False,
-          progress: bool = True, allow_unsafe_pickle: bool = False) -> MergeReport:
+          progress: bool = True, allow_unsafe_pickle: bool = False,
+          awq_adapter_trained_on: str | None = None) -> MergeReport:
     """Merge ``adapters`` (a list of ``(path or Adapter, weight)``) into the checkpoint at
     ``base_dir`` and write a plain transformers checkpoint to ``out_dir``.
 
-    ``dtype`` None/"auto" keeps each base tensor's dtype. Everything that can be checked
+    ``dtype`` None/"auto" keeps each base tensor's dtype (bf16 for a quantized base, which
+    is read dequantized: see :mod:`loretta_merge.quant`; ``awq_adapter_trained_on`` says
+    whether adapters for an AWQ base were trained on the AWQ model or the original one).
+    Everything that can be checked
     (names, shapes, finiteness of the adapter, memory for ``verify``) is checked before any
     base weight is read; the output appears only when complete.
     """
@@ -78,9 +83,15 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     base_dir, out = Path(base_dir), Path(os.path.abspath(out_dir))
     out_dtype, dev = parse_dtype(dtype), resolve_device(device)
     max_bytes = parse_size(max_shard_bytes)
-    reader = CheckpointReader(base_dir)
     config = read_model_config(base_dir)  # a malformed one is an error, never copied
+    quant.check_base(base_dir, config)  # HQQ, optimum-quanto, unknown quant_method: refused
+    reader = CheckpointReader(base_dir)
+    dequantized = quant.open_base(base_dir, config, reader)  # None unless quantized
+    if dequantized is not None:  # merge into the true weights, write an ordinary checkpoint
+        reader, config = dequantized, quant.strip_quant_config(config)
+        out_dtype = out_dtype or torch.bfloat16
     loaded = load_adapters(adapters, allow_unsafe_pickle=allow_unsafe_pickle)
+    quant.check_adapters(reader, loaded, awq_adapter_trained_on=awq_adapter_trained_on)
     plan = build_plan(reader, config, loaded, out_dtype=out_dtype)
     if out.exists() and not force:  # refused before any heavy work
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it, "

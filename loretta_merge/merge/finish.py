@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, quant
 from ..io import copy_side_files, dtype_name, write_file
 from .plan import MergePlan
 
@@ -58,7 +58,7 @@ def write_side_files(base_dir: Path, out_dir: Path, *, config: dict, note: str) 
     """The base's side files by the one policy (:func:`loretta_merge.io.copy_side_files`),
     then the rewritten config and the model card with the merge note."""
     copy_side_files(base_dir, out_dir, exclude=("config.json", "README.md", "readme.md",
-                                                PROVENANCE_NAME))
+                                                PROVENANCE_NAME, *quant.QUANT_SIDE_FILES))
     for card in ("README.md", "readme.md"):
         if (base_dir / card).is_file():
             write_file(out_dir / card, _with_note((base_dir / card).read_text(errors="replace"), note))

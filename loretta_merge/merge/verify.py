@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import quant
 from ..deps import require
 from ..errors import ConfigError, NumericsError
 from ..io import dtype_name, read_model_config
@@ -87,7 +88,9 @@ def verify_merge(base_dir: str | os.PathLike, adapters: list[LoadedAdapter],
         return {"skipped": "verify compares one adapter with weight 1 against its in-memory model"}
     config = read_model_config(out_dir) or read_model_config(base_dir)
     cls = _model_class(config)  # the output's class: the task model when one was written
-    reference = _reference(cls.from_pretrained(base_dir, dtype=torch.float32).eval(), adapters[0])
+    base = (quant.load_dequantized_model(base_dir, cls)  # None unless the base is quantized
+            or cls.from_pretrained(base_dir, dtype=torch.float32))
+    reference = _reference(base.eval(), adapters[0])
     merged = cls.from_pretrained(out_dir, dtype=torch.float32).eval()
     vocab = int(config.get("vocab_size") or 100)
     g = torch.Generator().manual_seed(0)
