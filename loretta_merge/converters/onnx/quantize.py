@@ -1,0 +1,123 @@
+"""int8 export: ONNX Runtime's dynamic quantization of the validated fp32 graph.
+
+Weights of MatMul/Gemm become int8 (activations are quantized at run time, per batch). The
+int8 graph replaces the fp32 one in the output only if it agrees with it on the probe
+batches: max |int8 - fp32| at kept positions within ``INT8_MAX_REL_DIFF`` of the largest
+fp32 output. For seq-cls with an eval file, both graphs also classify every row and the
+accuracy of each is reported.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ...deps import require
+from ...errors import ConfigError, FormatError, NumericsError
+from .reports import INT8_MAX_REL_DIFF, PROBE_SHAPES, QuantizeReport
+from .validate import compare, open_session, probe_batch
+
+
+def _graph_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def _run_quantizer(src: Path, dst: Path, external: bool) -> None:
+    quantization = require("onnxruntime.quantization", extra="onnx", purpose="--quantize int8")
+    try:
+        quantization.quantize_dynamic(str(src), str(dst), weight_type=quantization.QuantType.QInt8,
+                                      use_external_data_format=external)
+    except Exception as exc:  # noqa: BLE001 - the quantizer's own failures
+        raise FormatError(f"int8 quantization of {src.name} failed ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); export without --quantize, or report the "
+                          f"architecture") from exc
+
+
+def _agreement(fp32, int8, config, names: list[str], task: str) -> tuple[float, float, float]:
+    """(max abs diff, max rel diff, share of equal argmax) over the probe batches."""
+    worst_abs = worst_rel = 0.0
+    same = total = 0
+    for i, (b, s) in enumerate(PROBE_SHAPES):
+        feed = {k: v.numpy() for k, v in probe_batch(config, names, b, s, seed=200 + i).items()}
+        ref = np.asarray(fp32.run(None, feed)[0], dtype=np.float32)
+        got = np.asarray(int8.run(None, feed)[0], dtype=np.float32)
+        keep = None if task == "seq-cls" else feed["attention_mask"].astype(bool)
+        max_abs, max_rel, _ = compare(got, ref, keep, np.inf, 0.0)
+        worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
+        a, r = got.argmax(-1), ref.argmax(-1)
+        if keep is not None:
+            a, r = a[keep], r[keep]
+        same += int((a == r).sum())
+        total += a.size
+    return worst_abs, worst_rel, same / max(total, 1)
+
+
+def quantize_int8(onnx_path: Path, model, *, task: str, names: list[str], model_dir: Path,
+                  eval_file=None, external: bool = False, provider: str = "cpu",
+                  max_rel_diff: float = INT8_MAX_REL_DIFF) -> QuantizeReport:
+    """Replace ``onnx_path`` (fp32, validated) by its int8 form, checked against it."""
+    fp32_dir = onnx_path.parent / ".fp32"
+    fp32_dir.mkdir()
+    fp32_path = fp32_dir / onnx_path.name
+    for p in list(onnx_path.parent.glob(onnx_path.name + "*")):
+        shutil.move(str(p), fp32_dir / p.name)
+    try:
+        _run_quantizer(fp32_path, onnx_path, external)
+        fp32, int8 = open_session(fp32_path, provider), open_session(onnx_path, provider)
+        max_abs, max_rel, agree = _agreement(fp32, int8, model.config, names, task)
+        report = QuantizeReport(method="int8-dynamic", fp32_bytes=_graph_bytes(fp32_path),
+                                int8_bytes=_graph_bytes(onnx_path), max_abs_diff=max_abs,
+                                max_rel_diff=max_rel, max_rel_allowed=max_rel_diff,
+                                argmax_agreement=agree, passed=max_rel <= max_rel_diff)
+        if eval_file is not None:
+            _eval_accuracy(report, fp32, int8, model, names, Path(eval_file), model_dir)
+        del fp32, int8
+    finally:
+        shutil.rmtree(fp32_dir, ignore_errors=True)
+    if not report.passed:
+        raise NumericsError(f"the int8 graph of {model_dir} disagrees with the fp32 graph: max "
+                            f"|int8 - fp32| = {max_abs:.3g}, {max_rel:.2%} of the largest output "
+                            f"(allowed {max_rel_diff:.0%}); nothing was written. Export without "
+                            f"--quantize for this model")
+    return report
+
+
+def _eval_rows(eval_file: Path, config) -> tuple[list[str], list[int]]:
+    from ...data import classification_rows, read_rows
+
+    texts, labels = classification_rows(read_rows(eval_file), text_column="text",
+                                        label_column="label", source=str(eval_file))
+    label2id = getattr(config, "label2id", None) or {}
+    ids = []
+    for i, label in enumerate(labels):
+        if isinstance(label, str) and label not in label2id:
+            raise ConfigError(f"{eval_file} row {i}: label {label!r} is not one of the model's "
+                              f"labels {sorted(label2id)}; use integer ids or those names")
+        ids.append(label2id[label] if isinstance(label, str) else int(label))
+    return texts, ids
+
+
+def _eval_accuracy(report: QuantizeReport, fp32, int8, model, names, eval_file: Path,
+                   model_dir: Path, batch: int = 32) -> None:
+    """Accuracy of both graphs on a seq-cls eval file (columns ``text`` and ``label``)."""
+    from transformers import AutoTokenizer
+
+    texts, labels = _eval_rows(eval_file, model.config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"--eval-file needs the tokenizer of {model_dir}, which cannot be "
+                          f"loaded ({exc}); copy the tokenizer files into {model_dir}") from exc
+    hits = {"fp32": 0, "int8": 0}
+    for start in range(0, len(texts), batch):
+        enc = tokenizer(texts[start:start + batch], padding=True, truncation=True,
+                        max_length=128, return_tensors="np")
+        feed = {n: enc[n].astype(np.int64) for n in names if n in enc}
+        gold = np.asarray(labels[start:start + batch])
+        for key, session in (("fp32", fp32), ("int8", int8)):
+            hits[key] += int((session.run(None, feed)[0].argmax(-1) == gold).sum())
+    report.eval_file, report.eval_rows = str(eval_file), len(texts)
+    report.accuracy_fp32 = hits["fp32"] / len(texts)
+    report.accuracy_int8 = hits["int8"] / len(texts)
