@@ -157,14 +157,14 @@ def inject(model, plan: SwitchPlan) -> list[tuple[str, torch.Tensor]]:
     """Wrap the targeted projections; return the switch tensors (graph input name, default)
     in a fixed order: branch tensors, then full tensors under their names after wrapping."""
     params = dict(model.named_parameters())
-    full_ids = {id(params[n]): n for n in plan.tensor_names}
+    full = [params[n] for n in plan.tensor_names]
     for module, layouts in plan.branches.items():
         parent, _, child = module.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, SwitchableLinear(owner.get_submodule(child), layouts))
     switch = [(n, p) for n, p in model.named_parameters() if ".switch." in n]
     renamed = {id(p): n for n, p in model.named_parameters()}
-    switch += [(renamed[i], p) for i in full_ids]
+    switch += [(renamed[id(p)], p) for p in full]
     return switch
 
 
@@ -275,20 +275,22 @@ def write_adapter_files(out: Path, plan: SwitchPlan, model) -> dict[str, Path]:
         fmt = ort.AdapterFormat()
         fmt.set_adapter_version(1)
         fmt.set_model_version(1)
-        fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v)
-                            for k, v in adapter_values(name, plan, model).items()})
+        # an OrtValue only points at the numpy buffer: keep ``values`` alive until written
+        values = adapter_values(name, plan, model)
+        fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()})
         files[name] = folder / f"{name}{ADAPTER_SUFFIX}"
         fmt.export_adapter(str(files[name]))
+        del fmt, values
     return files
 
 
 def run_options_for(path: Path):
-    """RunOptions with the adapter file at ``path`` active."""
+    """(RunOptions with the adapter file at ``path`` active, the loaded adapter); keep the
+    adapter referenced while the options are in use."""
     import onnxruntime as ort
 
     adapter = ort.LoraAdapter()
     adapter.Load(str(path))
     options = ort.RunOptions()
     options.add_active_adapter(adapter)
-    options._loretta_adapter = adapter  # type: ignore[attr-defined] - keep it alive
-    return options
+    return options, adapter

@@ -284,7 +284,7 @@ class _Job:
         if not report.validation.passed:
             raise NumericsError(failure_message(report.validation, self.model_dir))
         for entry in report.switchable:
-            options = switching.run_options_for(onnx_path.parent / entry.file)
+            options, _loaded = switching.run_options_for(onnx_path.parent / entry.file)
             with switching.merged_into(self.model, self.plan, entry.name) as merged:
                 entry.validation = validate_onnx(onnx_path, merged, run_options=options, **kw)
             entry.validation.adapter = entry.name

@@ -116,7 +116,7 @@ def dynamic_spec(names: list[str], with_past: bool, layers: int, n_switch: int =
     if n_switch:
         if not with_past and "token_type_ids" not in shapes:
             shapes["token_type_ids"] = None
-        shapes["switch"] = tuple(None for _ in range(n_switch))  # static adapter tensors
+        shapes["switch"] = [None] * n_switch  # static adapter tensors
     return {"shapes": shapes, "axes": axes}
 
 
@@ -124,7 +124,7 @@ def build_wrapper(model, task: str, names: list[str], *, with_past: bool, layers
                   example: dict, switch: tuple[tuple[str, torch.Tensor], ...] = ()):
     """(wrapper, example args, input names, output names) for one export."""
     switch_names = tuple(n for n, _ in switch)
-    switch_values = tuple(t for _, t in switch)
+    switch_values = [t for _, t in switch]
     if with_past:
         wrapper = PastWrapper(model, layers, switch_names).eval()
         _, kv, hd = decoder_dims(model.config)
@@ -142,6 +142,6 @@ def build_wrapper(model, task: str, names: list[str], *, with_past: bool, layers
         input_names = list(names)
         output_names = ["last_hidden_state" if task == "feature-extraction" else "logits"]
     if switch:
-        args = args + (switch_values,)
+        args = args + (switch_values,)  # a list: the exporter turns dynamic specs into lists
         input_names = input_names + list(switch_names)
     return wrapper, args, input_names, output_names
