@@ -9,6 +9,7 @@ accuracy of each is reported.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def _graph_bytes(path: Path) -> int:
 
 def _run_quantizer(src: Path, dst: Path, external: bool) -> None:
     quantization = require("onnxruntime.quantization", extra="onnx", purpose="--quantize int8")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
     try:
         quantization.quantize_dynamic(str(src), str(dst), weight_type=quantization.QuantType.QInt8,
                                       use_external_data_format=external)
@@ -33,6 +37,8 @@ def _run_quantizer(src: Path, dst: Path, external: bool) -> None:
         raise FormatError(f"int8 quantization of {src.name} failed ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); export without --quantize, or report the "
                           f"architecture") from exc
+    finally:
+        root.setLevel(level)
 
 
 def _agreement(fp32, int8, config, names: list[str], task: str) -> tuple[float, float, float]:
