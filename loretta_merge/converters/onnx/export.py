@@ -134,12 +134,37 @@ def load_model(model_dir: Path, task: str, dtype, trust_remote_code: bool):
     return model
 
 
+def align_names(adapter, model):
+    """The adapter with its module/tensor names fitted to ``model``: an adapter trained on a
+    task model (``roberta.encoder...``) exported as feature-extraction (the bare encoder,
+    ``encoder...``) loses the prefix (and the head tensors the bare encoder lacks), and an
+    adapter trained on a bare encoder gains the prefix for a task model."""
+    import dataclasses
+
+    named = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or all(m in named for m in adapter.modules):
+        return adapter
+    lead = prefix + "."
+    if all(m.startswith(lead) and m[len(lead):] in named for m in adapter.modules):
+        rename = lambda n: n[len(lead):]  # noqa: E731
+        tensors = {rename(k): v for k, v in adapter.tensors.items() if k.startswith(lead)}
+    elif all(lead + m in named for m in adapter.modules):
+        rename = lambda n: lead + n  # noqa: E731
+        params = dict(model.named_parameters())
+        tensors = {(lead + k if lead + k in params else k): v for k, v in adapter.tensors.items()}
+    else:
+        return adapter  # the fit check names the module that does not fit
+    return dataclasses.replace(adapter, modules={rename(k): v for k, v in adapter.modules.items()},
+                               tensors=tensors)
+
+
 def _apply_adapter(model, adapter) -> tuple[object, bool]:
     """Attach a LoRETTA adapter; a rep adapter is merged into the weights (a plain graph, no
     TT reconstruction per inference). Returns (model, merged)."""
     from ...model import load_loretta_model, merge_loretta_model
 
-    model = load_loretta_model(model, adapter)
+    model = load_loretta_model(model, align_names(adapter, model))
     merged = adapter.method == "rep"
     if merged:
         model = merge_loretta_model(model)
@@ -191,6 +216,7 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     adapter = _read_applied_adapter(adapter)
     to_switch = switching.read_all(switchable, layout=switch_layout) if switchable else {}
     model = load_model(model_dir, task, torch_dtype, trust_remote_code)
+    to_switch = {name: align_names(a, model) for name, a in to_switch.items()}
     plan = switching.plan_switchable(to_switch, model, layout=switch_layout) if switchable else None
     merged = False
     if adapter is not None:
