@@ -131,7 +131,7 @@ def bench_model(name: str, model_dir: Path, task: str, tmp: Path, args) -> dict:
             "export_seconds": fp32.export_seconds, "validation_fp32": fp32.validation.max_abs_diff,
             "int8": {"fp32_bytes": q.fp32_bytes, "int8_bytes": q.int8_bytes,
                      "max_abs_diff_vs_fp32": q.max_abs_diff, "max_rel_diff_vs_fp32": q.max_rel_diff,
-                     "argmax_agreement": q.argmax_agreement},
+                     "rel_error_vs_fp32": q.rel_error, "min_cosine_vs_fp32": q.min_cosine, "argmax_agreement": q.argmax_agreement},
             "providers": {"fp32": s32.get_providers(), "int8": s8.get_providers()}, "rows": rows}
 
 

@@ -205,3 +205,44 @@ def test_zero_padded_tt_ranks_are_exact():
         want = 0.5 * (x @ tt.reconstruct(a, 16, 8)) @ tt.reconstruct(b, 8, 8)
         assert [c.shape[2] for c in branch.lora_A][:2] == [5, 5]
         torch.testing.assert_close(branch(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_gpt2_conv1d_with_past_switchable(tmp_path):
+    """GPT-2 (Conv1D projections, transposed weights) with the KV cache: the adapter active
+    through every cached step gives PyTorch's merged model's greedy tokens."""
+    from loretta_merge.config import RepConfig
+    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+
+    base = save_tiny("gpt2", tmp_path / "base")
+    torch.manual_seed(4)
+    adapter = save_loretta_adapter(perturb_trainable(get_loretta_model(
+        build_tiny("gpt2"), RepConfig(r=4, tensor_rank=3, lora_dropout=0.0)), seed=4),
+        tmp_path / "rep")
+    report = export_onnx(base, tmp_path / "out", with_past=True,
+                         switchable_adapters=[f"chat={adapter}"])
+    v = report.switchable[0].validation
+    assert v.passed and v.generation_match and v.adapter == "chat"
+    assert report.validation.generation_match  # and the base with no adapter active
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    feed = probe_inputs(batch=1, seq=6, seed=9)
+    past = {i.name: np.zeros((1, 4, 0, 16), np.float32) for i in session.get_inputs()
+            if i.name.startswith("past_key_values")}
+    np_feed = {k: v.numpy() for k, v in feed.items()}
+    plain = session.run(None, {**np_feed, **past})[0]
+    on = _run_past(session, {**np_feed, **past}, tmp_path / "out" / "adapters" / "chat.onnx_adapter")
+    from loretta_merge.model import load_loretta_model, merge_loretta_model
+
+    merged = merge_loretta_model(load_loretta_model(build_tiny("gpt2"), adapter)).eval()
+    with torch.no_grad():
+        want = merged(**feed).logits.numpy()
+    keep = feed["attention_mask"].numpy().astype(bool)  # the row's last 2 tokens are padding
+    assert np.abs(on - want)[keep].max() < ATOL and np.abs(plain - want)[keep].max() > 1e-3
+
+
+def _run_past(session, feed, adapter_file):
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(adapter_file))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    return session.run(None, feed, options)[0]

@@ -139,8 +139,9 @@ def _print_onnx_report(report) -> None:
     q = report.quantize
     if q is not None:
         line = (f"int8: {q.fp32_bytes / 1e6:.1f} MB -> {q.int8_bytes / 1e6:.1f} MB; vs fp32 max "
-                f"abs diff {q.max_abs_diff:.3g} ({q.max_rel_diff:.2%} of the largest output), "
-                f"argmax agreement {q.argmax_agreement:.1%}")
+                f"abs diff {q.max_abs_diff:.3g}, relative error {q.rel_error:.3g} (allowed "
+                f"{q.rel_error_allowed}), worst cosine {q.min_cosine:.4f}, argmax agreement "
+                f"{q.argmax_agreement:.1%}")
         if q.accuracy_fp32 is not None:
             line += (f"; {q.eval_rows} eval rows: accuracy fp32 {q.accuracy_fp32:.4f}, int8 "
                      f"{q.accuracy_int8:.4f}")

@@ -2,8 +2,8 @@
 
 Weights of MatMul/Gemm become int8 (activations are quantized at run time, per batch). The
 int8 graph replaces the fp32 one in the output only if it agrees with it on the probe
-batches: max |int8 - fp32| at kept positions within ``INT8_MAX_REL_DIFF`` of the largest
-fp32 output. For seq-cls with an eval file, both graphs also classify every row and the
+batches: ||int8 - fp32|| / ||fp32|| over the kept positions at most ``INT8_MAX_REL_ERROR``
+(max abs/rel diffs, per-position cosines and argmax agreement are reported). For seq-cls with an eval file, both graphs also classify every row and the
 accuracy of each is reported.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from ...deps import require
 from ...errors import ConfigError, FormatError, NumericsError
-from .reports import INT8_MAX_REL_DIFF, PROBE_SHAPES, QuantizeReport
+from .reports import INT8_MAX_REL_ERROR, PROBE_SHAPES, QuantizeReport
 from .validate import compare, open_session, probe_batch
 
 
@@ -41,9 +41,18 @@ def _run_quantizer(src: Path, dst: Path, external: bool) -> None:
         root.setLevel(level)
 
 
-def _agreement(fp32, int8, config, names: list[str], task: str) -> tuple[float, float, float]:
-    """(max abs diff, max rel diff, share of equal argmax) over the probe batches."""
-    worst_abs = worst_rel = 0.0
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching vectors along the last axis."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.maximum(norms, 1e-30)
+
+
+def _agreement(fp32, int8, config, names: list[str], task: str):
+    """(max abs diff, max rel diff, relative error, min cosine, share of equal argmax) over
+    the kept positions of the probes."""
+    worst_abs = worst_rel = err_sq = ref_sq = 0.0
+    cosine = 1.0
     same = total = 0
     for i, (b, s) in enumerate(PROBE_SHAPES):
         feed = {k: v.numpy() for k, v in probe_batch(config, names, b, s, seed=200 + i).items()}
@@ -52,17 +61,22 @@ def _agreement(fp32, int8, config, names: list[str], task: str) -> tuple[float, 
         keep = None if task == "seq-cls" else feed["attention_mask"].astype(bool)
         max_abs, max_rel, _ = compare(got, ref, keep, np.inf, 0.0)
         worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
-        a, r = got.argmax(-1), ref.argmax(-1)
+        a, r, cos = got.argmax(-1), ref.argmax(-1), _cosines(got, ref)
         if keep is not None:
-            a, r = a[keep], r[keep]
+            a, r, cos = a[keep], r[keep], cos[keep]
+        cosine = min(cosine, float(cos.min()) if np.isfinite(cos).all() else -1.0)
+        g, f = (got, ref) if keep is None else (got[keep], ref[keep])
+        err_sq += float(((g.astype(np.float64) - f) ** 2).sum())
+        ref_sq += float((f.astype(np.float64) ** 2).sum())
         same += int((a == r).sum())
         total += a.size
-    return worst_abs, worst_rel, same / max(total, 1)
+    rel_error = (err_sq / max(ref_sq, 1e-30)) ** 0.5 if np.isfinite(err_sq) else float("inf")
+    return worst_abs, worst_rel, rel_error, cosine, same / max(total, 1)
 
 
 def quantize_int8(onnx_path: Path, model, *, task: str, names: list[str], model_dir: Path,
                   eval_file=None, external: bool = False, provider: str = "cpu",
-                  max_rel_diff: float = INT8_MAX_REL_DIFF) -> QuantizeReport:
+                  max_rel_error: float = INT8_MAX_REL_ERROR) -> QuantizeReport:
     """Replace ``onnx_path`` (fp32, validated) by its int8 form, checked against it."""
     fp32_dir = onnx_path.parent / ".fp32"
     fp32_dir.mkdir()
@@ -72,21 +86,23 @@ def quantize_int8(onnx_path: Path, model, *, task: str, names: list[str], model_
     try:
         _run_quantizer(fp32_path, onnx_path, external)
         fp32, int8 = open_session(fp32_path, provider), open_session(onnx_path, provider)
-        max_abs, max_rel, agree = _agreement(fp32, int8, model.config, names, task)
+        max_abs, max_rel, rel_error, cosine, agree = _agreement(fp32, int8, model.config, names,
+                                                                task)
         report = QuantizeReport(method="int8-dynamic", fp32_bytes=_graph_bytes(fp32_path),
                                 int8_bytes=_graph_bytes(onnx_path), max_abs_diff=max_abs,
-                                max_rel_diff=max_rel, max_rel_allowed=max_rel_diff,
-                                argmax_agreement=agree, passed=max_rel <= max_rel_diff)
+                                max_rel_diff=max_rel, rel_error=rel_error,
+                                rel_error_allowed=max_rel_error, min_cosine=cosine,
+                                argmax_agreement=agree, passed=rel_error <= max_rel_error)
         if eval_file is not None:
             _eval_accuracy(report, fp32, int8, model, names, Path(eval_file), model_dir)
         del fp32, int8
     finally:
         shutil.rmtree(fp32_dir, ignore_errors=True)
     if not report.passed:
-        raise NumericsError(f"the int8 graph of {model_dir} disagrees with the fp32 graph: max "
-                            f"|int8 - fp32| = {max_abs:.3g}, {max_rel:.2%} of the largest output "
-                            f"(allowed {max_rel_diff:.0%}); nothing was written. Export without "
-                            f"--quantize for this model")
+        raise NumericsError(f"the int8 graph of {model_dir} disagrees with the fp32 graph: "
+                            f"||int8 - fp32|| / ||fp32|| = {rel_error:.3g} on the probes (allowed "
+                            f"{max_rel_error}), max |int8 - fp32| = {max_abs:.3g}; nothing was "
+                            f"written. Export without --quantize for this model")
     return report
 
 
