@@ -72,6 +72,9 @@ def _size(ctx, param, value):
                    "(kilobyte files); factors: A and B precomputed (larger files).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Dynamic int8 quantization (ONNX Runtime), checked against the fp32 graph.")
+@click.option("--int8-max-error", type=float, default=None,
+              help="With --quantize: the largest accepted ||int8 - fp32|| / ||fp32|| over the "
+                   "probe outputs (default 0.1).")
 @click.option("--eval-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --quantize on a seq-cls model: a CSV/JSONL with text and label "
                    "columns; the accuracy of the fp32 and int8 graphs is reported.")
@@ -84,7 +87,7 @@ def _size(ctx, param, value):
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def onnx_command(model_dir, out_dir, adapter, task, with_past, opset, dtype, atol, no_validate,
                  external_data_threshold, trust_remote_code, switchable, switch_layout, quantize,
-                 eval_file, provider, as_json, force):
+                 int8_max_error, eval_file, provider, as_json, force):
     """Export MODEL_DIR to ONNX with dynamic batch/sequence axes, checked in ONNX Runtime.
 
     Validation runs the graph on padded probe batches of two shapes and compares it with
@@ -99,7 +102,7 @@ def onnx_command(model_dir, out_dir, adapter, task, with_past, opset, dtype, ato
                          external_data_threshold_bytes=external_data_threshold, force=force,
                          trust_remote_code=trust_remote_code, switchable_adapters=switchable,
                          switch_layout=switch_layout, quantize=quantize, eval_file=eval_file,
-                         provider=provider)
+                         provider=provider, int8_max_error=int8_max_error)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

