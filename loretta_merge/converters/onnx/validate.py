@@ -8,6 +8,7 @@ asked for and ONNX Runtime fell back to the CPU.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def open_session(path: Path, provider: str = "auto"):
     if providers[0] != "CPUExecutionProvider":
         ort.set_default_logger_severity(3)  # a missing CUDA is reported, not logged
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        with warnings.catch_warnings():  # a missing CUDA is reported (fallback), not warned
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 - e.g. an op without a kernel for this dtype
         hint = ("float16 graphs need the CUDA provider (pip install 'loretta-merge[gpu]' on a "
                 "GPU machine, --provider cuda), or export in float32 (--dtype float32), or skip "
