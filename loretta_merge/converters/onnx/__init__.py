@@ -27,11 +27,11 @@ Modules: :mod:`.export` (options, loading, the run), :mod:`.wrappers` (what is t
 and :mod:`.switch_layers` (switchable adapters), :mod:`.quantize` (int8), :mod:`.reports`.
 """
 
-from .export import COPIED_FILES, export_onnx, load_model, resolve_task
+from .export import export_onnx, load_model, resolve_task
 from .reports import (ONNX_NAME, PROBE_SHAPES, TASKS, ExportReport, ProbeResult, QuantizeReport,
                       SwitchableReport, ValidationReport)
 from .validate import validate_onnx
 
-__all__ = ["COPIED_FILES", "ONNX_NAME", "PROBE_SHAPES", "TASKS", "ExportReport", "ProbeResult",
+__all__ = ["ONNX_NAME", "PROBE_SHAPES", "TASKS", "ExportReport", "ProbeResult",
            "QuantizeReport", "SwitchableReport", "ValidationReport", "export_onnx", "load_model",
            "resolve_task", "validate_onnx"]

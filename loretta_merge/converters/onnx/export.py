@@ -7,11 +7,11 @@ passed validation in ONNX Runtime.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 from ...deps import require
+from ...io import copy_side_files
 from ...errors import ConfigError, FormatError, NumericsError, OutputExistsError, UnsafeInputError
 from . import adapters as switching
 from .graph import check_and_opset, export_graph
@@ -20,12 +20,6 @@ from .reports import (INT8_MAX_REL_ERROR, ONNX_NAME, QUANTIZE_CHOICES, TASKS, Ex
 from .validate import failure_message, open_session, probe_batch, validate_onnx
 from .wrappers import build_wrapper, decoder_dims, dynamic_spec, uses_token_types
 
-COPIED_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
-    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-    "chat_template.json", "preprocessor_config.json",
-)
 
 
 def resolve_task(config: dict, task: str = "auto") -> str:
@@ -177,13 +171,6 @@ def _apply_adapter(model, adapter) -> tuple[object, bool]:
     return model, merged
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Config, generation config and tokenizer files of ``src`` beside the graph."""
-    for name in COPIED_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
 def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_past: bool = False,
                 opset: int | None = None, dtype=None, atol: float | None = None,
                 validate: bool = True, external_data_threshold_bytes: int = 2_000_000_000,
@@ -282,7 +269,7 @@ class _Job:
                 switching.make_overridable(onnx_path, list(switch), external=self.external)
         seconds = time.perf_counter() - t0
         opset = check_and_opset(onnx_path)
-        _copy_side_files(self.model_dir, tmp)
+        copy_side_files(self.model_dir, tmp)  # the one side-file policy (io.model_dir)
         files = switching.write_adapter_files(tmp, self.plan, model) if self.plan else {}
         report = ExportReport(
             onnx_path=str(out.absolute() / ONNX_NAME), task=self.task, exporter=exporter,
