@@ -313,7 +313,7 @@ def adapter_from_model(model: nn.Module) -> "Adapter":
             modules[name] = TTDenseModule(weight=_tt_matrix(m), bias=bias)
         if getattr(m, "fan_in_fan_out", False):
             fan_in_fan_out.add(name)
-    tensors = {_clean(n): model.get_parameter(n).detach() for n in getattr(model, _FULL, [])}
+    tensors = _full_tensors(model)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     cfg = config.to_dict()
     # what a merge into a bare base checkpoint needs to write the task model's config
@@ -328,6 +328,28 @@ def adapter_from_model(model: nn.Module) -> "Adapter":
 
 def _clean(pname: str) -> str:
     return pname.replace(".base_layer.", ".")
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter, shared ones (tied embeddings) under all their names."""
+    out: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(_clean(name))
+    return out
+
+
+def _full_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained full tensors by parameter name. A tensor shared by several modules (tied
+    input/output embeddings) is recorded under every name it has: training changed all of
+    them, so every reader (merge, PEFT conversion, export) gets the trained value for each
+    name without knowing about ties."""
+    aliases = _aliases(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for pname in getattr(model, _FULL, []):
+        p = model.get_parameter(pname)
+        for name in aliases.get(id(p), [_clean(pname)]):
+            tensors[name] = p.detach()
+    return tensors
 
 
 def save_loretta_adapter(model: nn.Module, path: str | Path, *, force: bool = False,
@@ -379,7 +401,7 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
         raise ConfigError(f"this {type(model).__name__} already has LoRETTA adapters; "
                           f"load into a fresh base model")
     named = dict(model.named_modules())
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied tensors: every name
     for name, mod in adapter.modules.items():  # check everything before changing anything
         target = named.get(name)
         if target is None:
@@ -435,7 +457,7 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
             p.copy_(tensor.to(device=p.device, dtype=p.dtype))
     model.loretta_config = cfg
     names = {id(p): n for n, p in model.named_parameters()}  # names after wrapping
-    setattr(model, _FULL, [names[id(params[n])] for n in adapter.tensors])
+    setattr(model, _FULL, list(dict.fromkeys(names[id(params[n])] for n in adapter.tensors)))
     _set_trainable(model, trainable=is_trainable)
     if not is_trainable:
         model.eval()
@@ -452,9 +474,12 @@ def merge_loretta_model(model: nn.Module) -> nn.Module:
         raise ConfigError(f"LoRETTA_adp adapters ({adp[0]} and {len(adp) - 1} more) are not linear in "
                           f"their input and cannot be merged into the base weights; deploy them "
                           f"unmerged (e.g. `loretta-merge export onnx`)")
+    shared = _shared_parameter_ids(model)
+    untied = False
     for name, m in list(_tt_layers(model)):
         if isinstance(m, RepLinear):
-            _set_module(model, name, m.merge())
+            untied |= id(m.base_layer.weight) in shared
+            _set_module(model, name, m.merge())  # a new weight: a tied partner keeps its own
         elif isinstance(m, TTLinear):
             w = m.tt_cores[0]
             lin = nn.Linear(m.rows, m.cols, bias=m.bias is not None, device=w.device, dtype=w.dtype)
@@ -463,7 +488,23 @@ def merge_loretta_model(model: nn.Module) -> nn.Module:
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
             _set_module(model, name, lin)
+    if untied:  # the output projection got its own delta: save and reload it untied
+        _untie_config(model)
     for attr in ("loretta_config", _FULL):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    return {pid for pid, names in _aliases(model).items() if len(names) > 1}
+
+
+def _untie_config(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    config.tie_word_embeddings = False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        text.tie_word_embeddings = False
