@@ -262,3 +262,4 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"placement={self.placement}, non_linearity={self.non_linearity}, scaling={self.scaling}"
+

@@ -22,14 +22,15 @@ from torch import nn
 
 from . import tt
 from .config import (AdpConfig, RepConfig, config_from_dict, default_targets, key_matches,
-                     pattern_value, target_matches)
+                     pattern_value, target_matches, unsupported_architecture_hint)
 from .errors import ConfigError, FormatError, ShapeError
 from .layers import AdapterLinear, RepLinear, TTLinear, is_conv1d, linear_dims
+from .pooling import POOLING_CONFIG_KEY, apply_pooling, resolve_pooling  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # formats.py is written alongside; imported lazily at call time
     from .formats import Adapter
 
-HEAD_NAMES = ("classifier", "score")
+HEAD_NAMES = ("classifier", "score", "pre_classifier")  # pre_classifier: DistilBERT's dense
 _FULL = "loretta_full_tensors"  # model attribute: names of trained full tensors
 
 
@@ -66,10 +67,12 @@ def _task_type(model: nn.Module, config: RepConfig | AdpConfig) -> str:
 
 
 def _dense_to_replace(model: nn.Module) -> str | None:
-    """The paper's replaced dense: RoBERTa's ``classifier.dense``, else a ``*pooler.dense``."""
+    """The paper's replaced dense: RoBERTa's ``classifier.dense`` (DistilBERT's
+    ``pre_classifier``, its equivalent), else a ``*pooler.dense``."""
     names = dict(model.named_modules())
     for name, module in names.items():
-        if key_matches(name, "classifier.dense") and isinstance(module, nn.Linear):
+        if (key_matches(name, "classifier.dense") or name == "pre_classifier") \
+                and isinstance(module, nn.Linear):
             return name
     for name, module in names.items():
         if key_matches(name, "pooler.dense") and isinstance(module, nn.Linear):
@@ -109,9 +112,8 @@ def _plan(model: nn.Module, config: RepConfig | AdpConfig) -> dict[str, str]:
         targets = config.placement or default_targets(model_type, "adp")
         what = "placement"
     if targets is None:
-        raise ConfigError(f"{cls} (model_type {model_type!r}) has no default {what} for LoRETTA_"
-                          f"{config.method}; set {what} explicitly, choosing from its Linear/Conv1D "
-                          f"modules: {linear_candidates(model)}")
+        hint = unsupported_architecture_hint(model_type, linear_candidates(model), method=config.method)
+        raise ConfigError(f"{cls} is not a supported architecture for LoRETTA_{config.method}: {hint}")
     plan: dict[str, str] = {}
     for name, module in model.named_modules():
         if not name:
@@ -208,6 +210,9 @@ def get_loretta_model(model: nn.Module, config: RepConfig | AdpConfig) -> nn.Mod
     task = _task_type(model, config)
     replace = config.replace_dense if config.replace_dense is not None else task == "SEQ_CLS"
     plan = _plan(model, config)
+    pooling = resolve_pooling(model, config.pooling, task)
+    if pooling is not None:  # before the dense is picked: a mean-pooled encoder has no pooler dense
+        apply_pooling(model, pooling)
     dense = _dense_to_replace(model) if replace and task == "SEQ_CLS" else None
     if dense is not None and dense in plan:
         raise ConfigError(f"module {dense} is both an adapter target and the dense the paper replaces "
@@ -237,7 +242,7 @@ def get_loretta_model(model: nn.Module, config: RepConfig | AdpConfig) -> nn.Mod
         _set_module(model, dense, TTLinear(
             n_in, n_out, mode_shapes_for(config, n_in, n_out, module=dense), config.tensor_rank,
             bias=True, dtype=old.weight.dtype, device=old.weight.device))
-    resolved: dict[str, Any] = {"task_type": task, "replace_dense": replace}
+    resolved: dict[str, Any] = {"task_type": task, "replace_dense": replace, "pooling": pooling}
     if isinstance(config, RepConfig) and config.target_modules is None:
         resolved["target_modules"] = default_targets(model.config.model_type, "rep")
     if isinstance(config, AdpConfig) and config.placement is None:
@@ -455,6 +460,8 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
         for pname, tensor in adapter.tensors.items():
             p = params[pname]
             p.copy_(tensor.to(device=p.device, dtype=p.dtype))
+    if cfg.pooling == "mean":
+        apply_pooling(model, "mean")
     model.loretta_config = cfg
     names = {id(p): n for n, p in model.named_parameters()}  # names after wrapping
     setattr(model, _FULL, list(dict.fromkeys(names[id(params[n])] for n in adapter.tensors)))
