@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.conformance.cells import FLOWS, cells
+from tests.conformance.cells import cells as tests_cells
+from tests.conformance.families import FAMILIES
 from tests.conformance.flows import Unsupported, Workspace
 
 UNSUPPORTED: dict[tuple[str, str], str] = {}
@@ -52,14 +54,22 @@ def workspaces(tmp_path_factory):
     return get
 
 
+class _Results(dict):
+    """Cell results; with LORETTA_CONFORMANCE_JSON set, the file is rewritten after every
+    cell (an interrupted run still leaves what it measured)."""
+
+    def record(self, key: str, value: dict) -> None:
+        self[key] = value
+        path = os.environ.get("LORETTA_CONFORMANCE_JSON")
+        if path:
+            tmp = Path(path + ".tmp")
+            tmp.write_text(json.dumps({"cells": dict(self)}, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+
+
 @pytest.fixture(scope="session")
 def results():
-    """Cell results, written as JSON at the end of the session when asked."""
-    table: dict[str, dict] = {}
-    yield table
-    path = os.environ.get("LORETTA_CONFORMANCE_JSON")
-    if path:
-        Path(path).write_text(json.dumps({"cells": table}, indent=2, sort_keys=True) + "\n")
+    return _Results()
 
 
 @pytest.mark.parametrize("family,flow", _params())
@@ -76,4 +86,32 @@ def test_cell(family, flow, workspaces, results):
         raise
     finally:
         record["seconds"] = round(time.perf_counter() - start, 2)
-        results[f"{family}/{flow}"] = record
+        results.record(f"{family}/{flow}", record)
+
+
+def test_supported_models_table_is_generated_from_results(tmp_path):
+    """tools/supported_models.py: every tick comes from a result; a failing cell shows its
+    message, an unsupported one the tool's line, and a missing one a question mark."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "supported_models", Path(__file__).resolve().parents[1] / "tools" / "supported_models.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cells = {f"{fam}/{flow}": {"status": "pass"} for fam, flow in tests_cells()}
+    cells["roberta/merge_base"] = {"status": "fail", "message": "AssertionError: boom"}
+    cells["gpt2/onnx_adp"] = {"status": "unsupported", "message": "error: not yet"}
+    del cells["llama/lora_to_tt"]
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"cells": cells, "wall_seconds": 12.0}))
+    out = tmp_path / "table.md"
+    assert tool.main(["--json", str(results), "-o", str(out)]) == 0
+    text = out.read_text()
+    rows = {line.split(" (", 1)[0].strip("| "): line for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| family")}
+    assert set(rows) == set(FAMILIES)
+    assert "✗ [1]" in rows["roberta"] and "[1] AssertionError: boom" in text
+    assert "unsupported [2]" in rows["gpt2"] and "[2] error: not yet" in text
+    assert "?" in rows["llama"]
+    assert "ran in 12 s" in text
+    assert sum(row.count("✓") for row in rows.values()) == len(cells) - 2

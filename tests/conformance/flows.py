@@ -109,7 +109,7 @@ class Workspace:
         data = self.paths["lm" if task == "causal-lm" else "seq_cls"]
         key = f"train-{task}-{method}"
         argv = ["train", "--model", self.paths["base"], "--task", task, "--method", method,
-                "--train-file", data, "--eval-split", "0.25", "--max-steps", TRAIN_STEPS,
+                "--train-file", data, "--eval-split", "0", "--max-steps", TRAIN_STEPS,
                 "--batch-size", 4, "--max-length", 16, "--lr", "1e-3", "--seed", 0,
                 "--r", 4, "--tensor-rank", 2, "--bottleneck", 8, "-q", "-o", self.out(key)]
         # one cell per family goes through a real subprocess, as a shell would run it
