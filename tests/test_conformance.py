@@ -26,7 +26,32 @@ from tests.conformance.families import FAMILIES
 from tests.conformance.flows import Unsupported, Workspace
 
 UNSUPPORTED: dict[tuple[str, str], str] = {}
-XFAIL: dict[tuple[str, str], str] = {}
+
+# Known failures in code owned elsewhere (issue 13's merge side; the PEFT writer). Each
+# names the command and the tool's error; strict, so the fix turns them into XPASS.
+_MERGE_BASE = ("merge: `loretta-merge merge BASE ADAPTER -o OUT --verify` of a seq-cls rep adapter "
+               "into the hub-laid-out base it was trained on exits 2: 'N adapter target(s) do not "
+               "fit the base checkpoint BASE: ... {what}' (the task model's new {kind} is not "
+               "added when the base carries another head / no pooler)")
+XFAIL: dict[tuple[str, str], str] = {
+    ("bert-mlm", "merge_base"): _MERGE_BASE.format(
+        what="module bert.pooler.dense has no base tensor bert.pooler.dense.weight", kind="pooler"),
+    ("roberta", "merge_base"): _MERGE_BASE.format(
+        what="module classifier.dense has no base tensor classifier.dense.weight", kind="head"),
+    ("deberta-v2", "merge_base"): _MERGE_BASE.format(
+        what="module pooler.dense has no base tensor pooler.dense.weight", kind="pooler and head"),
+    ("distilbert", "merge_base"): _MERGE_BASE.format(
+        what="module pre_classifier has no base tensor pre_classifier.weight", kind="head"),
+    **{(fam, "merge_base"): _MERGE_BASE.format(
+        what="tensor score.weight has no base tensor score.weight", kind="score head")
+       for fam in ("gpt2", "opt", "llama", "llama-tied", "mistral", "qwen2", "gemma", "phi3")},
+    ("roberta", "peft_tt_to_lora"): (
+        "converters/lora.py PEFT writer: `convert tt-to-lora` of a RoBERTa seq-cls adapter lists "
+        "modules_to_save ['classifier.dense', 'classifier.out_proj', ...] while PEFT's SEQ_CLS "
+        "model wraps the whole `classifier` itself; PeftModel.from_pretrained then raises "
+        "KeyError: 'base_model.model.classifier.dense.weight' (peft/utils/save_and_load.py, "
+        "set_peft_model_state_dict). Fix: list the head module `classifier` once."),
+}
 
 
 def _params():
@@ -82,7 +107,8 @@ def test_cell(family, flow, workspaces, results):
     except Unsupported as exc:
         record.update(status="unsupported", message=str(exc))
     except BaseException as exc:
-        record.update(status="fail", message=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+        message = f"{type(exc).__name__}: {exc}".replace(str(workspaces(family).root), family)
+        record.update(status="fail", message=message.splitlines()[0][:500])
         raise
     finally:
         record["seconds"] = round(time.perf_counter() - start, 2)

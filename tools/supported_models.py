@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -46,12 +47,18 @@ def run_matrix(json_path: Path, *, extra: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def _clean(message: str) -> str:
+    """Scratch paths of the run (``.../conf-<family>N/``) shortened to ``<family>/``."""
+    message = re.sub(r"\S*/conf-([\w.-]+)\d/", r"\1/", message)
+    return re.sub(r"\S*/tmp/pytest\S*$", "...", message)  # a path cut by the length limit
+
+
 def _mark(cell: dict | None, notes: list[str]) -> str:
     if cell is None:
         return "?"
     if cell["status"] == "pass":
         return "✓"
-    notes.append(cell.get("message", ""))
+    notes.append(_clean(cell.get("message", "")))
     label = "✗" if cell["status"] == "fail" else "unsupported"
     return f"{label} [{len(notes)}]"
 
