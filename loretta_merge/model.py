@@ -8,6 +8,13 @@
   into a :class:`formats.Adapter` and write it; :func:`load_loretta_model` rebuilds the
   wrappers from an adapter (ours or the authors' format) with every shape checked.
 - :func:`merge_loretta_model` folds rep adapters into the base weights.
+
+Tied embeddings: a tensor shared by the input embedding and the output projection is one
+parameter while training, so a trained full tensor is recorded under every name it has
+(the merge then writes both, with the trained value); a rep adapter on the output
+projection changes only the output side, so merging gives that module its own weight and
+the config ``tie_word_embeddings = False`` (the streamed merge does the same).
+Sentence-transformers bases mean-pool: see :mod:`loretta_merge.pooling`.
 """
 
 from __future__ import annotations
