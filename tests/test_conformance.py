@@ -141,3 +141,23 @@ def test_supported_models_table_is_generated_from_results(tmp_path):
     assert "?" in rows["llama"]
     assert "ran in 12 s" in text
     assert sum(row.count("✓") for row in rows.values()) == len(cells) - 2
+
+
+def test_unsupported_needs_the_tools_own_line():
+    """A cell is 'unsupported' only when the command exits 2 with the listed error text;
+    any other failure fails the cell, and a listed cell that now works fails too."""
+    from tests.conformance.flows import Run
+
+    ws = Workspace.__new__(Workspace)
+    ws.family = FAMILIES["gpt2"]
+    ws.unsupported = {"onnx_adp": "cannot export"}
+    refused = Run(["export"], 2, "", "error: gpt2 adapters cannot export yet; use --no-adapter\n")
+    with pytest.raises(Unsupported, match="cannot export yet"):
+        ws.require(refused, "onnx_adp")
+    with pytest.raises(AssertionError, match="exited 2"):
+        ws.require(refused, "onnx_merged")  # not listed for this flow
+    with pytest.raises(AssertionError, match="exited 1"):
+        ws.require(Run(["export"], 1, "", "error: cannot export (crash)\n"), "onnx_adp")
+    with pytest.raises(AssertionError, match="now works"):
+        ws.require(Run(["export"], 0, "ok", ""), "onnx_adp")
+    assert ws.require(Run(["export"], 0, "ok", ""), "onnx_merged").out == "ok"
