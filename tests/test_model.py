@@ -325,7 +325,7 @@ def test_configs_validate_and_round_trip():
                              intermediate_size=48), "DebertaV2ForSequenceClassification",
      ["query_proj", "value_proj"], ["output.dense"]),
     ("Phi3Config", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=48), "Phi3ForCausalLM",
+                        num_key_value_heads=2, intermediate_size=48, pad_token_id=0), "Phi3ForCausalLM",
      ["qkv_proj"], ["gate_up_proj", "down_proj"]),
     ("GPT2Config", dict(n_embd=32, n_layer=1, n_head=4), "GPT2LMHeadModel", ["c_attn"],
      ["c_fc", "c_proj"]),
