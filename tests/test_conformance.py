@@ -27,31 +27,10 @@ from tests.conformance.flows import Unsupported, Workspace
 
 UNSUPPORTED: dict[tuple[str, str], str] = {}
 
-# Known failures in code owned elsewhere (issue 13's merge side; the PEFT writer). Each
-# names the command and the tool's error; strict, so the fix turns them into XPASS.
-_MERGE_BASE = ("merge: `loretta-merge merge BASE ADAPTER -o OUT --verify` of a seq-cls rep adapter "
-               "into the hub-laid-out base it was trained on exits 2: 'N adapter target(s) do not "
-               "fit the base checkpoint BASE: ... {what}' (the task model's new {kind} is not "
-               "added when the base carries another head / no pooler)")
-XFAIL: dict[tuple[str, str], str] = {
-    ("bert-mlm", "merge_base"): _MERGE_BASE.format(
-        what="module bert.pooler.dense has no base tensor bert.pooler.dense.weight", kind="pooler"),
-    ("roberta", "merge_base"): _MERGE_BASE.format(
-        what="module classifier.dense has no base tensor classifier.dense.weight", kind="head"),
-    ("deberta-v2", "merge_base"): _MERGE_BASE.format(
-        what="module pooler.dense has no base tensor pooler.dense.weight", kind="pooler and head"),
-    ("distilbert", "merge_base"): _MERGE_BASE.format(
-        what="module pre_classifier has no base tensor pre_classifier.weight", kind="head"),
-    **{(fam, "merge_base"): _MERGE_BASE.format(
-        what="tensor score.weight has no base tensor score.weight", kind="score head")
-       for fam in ("gpt2", "opt", "llama", "llama-tied", "mistral", "qwen2", "gemma", "phi3")},
-    ("roberta", "peft_tt_to_lora"): (
-        "converters/lora.py PEFT writer: `convert tt-to-lora` of a RoBERTa seq-cls adapter lists "
-        "modules_to_save ['classifier.dense', 'classifier.out_proj', ...] while PEFT's SEQ_CLS "
-        "model wraps the whole `classifier` itself; PeftModel.from_pretrained then raises "
-        "KeyError: 'base_model.model.classifier.dense.weight' (peft/utils/save_and_load.py, "
-        "set_peft_model_state_dict). Fix: list the head module `classifier` once."),
-}
+# Known failures: each names the command and the tool's error; strict, so a fix turns
+# it into XPASS. None remain: the merge into hub-laid-out bases and the PEFT writer's
+# modules_to_save for SEQ_CLS heads were fixed (issue 13).
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def _params():

@@ -125,7 +125,7 @@ def peft_lora_config(adapter: Adapter) -> dict[str, Any]:
         default = alpha0 / (math.sqrt(ranks[n]) if rslora else ranks[n])
         if abs(default - scale) > 1e-7 * abs(scale):
             alpha_pattern[keys[n]] = alphas[n]
-    save = sorted({_module_of(k) for k in adapter.tensors})
+    save = _modules_to_save(adapter.tensors, cfg.get("task_type"))
     return {
         "peft_type": "LORA", "task_type": cfg.get("task_type"),
         "base_model_name_or_path": adapter.base_model_name_or_path,
@@ -139,6 +139,21 @@ def peft_lora_config(adapter: Adapter) -> dict[str, Any]:
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "lora_bias": False, "target_parameters": None,
     }
+
+
+# PEFT's SEQ_CLS models wrap these head modules whole (ModulesToSaveWrapper); a sub-module
+# of one listed as well makes PeftModel.from_pretrained fail with a KeyError
+_SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def _modules_to_save(tensors: dict, task_type: str | None) -> list[str]:
+    """The modules owning the full tensors, with sub-modules of a SEQ_CLS head listed as
+    the head itself (RoBERTa's ``classifier.dense`` + ``classifier.out_proj`` -> ``classifier``)."""
+    mods = {_module_of(k) for k in tensors}
+    if task_type == "SEQ_CLS":
+        mods = {next((h for h in _SEQ_CLS_HEADS if m == h or m.startswith(h + ".")), m)
+                for m in mods}
+    return sorted(mods)
 
 
 # --------------------------------------------------------------------------- writing
