@@ -62,10 +62,18 @@ def head_labels(config, num_labels: int | None) -> tuple[int | None, dict | None
     return num_labels, None
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
 def load_tokenizer(a: TrainArgs, model_path: Path):
     from transformers import AutoTokenizer
 
-    source = a.tokenizer or model_path
+    source = Path(a.tokenizer or model_path)
+    if source.is_dir() and not any((source / f).is_file() for f in _TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer here and train on unknown tokens
+        raise FormatError(f"{source} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES[:3])}"
+                          f", ...); save the model's tokenizer into it or pass --tokenizer DIR")
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as exc:

@@ -52,6 +52,10 @@ class _Run:
         self.out = Path(a.output_dir)
 
     def go(self) -> TrainReport:
+        from ..deps import require
+
+        require("accelerate", extra="train", purpose="loretta-merge train (the transformers "
+                "Trainer)")
         config = build.read_config(self.model_path)        # data, validated, before any model
         ex = load_examples(self.a, head_labels=build.head_labels(config, self.a.num_labels)
                            if self.a.task == "seq-cls" else (None, None))
