@@ -198,3 +198,26 @@ def test_progress_line_shows_steps_loss_and_time_left():
     assert line == "step 50/250 | loss 0.6931 | 10.0 s elapsed | ~40s left"
     assert "~1m 40s left" in format_progress(10, 110, None, elapsed=10.0)
     assert "time left -" in format_progress(5, 10, 1.0, elapsed=1.0, first_step=5)  # just resumed
+
+
+def test_fsdp_memory_example_counts_llama2_7b():
+    """The README's per-process memory comes from examples/fsdp_memory.py: the model it
+    builds on the meta device has LLaMA-2-7B's published 6,738,415,616 base parameters."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "fsdp_memory.py"
+    spec = importlib.util.spec_from_file_location("fsdp_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    counts = mod.llama2_7b_counts()
+    cores = counts["trainable"] - 65 * 4096  # the trained RMSNorm weights: 2 per block + final
+    assert counts["params"] - cores == 6_738_415_616
+    from loretta_merge.train.fsdp import memory_per_process
+
+    one = memory_per_process(params=counts["params"], trainable=counts["trainable"], world=1,
+                             root_params=counts["root_params"], block_params=counts["block_params"])
+    eight = memory_per_process(params=counts["params"], trainable=counts["trainable"], world=8,
+                               root_params=counts["root_params"],
+                               block_params=counts["block_params"])
+    assert one["sharded"] == one["unsharded"] and eight["sharded"] < one["sharded"] / 3

@@ -125,19 +125,18 @@ def load_optimizer(model: nn.Module, optimizer, checkpoint: str) -> None:
 
 # ----------------------------------------------------------------------- memory estimate
 
-def memory_per_process(*, params: float, trainable: float, world: int, base_bytes: int = 2,
-                       activations_gib: float = 0.0) -> dict[str, float]:
-    """GiB each process holds for a model of ``params`` parameters (frozen base in
-    ``base_bytes`` per element) of which ``trainable`` are trained (float32 master
-    weights, float32 gradients, AdamW's two float32 moments), sharded over ``world``
-    processes, plus the largest block gathered unsharded for compute (estimated as
-    ``params / 32``, one of ~32 blocks, in the compute dtype) and ``activations_gib``.
-    The same numbers without sharding are in ``"unsharded"``."""
+def memory_per_process(*, params: int, trainable: int, world: int, root_params: int,
+                       block_params: int, base_bytes: int = 2) -> dict[str, float]:
+    """GiB each process holds for the model's weights and training state (activations
+    excluded: they depend on batch and length): the frozen base (``base_bytes`` per
+    element) and the trained tensors' float32 master weights, gradients and two AdamW
+    moments (16 bytes each), sharded over ``world`` processes; plus what FSDP gathers
+    unsharded for compute: the root unit (embeddings, final norm, head: ``root_params``)
+    and two blocks (``block_params`` each: the one computing and the one prefetched).
+    ``"unsharded"`` is the same without sharding (one process, or DDP)."""
     gib = 1024 ** 3
     base = params * base_bytes / gib
-    train_state = trainable * (4 + 4 + 8) / gib
-    gathered_block = params / 32 * base_bytes / gib
-    sharded = (base + train_state) / world + gathered_block + activations_gib
-    return {"sharded": round(sharded, 2), "unsharded": round(base + train_state + activations_gib, 2),
-            "base": round(base, 2), "trained_state": round(train_state, 3),
-            "gathered_block": round(gathered_block, 2)}
+    state = trainable * 16 / gib
+    gathered = (root_params + 2 * block_params) * base_bytes / gib if world > 1 else 0.0
+    return {"sharded": round((base + state) / world + gathered, 2),
+            "unsharded": round(base + state, 2), "gathered": round(gathered, 2)}
