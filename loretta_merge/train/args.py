@@ -138,6 +138,8 @@ class TrainArgs:
             # MiniLM keeps its pretrained pooler (frozen, as LoRA's baseline does): replacing
             # it by a fresh TT layer measured 0.719 +- 0.033 against 0.743 +- 0.018 kept
             a.replace_dense = False
+        if accelerate_fsdp_launch():
+            a.fsdp = True  # `accelerate launch` with an FSDP config: our fully_shard path
         if isinstance(a.target_modules, str) and "," in a.target_modules:
             a.target_modules = [t.strip() for t in a.target_modules.split(",") if t.strip()]
         a.check()
@@ -224,6 +226,11 @@ def _check_precision(a: TrainArgs) -> None:
 def launched_distributed() -> bool:
     """Whether a distributed launcher (torchrun, accelerate launch) started this process."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def accelerate_fsdp_launch() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (``distributed_type: FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _check_distributed(a: TrainArgs) -> None:

@@ -97,6 +97,8 @@ class _Run:
         from transformers import TrainingArguments
 
         a, world = self.a, int(os.environ.get("WORLD_SIZE", "1"))
+        if a.fsdp:  # we shard with fully_shard; accelerate must not wrap the model again
+            os.environ.pop("ACCELERATE_USE_FSDP", None)
         total_steps = a.max_steps or math.ceil(math.ceil(n_train / a.batch_size) / world * a.epochs)
         warmup = a.warmup_steps if a.warmup_steps is not None else min(500, total_steps // 10)
         use_cpu = not torch.cuda.is_available()

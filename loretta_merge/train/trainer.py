@@ -64,25 +64,12 @@ def make_trainer_class():
 
         def _save_checkpoint(self, model, trial) -> None:
             run_dir = super()._get_output_dir(trial)
-            name = f"checkpoint-{self.state.global_step}"
             self._staging = os.path.join(run_dir, STAGING)
             try:
-                super()._save_checkpoint(model, trial)
-                _barrier()
-                if self.args.should_save:
-                    fsync_tree(os.path.join(self._staging, name))
-                    os.replace(os.path.join(self._staging, name), os.path.join(run_dir, name))
-                    fsync_tree(run_dir, files=False)
+                _publish_checkpoint(self, lambda: super(LorettaTrainer, self)._save_checkpoint(
+                    model, trial), run_dir)
             finally:
-                if self.args.should_save:
-                    shutil.rmtree(self._staging, ignore_errors=True)
                 self._staging = None
-            _barrier()
-            if self.args.should_save:
-                from transformers.trainer_utils import rotate_checkpoints
-
-                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                                   best_model_checkpoint=None, use_mtime=False)
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
             path = os.path.join(resume_from_checkpoint, TRAINED_FILE)
@@ -111,6 +98,30 @@ def make_trainer_class():
                 torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
     return LorettaTrainer
+
+
+def _publish_checkpoint(trainer, save, run_dir: str) -> None:
+    """Run the Trainer's checkpoint ``save`` into ``run_dir/.partial``, then (main process,
+    once every rank has written) fsync it and rename ``checkpoint-N`` into ``run_dir``, and
+    keep the newest ``save_total_limit`` checkpoints."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    name = f"checkpoint-{trainer.state.global_step}"
+    main = trainer.args.should_save
+    try:
+        save()
+        _barrier()
+        if main:
+            fsync_tree(os.path.join(trainer._staging, name))
+            os.replace(os.path.join(trainer._staging, name), os.path.join(run_dir, name))
+            fsync_tree(run_dir, files=False)
+    finally:
+        if main:
+            shutil.rmtree(trainer._staging, ignore_errors=True)
+    _barrier()
+    if main:
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=trainer.args.save_total_limit,
+                           best_model_checkpoint=None, use_mtime=False)
 
 
 def _check_fits(model, saved: dict[str, torch.Tensor], path: str) -> None:
