@@ -71,8 +71,20 @@ def fsdp_suite(model_dir: str, train_file: str, output_dir: str) -> None:
     assert done.resumed_from_step == 2 and done.steps == 4, done
 
 
+def fsdp_bf16(model_dir: str, train_file: str, output_dir: str) -> None:
+    """A bf16 base sharded with --fsdp --bf16, evaluated before and after (the forward
+    without backward leaves the root unit gathered in bf16)."""
+    report = train(model=model_dir, method="rep", task="causal-lm", train_file=train_file,
+                   eval_split=0.25, max_steps=3, batch_size=4, learning_rate=1e-2,
+                   max_length=16, seed=0, progress=False, fsdp=True, bf16=True,
+                   output_dir=output_dir)
+    assert report.hyperparameters["autocast"] == "bfloat16", report.hyperparameters
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 5 and sys.argv[5] == "fsdp":
         fsdp_suite(*sys.argv[1:4])
+    elif len(sys.argv) > 5 and sys.argv[5] == "fsdp-bf16":
+        fsdp_bf16(*sys.argv[1:4])
     else:
         main(*sys.argv[1:5])

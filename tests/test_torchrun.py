@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from test_train import _csv, _sentences, _tokenizer
+from test_train import FILLER, _csv, _jsonl, _sentences, _tokenizer
 
 HERE = Path(__file__).parent
 
@@ -93,3 +93,29 @@ def test_fsdp_two_processes_match_data_parallel_and_resume(tiny_model_dir, tmp_p
     # one adapter directory per run, written once (rank 0), no temporary directories left
     assert sorted(p.parent.name for p in out.rglob("adapter_config.json")) == ["ddp", "fsdp", "resumed"]
     assert not [p for p in out.rglob("*") if ".loretta-" in p.name or p.name == ".partial"]
+
+
+def test_fsdp_bf16_base_saves_fp32_master_weights(tiny_model_dir, tmp_path):
+    """--fsdp --bf16 on a bf16 Llama: the shards of the trained tensors are float32 and the
+    adapter written by rank 0 holds them in float32 (not the gathered bf16 compute copies)."""
+    import random
+    import shutil
+
+    model = tmp_path / "llama"
+    shutil.copytree(tiny_model_dir("llama", torch.bfloat16), model)
+    _tokenizer(model, causal=True)
+    rng = random.Random(0)
+    data = _jsonl(tmp_path / "lm.jsonl", [{"text": " ".join(rng.sample(FILLER, 5))}
+                                          for _ in range(24)])
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "0", "--standalone", str(HERE / "_torchrun_train.py"),
+           str(model), str(data), str(out), "-", "fsdp-bf16"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes and set(dtypes.values()) == {"F32"}, dtypes
+    assert any(k.endswith("model.norm.weight") for k in dtypes)  # the root unit's norm too

@@ -209,6 +209,9 @@ def _check_numbers(a: TrainArgs) -> None:
 def _check_precision(a: TrainArgs) -> None:
     if a.bf16 and a.fp16:
         raise ConfigError("--bf16 and --fp16 exclude each other; pass one of them")
+    if a.fsdp and a.fp16:
+        raise ConfigError("--fsdp runs mixed precision through FSDP, which has no float16 loss "
+                          "scaling here; pass --bf16 with --fsdp instead of --fp16")
     if a.method in ("lora", "head") and (a.bf16 or a.fp16 or a.fsdp):
         raise ConfigError(f"--bf16/--fp16/--fsdp are for --method rep or adp, not the "
                           f"{a.method!r} baseline")

@@ -64,6 +64,7 @@ def full_tensors(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]
                  ) -> dict[str, torch.Tensor]:
     """``{name: full tensor on the CPU}`` of the parameters ``keep`` selects; gathers
     sharded ones (a collective: every rank calls it and gets the full tensors)."""
+    _reshard(model)
     out = {}
     for name, p in model.named_parameters():
         if keep(name, p):
@@ -72,6 +73,17 @@ def full_tensors(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]
                 t = t.full_tensor()
             out[name] = t.to("cpu").contiguous().clone()
     return out
+
+
+def _reshard(model: nn.Module) -> None:
+    """Put every FSDP unit back into its sharded state: after a forward without backward
+    (evaluation) the root keeps its gathered compute-dtype copy registered as the
+    parameters, which would otherwise be read instead of the float32 shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def load_full_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
