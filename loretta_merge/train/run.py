@@ -156,13 +156,10 @@ class _Run:
                               train_time, last_ckpt)
         net = trainer.accelerator.unwrap_model(trainer.model)
         saved = self._tensors_to_save(net)  # every rank: gathering shards is collective
+        report.wall_time_s = round(time.perf_counter() - self.t_start, 3)
+        report.peak_rss_mib = round(_peak_rss_mib(), 1)
         if trainer.is_world_process_zero():
-            report.wall_time_s = round(time.perf_counter() - self.t_start, 3)
-            report.peak_rss_mib = round(_peak_rss_mib(), 1)
             write_outputs(self.out, lambda tmp: self._write_adapter(net, saved, tmp), report)
-        else:
-            report.wall_time_s = round(time.perf_counter() - self.t_start, 3)
-            report.peak_rss_mib = round(_peak_rss_mib(), 1)
         return report
 
     def _tensors_to_save(self, net) -> dict:
