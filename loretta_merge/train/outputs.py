@@ -72,33 +72,12 @@ def is_main() -> bool:
 
 
 def write_tensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """The one writer of training's safetensors files (checkpoints, the head baseline):
-    through the package's safetensors writer, a full disk said in one line."""
-    from ..formats import disk_full_error, save_safetensors
+    """Training's safetensors files (checkpoints, the head baseline), through the package's
+    one writer (:func:`loretta_merge.io.write_safetensors`: aligned, fsynced, a full disk
+    said in one line)."""
+    from ..io import write_safetensors
 
-    path = Path(path)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    try:
-        save_safetensors(state, path)
-    except OSError as exc:
-        raise disk_full_error(exc, path) from None
-
-
-def fsync_tree(path: str | os.PathLike, *, files: bool = True) -> None:
-    """fsync every file under ``path`` (when ``files``) and every directory, so a rename
-    that follows publishes data that is on disk."""
-    root = Path(path)
-    for d, _, names in os.walk(root):
-        for name in names if files else ():
-            with open(os.path.join(d, name), "rb") as f:
-                os.fsync(f.fileno())
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if not files:
-            break
+    write_safetensors(path, {k: v.detach().to("cpu").contiguous() for k, v in state.items()})
 
 
 def prepare_output(out: Path, *, resume: bool, force: bool, run_key: dict) -> str | None:
@@ -149,8 +128,7 @@ def write_outputs(out: Path, write_adapter: Callable[[Path], None], report: Trai
     """Assemble the final ``out`` in a temporary directory beside it (``write_adapter(tmp)``
     writes the adapter files, then the summary; the checkpoints are hard-linked in) and
     rename it into place."""
-    from ..formats import disk_full_error
-    from ..io import atomic_output_dir
+    from ..io import atomic_output_dir, output_error
 
     with atomic_output_dir(out, force=True) as tmp:
         try:
@@ -158,9 +136,8 @@ def write_outputs(out: Path, write_adapter: Callable[[Path], None], report: Trai
             (tmp / SUMMARY).write_text(json.dumps(report.to_dict(), indent=2))
             if (out / CHECKPOINTS).is_dir():
                 shutil.copytree(out / CHECKPOINTS, tmp / CHECKPOINTS, copy_function=_link_or_copy)
-            fsync_tree(tmp)
-        except OSError as exc:
-            raise disk_full_error(exc, out) from None
+        except OSError as exc:  # atomic_output_dir fsyncs the tree before the rename
+            raise output_error(exc, out) from None
 
 
 def _link_or_copy(src: str, dst: str) -> None:

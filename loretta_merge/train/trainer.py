@@ -20,12 +20,14 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from ..errors import FormatError
 from . import fsdp
-from .outputs import TRAINED_FILE, fsync_tree, write_tensors
+from ..io import fsync_path, fsync_tree
+from .outputs import TRAINED_FILE, write_tensors
 
 STAGING = ".partial"
 
@@ -112,9 +114,9 @@ def _publish_checkpoint(trainer, save, run_dir: str) -> None:
         save()
         _barrier()
         if main:
-            fsync_tree(os.path.join(trainer._staging, name))
+            fsync_tree(Path(trainer._staging, name))
             os.replace(os.path.join(trainer._staging, name), os.path.join(run_dir, name))
-            fsync_tree(run_dir, files=False)
+            fsync_path(Path(run_dir))
     finally:
         if main:
             shutil.rmtree(trainer._staging, ignore_errors=True)
