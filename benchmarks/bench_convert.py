@@ -9,6 +9,7 @@ For every setting the same factors go through tensorly's ``tensor_train`` one by
 the ranks our run chose (matched rank, so matched error class), timed in this process.
 
     python benchmarks/bench_convert.py [--layers 32] [--threads 1] [--repeat 2] [--out benchmarks/results/convert.json]
+    python benchmarks/bench_convert.py --smoke --out /tmp/convert-smoke.json   # tiny shapes, seconds (CI)
 
 Times are the best of ``--repeat`` runs of each side (the machine may be shared). Our time
 includes what the tensorly loop does not do: measuring every factor and delta error.
@@ -26,12 +27,15 @@ from pathlib import Path
 import torch
 
 from loretta_merge import tt
-from loretta_merge.converters.lora import _rel_delta_error, lora_to_tt
+from loretta_merge.converters.lora import lora_to_tt
+from loretta_merge.converters.reports import rel_delta_error
 from loretta_merge.formats import Adapter, LoraModule
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
           "o_proj": (4096, 4096), "gate_proj": (4096, 11008), "up_proj": (4096, 11008),
           "down_proj": (11008, 4096)}
+# --smoke: the same projections at 1/16 of the width, one layer, one setting per kind
+SMOKE_SHAPES = {k: (n_in // 16, n_out // 16) for k, (n_in, n_out) in SHAPES.items()}
 R = 16
 
 
@@ -46,11 +50,11 @@ def structured(rows: int, cols: int, g: torch.Generator, *, rank: int = 4, noise
     return x + noise * e / e.norm()
 
 
-def make_adapter(layers: int, kind: str, seed: int = 0) -> Adapter:
+def make_adapter(layers: int, kind: str, seed: int = 0, shapes: dict = SHAPES) -> Adapter:
     g = torch.Generator().manual_seed(seed)
     modules = {}
     for i in range(layers):
-        for proj, (n_in, n_out) in SHAPES.items():
+        for proj, (n_in, n_out) in shapes.items():
             block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             name = f"model.layers.{i}.{block}.{proj}"
             if kind == "random":
@@ -83,7 +87,7 @@ def tensorly_loop(adapter: Adapter, report, shapes: str):
             out.append(tensorly.tt_to_tensor(fac).reshape(mat.shape))
         errs.append((m.a.T, m.b.T, out[0], out[1]))
     seconds = time.perf_counter() - start
-    delta = [_rel_delta_error(a, b, a2, b2) for a, b, a2, b2 in errs]
+    delta = [rel_delta_error(a, b, a2, b2) for a, b, a2, b2 in errs]
     return seconds, max(delta), sum(delta) / len(delta)
 
 
@@ -93,8 +97,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=2, help="best of N runs for both sides")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default="benchmarks/results/convert.json")
+    ap.add_argument("--out", default="benchmarks/results/convert.json", help="where the JSON goes")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes (1/16 width), one layer, one repeat: checks the script runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.layers, args.repeat = 1, 1
     torch.set_num_threads(args.threads)
     import tensorly
 
@@ -103,8 +111,10 @@ def main() -> None:
                 ("random", dict(eps=0.3)),
                 ("trained", dict(tensor_rank=5)), ("trained", dict(eps=0.1)),
                 ("trained", dict(eps=0.1, tensor_rank=8))]
+    if args.smoke:
+        settings = [("random", dict(tensor_rank=5)), ("trained", dict(eps=0.1, tensor_rank=8))]
     results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-               "repeat": args.repeat,
+               "repeat": args.repeat, "smoke": args.smoke,
                "torch": torch.__version__, "tensorly": tensorly.__version__, "layers": args.layers,
                "lora_rank": R, "device": args.device, "runs": []}
     adapters = {}
@@ -113,7 +123,7 @@ def main() -> None:
     print(head)
     for kind, opts in settings:
         if kind not in adapters:
-            adapters[kind] = make_adapter(args.layers, kind)
+            adapters[kind] = make_adapter(args.layers, kind, shapes=SMOKE_SHAPES if args.smoke else SHAPES)
         adapter = adapters[kind]
         lora_to_tt(adapter, device=args.device, **opts)  # warm-up (allocator, kernels)
         ours = math.inf

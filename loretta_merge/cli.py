@@ -39,7 +39,7 @@ SHORT_HELP = {
 
 # options of the top-level group itself; everything else before BASE+ADAPTER belongs to merge
 GROUP_OPTIONS = {"--debug", "-h", "--help", "-V", "--version"}
-QUIET_HELP = "Print nothing on success (errors still go to stderr; --json still prints)."
+QUIET_HELP = "Print nothing on success (errors go to stderr as always; --json output is printed)."
 
 
 def _quiet_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:

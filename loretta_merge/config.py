@@ -17,30 +17,44 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .patterns import check_patterns, pattern_value
 
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 PLACEMENTS = ("input", "output")
+POOLINGS = ("auto", "mean")
 
 _LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
                 "olmo", "olmo2", "granite")
-# model_type -> default rep targets
+# model_type -> default rep targets: the attention query and value projections (the paper's
+# choice), under each architecture's own module names
 REP_TARGETS: dict[str, list[str]] = {
     **{t: ["q_proj", "v_proj"] for t in _LLAMA_STYLE},
     "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
+    "gpt2": ["c_attn"],                      # GPT-2 fuses q, k, v in one Conv1D
+    "phi3": ["qkv_proj"],                    # Phi-3 fuses q, k, v in one Linear
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
     "deberta": ["in_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
 }
-# model_type -> default adp placement {module key: "input" | "output"}
+# model_type -> default adp placement {module key: "input" | "output"}: around the MLP
 ADP_PLACEMENT: dict[str, dict[str, str]] = {
     **{t: {"gate_proj": "input", "up_proj": "input", "down_proj": "output"} for t in _LLAMA_STYLE},
     "opt": {"fc1": "input", "fc2": "output"},
     "gpt2": {"mlp.c_fc": "input", "mlp.c_proj": "output"},
+    "phi3": {"gate_up_proj": "input", "down_proj": "output"},
     **{t: {"output.dense": "output"} for t in ("bert", "roberta", "xlm-roberta", "deberta", "deberta-v2")},
+    "distilbert": {"ffn.lin2": "output"},
+}
+# the family each model_type's defaults were checked on (the conformance matrix's rows)
+FAMILY_OF: dict[str, str] = {
+    **{t: "llama" for t in _LLAMA_STYLE}, "mistral": "mistral", "qwen2": "qwen2",
+    "gemma": "gemma", "opt": "opt", "gpt2": "gpt2", "phi3": "phi3", "bert": "bert",
+    "roberta": "roberta", "xlm-roberta": "roberta", "deberta": "deberta",
+    "deberta-v2": "deberta-v2", "distilbert": "distilbert",
 }
 
 
@@ -59,10 +73,12 @@ def target_matches(name: str, targets: list[str] | str) -> bool:
     return any(key_matches(name, k) for k in targets)
 
 
-def pattern_value(name: str, patterns: dict[str, Any]) -> Any | None:
-    """The value of the longest pattern key that matches ``name`` (list rule), or None."""
-    hits = [k for k in patterns if key_matches(name, k)]
-    return patterns[max(hits, key=len)] if hits else None
+def placement_for(name: str, placement: dict[str, str]) -> str | None:
+    """The adp placement ("input"/"output") of module ``name``: the value of the longest
+    ``placement`` key that matches by the list rule (:func:`key_matches`), or None.
+    (PEFT's ``rank_pattern``/``alpha_pattern`` follow another rule: :mod:`patterns`.)"""
+    hits = [k for k in placement if key_matches(name, k)]
+    return placement[max(hits, key=len)] if hits else None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -153,6 +169,10 @@ class _Base:
     replace_dense: bool | None = _help(
         "SEQ_CLS: replace the pooler dense (BERT/DeBERTa) or classifier dense (RoBERTa) by a square "
         "TT layer with bias, as the paper does. None = true for SEQ_CLS.", None)
+    pooling: str | None = _help(
+        "SEQ_CLS pooling: None keeps the model's own (BERT: first token + pooler dense); 'mean' "
+        "averages the last hidden states of the kept tokens, as sentence-transformers bases were "
+        "trained; 'auto' = 'mean' when the base ships 1_Pooling/config.json saying mean.", None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)  # type: ignore[arg-type]
@@ -181,6 +201,7 @@ class _Base:
         if self.replace_dense is not None and not isinstance(self.replace_dense, bool):  # type: ignore
             raise ConfigError(f"replace_dense must be true, false or null, got {self.replace_dense!r}; set replace_dense to true, false or null")  # type: ignore
         self.mode_shapes = _check_mode_shapes(self.mode_shapes)  # type: ignore[attr-defined]
+        _choice("pooling", self.pooling, POOLINGS, optional=True)  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- configs
@@ -218,6 +239,8 @@ class RepConfig(_Base):
         for name, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pat, dict):
                 raise ConfigError(f"{name} must be a dict {{module key: value}}, got {pat!r}; pass a dict of module key -> value, or remove it")
+        for name, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            check_patterns(pat, field_name=name)
         for k, v in self.rank_pattern.items():
             _int(f"rank_pattern[{k!r}]", v)
         for k, v in self.alpha_pattern.items():
@@ -226,13 +249,13 @@ class RepConfig(_Base):
         self._check_common()
 
     def rank_for(self, name: str) -> int:
-        v = pattern_value(name, self.rank_pattern)
-        return int(v) if v is not None else self.r
+        """``r`` of module ``name``: ``rank_pattern`` by PEFT's rule (:mod:`patterns`), else ``r``."""
+        return int(pattern_value(self.rank_pattern, name, self.r, field_name="rank_pattern"))
 
     def scale_for(self, name: str) -> float:
+        """PEFT's scale of module ``name``: alpha / r, or alpha / sqrt(r) with use_rslora."""
         r = self.rank_for(name)
-        alpha = pattern_value(name, self.alpha_pattern)
-        alpha = float(alpha if alpha is not None else self.lora_alpha)
+        alpha = float(pattern_value(self.alpha_pattern, name, self.lora_alpha, field_name="alpha_pattern"))
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
@@ -294,3 +317,50 @@ def default_targets(model_type: str | None, method: str) -> list[str] | dict[str
     if value is None:
         return None
     return list(value) if isinstance(value, list) else dict(value)
+
+
+def closest_family(module_names: list[str]) -> tuple[str, list[str]] | None:
+    """For an architecture without defaults: the supported model_type whose default rep
+    targets name the most of ``module_names`` (Linear/Conv1D suffixes), and those targets;
+    None when no default target name occurs."""
+    suffixes = set(module_names)
+    best: tuple[int, str] | None = None
+    for model_type, targets in REP_TARGETS.items():
+        hits = sum(t.rsplit(".", 1)[-1] in suffixes for t in targets)
+        if hits and (best is None or hits > best[0]):
+            best = (hits, model_type)
+    if best is None:
+        return None
+    return best[1], [t for t in REP_TARGETS[best[1]] if t.rsplit(".", 1)[-1] in suffixes]
+
+
+def unsupported_architecture_hint(model_type: str | None, module_names: list[str], *,
+                                  method: str) -> str:
+    """The body of the error for an architecture without defaults: the supported families,
+    the closest one (by module names) and the ``--target-modules`` to try."""
+    what = "target_modules" if method == "rep" else "placement"
+    supported = ", ".join(sorted(REP_TARGETS))
+    near = closest_family(module_names)
+    if near is not None:
+        family, targets = near
+        advice = (f"its module names are those of the supported {family!r} family: try "
+                  f"--target-modules {','.join(targets)}")
+    else:
+        attn = [n for n in module_names if any(k in n.lower() for k in ("q", "query", "qkv", "attn"))]
+        advice = (f"no supported family uses its module names; the closest supported setting "
+                  f"targets the attention projections, e.g. --target-modules "
+                  f"{','.join(attn[:2] or module_names[:1])}")
+    if method == "adp":
+        advice += " (adp: placement {module: 'input'|'output'} on its MLP projections)"
+    return (f"model_type {model_type!r} has no default {what} (defaults exist for: {supported}); "
+            f"set {what}: {advice}; its Linear/Conv1D modules are: {module_names}")
+
+
+def defaults_table() -> list[tuple[str, str, str]]:
+    """``(model_type, rep targets, adp placement)`` rows, for ``train --help`` and docs."""
+    rows = []
+    for model_type in sorted(set(REP_TARGETS) | set(ADP_PLACEMENT)):
+        rep = ",".join(REP_TARGETS.get(model_type, []))
+        adp = ",".join(f"{k}:{v}" for k, v in ADP_PLACEMENT.get(model_type, {}).items())
+        rows.append((model_type, rep, adp))
+    return rows

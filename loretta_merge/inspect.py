@@ -121,7 +121,11 @@ def _describe_model(path: Path) -> dict[str, Any]:
         n_params += count
         shard_info.append({"file": shard.name, "bytes": shard.stat().st_size, "params": count})
     pickled = sorted(p.name for p in path.glob("*.bin"))
-    return {"kind": "model", "path": str(path), "model_type": config.get("model_type"),
+    from .quant import describe_quantization
+
+    quantization = describe_quantization(path, config) if shards or (path / "qmodel.pt").is_file() \
+        else None
+    return {"kind": "model", "quantization": quantization, "path": str(path), "model_type": config.get("model_type"),
             "architectures": config.get("architectures"), "hidden_size": config.get("hidden_size"),
             "num_hidden_layers": config.get("num_hidden_layers"),
             "params": n_params if shards else None, "dtypes": dtypes, "shards": shard_info,
@@ -260,7 +264,8 @@ def format_report(info: dict[str, Any]) -> str:
         row(f"LoRA r={info['lora_r']} same modules", info["lora_params"])
         row("LoRA / TT adapter", info["lora_over_tt_adapter"])
     elif info.get("kind") == "adapter":
-        lines.append(f"adapter {info['path']}: LoRETTA_{info['method']} ({info['source']} format)")
+        kind = "LoRA" if info["method"] == "lora" else f"LoRETTA_{info['method']}"
+        lines.append(f"adapter {info['path']}: {kind} ({info['source']} format)")
         for k in ("base_model_name_or_path", "targets", "num_modules", "widths", "tensor_rank"):
             row(k, info[k])
         for k, v in info["breakdown"].items():
@@ -285,4 +290,23 @@ def format_report(info: dict[str, Any]) -> str:
             lines.append(f"    {s['file']}: {s['bytes']:,} bytes, {s['params']:,} params")
         if info["pickled_files_not_opened"]:
             row("pickled files (not opened)", info["pickled_files_not_opened"])
+        _quant_rows(info.get("quantization"), row, lines)
     return "\n".join(lines)
+
+
+def _quant_rows(quant: dict | None, row, lines: list[str]) -> None:
+    """The quantized-base part of a model report: format, bits, group size, weights."""
+    if not quant:
+        return
+    if not quant["mergeable"]:
+        row("quantized", f"{quant['format']}; cannot be merged")
+        lines.append(f"    {quant['reason']}")
+        return
+    row("quantized", quant["format"])
+    for key in ("bits", "group_size", "double_quant", "symmetric", "act_order", "checkpoint_format"):
+        if quant.get(key) is not None:
+            row(key.replace("_", " "), quant[key])
+    weights = quant["quantized_weights"]
+    row("quantized weights", len(weights))
+    for name in weights:
+        lines.append(f"    {name}")

@@ -179,12 +179,16 @@ class RepLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> nn.Module:
         """The base module with the delta added to its weight (fp32 sum, one cast).
-        Linear weight ``(out, in)`` gets ``delta.T``; Conv1D weight ``(in, out)`` gets ``delta``."""
+        Linear weight ``(out, in)`` gets ``delta.T``; Conv1D weight ``(in, out)`` gets ``delta``.
+
+        The merged weight is a NEW parameter: a weight shared with another module (an output
+        projection tied to the input embedding) must not change the other module, whose
+        input side the adapter never touched."""
         base = self.base_layer
         d = self.delta().to(base.weight.device)
         w = base.weight
         merged = w.float() + (d if self.fan_in_fan_out else d.T)
-        w.data = merged.to(w.dtype)
+        base.weight = nn.Parameter(merged.to(w.dtype), requires_grad=w.requires_grad)
         return base
 
     def extra_repr(self) -> str:
@@ -258,3 +262,4 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"placement={self.placement}, non_linearity={self.non_linearity}, scaling={self.scaling}"
+

@@ -8,6 +8,13 @@
   into a :class:`formats.Adapter` and write it; :func:`load_loretta_model` rebuilds the
   wrappers from an adapter (ours or the authors' format) with every shape checked.
 - :func:`merge_loretta_model` folds rep adapters into the base weights.
+
+Tied embeddings: a tensor shared by the input embedding and the output projection is one
+parameter while training, so a trained full tensor is recorded under every name it has
+(the merge then writes both, with the trained value); a rep adapter on the output
+projection changes only the output side, so merging gives that module its own weight and
+the config ``tie_word_embeddings = False`` (the streamed merge does the same).
+Sentence-transformers bases mean-pool: see :mod:`loretta_merge.pooling`.
 """
 
 from __future__ import annotations
@@ -22,14 +29,15 @@ from torch import nn
 
 from . import tt
 from .config import (AdpConfig, RepConfig, config_from_dict, default_targets, key_matches,
-                     pattern_value, target_matches)
-from .errors import ConfigError, FormatError, ShapeError
+                     placement_for, target_matches, unsupported_architecture_hint)
+from .errors import ConfigError, FormatError, LorettaError, ShapeError
 from .layers import AdapterLinear, RepLinear, TTLinear, is_conv1d, linear_dims
+from .pooling import POOLING_CONFIG_KEY, apply_pooling, resolve_pooling  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # formats.py is written alongside; imported lazily at call time
     from .formats import Adapter
 
-HEAD_NAMES = ("classifier", "score")
+HEAD_NAMES = ("classifier", "score", "pre_classifier")  # pre_classifier: DistilBERT's dense
 _FULL = "loretta_full_tensors"  # model attribute: names of trained full tensors
 
 
@@ -66,10 +74,12 @@ def _task_type(model: nn.Module, config: RepConfig | AdpConfig) -> str:
 
 
 def _dense_to_replace(model: nn.Module) -> str | None:
-    """The paper's replaced dense: RoBERTa's ``classifier.dense``, else a ``*pooler.dense``."""
+    """The paper's replaced dense: RoBERTa's ``classifier.dense`` (DistilBERT's
+    ``pre_classifier``, its equivalent), else a ``*pooler.dense``."""
     names = dict(model.named_modules())
     for name, module in names.items():
-        if key_matches(name, "classifier.dense") and isinstance(module, nn.Linear):
+        if (key_matches(name, "classifier.dense") or name == "pre_classifier") \
+                and isinstance(module, nn.Linear):
             return name
     for name, module in names.items():
         if key_matches(name, "pooler.dense") and isinstance(module, nn.Linear):
@@ -109,9 +119,8 @@ def _plan(model: nn.Module, config: RepConfig | AdpConfig) -> dict[str, str]:
         targets = config.placement or default_targets(model_type, "adp")
         what = "placement"
     if targets is None:
-        raise ConfigError(f"{cls} (model_type {model_type!r}) has no default {what} for LoRETTA_"
-                          f"{config.method}; set {what} explicitly, choosing from its Linear/Conv1D "
-                          f"modules: {linear_candidates(model)}")
+        hint = unsupported_architecture_hint(model_type, linear_candidates(model), method=config.method)
+        raise ConfigError(f"{cls} is not a supported architecture for LoRETTA_{config.method}: {hint}")
     plan: dict[str, str] = {}
     for name, module in model.named_modules():
         if not name:
@@ -119,7 +128,7 @@ def _plan(model: nn.Module, config: RepConfig | AdpConfig) -> dict[str, str]:
         if isinstance(config, RepConfig):
             hit = "rep" if target_matches(name, targets) else None  # type: ignore[arg-type]
         else:
-            hit = pattern_value(name, targets)  # type: ignore[arg-type]
+            hit = placement_for(name, targets)  # type: ignore[arg-type]
         if hit is None:
             continue
         if isinstance(module, (RepLinear, AdapterLinear)):
@@ -208,6 +217,9 @@ def get_loretta_model(model: nn.Module, config: RepConfig | AdpConfig) -> nn.Mod
     task = _task_type(model, config)
     replace = config.replace_dense if config.replace_dense is not None else task == "SEQ_CLS"
     plan = _plan(model, config)
+    pooling = resolve_pooling(model, config.pooling, task)
+    if pooling is not None:  # before the dense is picked: a mean-pooled encoder has no pooler dense
+        apply_pooling(model, pooling)
     dense = _dense_to_replace(model) if replace and task == "SEQ_CLS" else None
     if dense is not None and dense in plan:
         raise ConfigError(f"module {dense} is both an adapter target and the dense the paper replaces "
@@ -237,7 +249,7 @@ def get_loretta_model(model: nn.Module, config: RepConfig | AdpConfig) -> nn.Mod
         _set_module(model, dense, TTLinear(
             n_in, n_out, mode_shapes_for(config, n_in, n_out, module=dense), config.tensor_rank,
             bias=True, dtype=old.weight.dtype, device=old.weight.device))
-    resolved: dict[str, Any] = {"task_type": task, "replace_dense": replace}
+    resolved: dict[str, Any] = {"task_type": task, "replace_dense": replace, "pooling": pooling}
     if isinstance(config, RepConfig) and config.target_modules is None:
         resolved["target_modules"] = default_targets(model.config.model_type, "rep")
     if isinstance(config, AdpConfig) and config.placement is None:
@@ -313,7 +325,7 @@ def adapter_from_model(model: nn.Module) -> "Adapter":
             modules[name] = TTDenseModule(weight=_tt_matrix(m), bias=bias)
         if getattr(m, "fan_in_fan_out", False):
             fan_in_fan_out.add(name)
-    tensors = {_clean(n): model.get_parameter(n).detach() for n in getattr(model, _FULL, [])}
+    tensors = _full_tensors(model)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     cfg = config.to_dict()
     # what a merge into a bare base checkpoint needs to write the task model's config
@@ -328,6 +340,28 @@ def adapter_from_model(model: nn.Module) -> "Adapter":
 
 def _clean(pname: str) -> str:
     return pname.replace(".base_layer.", ".")
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter, shared ones (tied embeddings) under all their names."""
+    out: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(_clean(name))
+    return out
+
+
+def _full_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained full tensors by parameter name. A tensor shared by several modules (tied
+    input/output embeddings) is recorded under every name it has: training changed all of
+    them, so every reader (merge, PEFT conversion, export) gets the trained value for each
+    name without knowing about ties."""
+    aliases = _aliases(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for pname in getattr(model, _FULL, []):
+        p = model.get_parameter(pname)
+        for name in aliases.get(id(p), [_clean(pname)]):
+            tensors[name] = p.detach()
+    return tensors
 
 
 def save_loretta_adapter(model: nn.Module, path: str | Path, *, force: bool = False,
@@ -379,7 +413,7 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
         raise ConfigError(f"this {type(model).__name__} already has LoRETTA adapters; "
                           f"load into a fresh base model")
     named = dict(model.named_modules())
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied tensors: every name
     for name, mod in adapter.modules.items():  # check everything before changing anything
         target = named.get(name)
         if target is None:
@@ -433,9 +467,11 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
         for pname, tensor in adapter.tensors.items():
             p = params[pname]
             p.copy_(tensor.to(device=p.device, dtype=p.dtype))
+    if cfg.pooling == "mean":
+        apply_pooling(model, "mean")
     model.loretta_config = cfg
     names = {id(p): n for n, p in model.named_parameters()}  # names after wrapping
-    setattr(model, _FULL, [names[id(params[n])] for n in adapter.tensors])
+    setattr(model, _FULL, list(dict.fromkeys(names[id(params[n])] for n in adapter.tensors)))
     _set_trainable(model, trainable=is_trainable)
     if not is_trainable:
         model.eval()
@@ -452,9 +488,12 @@ def merge_loretta_model(model: nn.Module) -> nn.Module:
         raise ConfigError(f"LoRETTA_adp adapters ({adp[0]} and {len(adp) - 1} more) are not linear in "
                           f"their input and cannot be merged into the base weights; deploy them "
                           f"unmerged (e.g. `loretta-merge export onnx`)")
+    shared = _shared_parameter_ids(model)
+    untied = False
     for name, m in list(_tt_layers(model)):
         if isinstance(m, RepLinear):
-            _set_module(model, name, m.merge())
+            untied |= id(m.base_layer.weight) in shared
+            _set_module(model, name, m.merge())  # a new weight: a tied partner keeps its own
         elif isinstance(m, TTLinear):
             w = m.tt_cores[0]
             lin = nn.Linear(m.rows, m.cols, bias=m.bias is not None, device=w.device, dtype=w.dtype)
@@ -463,7 +502,23 @@ def merge_loretta_model(model: nn.Module) -> nn.Module:
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
             _set_module(model, name, lin)
+    if untied:  # the output projection got its own delta: save and reload it untied
+        _untie_config(model)
     for attr in ("loretta_config", _FULL):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    return {pid for pid, names in _aliases(model).items() if len(names) > 1}
+
+
+def _untie_config(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    config.tie_word_embeddings = False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        text.tie_word_embeddings = False

@@ -577,9 +577,11 @@ _IO_PROC = ("io.atomic_output_dir: os.mkdir of the temp dir in an unwritable par
             "FileNotFoundError/PermissionError (exit 1, 'error: FileNotFoundError: ...') instead of "
             "a ConfigError naming the parent; root passes the os.access check")
 KNOWN_FAILURES: dict[str, str] = {
-    "train:model-without-tokenizer": "train writes OUTPUT in place before the tokenizer loads, so a "
-                                     "failure leaves OUTPUT behind; the atomic train output of issue 16 "
-                                     "(helper train) fixes it: remove this mark then",
+    "train:model-without-tokenizer": "the final train OUTPUT is atomic, but train/outputs.py "
+                                     "prepare_output creates OUTPUT/checkpoints/run_config.json "
+                                     "before train/run.py loads the tokenizer, so this failure "
+                                     "leaves OUTPUT behind; remove this mark when the tokenizer "
+                                     "(or the checkpoint dir) comes first",
 }
 
 

@@ -83,7 +83,11 @@ def test_old_hint_words_are_not_enough():
 # --------------------------------------------------------------------------- every raise
 
 ERRORS = {"LorettaError", "ConfigError", "ShapeError", "FormatError", "UnsafeInputError",
-          "OutputExistsError", "NumericsError", "OutputError", "MissingDependencyError"}
+          "OutputExistsError", "NumericsError", "OutputError", "MissingDependencyError",
+          "DiskFullError"}
+# io.writer.make_output_error(cls, errno, message) builds an OutputError carrying errno; its
+# message (argument 2) is held to the rule wherever the call is, raised or returned
+BUILDERS = {"make_output_error": 2}
 
 # messages whose next step comes from a part the source cannot show (a variable or a wrapped
 # error), each checked elsewhere: template prefix -> where
@@ -91,37 +95,78 @@ INDIRECT = {
     "shard {shard}{where}: {exc}": "wraps a header error of io's own parser, itself checked here",
     "{where}: is a {adapter.method!r} adapter, not LoRETTA_rep; {why}":
         "both {why} texts give a step (corpus: tt-to-lora:given-an-adp-adapter / given-a-peft-lora)",
-    "{_failure_message(": "_failure_message ends 'raise --atol; otherwise report the model architecture'",
+    "{str(mapped).replace(str(tmp), str(out))}":
+        "io.atomic renames a mapped output_error (its messages checked here) to name OUT",
+    "{failure_message(": "failure_message ends 'raise --atol; otherwise report the model architecture'",
+    "{cls} is not a supported architecture for LoRETTA_{config.method}: {hint}":
+        "config.unsupported_architecture_hint always says 'set target_modules' / 'set placement' "
+        "(tests/test_model.py checks the full line)",
 }
 # a message names its input when it interpolates it, or names an option, a quoted value, an
 # ARGUMENT, a parameter (name=) or the API it guards (``name: ...``)
 NAMES_SOMETHING = re.compile(r"\{|--[a-z]|'[^']+'|\b[A-Z]{4,}\b|\w+=|^\w+:")
 
 
-def _template(node: ast.AST) -> str | None:
+def _template(node: ast.AST, constants: dict[str, str] | None = None) -> str | None:
+    """The message as written, ``{expr}`` for what the source cannot show; a name the file
+    binds once to a string literal (``_FIX = "... re-download it"``) reads as that text."""
+    constants = constants or {}
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
-        return "".join(v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v).strip("{}") + "}"
-                       for v in node.values)
+        parts = []
+        for v in node.values:
+            if isinstance(v, ast.Constant):
+                parts.append(v.value)
+            elif (isinstance(v, ast.FormattedValue) and isinstance(v.value, ast.Name)
+                  and v.value.id in constants and v.conversion == -1 and v.format_spec is None):
+                parts.append(constants[v.value.id])
+            else:
+                parts.append("{" + ast.unparse(v).strip("{}") + "}")
+        return "".join(parts)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        left, right = _template(node.left), _template(node.right)
+        left, right = _template(node.left, constants), _template(node.right, constants)
         return None if left is None or right is None else left + right
     return "{" + ast.unparse(node) + "}"
 
 
+def _string_constants(tree: ast.AST) -> dict[str, str]:
+    """Names assigned exactly once in the file, to a plain string literal."""
+    seen: dict[str, list[ast.AST]] = {}
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
+        for target in targets:
+            if isinstance(target, ast.Name):
+                seen.setdefault(target.id, []).append(
+                    node.value if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+    return {name: values[0].value for name, values in seen.items()
+            if len(values) == 1 and isinstance(values[0], ast.Constant)
+            and isinstance(values[0].value, str)}
+
+
 def package_messages() -> list[tuple[str, str]]:
-    """(file:line, message template) for every ``raise <LorettaError subclass>(msg, ...)``."""
+    """(file:line, message template) for every ``raise <LorettaError subclass>(msg, ...)``
+    and every ``make_output_error(cls, errno, msg)``."""
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        constants = _string_constants(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+                k = BUILDERS.get(name)
+                if k is not None and len(node.args) > k:
+                    found.append((f"{path.relative_to(PACKAGE.parent)}:{node.lineno}",
+                                  _template(node.args[k], constants) or ""))
             if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
                 continue
             func = node.exc.func
             name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
             if name in ERRORS and node.exc.args:
                 found.append((f"{path.relative_to(PACKAGE.parent)}:{node.lineno}",
-                              _template(node.exc.args[0]) or ""))
+                              _template(node.exc.args[0], constants) or ""))
     return found
 
 

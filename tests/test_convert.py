@@ -368,3 +368,58 @@ def test_authors_loretta01_rep_to_peft(tmp_path, caplog):
     ids = probe_inputs(vocab_size=64)
     with torch.no_grad():
         torch.testing.assert_close(conv(**ids).logits, lor(**ids).logits)
+
+
+# --------------------------------------------------------------------------- tt-to-lora measures its error
+
+def test_tt_to_lora_error_is_measured_not_a_constant(tmp_path, monkeypatch):
+    """The report's delta error compares the delta PEFT will compute from the result (its
+    factors and the scale from the written r/alpha/patterns) with the TT delta. A correct
+    conversion measures 0; a corrupted one (a factor perturbed, a scale lost) measures the
+    damage."""
+    import loretta_merge.converters.lora as conv
+    import loretta_merge.formats.peft as fpeft
+
+    src = make_peft_lora("llama", tmp_path / "lora", rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
+    tt_adapter, _ = lora_to_tt(src, tensor_rank=FULL)
+    _, good = tt_to_lora(tt_adapter)
+    assert [m.err_delta for m in good.modules] == [0.0] * len(good.modules)
+
+    real_module = conv._lora_module
+
+    def perturbed(m, rank):  # a conversion that damages one factor by ~1e-2
+        out = real_module(m, rank)
+        out.b = out.b + 1e-2 * out.b.norm() / out.b.numel() ** 0.5 * torch.randn_like(out.b)
+        return out
+
+    monkeypatch.setattr(conv, "_lora_module", perturbed)
+    _, bad = tt_to_lora(tt_adapter)
+    assert all(1e-3 < m.err_delta < 1e-1 for m in bad.modules), [m.err_delta for m in bad.modules]
+    monkeypatch.undo()
+
+    real_config = fpeft.peft_lora_config
+
+    def no_alpha_pattern(adapter):  # a config that forgets the per-module alphas
+        return {**real_config(adapter), "alpha_pattern": {}}
+
+    monkeypatch.setattr(conv, "peft_lora_config", no_alpha_pattern)
+    _, lost = tt_to_lora(tt_adapter)
+    errs = {m.name: m.err_delta for m in lost.modules}
+    scales = {n: m.scale for n, m in tt_adapter.modules.items()}
+    for name, err in errs.items():
+        config_scale = 8 / (2 if name.endswith("v_proj") else 4)
+        assert err == pytest.approx(abs(scales[name] - config_scale) / scales[name], rel=1e-5), name
+    assert max(errs.values()) > 0.5
+
+
+def test_tt_to_lora_cli_prints_the_measured_error(tmp_path):
+    from loretta_merge.cli import cli
+
+    src = make_peft_lora("llama", tmp_path / "lora")
+    tt_adapter, _ = lora_to_tt(src, tensor_rank=2)  # lossy TT: tt-to-lora is still exact
+    write_adapter(tt_adapter, tmp_path / "tt")
+    res = CliRunner().invoke(cli, ["convert", "tt-to-lora", str(tmp_path / "tt"), "-o",
+                                   str(tmp_path / "out"), "--rank", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)["summary"]
+    assert 1e-3 < summary["max_err_delta"] < 1.0  # rank 1 of a rank-4 delta loses a real amount

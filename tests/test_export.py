@@ -210,7 +210,7 @@ def test_wrong_graph_fails_validation_and_writes_nothing(models, out_root, llama
         onnx.save_model(bad, str(path))
         return "dynamo", None
 
-    monkeypatch.setattr(onnx_export, "_export_graph", export_a_corrupted_graph)
+    monkeypatch.setattr(onnx_export.export, "export_graph", export_a_corrupted_graph)
     out = out_root / "llama-wrong"
     with pytest.raises(NumericsError, match=r"failed validation .* max \|onnx - torch\|"):
         export_onnx(models["llama"], out)

@@ -4,9 +4,10 @@
 tests/test_merge.py already covers the merge's SIGKILL, SIGINT, ENOSPC and a failing --force
 run caught by a NaN check; this file covers the other writers (convert both ways, export
 safetensors, train's adapter) and what the merge tests leave out (SIGTERM, a --force run killed by ENOSPC,
-compared bit for bit). The disk fills up by injecting ``OSError(ENOSPC)`` at the real
-writers (``io._write_bytes`` for the shard writers, ``formats._write_bytes`` for the
-adapter writers); kills are real signals to real subprocesses.
+compared bit for bit). The disk fills up by injecting ``OSError(ENOSPC)`` at the one place
+bytes reach an output file (``loretta_merge.io.writer.write_bytes``, used by the shard
+writer, the adapter writers and every side file); kills are real signals to real
+subprocesses, slowed down by ``tests/_slow_cli.py`` (the same function, patched in the child).
 """
 
 from __future__ import annotations
@@ -100,9 +101,9 @@ def convert_argv(direction: str, adapters: dict[str, Path], out: Path) -> list:
 
 @pytest.mark.parametrize("direction", ["lora-to-tt", "tt-to-lora"])
 def test_convert_disk_full_fails_cleanly(direction, adapters, tmp_path, monkeypatch, capsys):
-    import loretta_merge.formats as lf
+    import loretta_merge.io.writer as writer
 
-    monkeypatch.setattr(lf, "_write_bytes", full_disk_after(0)(lf._write_bytes))
+    monkeypatch.setattr(writer, "write_bytes", full_disk_after(0)(writer.write_bytes))
     out = tmp_path / "out"
     code, err = run_cli(convert_argv(direction, adapters, out), capsys)
     assert_disk_full(code, err, out)
@@ -111,19 +112,19 @@ def test_convert_disk_full_fails_cleanly(direction, adapters, tmp_path, monkeypa
 
 @pytest.mark.parametrize("direction", ["lora-to-tt", "tt-to-lora"])
 def test_convert_failed_force_keeps_previous_output(direction, adapters, tmp_path, monkeypatch, capsys):
-    import loretta_merge.formats as lf
+    import loretta_merge.io.writer as writer
 
     out = tmp_path / "out"
     code, err = run_cli(convert_argv(direction, adapters, out), capsys)
     assert code == 0, err
     before = digest(out)
     assert "adapter_model.safetensors" in before
-    real = lf._write_bytes
-    monkeypatch.setattr(lf, "_write_bytes", full_disk_after(1)(real))  # the second file fails
+    real = writer.write_bytes
+    monkeypatch.setattr(writer, "write_bytes", full_disk_after(1)(real))  # the second write fails
     code, err = run_cli(convert_argv(direction, adapters, out) + ["--force"], capsys)
     assert_disk_full(code, err, out)
     assert digest(out) == before and not temps(tmp_path)
-    monkeypatch.setattr(lf, "_write_bytes", real)  # the disk has room again: --force replaces
+    monkeypatch.setattr(writer, "write_bytes", real)  # the disk has room again: --force replaces
     code, err = run_cli(convert_argv(direction, adapters, out) + ["--force"], capsys)
     assert code == 0, err
     assert set(digest(out)) == set(before) and not temps(tmp_path)
@@ -132,9 +133,9 @@ def test_convert_failed_force_keeps_previous_output(direction, adapters, tmp_pat
 # --------------------------------------------------------------------------- export safetensors
 
 def test_export_safetensors_disk_full_fails_cleanly(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import loretta_merge.io as lio
+    import loretta_merge.io.writer as writer
 
-    monkeypatch.setattr(lio, "_write_bytes", full_disk_after(3)(lio._write_bytes))
+    monkeypatch.setattr(writer, "write_bytes", full_disk_after(3)(writer.write_bytes))
     out = tmp_path / "out"
     code, err = run_cli(["export", "safetensors", tiny_model_dir("llama"), "-o", out,
                          "--max-shard-size", "50KB"], capsys)
@@ -144,14 +145,14 @@ def test_export_safetensors_disk_full_fails_cleanly(tiny_model_dir, tmp_path, mo
 
 def test_export_safetensors_failed_force_keeps_previous_output(tiny_model_dir, tmp_path, monkeypatch,
                                                                capsys):
-    import loretta_merge.io as lio
+    import loretta_merge.io.writer as writer
 
     base, out = tiny_model_dir("llama"), tmp_path / "out"
     code, err = run_cli(["export", "safetensors", base, "-o", out, "--max-shard-size", "100KB"], capsys)
     assert code == 0, err
     before = digest(out)
     assert "model.safetensors.index.json" in before
-    monkeypatch.setattr(lio, "_write_bytes", full_disk_after(5)(lio._write_bytes))
+    monkeypatch.setattr(writer, "write_bytes", full_disk_after(5)(writer.write_bytes))
     code, err = run_cli(["export", "safetensors", base, "-o", out, "--force", "--dtype", "bfloat16"],
                         capsys)
     assert_disk_full(code, err, out)
@@ -159,9 +160,11 @@ def test_export_safetensors_failed_force_keeps_previous_output(tiny_model_dir, t
 
 
 def _slow(argv: list) -> subprocess.Popen:
-    env = dict(os.environ, LORETTA_TEST_SLOW_WRITE="0.3", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "loretta_merge.cli", *map(str, argv)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """The CLI in a subprocess, each output write followed by a 0.3 s pause (tests/_slow_cli.py)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "_slow_cli.py"), "0.3", *map(str, argv)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_temp(proc: subprocess.Popen, parent: Path) -> None:
@@ -224,13 +227,13 @@ def test_merge_sigterm_leaves_nothing(tiny_model_dir, adapters, tmp_path):
 
 def test_merge_force_disk_full_keeps_previous_bitwise(tiny_model_dir, adapters, tmp_path, monkeypatch,
                                                       capsys):
-    import loretta_merge.io as lio
+    import loretta_merge.io.writer as writer
 
     base, out = tiny_model_dir("llama"), tmp_path / "out"
     code, err = run_cli([f"{base}+{adapters['rep']}", "-o", out, "-q"], capsys)
     assert code == 0, err
     before = digest(out)
-    monkeypatch.setattr(lio, "_write_bytes", full_disk_after(4)(lio._write_bytes))
+    monkeypatch.setattr(writer, "write_bytes", full_disk_after(4)(writer.write_bytes))
     code, err = run_cli([f"{base}+{adapters['lora']}", "-o", out, "-q", "--force"], capsys)
     assert_disk_full(code, err, out)
     assert digest(out) == before and not temps(tmp_path)
@@ -266,23 +269,23 @@ def _train_argv(tiny_model_dir, tmp_path: Path) -> tuple[list, Path]:
 
 
 def test_train_quiet_failure_prints_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import loretta_merge.formats as lf
+    import loretta_merge.io.writer as writer
 
     argv, out = _train_argv(tiny_model_dir, tmp_path)
-    monkeypatch.setattr(lf, "_write_bytes", full_disk_after(0)(lf._write_bytes))
+    monkeypatch.setattr(writer, "write_bytes", full_disk_after(0)(writer.write_bytes))
     code, err = run_cli(argv, capsys)
     assert_disk_full(code, err, out)
 
 
 def test_train_disk_full_keeps_previous_adapter(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import loretta_merge.formats as lf
+    import loretta_merge.io.writer as writer
 
     argv, out = _train_argv(tiny_model_dir, tmp_path)
     code, err = run_cli(argv, capsys)
     assert code == 0, err
     before = {k: v for k, v in digest(out).items() if "/" not in k}  # the adapter and the summary
     assert {"adapter_model.safetensors", "adapter_config.json", "train_summary.json"} <= set(before)
-    monkeypatch.setattr(lf, "_write_bytes", full_disk_after(0)(lf._write_bytes))
+    monkeypatch.setattr(writer, "write_bytes", full_disk_after(0)(writer.write_bytes))
     code, err = run_cli(argv + ["--force", "--seed", "1"], capsys)
     assert_disk_full(code, err, out, one_line=False)  # see test_train_quiet_failure_prints_one_line
     after = {k: v for k, v in digest(out).items() if "/" not in k}

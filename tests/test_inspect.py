@@ -109,3 +109,54 @@ def test_command_module_imports_without_torch():
     code = "import sys, loretta_merge.commands.inspect; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- quantized bases
+
+QUANT = Path(__file__).parent / "fixtures" / "quant"
+
+
+@pytest.mark.parametrize("fmt, bits, group, act_order", [("gptq", 4, 32, False),
+                                                         ("gptq-actorder", 4, 32, True),
+                                                         ("awq", 4, 32, None)])
+def test_inspect_reports_a_quantized_base(fmt, bits, group, act_order):
+    info = describe(QUANT / fmt)
+    quant = info["quantization"]
+    assert quant["mergeable"] and quant["format"] == ("AWQ" if fmt == "awq" else "GPTQ")
+    assert quant["bits"] == bits and quant["group_size"] == group and quant.get("act_order") == act_order
+    linears = [f"model.layers.{i}.{m}.weight" for i in range(2)
+               for m in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                         "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj")]
+    assert quant["quantized_weights"] == sorted(linears)  # lm_head and embeddings are not
+    res = CliRunner().invoke(inspect_command, [str(QUANT / fmt)])
+    assert res.exit_code == 0, res.output
+    assert f"quantized                    {quant['format']}" in res.output
+    assert "group size                   32" in res.output
+    assert all(name in res.output for name in linears)
+
+
+def test_inspect_on_a_plain_model_reports_no_quantization():
+    assert describe(QUANT / "base")["quantization"] is None
+    assert "quantized" not in CliRunner().invoke(inspect_command, [str(QUANT / "base")]).output
+
+
+def test_inspect_on_a_quantized_base_that_cannot_be_merged_says_why(tmp_path):
+    import shutil
+
+    shutil.copytree(QUANT / "gptq", tmp_path / "m")
+    data = json.loads((tmp_path / "m" / "config.json").read_text())
+    data["quantization_config"]["quant_method"] = "fbgemm_fp8"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(data))
+    quant = describe(tmp_path / "m")["quantization"]
+    assert not quant["mergeable"] and "'fbgemm_fp8'" in quant["reason"]
+    res = CliRunner().invoke(inspect_command, [str(tmp_path / "m")])
+    assert res.exit_code == 0 and "fbgemm_fp8; cannot be merged" in res.output
+
+
+def test_inspect_calls_a_peft_lora_lora(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(build_tiny("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "lora")
+    out = CliRunner().invoke(inspect_command, [str(tmp_path / "lora")]).output
+    assert ": LoRA (peft format)" in out.splitlines()[0] and "LoRETTA_lora" not in out

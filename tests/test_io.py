@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loretta_merge.errors import ConfigError, FormatError, OutputExistsError
+from loretta_merge.errors import ConfigError, FormatError, OutputError, OutputExistsError
 from loretta_merge.io import (CheckpointReader, StreamingShardWriter, atomic_output_dir, parse_dtype,
                               parse_size, resolve_device)
 
@@ -235,7 +235,8 @@ def test_atomic_unwritable_parent(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        with pytest.raises(ConfigError, match="cannot write"):
+        # a file-system failure, not a config value: OutputError (was ConfigError, issue 12)
+        with pytest.raises(OutputError, match="cannot write"):
             with atomic_output_dir(ro / "out"):
                 pass
     finally:
@@ -280,3 +281,92 @@ def test_reshard_checkpoint(tiny_model_dir, tmp_path):
     assert summary["shards"] > 2 and summary["largest_shard_bytes"] <= 30_000
     with pytest.raises(OutputExistsError):
         reshard_checkpoint(src, tmp_path / "many")
+
+
+def test_atomic_unwritable_parent_as_root_is_an_output_error(tmp_path):
+    """/proc refuses new directories even for root: OutputError (exit 2), naming the parent."""
+    with pytest.raises(OutputError, match="cannot write to /proc.*choose an output path"):
+        with atomic_output_dir("/proc/loretta-out"):
+            pass
+
+
+def test_disk_full_in_the_body_is_one_output_error_naming_the_output(tmp_path, monkeypatch):
+    import errno
+
+    import loretta_merge.io.writer as writer
+    from loretta_merge.io import DiskFullError, write_safetensors
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "write_bytes", full)
+    out = tmp_path / "out"
+    with pytest.raises(DiskFullError) as info:
+        with atomic_output_dir(out) as tmp:
+            write_safetensors(tmp / "w.safetensors", {"x": torch.ones(1000)})
+    msg = str(info.value)
+    assert info.value.exit_code == 1 and info.value.errno == errno.ENOSPC
+    assert f"{out}/w.safetensors" in msg and "loretta-tmp" not in msg and "[Errno" not in msg
+    assert "free space or choose an output on another disk" in msg and "GB needed" in msg
+    assert not out.exists() and not _temps(tmp_path)
+    with pytest.raises(OutputError, match="cannot write .*plain.*choose an output path"):
+        with atomic_output_dir(tmp_path / "o2") as tmp:
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp / "plain"))
+
+
+# --------------------------------------------------------------------------- model directory
+
+def test_read_model_config(tmp_path):
+    from loretta_merge.io import read_model_config
+
+    assert read_model_config(tmp_path) == {}
+    with pytest.raises(FormatError, match="no config.json.*save_pretrained"):
+        read_model_config(tmp_path, required=True)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(FormatError, match="config.json is not valid JSON"):
+        read_model_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(FormatError, match="JSON object"):
+        read_model_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    assert read_model_config(tmp_path) == {"model_type": "bert"}
+
+
+def test_copy_side_files_policy(tmp_path):
+    from loretta_merge.errors import UnsafeInputError
+    from loretta_merge.io import copy_side_files
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json", "chat_template.jinja", "vocab.txt", "README.md", "modules.json",
+                 "config_sentence_transformers.json", "sentence_bert_config.json",
+                 "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "training_args.bin", "model.onnx", ".hidden"):
+        (src / name).write_text(name)
+    (src / "modules.json").write_text(json.dumps([{"path": ""}, {"path": "1_Pooling"}, {"path": "2_Dense"}]))
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text("{}")
+    (src / "2_Dense").mkdir()
+    (src / "2_Dense" / "model.safetensors").write_text("dense weights: a module's own")
+    (src / "checkpoints").mkdir()
+    (src / "checkpoints" / "x.json").write_text("{}")
+    copied = copy_side_files(src, dst, exclude=("config.json",))
+    assert sorted(copied) == sorted(["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                     "generation_config.json", "chat_template.jinja", "vocab.txt",
+                                     "README.md", "modules.json", "config_sentence_transformers.json",
+                                     "sentence_bert_config.json", "1_Pooling/", "2_Dense/"])
+    assert sorted(os.listdir(dst)) == sorted(c.rstrip("/") for c in copied)
+    assert (dst / "1_Pooling" / "config.json").read_text() == "{}"
+    assert (dst / "2_Dense" / "model.safetensors").is_file()
+    assert (dst / "tokenizer.json").read_text() == "tokenizer.json"
+    # a symlink leading out of the directory is refused, never followed
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    (src / "tokenizer.model").symlink_to(outside)
+    dst2 = tmp_path / "dst2"
+    dst2.mkdir()
+    with pytest.raises(UnsafeInputError, match="tokenizer.model.*outside.*copy the file"):
+        copy_side_files(src, dst2)
+    assert not (dst2 / "tokenizer.model").exists()

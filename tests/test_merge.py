@@ -24,6 +24,7 @@ from loretta_merge.cli import cli
 from loretta_merge.errors import ConfigError, NumericsError, OutputExistsError, ShapeError
 from loretta_merge.io import CheckpointReader
 from loretta_merge.merge import merge
+from loretta_merge.merge.buffers import BaseReads
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"],
@@ -77,9 +78,9 @@ def logits(model, vocab: int = 128) -> torch.Tensor:
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Make the CPU path process tensors in many row blocks of 5 rows (64 columns)."""
-    import loretta_merge.merge as lm
+    import loretta_merge.merge.kernel as kernel
 
-    monkeypatch.setattr(lm, "_BLOCK_ELEMS", 5 * 64)
+    monkeypatch.setattr(kernel, "BLOCK_ELEMS", 5 * 64)
 
 
 # --------------------------------------------------------------------------- PEFT LoRA
@@ -275,6 +276,7 @@ def test_mismatched_base_reports_all_before_reading(tiny_model_dir, tmp_path, mo
         raise AssertionError(f"read {key} before the plan was checked")
 
     monkeypatch.setattr(CheckpointReader, "get", no_reads)
+    monkeypatch.setattr(BaseReads, "read", no_reads)  # the run's own buffered reads
     with pytest.raises(ShapeError) as info:
         merge(other, [(adapter, 1.0)], tmp_path / "out", progress=False)
     msg = str(info.value)
@@ -378,20 +380,21 @@ def test_existing_output_and_failed_force_run(tiny_model_dir, tmp_path):
 
 
 def test_disk_full_fails_cleanly(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import loretta_merge.io as lio
+    import loretta_merge.io.writer as writer
     from loretta_merge.cli import main
 
     adapter = make_lora("llama", tmp_path / "lora")
 
     calls = []
+    real = writer.write_bytes
 
-    def full(f, data):  # the disk fills up a few writes into the run
-        calls.append(len(data))
+    def full(fd, data, offset):  # the disk fills up a few writes into the run
+        calls.append(len(memoryview(data).cast("B")))
         if len(calls) > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        f.write(data)
+        real(fd, data, offset)
 
-    monkeypatch.setattr(lio, "_write_bytes", full)
+    monkeypatch.setattr(writer, "write_bytes", full)
     with pytest.raises(SystemExit) as info:
         main([f"{tiny_model_dir('llama')}+{adapter}", "-o", str(tmp_path / "out"), "-q"])
     assert info.value.code == 1
@@ -400,9 +403,24 @@ def test_disk_full_fails_cleanly(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists() and not temps(tmp_path)
 
 
+# the CLI in a child process whose merge writes each tensor 0.3 s late (the test's own
+# monkeypatching of the run's one write call; production code has no test hook)
+_SLOW_CLI = """
+import sys, time
+import loretta_merge.merge.run as run
+write = run._write
+def slow(writer, name, tensor):
+    write(writer, name, tensor)
+    time.sleep(0.3)
+run._write = slow
+from loretta_merge.cli import main
+main(sys.argv[1:])
+"""
+
+
 def _start_slow_merge(base: Path, adapter: Path, out: Path) -> subprocess.Popen:
-    env = dict(os.environ, LORETTA_TEST_SLOW_WRITE="0.3", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "loretta_merge.cli", f"{base}+{adapter}",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", _SLOW_CLI, f"{base}+{adapter}",
                              "-o", str(out), "-q"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

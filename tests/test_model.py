@@ -314,3 +314,157 @@ def test_configs_validate_and_round_trip():
         AdpConfig(non_linearity="softmax")
     with pytest.raises(ConfigError, match="not 'adp'"):
         AdpConfig.from_dict(rep.to_dict())
+
+
+# ----------------------------------------------------------------- architectures (issue 13)
+
+@pytest.mark.parametrize("config_cls,kwargs,model_cls,targets,placement", [
+    ("DistilBertConfig", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=48),
+     "DistilBertForSequenceClassification", ["q_lin", "v_lin"], ["ffn.lin2"]),
+    ("DebertaV2Config", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                             intermediate_size=48), "DebertaV2ForSequenceClassification",
+     ["query_proj", "value_proj"], ["output.dense"]),
+    ("Phi3Config", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=48, pad_token_id=0), "Phi3ForCausalLM",
+     ["qkv_proj"], ["gate_up_proj", "down_proj"]),
+    ("GPT2Config", dict(n_embd=32, n_layer=1, n_head=4), "GPT2LMHeadModel", ["c_attn"],
+     ["c_fc", "c_proj"]),
+])
+def test_every_family_has_default_targets(config_cls, kwargs, model_cls, targets, placement):
+    """Default rep targets and adp placements exist and wrap exactly the named projections."""
+    config = getattr(transformers, config_cls)(vocab_size=128, **kwargs)
+    rep = get_loretta_model(getattr(transformers, model_cls)(config), RepConfig(r=4, tensor_rank=2))
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in rep.named_modules() if isinstance(m, RepLinear)}
+    assert wrapped == {t.rsplit(".", 1)[-1] for t in targets}
+    adp = get_loretta_model(getattr(transformers, model_cls)(config), AdpConfig(bottleneck_size=4, tensor_rank=2))
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in adp.named_modules() if isinstance(m, AdapterLinear)}
+    assert wrapped == {p.rsplit(".", 1)[-1] for p in placement}
+
+
+def test_unsupported_architecture_names_the_closest_family_and_the_flag():
+    # StableLM names its projections like Llama: the error says so and gives the flag to try
+    cfg = transformers.StableLmConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, intermediate_size=48)
+    with pytest.raises(ConfigError, match=r"StableLmForCausalLM is not a supported architecture.*"
+                       r"'stablelm' has no default target_modules.*supported 'llama' family: "
+                       r"try --target-modules q_proj,v_proj"):
+        get_loretta_model(transformers.StableLmForCausalLM(cfg), RepConfig())
+    # GPT-NeoX shares no name with a supported family: its attention projection is suggested
+    neox = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(ConfigError, match=r"no supported family uses its module names.*"
+                       r"--target-modules query_key_value"):
+        get_loretta_model(neox, RepConfig())
+
+
+def test_tied_output_projection_merges_in_memory_without_changing_the_embedding():
+    """A rep adapter on a tied lm_head: the in-memory merge gives the head its own weight
+    (the embedding is the adapter-free input side) and saves untied."""
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    model = get_loretta_model(model, RepConfig(r=4, tensor_rank=2, target_modules=["q_proj", "lm_head"])).eval()
+    _perturb(model)
+    want = logits(model)
+    merged = merge_loretta_model(model)
+    assert torch.equal(merged.get_input_embeddings().weight, embedding)
+    assert merged.get_output_embeddings().weight is not merged.get_input_embeddings().weight
+    assert merged.config.tie_word_embeddings is False
+    torch.testing.assert_close(logits(merged), want, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embedding_trained_in_full_is_saved_under_both_names(tmp_path):
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4)
+    torch.manual_seed(0)
+    model = get_loretta_model(transformers.GPT2LMHeadModel(cfg),
+                              RepConfig(r=4, tensor_rank=2, modules_to_save=["wte"])).eval()
+    _perturb(model)
+    assert model.lm_head.weight is model.transformer.wte.weight  # training keeps one tensor
+    adapter = adapter_from_model(model)
+    assert set(adapter.tensors) >= {"transformer.wte.weight", "lm_head.weight"}
+    assert torch.equal(adapter.tensors["lm_head.weight"], adapter.tensors["transformer.wte.weight"])
+    save_loretta_adapter(model, tmp_path / "ad")
+    torch.manual_seed(0)  # the same base weights
+    fresh = load_loretta_model(transformers.GPT2LMHeadModel(cfg).eval(), tmp_path / "ad")
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------- mean pooling (issue 13)
+
+def _sentence_transformers_bert(path, *, mean: bool = True):
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, intermediate_size=48)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(str(path))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(
+        '{"word_embedding_dimension": 32, "pooling_mode_cls_token": %s, '
+        '"pooling_mode_mean_tokens": %s, "pooling_mode_max_tokens": false}'
+        % (str(not mean).lower(), str(mean).lower()))
+    return transformers.BertForSequenceClassification.from_pretrained(str(path), num_labels=2).eval()
+
+
+def test_sentence_transformers_base_classifies_on_the_mean_of_kept_tokens(tmp_path):
+    from loretta_merge.pooling import MeanPooler, sentence_transformers_pooling
+
+    model = _sentence_transformers_bert(tmp_path / "st")
+    assert sentence_transformers_pooling(tmp_path / "st") == "mean"
+    model = get_loretta_model(model, RepConfig(r=4, tensor_rank=2, pooling="auto")).eval()
+    assert isinstance(model.bert.pooler, MeanPooler)
+    assert model.loretta_config.pooling == "mean" and model.config.loretta_pooling == "mean"
+    assert not any(isinstance(m, TTLinear) and "pooler" in n for n, m in model.named_modules())
+    _perturb(model)
+    inputs = probe_inputs(vocab_size=128)
+    with torch.no_grad():
+        hidden = model.bert.embeddings  # the check below recomputes the pooled vector by hand
+        states = model.bert(**inputs).last_hidden_state
+        m = inputs["attention_mask"].unsqueeze(-1).float()
+        pooled = (states * m).sum(1) / m.sum(1)
+        want = model.classifier(pooled)
+        got = model(**inputs).logits
+    assert hidden is not None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # padding the kept tokens more does not change the logits (the mask is honoured)
+    longer = {k: torch.cat([v, torch.zeros(v.shape[0], 3, dtype=v.dtype)], 1) for k, v in inputs.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**longer).logits, got, rtol=1e-5, atol=1e-5)
+    # the adapter records the pooling, and loading it restores it
+    save_loretta_adapter(model, tmp_path / "ad")
+    fresh = load_loretta_model(_sentence_transformers_bert(tmp_path / "st2"), tmp_path / "ad")
+    assert isinstance(fresh.bert.pooler, MeanPooler)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, got, rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_auto_keeps_the_model_pooler_without_mean_pooling_config(tmp_path):
+    from loretta_merge.pooling import MeanPooler
+
+    model = _sentence_transformers_bert(tmp_path / "st", mean=False)
+    model = get_loretta_model(model, RepConfig(r=4, tensor_rank=2, pooling="auto"))
+    assert not isinstance(model.bert.pooler, MeanPooler)
+    assert model.loretta_config.pooling is None
+    with pytest.raises(ConfigError, match=r"pooling 'mean' needs an encoder with a first-token pooler"):
+        get_loretta_model(build_tiny("llama"), RepConfig(pooling="mean", task_type="SEQ_CLS"))
+
+
+def test_merged_checkpoint_says_how_to_pool(tmp_path):
+    """save_pretrained of a mean-pooled classifier writes loretta_pooling; apply_pooling on
+    the reloaded model restores the pooling (what merge verify and ONNX export call)."""
+    from loretta_merge.model import apply_pooling
+
+    model = get_loretta_model(_sentence_transformers_bert(tmp_path / "st"),
+                              RepConfig(r=4, tensor_rank=2, pooling="mean")).eval()
+    _perturb(model)
+    inputs = probe_inputs(vocab_size=128)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    merged = merge_loretta_model(model)
+    merged.save_pretrained(str(tmp_path / "merged"))
+    back = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    assert back.config.loretta_pooling == "mean"
+    with torch.no_grad():
+        torch.testing.assert_close(apply_pooling(back)(**inputs).logits, want, rtol=1e-5, atol=1e-5)

@@ -128,6 +128,27 @@ def test_read_adapter_never_unpickles_by_default(lora, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("direction", ["lora-to-tt", "tt-to-lora"])
+def test_allow_unsafe_pickle_help_says_what_it_does(direction, capsys):
+    """The flag enables FULL unpickling; its help must say so (it once claimed that
+    loading stayed weights_only=True)."""
+    code, out, _ = run_main(["convert", direction, "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    flag = text[text.index("--allow-unsafe-pickle"):]
+    flag = flag[:flag.index("-h, --help")] if "-h, --help" in flag else flag
+    assert "Fully unpickle" in flag and "can execute code" in flag and "trust" in flag, flag
+    assert "still" not in flag
+
+
+def test_no_test_switch_in_production_code():
+    """Fault injection lives in the tests (monkeypatch of io.writer.write_bytes), not in an
+    environment variable read at write time."""
+    root = Path(__file__).resolve().parents[1] / "loretta_merge"
+    hits = [str(p) for p in root.rglob("*.py") if "LORETTA_TEST" in p.read_text()]
+    assert not hits, hits
+
+
 def test_read_adapter_reads_plain_bin_weights_only(lora, tmp_path):
     """A .bin that is a plain state dict loads with weights_only=True, no flag needed."""
     from loretta_merge.formats import read_adapter

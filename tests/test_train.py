@@ -36,7 +36,8 @@ def _tokenizer(path: Path, *, causal: bool) -> None:
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     single = "[CLS] $A" if causal else "[CLS] $A [SEP]"
     tk.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single=single, pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     kw = dict(bos_token="[CLS]", eos_token="[SEP]") if causal else dict(cls_token="[CLS]",
                                                                        sep_token="[SEP]")
     PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",

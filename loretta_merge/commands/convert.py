@@ -6,6 +6,11 @@ import json
 
 import click
 
+UNSAFE_PICKLE_HELP = (
+    "Fully unpickle an adapter_model.bin that the safe loader (torch.load with "
+    "weights_only=True) refuses. Full unpickling can execute code hidden in the file: use it "
+    "only for files you trust, or convert them to safetensors first.")
+
 
 def _table(report, *, limit: int = 10) -> str:
     """Human summary: the worst ``limit`` modules by delta error, then the totals."""
@@ -71,8 +76,7 @@ def convert_group():
 @click.option("--device", default="cpu", show_default=True, help="Device for the decomposition: cpu, cuda, cuda:N or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--allow-unsafe-pickle", is_flag=True,
-              help="Read a .bin adapter (still with torch.load weights_only=True).")
+@click.option("--allow-unsafe-pickle", is_flag=True, help=UNSAFE_PICKLE_HELP)
 def lora_to_tt_command(lora_dir, out, tensor_rank, eps, shapes, device, as_json, force, allow_unsafe_pickle):
     """TT-decompose the factors of the PEFT LoRA in LORA_DIR (needs --tensor-rank and/or --eps).
 
@@ -105,8 +109,7 @@ def lora_to_tt_command(lora_dir, out, tensor_rank, eps, shapes, device, as_json,
               help="Truncate each delta to this rank by SVD (the error is reported).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--allow-unsafe-pickle", is_flag=True,
-              help="Read the authors' adapter_model.bin (torch.load with weights_only=True).")
+@click.option("--allow-unsafe-pickle", is_flag=True, help=UNSAFE_PICKLE_HELP)
 def tt_to_lora_command(tt_dir, out, rank, as_json, force, allow_unsafe_pickle):
     """Convert the LoRETTA_rep adapter in TT_DIR to a PEFT LoRA directory (exact unless --rank).
 
@@ -118,7 +121,8 @@ def tt_to_lora_command(tt_dir, out, rank, as_json, force, allow_unsafe_pickle):
       loretta-merge convert tt-to-lora ./my-adapter -o ./peft-lora
       loretta-merge convert tt-to-lora ./my-adapter -o ./peft-lora-r4 --rank 4
     """
-    from ..converters.lora import tt_to_lora, write_peft_lora
+    from ..converters.lora import tt_to_lora
+    from ..formats import write_peft_lora
     from ..errors import OutputExistsError
     from pathlib import Path
 

@@ -20,6 +20,9 @@ def export_group():
       loretta-merge export onnx ./merged -o ./merged-onnx
       loretta-merge export onnx ./llama --adapter ./adp-adapter -o ./llama-adp-onnx
       loretta-merge export onnx ./merged-llama -o ./onnx --task causal-lm --with-past
+      loretta-merge export onnx ./base -o ./served --switchable-adapter a=./rep-a \\
+          --switchable-adapter b=./peft-lora
+      loretta-merge export onnx ./merged -o ./merged-int8 --quantize int8
       loretta-merge export safetensors ./merged -o ./merged-bf16 --dtype bfloat16
     """
 
@@ -37,7 +40,8 @@ def _size(ctx, param, value):
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
               help="Output directory (model.onnx [+ model.onnx.data], config, tokenizer).")
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
-              help="LoRETTA adapter applied in memory first (adp adapters stay in the graph).")
+              help="LoRETTA adapter applied first: rep is merged into the weights, adp stays in "
+                   "the graph.")
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "seq-cls", "feature-extraction"]),
               default="auto", show_default=True,
               help="Model head; auto reads config.architectures.")
@@ -58,47 +62,101 @@ def _size(ctx, param, value):
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow the model directory's own Python code to run (unsafe for untrusted "
                    "models).")
+@click.option("--switchable-adapter", "switchable", multiple=True, metavar="NAME=ADAPTER_DIR",
+              help="Repeatable. Export the base with this rep or PEFT LoRA adapter switchable at "
+                   "run time: OUT/adapters/NAME.onnx_adapter, activated in ONNX Runtime with "
+                   "RunOptions.add_active_adapter; with none active the graph is the base.")
+@click.option("--switch-layout", type=click.Choice(["tt", "factors"]), default="tt",
+              show_default=True,
+              help="tt: rep TT cores in the adapter files, reconstructed in the graph "
+                   "(kilobyte files); factors: A and B precomputed (larger files).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Dynamic int8 quantization (ONNX Runtime), checked against the fp32 graph.")
+@click.option("--int8-max-error", type=float, default=None,
+              help="With --quantize: the largest accepted ||int8 - fp32|| / ||fp32|| over the "
+                   "probe outputs (default 0.1).")
+@click.option("--eval-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --quantize on a seq-cls model: a CSV/JSONL with text and label "
+                   "columns; the accuracy of the fp32 and int8 graphs is reported.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True,
+              help="ONNX Runtime provider for validation; auto uses CUDA when the installed "
+                   "onnxruntime offers it (pip install 'loretta-merge[gpu]'). The provider that "
+                   "really ran is reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def onnx_command(model_dir, out_dir, adapter, task, with_past, opset, dtype, atol, no_validate,
-                 external_data_threshold, trust_remote_code, as_json, force):
+                 external_data_threshold, trust_remote_code, switchable, switch_layout, quantize,
+                 int8_max_error, eval_file, provider, as_json, force):
     """Export MODEL_DIR to ONNX with dynamic batch/sequence axes, checked in ONNX Runtime.
 
     Validation runs the graph on padded probe batches of two shapes and compares it with
     PyTorch where the attention mask keeps tokens; a mismatch is an error and writes nothing.
+    A rep --adapter is merged into the weights first; an adp --adapter stays in the graph.
+    Each --switchable-adapter is validated with it active against the merged PyTorch model.
     """
     from ..converters.onnx import export_onnx
 
     report = export_onnx(model_dir, out_dir, adapter=adapter, task=task, with_past=with_past,
                          opset=opset, dtype=dtype, atol=atol, validate=not no_validate,
                          external_data_threshold_bytes=external_data_threshold, force=force,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, switchable_adapters=switchable,
+                         switch_layout=switch_layout, quantize=quantize, eval_file=eval_file,
+                         provider=provider, int8_max_error=int8_max_error)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
+    _print_onnx_report(report)
+
+
+def _print_validation(v, what: str) -> None:
+    ran = ", ".join(v.providers)
+    if v.fallback:
+        ran += f" (asked for {v.requested_providers[0]}, which this onnxruntime lacks: CPU ran)"
+    click.echo(f"{what} validated on {ran}: max abs diff {v.max_abs_diff:.3g}, max rel diff "
+               f"{v.max_rel_diff:.3g} (tolerance atol={v.atol:g}, rtol={v.rtol:g}) over "
+               f"{len(v.probes)} probe shapes " + ", ".join(f"{p.batch}x{p.sequence}" for p in v.probes))
+    if v.generation_match is not None:
+        click.echo(f"greedy generation through the KV cache: {len(v.generation_tokens_onnx[0])} "
+                   f"steps, tokens match PyTorch")
+
+
+def _print_onnx_report(report) -> None:
     click.echo(f"wrote {report.onnx_path} ({report.task}, {report.dtype}, opset {report.opset}, "
                f"{report.exporter} exporter{', external data' if report.external_data else ''}) "
                f"in {report.export_seconds:.1f} s")
+    if report.adapter_merged:
+        click.echo(f"rep adapter {report.adapter} merged into the weights before export")
     if report.exporter_note:
         click.echo(f"note: {report.exporter_note}")
+    for s in report.switchable:
+        click.echo(f"adapter {s.name}: {s.file} ({s.file_bytes:,} bytes, {s.tensors} tensors, "
+                   f"{s.method}, layout {report.switch_layout})")
     v = report.validation
     if v is None:
         click.echo("validation skipped (--no-validate)")
         return
-    click.echo(f"validated on {', '.join(v.providers)}: max abs diff {v.max_abs_diff:.3g}, "
-               f"max rel diff {v.max_rel_diff:.3g} (tolerance atol={v.atol:g}, rtol={v.rtol:g}) "
-               f"over {len(v.probes)} probe shapes "
-               + ", ".join(f"{p.batch}x{p.sequence}" for p in v.probes))
-    if v.generation_match is not None:
-        click.echo(f"greedy generation through the KV cache: {len(v.generation_tokens_onnx[0])} "
-                   f"steps, tokens match PyTorch")
+    _print_validation(v, "base")
+    for s in report.switchable:
+        _print_validation(s.validation, f"adapter {s.name}")
+    q = report.quantize
+    if q is not None:
+        line = (f"int8: {q.fp32_bytes / 1e6:.1f} MB -> {q.int8_bytes / 1e6:.1f} MB; vs fp32 max "
+                f"abs diff {q.max_abs_diff:.3g}, relative error {q.rel_error:.3g} (allowed "
+                f"{q.rel_error_allowed}), worst cosine {q.min_cosine:.4f}, argmax agreement "
+                f"{q.argmax_agreement:.1%}")
+        if q.accuracy_fp32 is not None:
+            line += (f"; {q.eval_rows} eval rows: accuracy fp32 {q.accuracy_fp32:.4f}, int8 "
+                     f"{q.accuracy_int8:.4f}")
+        click.echo(line)
 
 
 @export_group.command("safetensors")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
               help="Output directory.")
-@click.option("--dtype", default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              default="auto", show_default=True,
               help="Cast floating tensors: auto (keep), float32, float16, bfloat16.")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_size,
               help="Largest shard in bytes (5GB = 5*10^9; 4GiB = 4*2^30).")

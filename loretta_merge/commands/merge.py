@@ -74,20 +74,27 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
               help="Comma-separated adapter weights, e.g. 0.7,0.3 (default 1 each).")
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"]),
-              help="Output dtype; auto keeps the base checkpoint's dtypes.")
+              help="Output dtype; auto keeps the base checkpoint's dtypes (bfloat16 for a "
+                   "quantized base, which is dequantized).")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N (where the deltas are computed).")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest output shard in BYTES, with units: 5GB, 500MB, 2GiB or a number.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT (kept until the new one is complete).")
 @click.option("--verify", is_flag=True,
-              help="After writing, compare logits of OUT with base + adapter in memory.")
+              help="After writing, compare logits of OUT with base + adapter in memory. Loads "
+                   "two fp32 copies of the model (8 bytes per parameter); refused up front, "
+                   "with the estimate, when they cannot fit in the available memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="Allow reading pickled (.bin) adapters from trusted sources only.")
+@click.option("--awq-adapter-trained-on", type=click.Choice(["awq", "original"]), default=None,
+              help="AWQ base only: the model the adapter was trained on. Default: the AWQ model, "
+                   "unless the adapter's base_model_name_or_path is a local unquantized model; "
+                   "'original' is refused (AWQ's activation scales are not stored).")
 def merge_command(specs, out, weights, dtype, device, max_shard_size, force, verify, as_json,
-                  quiet, allow_unsafe_pickle):
+                  quiet, allow_unsafe_pickle, awq_adapter_trained_on):
     """Merge adapters into BASE and write a plain transformers checkpoint to OUT.
 
     \b
@@ -124,7 +131,8 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
     try:
         report = merge(base, adapters, out, dtype=dtype, device=device,
                        max_shard_bytes=parse_size(max_shard_size), force=force, verify=verify,
-                       progress=not (quiet or as_json), allow_unsafe_pickle=allow_unsafe_pickle)
+                       progress=not (quiet or as_json), allow_unsafe_pickle=allow_unsafe_pickle,
+                       awq_adapter_trained_on=awq_adapter_trained_on)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if as_json:
@@ -133,6 +141,9 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
         msg = (f"merged {report.merged_tensors} tensors (+{report.replaced_tensors} replaced, "
                f"{report.copied_tensors} copied) into {report.out}: {report.shards} shard(s), "
                f"{_human(report.total_bytes)}, {report.dtype}, {report.seconds:.1f}s")
+        if report.task_model:
+            msg += (f"; wrote {report.task_model} (the model the adapter was trained on; "
+                    f"{len(report.dropped)} base tensor(s) it lacks dropped)")
         if report.untied:
             msg += f"; untied {', '.join(report.untied)} (the adapter changes the embeddings)"
         if report.verify:
@@ -140,4 +151,4 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
             msg += ("; verify: " + v["skipped"] if "skipped" in v else
                     f"; verify: max |logit diff| {v['max_abs_logit_diff']:.3g} "
                     f"(tolerance {v['tolerance']:.3g})")
-        click.echo(msg, err=True)
+        click.echo(msg)  # the summary is the command's output, like every other command

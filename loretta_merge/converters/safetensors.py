@@ -13,10 +13,34 @@ from pathlib import Path
 
 import torch
 
-from ..io import (CheckpointReader, StreamingShardWriter, atomic_output_dir, dtype_name, parse_dtype,
-                  parse_size)
+from ..errors import NumericsError
+from ..io import (CONFIG_NAME, CheckpointReader, StreamingShardWriter, atomic_output_dir,
+                  copy_side_files, dtype_name, parse_dtype, parse_size, read_model_config,
+                  write_file)
 
-_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``; a finite value that overflows the new dtype is an error."""
+    out = tensor.to(dtype)
+    if dtype != tensor.dtype and out.is_floating_point() and tensor.is_floating_point():
+        overflow = torch.isinf(out) & torch.isfinite(tensor)
+        if bool(overflow.any()):
+            worst = float(tensor[overflow].abs().max())
+            raise NumericsError(f"tensor {key} {tuple(tensor.shape)} has values up to {worst:.4g}, "
+                                f"beyond the range of {dtype_name(dtype)}; use --dtype bfloat16 "
+                                f"or float32 (nothing was written)")
+    return out
+
+
+def _write_config(model_dir: Path, tmp: Path, out_dtype: torch.dtype) -> None:
+    """``config.json`` with the new dtype (copied unchanged by the side-file policy otherwise)."""
+    config = read_model_config(model_dir)
+    if not config:
+        return
+    config["dtype"] = dtype_name(out_dtype)
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name(out_dtype)
+    write_file(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def reshard_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -31,6 +55,7 @@ def reshard_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
     budget = parse_size(max_shard_bytes)
     model_dir = Path(model_dir)
     reader = CheckpointReader(model_dir)
+
     def dtype_of(key: str) -> torch.dtype:
         d = reader.dtype(key)
         return out_dtype if (out_dtype is not None and d.is_floating_point) else d
@@ -40,21 +65,16 @@ def reshard_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
         writer = StreamingShardWriter(tmp, layout, budget)
         try:
             for key in reader.keys():
-                writer.add(key, reader.get(key).to(dtype_of(key)))
+                writer.add(key, _cast(key, reader.get(key), dtype_of(key)))
+        except BaseException:
+            writer.abort()
+            raise
         finally:
             reader.close()
         files = writer.close()
-        for p in sorted(model_dir.iterdir()):
-            if (p.is_file() and not p.name.startswith(".") and not p.name.endswith(_SKIP_SUFFIXES)
-                    and not p.name.endswith(".index.json")):
-                data = p.read_bytes()
-                if p.name == "config.json" and out_dtype is not None:
-                    config = json.loads(data)
-                    config["dtype"] = dtype_name(out_dtype)
-                    if "torch_dtype" in config:
-                        config["torch_dtype"] = dtype_name(out_dtype)
-                    data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-                (tmp / p.name).write_bytes(data)
+        copy_side_files(model_dir, tmp, exclude=(CONFIG_NAME,) if out_dtype else ())
+        if out_dtype is not None:
+            _write_config(model_dir, tmp, out_dtype)
     return {"base": str(model_dir), "out": str(Path(out_dir)), "tensors": len(reader.keys()),
             "shards": sum(f.endswith(".safetensors") for f in files), "files": files,
             "total_bytes": writer.total_bytes, "largest_shard_bytes": writer.largest_shard_bytes,

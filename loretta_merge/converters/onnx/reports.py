@@ -1,0 +1,111 @@
+"""The reports an export returns, and the constants every part of the exporter shares."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+TASKS = ("auto", "causal-lm", "seq-cls", "feature-extraction")
+ONNX_NAME = "model.onnx"
+ADAPTERS_DIR = "adapters"
+ADAPTER_SUFFIX = ".onnx_adapter"
+QUANTIZE_CHOICES = ("int8",)
+PROVIDERS = ("auto", "cpu", "cuda")
+# default tolerances by dtype: pass when |onnx - torch| <= atol + rtol * |torch| everywhere
+TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+# int8 (dynamic quantization) passes when the relative error of its outputs over all kept
+# positions of the probes, ||int8 - fp32|| / ||fp32|| (Frobenius), is at most this. Element-wise
+# max diffs and per-position cosines are reported, not judged: one large activation dominates
+# the first (MiniLM's hidden states: 12% of the largest value), near-zero logits the second.
+INT8_MAX_REL_ERROR = 0.1
+# (batch, sequence) of the probe batches; the first row of each is right-padded
+PROBE_SHAPES = ((2, 7), (3, 16))
+GENERATION_STEPS = 5
+
+
+@dataclass
+class ProbeResult:
+    batch: int
+    sequence: int
+    max_abs_diff: float
+    max_rel_diff: float     # max |onnx - torch| / max |torch| over kept positions
+    passed: bool
+
+
+@dataclass
+class ValidationReport:
+    providers: list[str]                 # session.get_providers(): what actually ran
+    atol: float
+    rtol: float
+    max_abs_diff: float
+    max_rel_diff: float
+    probes: list[ProbeResult]
+    passed: bool
+    generation_tokens_onnx: list[list[int]] | None = None
+    generation_tokens_torch: list[list[int]] | None = None
+    generation_match: bool | None = None
+    generation_max_abs_diff: float | None = None   # last-position logits over the cached steps
+    requested_providers: list[str] | None = None   # what was asked for
+    fallback: bool = False                         # CUDA asked for, CPU ran
+    adapter: str | None = None                     # the switchable adapter active, if any
+
+
+@dataclass
+class QuantizeReport:
+    """int8 dynamic quantization: agreement of the int8 graph with the fp32 one."""
+
+    method: str                          # "int8-dynamic"
+    fp32_bytes: int
+    int8_bytes: int
+    max_abs_diff: float                  # int8 vs fp32 graph at kept positions of the probes
+    max_rel_diff: float                  # max_abs_diff / max |fp32|
+    rel_error: float                     # ||int8 - fp32|| / ||fp32|| over kept positions
+    rel_error_allowed: float
+    min_cosine: float                    # worst per-position cosine similarity
+    argmax_agreement: float              # share of kept positions with the same argmax
+    passed: bool
+    eval_file: str | None = None
+    eval_rows: int | None = None
+    accuracy_fp32: float | None = None
+    accuracy_int8: float | None = None
+
+
+@dataclass
+class SwitchableReport:
+    """One switchable adapter: its file, its tensors and its validation."""
+
+    name: str
+    source: str
+    method: str
+    file: str
+    file_bytes: int
+    tensor_bytes: int
+    tensors: int
+    validation: ValidationReport | None = None
+
+
+@dataclass
+class ExportReport:
+    onnx_path: str
+    task: str
+    exporter: str                        # "dynamo" or "torchscript"
+    exporter_note: str | None            # why the fallback was used, if it was
+    opset: int
+    dtype: str
+    with_past: bool
+    adapter: str | None
+    external_data: bool
+    files: list[str]
+    num_parameters: int
+    weight_bytes: int
+    export_seconds: float
+    inputs: list[str]
+    outputs: list[str]
+    validation: ValidationReport | None = None
+    validate_seconds: float | None = None
+    adapter_merged: bool = False         # a rep --adapter folded into the weights first
+    switch_layout: str | None = None     # "tt" or "factors" with switchable adapters
+    switchable: list[SwitchableReport] = field(default_factory=list)
+    quantize: QuantizeReport | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

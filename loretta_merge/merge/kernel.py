@@ -1,0 +1,182 @@
+"""The per-tensor update: ``W = W0 + sum_i w_i * delta_i`` in fp32, cast once, checked.
+
+Two variants of one arithmetic (:func:`_update`):
+
+- CPU (:func:`merge_tensor_cpu`): a 2-D tensor is processed in blocks of rows that fit in
+  cache, through one reusable fp32 scratch buffer, so the upcast, the rank-r update, the
+  min/max scan and the cast back each touch a block while it is in cache, and no buffer
+  is allocated per tensor. The result goes into a caller-owned output buffer.
+- device (:func:`merge_tensor_device`): the tensor as stored (bf16, say) is copied from a
+  pinned buffer to the device without blocking; the upcast, update, scan and cast run on
+  the device; the result is copied back into a pinned buffer without blocking. Nothing
+  here waits for the device: the min/max stay on the device until :func:`check_ranges`
+  looks at a whole shard's worth at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import tt
+from ..errors import NumericsError
+from ..io import dtype_name
+from .plan import Op, OpKind
+
+BLOCK_ELEMS = 256 * 1024  # fp32 elements per CPU block: 1 MiB, cache-sized
+_FACTOR_BATCH_BYTES = 256 * 2**20  # TT reconstruction chunk budget
+
+
+@dataclass
+class RangeCheck:
+    """The min and max of one merged tensor (0-d tensors, possibly still on the device)."""
+
+    name: str
+    ops: list[Op]
+    low: torch.Tensor
+    high: torch.Tensor
+    dtype: torch.dtype
+
+
+def materialize_factors(rep_factors: list[tuple], device: torch.device) -> None:
+    """Fill ``left``/``right`` of every rep op with its TT factors, reconstructed on
+    ``device`` in batches of same-shaped TTs: A (in, r), B (r, out)."""
+    groups: dict[tuple, list[tuple]] = {}
+    for mod, op in rep_factors:
+        for part, ttm in (("a", mod.a), ("b", mod.b)):
+            sig = (tuple(tuple(c.shape) for c in ttm.cores), ttm.rows, ttm.cols)
+            groups.setdefault(sig, []).append((ttm, op, part))
+    factors: dict[int, dict[str, torch.Tensor]] = {}
+    for (_, rows, cols), items in groups.items():
+        chunk = max(1, _FACTOR_BATCH_BYTES // max(1, rows * cols * 4))
+        for start in range(0, len(items), chunk):
+            part_items = items[start:start + chunk]
+            cores = tt.stack_tts([[c.to(device, torch.float32) for c in ttm.cores]
+                                  for ttm, _, _ in part_items])
+            mats = tt.reconstruct_batched(cores, rows, cols, dtype=torch.float32)
+            for (_, op, part), mat in zip(part_items, mats):
+                factors.setdefault(id(op), {})[part] = mat.clone()
+    for _, op in rep_factors:
+        a, b = factors[id(op)]["a"], factors[id(op)]["b"]
+        # Linear W (out, in) += s * B.T @ A.T ; Conv1D W (in, out) += s * A @ B
+        left, right = (b.T, a.T) if op.transpose else (a, b)
+        op.left, op.right = left.contiguous(), right.contiguous()
+
+
+def ops_to(ops: list[Op], device: torch.device) -> None:
+    """Move the small per-op tensors (LoRA factors, DoRA norms) to ``device`` once."""
+    for op in ops:
+        if op.left is not None:
+            op.left, op.right = op.left.to(device), op.right.to(device)
+        if op.magnitude is not None:
+            op.magnitude = op.magnitude.to(device)
+
+
+def _full_values(ops: list[Op], device: torch.device) -> dict[int, torch.Tensor]:
+    """fp32 values of the ops that replace the whole tensor, in the stored orientation."""
+    values = {}
+    for op in ops:
+        if op.kind is OpKind.REPLACE:
+            values[id(op)] = op.value.to(device, torch.float32)
+        elif op.kind is OpKind.DENSE:
+            mat = op.value.matrix(dtype=torch.float32).to(device)
+            values[id(op)] = mat.T if op.transpose else mat
+    return values
+
+
+def _update(acc: torch.Tensor, rows, ops: list[Op], values: dict[int, torch.Tensor]) -> None:
+    """``acc`` holds W0's ``rows`` in fp32 (any content when W0 is absent); add the ops."""
+    for op in ops:  # at most one replacement (checked in the plan), applied first
+        if op.kind is not OpKind.LOW_RANK:
+            new = values[id(op)][rows]
+            if op.weight == 1.0:
+                acc.copy_(new)
+            else:  # W = w * new + (1 - w) * W0
+                acc.lerp_(new, op.weight)
+    for op in ops:
+        if op.kind is OpKind.LOW_RANK:
+            acc.addmm_(op.left[rows], op.right, alpha=op.weight)
+    for op in ops:
+        if op.magnitude is not None:  # DoRA (PEFT's merge): W' = m * W / ||W||, per output
+            if op.norm_dim == 1:
+                acc.mul_((op.magnitude[rows] / torch.linalg.norm(acc, dim=1))[:, None])
+            else:
+                acc.mul_((op.magnitude / torch.linalg.norm(acc, dim=0))[None, :])
+
+
+def _blockable(w0: torch.Tensor | None, ops: list[Op]) -> bool:
+    return (w0 is not None and w0.ndim == 2
+            and not any(op.magnitude is not None and op.norm_dim == 0 for op in ops))
+
+
+def merge_tensor_cpu(name: str, w0: torch.Tensor | None, ops: list[Op], out: torch.Tensor,
+                     scratch: torch.Tensor) -> RangeCheck:
+    """Write W0 + deltas into ``out`` (the output dtype); ``scratch`` is a reusable fp32
+    buffer of at least :data:`BLOCK_ELEMS` elements. ``w0`` None: the ops alone define it."""
+    values = _full_values(ops, torch.device("cpu"))
+    low = torch.full((), math.inf)
+    high = torch.full((), -math.inf)
+    if not _blockable(w0, ops):
+        acc = w0.to(torch.float32, copy=True) if w0 is not None else torch.zeros(out.shape)
+        _update(acc, ..., ops, values)
+        if acc.numel():
+            low, high = torch.aminmax(acc)
+        out.copy_(acc)
+        return RangeCheck(name, ops, low, high, out.dtype)
+    rows, cols = (int(s) for s in w0.shape)
+    step = max(1, min(rows, scratch.numel() // max(1, cols)))
+    for start in range(0, rows, step):
+        rs = slice(start, min(rows, start + step))
+        acc = scratch[:(rs.stop - start) * cols].view(rs.stop - start, cols)
+        acc.copy_(w0[rs])  # the upcast, into cache
+        _update(acc, rs, ops, values)
+        if acc.numel():
+            lo, hi = torch.aminmax(acc)
+            torch.minimum(low, lo, out=low)
+            torch.maximum(high, hi, out=high)
+        out[rs].copy_(acc)  # the one cast
+    return RangeCheck(name, ops, low, high, out.dtype)
+
+
+def merge_tensor_device(name: str, w0_pinned: torch.Tensor | None, ops: list[Op],
+                        out_pinned: torch.Tensor, device: torch.device) -> RangeCheck:
+    """The same update on ``device``: the stored bytes go over, the result comes back into
+    ``out_pinned``; nothing waits for the device (see :func:`check_ranges`)."""
+    values = _full_values(ops, device)
+    if w0_pinned is not None:
+        moved = w0_pinned.to(device, non_blocking=True)  # the stored bytes, as stored
+        # upcast on the device; a copy where the move was none (an fp32 tensor already there)
+        acc = moved.to(torch.float32, copy=moved.data_ptr() == w0_pinned.data_ptr())
+    else:
+        acc = torch.zeros(tuple(out_pinned.shape), device=device)
+    _update(acc, ..., ops, values)
+    if acc.numel():
+        low, high = torch.aminmax(acc)
+    else:
+        low = torch.full((), math.inf, device=device)
+        high = torch.full((), -math.inf, device=device)
+    out_pinned.copy_(acc.to(out_pinned.dtype), non_blocking=True)
+    return RangeCheck(name, ops, low, high, out_pinned.dtype)
+
+
+def check_ranges(checks: list[RangeCheck]) -> None:
+    """Raise NumericsError for the first tensor with NaN/Inf or values beyond its dtype.
+    One transfer for all of them (one device synchronisation per call)."""
+    if not checks:
+        return
+    stats = torch.stack([torch.stack([c.low.float(), c.high.float()]) for c in checks]).cpu()
+    for check, (low, high) in zip(checks, stats.tolist()):
+        if not (math.isfinite(low) and math.isfinite(high)):
+            if low == math.inf and high == -math.inf:
+                continue  # an empty tensor
+            sources = ", ".join(op.source for op in check.ops)
+            raise NumericsError(f"merging {sources} into {check.name} gives NaN or Inf values; "
+                                f"the adapter (or its weight) is unusable; lower the weight or "
+                                f"retrain the adapter (nothing was written)")
+        limit = torch.finfo(check.dtype).max if check.dtype.is_floating_point else math.inf
+        if max(-low, high) > limit:
+            raise NumericsError(f"{check.name} has values up to {max(-low, high):.3g} after "
+                                f"merging, beyond {dtype_name(check.dtype)}'s range "
+                                f"({limit:.3g}); choose --dtype float32 or bfloat16")

@@ -1,0 +1,216 @@
+"""The streaming run: read each base tensor once, merge it, write it; three stages overlap.
+
+A reader thread reads the next base tensor into a reused buffer while the main thread
+merges the current one (:mod:`.kernel`) and a writer thread puts the previous result on
+disk. The output shards are laid out from the plan before the first write, so each tensor
+goes to disk as soon as it is computed: peak memory is a few tensors, whatever the model.
+On a GPU the merged tensors' ranges are checked once per input shard, so the device is not
+synchronised per tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..io import CheckpointReader, StreamingShardWriter
+from . import kernel
+from .buffers import BaseReads, BufferPool, typed_view
+from .plan import MergePlan, OpKind, OutputTensor
+
+
+# The kernel runs on one intra-op thread: the run already keeps both cores busy with its
+# own pipeline (reader and writer threads beside the kernel), and a second OpenMP thread
+# on 1 MiB blocks made a 1 GB LoRA merge 6x slower on a loaded 2-core machine (the OpenMP
+# barrier spins while the other thread waits for a core); see docs/ARCH_merge.md.
+KERNEL_THREADS = 1
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class RunResult:
+    tensors: int = 0
+    merged: int = 0  # a low-rank or TT update
+    replaced: int = 0  # set from the adapter
+    copied: int = 0
+    files: tuple[str, ...] = ()
+    total_bytes: int = 0
+    largest_shard_bytes: int = 0
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _common_bytes(plan: MergePlan, reader: CheckpointReader) -> int:
+    """The buffer size that nine in ten tensors (read or written) fit in."""
+    sizes = sorted([reader.nbytes(k) for k in plan.reads()]
+                   + [max(1, _numel(o.shape)) * _element_size(o.dtype) for o in plan.outputs])
+    return sizes[min(len(sizes) - 1, (len(sizes) * 9) // 10)] if sizes else 1
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _write(writer: StreamingShardWriter, name: str, tensor: torch.Tensor) -> None:
+    """Every output tensor goes to disk here (tests wrap it to slow a run down)."""
+    writer.add(name, tensor)
+
+
+class _Pipeline:
+    """One merge run: the reader and writer threads around the main thread's kernel."""
+
+    def __init__(self, plan: MergePlan, reader: CheckpointReader, writer: StreamingShardWriter,
+                 device: torch.device) -> None:
+        self.plan, self.reader, self.writer, self.device = plan, reader, writer, device
+        self.cuda = device.type == "cuda"
+        self.pool = BufferPool(_common_bytes(plan, reader), pin=self.cuda)
+        self.reads = BaseReads(reader, self.pool)
+        self.scratch = torch.empty(kernel.BLOCK_ELEMS, dtype=torch.float32)
+        self.checks: list[kernel.RangeCheck] = []
+        self.result = RunResult()
+        self._pending: Future | None = None
+
+    def put(self, wpool: ThreadPoolExecutor, name: str, tensor: torch.Tensor,
+            buf: torch.Tensor | None, event=None) -> None:
+        """Hand a finished tensor to the writer thread; its buffer returns to the pool after."""
+        def job() -> None:
+            if event is not None:
+                event.synchronize()  # its copy back from the device has landed
+            _write(self.writer, name, tensor)
+            self.pool.give(buf)
+
+        self.wait_for_writer()
+        self._pending = wpool.submit(job)
+
+    def wait_for_writer(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def compute(self, wpool: ThreadPoolExecutor, out: OutputTensor, w0: torch.Tensor | None,
+                in_buf: torch.Tensor | None) -> None:
+        """Merge (or cast, or copy) one output tensor and hand it to the writer."""
+        r = self.result
+        r.tensors += 1
+        if not out.ops and w0 is not None and w0.dtype == out.dtype:
+            r.copied += 1
+            self.put(wpool, out.name, w0, in_buf)  # the read buffer goes straight to disk
+            return
+        if not out.ops:
+            r.copied += 1
+        elif any(op.kind is not OpKind.REPLACE for op in out.ops):
+            r.merged += 1
+        else:
+            r.replaced += 1
+        nbytes = max(1, _numel(out.shape)) * _element_size(out.dtype)
+        out_buf = self.pool.take(nbytes)
+        result = typed_view(out_buf, out.shape, out.dtype)
+        if self.cuda and out.ops:
+            self.checks.append(kernel.merge_tensor_device(out.name, w0, out.ops, result, self.device))
+            event = torch.cuda.Event()
+            event.record()
+            self.pool.give(in_buf, event)
+            self.put(wpool, out.name, result, out_buf, event)
+        else:
+            check = kernel.merge_tensor_cpu(out.name, w0, out.ops, result, self.scratch)
+            self.pool.give(in_buf)
+            kernel.check_ranges([check])  # CPU values: no cost to look now (device ones wait)
+            self.put(wpool, out.name, result, out_buf)
+
+
+def _prefetch(reads: BaseReads, keys: list[str], rpool: ThreadPoolExecutor):
+    """Yield (key, tensor, buffer) while the next tensor is read in the reader thread."""
+    future = rpool.submit(reads.read, keys[0]) if keys else None
+    for i, key in enumerate(keys):
+        tensor, buf = future.result()
+        future = rpool.submit(reads.read, keys[i + 1]) if i + 1 < len(keys) else None
+        try:
+            yield key, tensor, buf
+        except GeneratorExit:
+            if future is not None:
+                future.cancel()
+            raise
+
+
+def run_plan(plan: MergePlan, reader: CheckpointReader, out_dir: Path, *, device: torch.device,
+             max_shard_bytes: int, progress: bool = False) -> RunResult:
+    """Write every output tensor of ``plan`` into ``out_dir`` (a temporary directory)."""
+    writer = StreamingShardWriter(out_dir, [(o.name, o.shape, o.dtype) for o in plan.outputs],
+                                  max_shard_bytes)
+    by_source: dict[str, list[OutputTensor]] = {}
+    for o in plan.outputs:
+        by_source.setdefault(o.source, []).append(o)
+    if device.type == "cuda":
+        for o in plan.outputs:
+            kernel.ops_to(o.ops, device)
+    run = _Pipeline(plan, reader, writer, device)
+    bar = _progress_bar(reader) if progress else None
+    keys, shard = plan.reads(), None
+    try:
+        with _intra_op_threads(KERNEL_THREADS), \
+                ThreadPoolExecutor(1, thread_name_prefix="loretta-read") as rpool, \
+                ThreadPoolExecutor(1, thread_name_prefix="loretta-write") as wpool:
+            stream = _prefetch(run.reads, keys, rpool)
+            try:
+                for key, w0, buf in stream:
+                    if reader.shard_of(key) != shard:  # one device sync per input shard
+                        kernel.check_ranges(run.checks)
+                        run.checks.clear()
+                        shard = reader.shard_of(key)
+                    _compute_from(run, wpool, by_source[key], w0, buf)
+                    if bar is not None:
+                        bar.update(reader.nbytes(key))
+                for out in by_source.get(None, []):
+                    run.compute(wpool, out, None, None)
+                kernel.check_ranges(run.checks)
+                run.wait_for_writer()
+            finally:
+                stream.close()
+                run.reads.close()
+    finally:
+        if bar is not None:
+            bar.close()
+    files = writer.close()
+    r = run.result
+    r.files, r.total_bytes = tuple(files), writer.total_bytes
+    r.largest_shard_bytes = writer.largest_shard_bytes
+    return r
+
+
+def _compute_from(run: _Pipeline, wpool, outs: list[OutputTensor], w0: torch.Tensor,
+                  buf: torch.Tensor | None) -> None:
+    """All outputs computed from one base tensor (two when an embedding is untied)."""
+    for i, out in enumerate(outs):
+        last = i == len(outs) - 1
+        if last:
+            run.compute(wpool, out, w0, buf)
+        else:  # the buffer must outlive this output: it is released with the last one
+            run.compute(wpool, out, w0 if out.ops or w0.dtype != out.dtype else w0.clone(), None)
+
+
+def _progress_bar(reader: CheckpointReader):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=reader.total_bytes(), unit="B", unit_scale=True, desc="merging",
+                file=sys.stderr, leave=False)

@@ -1,0 +1,57 @@
+"""The ONNX benchmark, the GPU script and the serving example run at tiny sizes, so none of
+them can rot unnoticed. Figures are not checked (they are measurements), only that each
+script runs, writes its JSON and reports the providers that really ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: int = 600) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_export_smoke(tmp_path):
+    out = tmp_path / "export.json"
+    _run("benchmarks/bench_export.py", "--smoke", "--output", str(out))
+    data = json.loads(out.read_text())
+    model = data["models"][0]
+    assert model["rows"] and model["int8"]["int8_bytes"] < model["int8"]["fp32_bytes"]
+    assert model["providers"]["fp32"][0] == "CPUExecutionProvider"
+    layouts = data["switchable"]["layouts"]
+    assert set(layouts) == {"tt", "factors"}
+    # TT cores are smaller than the precomputed factors they stand for
+    assert layouts["tt"]["adapter_file_bytes"]["a"] < layouts["factors"]["adapter_file_bytes"]["a"]
+
+
+def test_gpu_onnx_smoke_reports_the_provider_that_ran(tmp_path):
+    import onnxruntime as ort
+
+    out = tmp_path / "gpu.json"
+    text = _run("benchmarks/gpu_onnx.py", "--smoke", "--output", str(out))
+    data = json.loads(out.read_text())
+    cuda_run = data["exports"]["float32"]["runs"][1]
+    assert cuda_run["asked"] == "cuda"
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if not has_cuda:  # a CPU build must say so, not report a CPU time as a GPU time
+        assert cuda_run["cuda_fallback_to_cpu"] and cuda_run["providers"][0] == "CPUExecutionProvider"
+        assert "CPU fallback" in text
+
+
+def test_serve_adapters_example(tmp_path):
+    text = _run("examples/serve_adapters.py", "--requests", "8", "--work", str(tmp_path))
+    assert "adapter support:" in text and "merged support" in text
+    assert (tmp_path / "served" / "adapters" / "legal.onnx_adapter").is_file()

@@ -1,0 +1,42 @@
+"""The merge benchmarks run at a tiny size, so they cannot rot unnoticed (their figures are
+measured by the scripts themselves, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_merge_smoke(tmp_path):
+    out = tmp_path / "merge.json"
+    _run("bench_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
+    result = json.loads(out.read_text())
+    assert result["size"] == "smoke" and result["page_cache"] == "warm"
+    assert set(result["cases"]) == {"floor", "lora", "rep", "peft"}
+    for case in result["cases"].values():
+        assert case["wall_s"] > 0 and case["cpu_s"] >= 0 and len(case["runs"]) == result["rounds"]
+    assert set(result["ratios"]["lora"]) == {"wall_over_floor", "peft_wall_over_ours"}
+    assert not (tmp_path / "work").exists()  # generated files removed
+
+
+def test_gpu_merge_smoke_runs_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    stdout = _run("gpu_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
+    result = json.loads(out.read_text())
+    assert "GB/s" in stdout and result["floor"]["gb_per_s"] > 0
+    for adapter in ("lora", "rep"):
+        assert result["cases"][adapter]["cpu"]["gb_per_s"] > 0
+        assert ("cuda" in result["cases"][adapter]) == (result["cuda_skipped"] is None)

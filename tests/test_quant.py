@@ -1,0 +1,252 @@
+"""Quantized bases, each made by its format's own package on a tiny Llama: (a) every weight
+loretta-merge dequantizes equals the package's own dequantization; (b) merging a PEFT LoRA
+(and a LoRETTA rep adapter) through the CLI gives the logits of the adapter applied to the
+dequantized model.
+
+bitsandbytes, torchao and compressed-tensors run here (the ``test`` extra installs them);
+GPTQ and AWQ bases are the committed fixtures in fixtures/quant/, made by gptqmodel with
+its own dequantization saved beside them (``make_gptq_awq.py`` regenerates all of it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import perturb_trainable, probe_inputs, run_main
+from fixtures.quant.package_quantizers import QUANTIZERS
+from loretta_merge.io import CheckpointReader, read_model_config
+from loretta_merge.quant import DequantizedReader, open_base
+
+FIXTURES = Path(__file__).parent / "fixtures" / "quant"
+BASE = FIXTURES / "base"  # the unquantized tiny Llama every format is made from
+PACKAGE_FORMATS = ["bnb-nf4", "bnb-fp4", "bnb-nf4-dq", "bnb-fp4-dq", "bnb-int8",
+                   "torchao-int8", "torchao-int4", "torchao-fp8",
+                   "ct-fp8", "ct-int8", "ct-w4a16", "ct-w4a16-asym"]
+FIXTURE_FORMATS = ["gptq", "gptq-actorder", "awq"]
+FORMATS = PACKAGE_FORMATS + FIXTURE_FORMATS
+PACKAGE = {"bnb": "bitsandbytes", "torchao": "torchao", "ct": "compressed_tensors"}
+LOGIT_TOL = 2e-2  # issue #18: merged vs PEFT on the dequantized model, absolute
+
+
+# --------------------------------------------------------------------------- making bases
+
+def make_quantized(fmt: str, out: Path) -> Path:
+    family, kind = fmt.split("-", 1)
+    pytest.importorskip(PACKAGE[family], reason=f"{PACKAGE[family]} is not installed (pip install "
+                                                f"'loretta-merge[test]')")
+    QUANTIZERS[family](BASE, out, kind)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quant_base(tmp_path_factory):
+    """Factory: ``quant_base("bnb-nf4")`` -> a quantized checkpoint directory (read-only)."""
+    cache: dict[str, Path] = {}
+
+    def get(fmt: str) -> Path:
+        if fmt in FIXTURE_FORMATS:
+            return FIXTURES / fmt
+        if fmt not in cache:
+            cache[fmt] = make_quantized(fmt, tmp_path_factory.mktemp(fmt) / "model")
+        return cache[fmt]
+
+    return get
+
+
+# --------------------------------------------------------------------------- package references
+
+def package_dequantized(fmt: str, qdir: Path) -> dict[str, torch.Tensor]:
+    """{<module>.weight: fp32 (out, in)} as the format's own package dequantizes it."""
+    import transformers
+
+    if fmt in FIXTURE_FORMATS:
+        from safetensors.torch import load_file
+
+        return load_file(qdir.parent / f"{qdir.name}-reference.safetensors")
+    family = fmt.split("-", 1)[0]
+    kwargs = {"device_map": "cpu"}
+    if family == "ct":
+        kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(qdir, **kwargs)
+    out = {}
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        if family == "bnb":
+            import bitsandbytes as bnb
+
+            if fmt == "bnb-int8":
+                w = bnb.functional.int8_vectorwise_dequant(w.data, w.SCB)
+            else:
+                w = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        elif family == "torchao":
+            w = w.dequantize()
+        out[f"{name}.weight"] = w.detach().float()
+    return out
+
+
+def _tolerance(fmt: str) -> dict:
+    if fmt == "bnb-int8":  # bnb multiplies by 7.874015718698502e-3, we divide by 127
+        return {"rtol": 1e-6, "atol": 0}
+    return {"rtol": 0, "atol": 0}
+
+
+def _round(fmt: str, t: torch.Tensor) -> torch.Tensor:
+    """gptqmodel dequantizes in fp16 (its scales' dtype): compare after that one rounding."""
+    return t.half().float() if fmt in FIXTURE_FORMATS else t
+
+
+def open_quantized(qdir: Path) -> DequantizedReader:
+    reader = open_base(qdir, read_model_config(qdir), CheckpointReader(qdir))
+    assert reader is not None, f"{qdir} was not detected as quantized"
+    return reader
+
+
+# --------------------------------------------------------------------------- (a) dequantization
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantized_weights_equal_the_package_dequantization(fmt, quant_base):
+    qdir = quant_base(fmt)
+    want = package_dequantized(fmt, qdir)
+    with open_quantized(qdir) as reader:
+        assert sorted(reader.layout.weights) == sorted(want)  # every Linear but lm_head
+        hidden = set(CheckpointReader(qdir).keys()) - set(reader.keys())
+        assert all(k not in reader for k in hidden)
+        for name, ref in want.items():
+            got = reader.get(name)
+            assert got.dtype == torch.float32 and reader.dtype(name) == torch.float32
+            assert tuple(got.shape) == reader.shape(name) == tuple(ref.shape)
+            torch.testing.assert_close(_round(fmt, got), ref, **_tolerance(fmt), msg=name)
+        plain = CheckpointReader(BASE)
+        assert sorted(reader.keys()) == sorted(plain.keys())  # the logical checkpoint
+        for key in set(plain.keys()) - set(want):  # embeddings, norms, lm_head: untouched
+            stored = reader.dtype(key)  # (gptqmodel saves them in bf16)
+            same = torch.equal(reader.get(key), plain.get(key).to(stored))
+            # AWQ folds activation scales into the norms before its Linears
+            assert same != (fmt == "awq" and key.endswith("layernorm.weight")), key
+
+
+# --------------------------------------------------------------------------- (b) merge vs PEFT
+
+def reference_model(fmt: str, qdir: Path):
+    """The tiny Llama holding the package-dequantized weights (and the checkpoint's plain
+    tensors), fp32: the model an adapter for this base is applied to."""
+    import transformers
+
+    config = {k: v for k, v in json.loads((BASE / "config.json").read_text()).items()}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    state = package_dequantized(fmt, qdir)
+    with CheckpointReader(qdir) as raw:
+        for key in model.state_dict():
+            if key not in state:
+                state[key] = raw.get(key).float()
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+def make_peft_lora(model, path: Path, *, base_name: str | None = None, use_dora: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)  # PEFT's lora_A init draws from the global generator
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=use_dora, target_modules=[
+        "q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]))
+    perturb_trainable(pm, seed=3, std=0.1)
+    if base_name:
+        pm.peft_config["default"].base_model_name_or_path = base_name
+    pm.save_pretrained(path)
+    return pm.eval()
+
+
+def merged_logits(qdir: Path, adapter: Path, out: Path, capsys, *extra) -> tuple[torch.Tensor, dict]:
+    import transformers
+
+    code, stdout, stderr = run_main([f"{qdir}+{adapter}", "-o", out, "--json", *extra], capsys)
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    assert not (out / "quantize_config.json").exists()
+    merged = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return _logits(merged, probe_inputs()), report
+
+
+WORST: dict[str, float] = {}  # fmt -> measured worst |logit diff| of the LoRA merge
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_merge_lora_through_the_cli_matches_peft_on_the_dequantized_model(fmt, quant_base, tmp_path,
+                                                                         capsys):
+    qdir = quant_base(fmt)
+    ref = reference_model(fmt, qdir)
+    before = _logits(ref, probe_inputs())
+    peft_model = make_peft_lora(ref, tmp_path / "lora", base_name=str(qdir))
+    want = _logits(peft_model, probe_inputs())
+    assert float((want - before).abs().max()) > 0.1  # the adapter matters
+    got, report = merged_logits(qdir, tmp_path / "lora", tmp_path / "out", capsys)
+    assert report["merged_tensors"] == 2 * 5
+    worst = float((got - want).abs().max())
+    WORST[fmt] = worst
+    print(f"\n[quant] {fmt}: LoRA merged vs PEFT on dequantized: max |logit diff| {worst:.2e} "
+          f"(the LoRA moves logits by up to {float((want - before).abs().max()):.2f}, "
+          f"logits up to {float(want.abs().max()):.2f})")
+    assert worst < LOGIT_TOL
+
+
+@pytest.mark.parametrize("fmt", ["bnb-nf4", "ct-w4a16-asym", "gptq-actorder"])
+def test_merge_rep_adapter_matches_the_loretta_model(fmt, quant_base, tmp_path, capsys):
+    from loretta_merge.config import RepConfig
+    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+
+    qdir = quant_base(fmt)
+    torch.manual_seed(0)
+    model = get_loretta_model(reference_model(fmt, qdir), RepConfig(r=4, lora_alpha=8, tensor_rank=3))
+    model = perturb_trainable(model, seed=1).eval()
+    save_loretta_adapter(model, tmp_path / "rep")
+    want = _logits(model, probe_inputs())
+    got, report = merged_logits(qdir, tmp_path / "rep", tmp_path / "out", capsys)
+    worst = float((got - want).abs().max())
+    print(f"\n[quant] {fmt}: rep merged vs LoRETTA model on dequantized: max |logit diff| {worst:.2e}")
+    assert report["merged_tensors"] > 0 and worst < LOGIT_TOL
+
+
+@pytest.mark.parametrize("fmt", ["bnb-nf4-dq", "awq"])
+def test_merge_dora_matches_peft_on_the_dequantized_model(fmt, quant_base, tmp_path, capsys):
+    qdir = quant_base(fmt)
+    peft_model = make_peft_lora(reference_model(fmt, qdir), tmp_path / "dora", base_name=str(qdir),
+                                use_dora=True)
+    want = _logits(peft_model, probe_inputs())
+    got, report = merged_logits(qdir, tmp_path / "dora", tmp_path / "out", capsys)
+    worst = float((got - want).abs().max())
+    print(f"\n[quant] {fmt}: DoRA merged vs PEFT on dequantized: max |logit diff| {worst:.2e}")
+    assert report["merged_tensors"] == 2 * 5 and worst < LOGIT_TOL
+
+
+def test_verify_flag_on_a_quantized_base(quant_base, tmp_path, capsys):
+    qdir = quant_base("ct-w4a16")
+    make_peft_lora(reference_model("ct-w4a16", qdir), tmp_path / "lora")
+    code, stdout, stderr = run_main([f"{qdir}+{tmp_path / 'lora'}", "-o", tmp_path / "out",
+                                     "--verify", "--json"], capsys)
+    assert code == 0, stderr
+    verify = json.loads(stdout)["verify"]
+    assert verify["passed"] and verify["max_abs_logit_diff"] < LOGIT_TOL
+
+
+def test_explicit_dtype_is_kept(quant_base, tmp_path, capsys):
+    qdir = quant_base("gptq")
+    make_peft_lora(reference_model("gptq", qdir), tmp_path / "lora")
+    code, _, stderr = run_main([f"{qdir}+{tmp_path / 'lora'}", "-o", tmp_path / "out", "-q",
+                                "--dtype", "float32"], capsys)
+    assert code == 0, stderr
+    with CheckpointReader(tmp_path / "out") as out:
+        assert {out.dtype(k) for k in out.keys()} == {torch.float32}
+        assert out.shape("model.layers.0.mlp.down_proj.weight") == (64, 128)
