@@ -5,7 +5,10 @@ a LoRETTA rep adapter, both on q, k, v, o, gate, up and down of every layer. The
 case in its own subprocess, interleaved round by round (a slow spell hits every case alike):
 
 - ``floor``: safetensors ``load_file`` + ``save_file`` of every shard (the same output
-  shard budget as the merge): the least any tool that reads and writes the weights does;
+  shard budget as the merge), each written file fsynced: the least any tool that reads and
+  DURABLY writes the weights does (the merge fsyncs every file before its rename, issue 16);
+- ``floor-nosync``: the same without the fsyncs (what the page cache alone costs; PEFT's
+  ``save_pretrained`` does not fsync either);
 - ``lora`` / ``rep``: ``loretta_merge.merge.merge`` on CPU;
 - ``peft``: ``from_pretrained`` + ``PeftModel.from_pretrained`` + ``merge_and_unload`` +
   ``save_pretrained`` (LoRA only; skipped, with the reason, when its estimate does not fit
@@ -53,7 +56,7 @@ SIZES = {
 }
 TARGETS = {"self_attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "mlp": ["gate_proj", "up_proj", "down_proj"]}
-CASES = ("floor", "lora", "rep", "peft")
+CASES = ("floor", "floor-nosync", "lora", "rep", "peft")
 
 
 def _linear_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -134,8 +137,17 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _floor(base: Path, out: Path, budget: int) -> None:
+def _floor(base: Path, out: Path, budget: int, *, sync: bool) -> None:
     from safetensors.torch import load_file, save_file
+
+    def save(tensors: dict, path: Path) -> None:
+        save_file(tensors, path)
+        if sync:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     buffer, size, n = {}, 0, 0
     out.mkdir()
@@ -143,11 +155,11 @@ def _floor(base: Path, out: Path, budget: int) -> None:
         for k, t in load_file(shard).items():
             if buffer and size + t.nbytes > budget:
                 n += 1
-                save_file(buffer, out / f"model-{n:05d}.safetensors")
+                save(buffer, out / f"model-{n:05d}.safetensors")
                 buffer, size = {}, 0
             buffer[k] = t
             size += t.nbytes
-    save_file(buffer, out / f"model-{n + 1:05d}.safetensors")
+    save(buffer, out / f"model-{n + 1:05d}.safetensors")
 
 
 def child(case: str, work: Path, out: Path, max_shard: str, profile: Path | None) -> dict:
@@ -166,8 +178,8 @@ def child(case: str, work: Path, out: Path, max_shard: str, profile: Path | None
 
         prof = cProfile.Profile()
         prof.enable()
-    if case == "floor":
-        _floor(base, out, parse_size(max_shard))
+    if case in ("floor", "floor-nosync"):
+        _floor(base, out, parse_size(max_shard), sync=case == "floor")
     elif case in ("lora", "rep"):
         merge(base, [(work / case, 1.0)], out, device="cpu", progress=False,
               max_shard_bytes=max_shard)
@@ -264,6 +276,9 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         n = len(runs[case])
         ratios[case] = {"wall_over_floor": _median(
             [runs[case][i]["wall_s"] / runs["floor"][i]["wall_s"] for i in range(n)])}
+        if "floor-nosync" in runs:
+            ratios[case]["wall_over_floor_nosync"] = _median(
+                [runs[case][i]["wall_s"] / runs["floor-nosync"][i]["wall_s"] for i in range(n)])
         if "peft" in runs:
             ratios[case]["peft_wall_over_ours"] = _median(
                 [runs["peft"][i]["wall_s"] / runs[case][i]["wall_s"] for i in range(n)])

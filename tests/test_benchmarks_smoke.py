@@ -28,6 +28,27 @@ def _smoke_scripts() -> list[Path]:
     return sorted(p for p in BENCHMARKS.glob("*.py") if "--smoke" in p.read_text())
 
 
+def _dedicated(script: Path) -> list[str]:
+    """Test files (other than this one) that run ``script --smoke`` themselves, checking
+    more than exit 0; those scripts are not run twice."""
+    own = Path(__file__).name
+    return [t.name for t in sorted(Path(__file__).parent.glob("test_*.py"))
+            if t.name != own and script.name in (text := t.read_text()) and '"--smoke"' in text]
+
+
+def test_every_benchmark_has_a_smoke_mode_that_ci_runs():
+    scripts = sorted(BENCHMARKS.glob("*.py"))
+    assert scripts
+    for script in scripts:
+        assert "--smoke" in script.read_text(), f"{script.name} has no --smoke mode"
+    # each runs here or in a dedicated test
+    assert all(_dedicated(s) or s in _generic() for s in scripts)
+
+
+def _generic() -> list[Path]:
+    return [s for s in _smoke_scripts() if not _dedicated(s)]
+
+
 def _digest(folder: Path) -> dict[str, str]:
     if not folder.is_dir():
         return {}
@@ -39,7 +60,7 @@ def test_the_benchmarks_of_this_area_have_a_smoke_mode():
     assert {"bench_convert.py", "bench_tt.py"} <= names, names
 
 
-@pytest.mark.parametrize("script", _smoke_scripts(), ids=lambda p: p.name)
+@pytest.mark.parametrize("script", _generic(), ids=lambda p: p.name)
 def test_benchmark_smoke_run(script: Path, tmp_path: Path):
     before = _digest(RESULTS)
     out = tmp_path / f"{script.stem}.json"

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", action="store_true", help="run the matrix first")
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "supported_models.json",
                     help="results JSON (written by --run, read otherwise)")
-    ap.add_argument("-o", "--output", type=Path, default=ROOT / "docs" / "README_supported_models.md")
+    ap.add_argument("-o", "--output", type=Path, default=ROOT / "docs" / "supported_models.md")
     ap.add_argument("--readme", type=Path, default=None, help="also replace this README's section")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (with --run)")
     args = ap.parse_args(argv)
