@@ -576,13 +576,7 @@ _IO_HINT = ("io.CheckpointReader: the message names the file but says nothing to
 _IO_PROC = ("io.atomic_output_dir: os.mkdir of the temp dir in an unwritable parent raises a bare "
             "FileNotFoundError/PermissionError (exit 1, 'error: FileNotFoundError: ...') instead of "
             "a ConfigError naming the parent; root passes the os.access check")
-KNOWN_FAILURES: dict[str, str] = {
-    "train:model-without-tokenizer": "the final train OUTPUT is atomic, but train/outputs.py "
-                                     "prepare_output creates OUTPUT/checkpoints/run_config.json "
-                                     "before train/run.py loads the tokenizer, so this failure "
-                                     "leaves OUTPUT behind; remove this mark when the tokenizer "
-                                     "(or the checkpoint dir) comes first",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _param(c: Case):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,22 +60,28 @@ class _Run:
         config = build.read_config(self.model_path)        # data, validated, before any model
         ex = load_examples(self.a, head_labels=build.head_labels(config, self.a.num_labels)
                            if self.a.task == "seq-cls" else (None, None))
+        existed = self.out.exists()
         last_ckpt = prepare_output(self.out, resume=self.a.resume, force=self.a.force,
                                    run_key=self._run_key(ex))
-        net, tok, info = self._model(ex)
+        try:
+            tok = build.load_tokenizer(self.a, self.model_path)
+        except BaseException:
+            if not existed and is_main():  # a refused model leaves no OUT behind
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+        net, tok, info = self._model(ex, tok)
         trainer, datasets = self._trainer(net, tok, ex, info["autocast"])
         return self._train_and_write(trainer, datasets, info, ex, last_ckpt)
 
     def _run_key(self, ex: Examples) -> dict:
         return {**self.a.run_key(), "model": str(self.model_path), "data": ex.description}
 
-    def _model(self, ex: Examples):
+    def _model(self, ex: Examples, tok):
         from transformers import set_seed
         from transformers.utils import logging as hf_logging
 
         if not self.a.progress:  # quiet means quiet: no weight-loading bars either
             hf_logging.disable_progress_bar()
-        tok = build.load_tokenizer(self.a, self.model_path)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         set_seed(self.a.seed)
         net = build.load_model(self.a, self.model_path, num_labels=ex.num_labels,
