@@ -65,11 +65,19 @@ def _read_dense(name: str, parts: dict, rest: dict, source: Path) -> TTDenseModu
 def _read_rep(name: str, parts: dict, r: int, scale: float, source: Path) -> RepModule:
     if set(parts) - {"lora_A", "lora_B"}:
         raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in a rep adapter; re-save or re-download the adapter")
-    a = _split(_collect_cores(parts["lora_A"], f"{name}.lora_A", source), known=r,
-               known_is_rows=False, what=f"{name}.lora_A", known_name="r")
-    b = _split(_collect_cores(parts["lora_B"], f"{name}.lora_B", source), known=r,
-               known_is_rows=True, what=f"{name}.lora_B", known_name="r")
+    a, b = _tt_pair(name, parts, ("lora_A", "lora_B"), r, "r", source)
     return RepModule(a=a, b=b, scale=scale)
+
+
+def _tt_pair(name: str, parts: dict, pair: tuple[str, str], known: int, known_name: str,
+             source: Path):
+    """The two TT matrices of a factor pair: the first is (width, known), the second
+    (known, width); ``known`` is the rank or bottleneck the config gives."""
+    first, second = pair
+    return (_split(_collect_cores(parts[first], f"{name}.{first}", source), known=known,
+                   known_is_rows=False, what=f"{name}.{first}", known_name=known_name),
+            _split(_collect_cores(parts[second], f"{name}.{second}", source), known=known,
+                   known_is_rows=True, what=f"{name}.{second}", known_name=known_name))
 
 
 def _scaling(config: dict, name: str, rest: dict, source: Path) -> float:
@@ -87,10 +95,7 @@ def _read_adp(name: str, parts: dict, rest: dict, config: dict, source: Path) ->
     b, act = config["bottleneck_size"], _non_linearity(config.get("non_linearity"), str(source))
     if set(parts) - {"adapter_down", "adapter_up"}:
         raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in an adp adapter; re-save or re-download the adapter")
-    down = _split(_collect_cores(parts["adapter_down"], f"{name}.adapter_down", source), known=b,
-                  known_is_rows=False, what=f"{name}.adapter_down", known_name="bottleneck_size")
-    up = _split(_collect_cores(parts["adapter_up"], f"{name}.adapter_up", source), known=b,
-                known_is_rows=True, what=f"{name}.adapter_up", known_name="bottleneck_size")
+    down, up = _tt_pair(name, parts, ("adapter_down", "adapter_up"), b, "bottleneck_size", source)
     if down.rows != up.cols:
         raise ShapeError(f"{source}: module {name}: down is ({down.rows}, {down.cols}), up is "
                          f"({up.rows}, {up.cols}); both must use the same width; re-save or re-download the adapter")
