@@ -38,13 +38,20 @@ def verify_memory_bytes(plan: MergePlan) -> int:
 
 
 def check_verify_fits(plan: MergePlan) -> None:
-    """Refuse ``--verify`` up front when its two fp32 copies cannot fit in memory."""
+    """Refuse ``--verify`` up front when its two fp32 copies cannot fit in memory, or when
+    the package its reference model needs (PEFT, for a PEFT LoRA) is missing."""
+    if any(_is_peft(a.adapter) for a in plan.adapters):
+        require("peft", extra="verify", purpose="--verify of a PEFT LoRA adapter")
     need, have = verify_memory_bytes(plan), available_memory_bytes()
     if need > have:
         raise ConfigError(f"--verify loads two fp32 copies of the model (about {need / 2**30:.1f} "
                           f"GiB) but only {have / 2**30:.1f} GiB of memory is available; run "
                           f"without --verify, or verify on a machine with more memory "
                           f"(nothing was written)")
+
+
+def _is_peft(adapter) -> bool:
+    return adapter.method == "lora" and adapter.source == "peft" and adapter.path is not None
 
 
 def _model_class(config: dict):
@@ -69,7 +76,7 @@ def _logits(model, inputs: dict) -> torch.Tensor:
 
 def _reference(base, item: LoadedAdapter):
     adapter = item.adapter
-    if adapter.method == "lora" and adapter.source == "peft" and adapter.path is not None:
+    if _is_peft(adapter):
         peft = require("peft", extra="verify", purpose="--verify of a PEFT LoRA adapter")
         return peft.PeftModel.from_pretrained(base, adapter.path).eval()
     from ..model import load_loretta_model
