@@ -137,7 +137,7 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _floor(base: Path, out: Path, budget: int, *, sync: bool) -> None:
+def _floor(base: Path, out: Path, budget: int, *, sync: bool = True) -> None:
     from safetensors.torch import load_file, save_file
 
     def save(tensors: dict, path: Path) -> None:
