@@ -289,15 +289,22 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
 
 
 def _rounds(cases: list[str], args, work: Path) -> dict[str, list[dict]]:
-    """Every case once per round, interleaved; warm (read first) or cold (evicted) cache."""
+    """Every case once per round, interleaved; warm (read first) or cold (evicted) cache.
+
+    The order rotates from round to round (round 2 starts with the second case, ...): on a
+    virtual machine that hands freed memory back to its host (virtio-balloon free page
+    reporting, as on this project's machines) the first touch of a page costs several times
+    a copy, and whichever case runs after a big free pays it; rotating spreads that cost."""
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     for round_ in range(args.repeat):
-        for case in cases:
+        shift = round_ % len(cases)
+        for case in cases[shift:] + cases[:shift]:
             _evict(work / "base") if args.cold else _warm(work / "base")
             prof = args.profile / f"{case}-{round_}.prof" if args.profile else None
             if prof:
                 args.profile.mkdir(parents=True, exist_ok=True)
             r = _run_child(case, args, work, prof)
+            r["round"], r["position_in_round"] = round_ + 1, (cases.index(case) - shift) % len(cases) + 1
             runs[case].append(r)
             print(f"round {round_ + 1} {case:6s} wall {r['wall_s']:7.2f}s  cpu {r['cpu_s']:7.2f}s "
                   f"(sys {r['sys_s']:5.2f})  peak RSS +{r['peak_rss_above_interpreter_bytes'] / 2**20:7.0f} MiB",
@@ -309,7 +316,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="1gb")
     ap.add_argument("--smoke", action="store_true", help="tiny checkpoint, one round: seconds (CI)")
-    ap.add_argument("--repeat", type=int, default=3, help="rounds (paired runs); medians reported")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds (paired runs); medians reported")
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     ap.add_argument("--cold", action="store_true", help="evict the base from the page cache before each run")
     ap.add_argument("--max-shard-size", default="5GB", help="output shard budget, e.g. 5GB")

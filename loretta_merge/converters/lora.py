@@ -284,6 +284,11 @@ def _check_rep(adapter: Adapter) -> None:
                               f"and TT dense layers convert to LoRA; pass a LoRETTA_rep adapter")
     if not any(isinstance(m, RepModule) for m in adapter.modules.values()):
         raise FormatError(f"{where}: the adapter has no rep modules to convert; pass a LoRETTA_rep adapter directory")
+    if adapter.config.get("pooling") is not None:
+        raise FormatError(f"{where}: the adapter was trained with {adapter.config['pooling']} pooling, "
+                          f"which a PEFT model (first-token pooler) does not do, so the LoRA would "
+                          f"classify differently; merge it instead (`loretta-merge BASE+ADAPTER -o "
+                          f"OUT` writes a model that pools as trained) or export it to ONNX")
 
 
 def _full_tensors(adapter: Adapter) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -15,6 +15,16 @@ data offset is a multiple of its element size, even with fp32, bf16, int8 and bo
 one shard. The order in which a caller adds tensors does not change: each tensor is written
 at its own offset with ``pwrite``.
 
+Direct I/O: a file of at least :data:`DIRECT_MIN_BYTES` written in file order (a merge, a
+re-shard) bypasses the page cache: its bytes are staged in an aligned buffer and written in
+whole aligned blocks through a second descriptor opened with ``O_DIRECT`` (the last partial
+block through the ordinary one). The page cache then holds none of the output: no copy into
+it and no fresh page to fault in per 4 KiB. On a virtual machine that hands freed memory
+back to its host the fresh pages are the dominant cost (measured here: 1 GiB written and
+fsynced in 0.5 s direct, 3.4-4.1 s through the page cache). A file system that refuses
+``O_DIRECT`` (tmpfs), a tensor added out of file order, or ``LORETTA_DIRECT_IO=0`` in the
+environment fall back to ordinary writes; the bytes written are the same either way.
+
 Durability and failures: each file is fsynced before it is closed; a full disk, a quota or a
 permission failure becomes one :class:`OutputError` in :func:`output_error`, the one mapper,
 naming the path and the bytes the file needs.
@@ -30,7 +40,9 @@ import errno
 import json
 import math
 import os
+import mmap
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +54,9 @@ from .options import parse_size
 from .reader import INDEX_NAME, SINGLE_NAME
 
 DATA_ALIGN = 8  # the data section starts at a multiple of 8, as safetensors writes it
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in whole blocks
+DIRECT_MIN_BYTES = 64 * 2**20  # smaller files go through the page cache
+STAGE_BYTES = 16 * 2**20  # the aligned staging buffer of a direct write
 
 
 class DiskFullError(OutputError):
@@ -142,8 +157,40 @@ def _tensor_view(t: torch.Tensor) -> memoryview:
 
 # --------------------------------------------------------------------------- the core
 
+class _Stages:
+    """Page-aligned staging buffers (anonymous maps), reused across files and writers."""
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, STAGE_BYTES)
+
+    def give(self, stage: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < 2:
+                self._free.append(stage)
+                return
+        stage.close()
+
+
+_STAGES = _Stages()
+
+
+def _direct_wanted(size: int) -> bool:
+    return (hasattr(os, "O_DIRECT") and size >= DIRECT_MIN_BYTES
+            and os.environ.get("LORETTA_DIRECT_IO", "1") != "0")
+
+
 class _FileWriter:
-    """One safetensors file being written: header first, then each tensor at its slot."""
+    """One safetensors file being written: header first, then each tensor at its slot.
+
+    ``mode`` says how its bytes went: "direct" (staged, whole blocks through ``O_DIRECT``,
+    see the module docstring) or "buffered" (``pwrite`` through the page cache)."""
 
     def __init__(self, path: Path, slots: list[TensorSlot], metadata: dict | None) -> None:
         self.path = path
@@ -151,20 +198,93 @@ class _FileWriter:
         head = header_bytes(slots, metadata)
         self.data_start = len(head)
         self.size = len(head) + sum(s.nbytes for s in slots)
+        self.mode = "buffered"
         self._file = None
+        self._direct_fd: int | None = None
+        self._stage: mmap.mmap | None = None
+        self._staged = 0  # bytes in the stage
+        self._stage_at = 0  # the file offset of the stage's first byte
         try:
             self._file = open(path, "wb")  # noqa: SIM115 - mode follows the umask; closed in finish()
-            write_bytes(self._file.fileno(), head, 0)
+            if _direct_wanted(self.size):
+                self._open_direct()
+            self._write(head, 0)
         except OSError as exc:
             self.abort()
             raise output_error(exc, path, self.size) from exc
+
+    def _open_direct(self) -> None:
+        try:
+            self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+        except OSError:
+            return  # the file system does not do direct I/O: ordinary writes
+        self._stage = _STAGES.take()
+        self.mode = "direct"
+
+    def _write(self, data, offset: int) -> None:
+        """Put ``data`` at ``offset``: into the stage while the file is written in order,
+        else straight to the file through the page cache."""
+        view = memoryview(data).cast("B")
+        if self._stage is not None and offset != self._stage_at + self._staged:
+            self._end_direct()  # out of file order: the rest goes through the page cache
+        if self._stage is None:
+            write_bytes(self._file.fileno(), view, offset)
+            return
+        done = 0
+        while done < len(view):
+            n = min(len(view) - done, STAGE_BYTES - self._staged)
+            self._stage[self._staged:self._staged + n] = view[done:done + n]
+            self._staged += n
+            done += n
+            if self._staged == STAGE_BYTES:
+                self._flush_stage(STAGE_BYTES)
+
+    def _flush_stage(self, nbytes: int) -> None:
+        """Write the stage's first ``nbytes`` (whole blocks) with O_DIRECT; keep the rest."""
+        if nbytes:
+            chunk = memoryview(self._stage)[:nbytes]
+            try:
+                write_bytes(self._direct_fd, chunk, self._stage_at)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # a file system that takes the flag and refuses the write: same bytes, buffered
+                write_bytes(self._file.fileno(), chunk, self._stage_at)
+            finally:
+                chunk.release()
+        rest = self._staged - nbytes
+        if rest:
+            self._stage[:rest] = self._stage[nbytes:self._staged]
+        self._stage_at += nbytes
+        self._staged = rest
+
+    def _end_direct(self) -> None:
+        """Write what is staged (whole blocks direct, the tail buffered) and stop staging."""
+        if self._stage is None:
+            return
+        self._flush_stage(self._staged - self._staged % DIRECT_ALIGN)
+        if self._staged:
+            tail = memoryview(self._stage)[:self._staged]
+            try:
+                write_bytes(self._file.fileno(), tail, self._stage_at)
+            finally:
+                tail.release()
+        self._release_direct()
+
+    def _release_direct(self) -> None:
+        if self._stage is not None:
+            _STAGES.give(self._stage)
+            self._stage = None
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         slot = self.slots[key]
         if not slot.nbytes:
             return
         try:
-            write_bytes(self._file.fileno(), _tensor_view(tensor), self.data_start + slot.offset)
+            self._write(_tensor_view(tensor), self.data_start + slot.offset)
         except OSError as exc:
             self.abort()
             raise output_error(exc, self.path, self.size) from exc
@@ -172,6 +292,7 @@ class _FileWriter:
     def finish(self) -> None:
         """Flush to stable storage and close."""
         try:
+            self._end_direct()
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
@@ -180,6 +301,7 @@ class _FileWriter:
             raise output_error(exc, self.path, self.size) from exc
 
     def abort(self) -> None:
+        self._release_direct()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -15,7 +15,7 @@ from .. import quant
 from ..errors import OutputExistsError
 from ..io import (CheckpointReader, atomic_output_dir, dtype_name, parse_dtype, parse_size,
                   read_model_config, resolve_device)
-from .finish import finish_output
+from .finish import finish_output, merged_pooling
 from .inputs import load_adapters
 from .kernel import materialize_factors
 from .plan import MergePlan, build_plan
@@ -91,6 +91,7 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
         reader, config = dequantized, quant.strip_quant_config(config)
         out_dtype = out_dtype or torch.bfloat16
     loaded = load_adapters(adapters, allow_unsafe_pickle=allow_unsafe_pickle)
+    merged_pooling(loaded)  # adapters that pool differently: refused before any work
     quant.check_adapters(reader, loaded, awq_adapter_trained_on=awq_adapter_trained_on)
     plan = build_plan(reader, config, loaded, out_dtype=out_dtype)
     if out.exists() and not force:  # refused before any heavy work

@@ -14,10 +14,26 @@ from pathlib import Path
 import torch
 
 from .. import __version__, quant
+from ..errors import ConfigError
 from ..io import copy_side_files, dtype_name, write_file
+from ..pooling import POOLING_CONFIG_KEY
+from .inputs import LoadedAdapter
 from .plan import MergePlan
 
 PROVENANCE_NAME = "loretta_merge_provenance.json"
+
+
+def merged_pooling(adapters: list[LoadedAdapter]) -> str | None:
+    """The pooling the merged model must use: "mean" when the adapters were trained with
+    mean pooling (:mod:`loretta_merge.pooling`), None for the model's own. Adapters that
+    disagree cannot be merged into one model (its config has one pooling)."""
+    pools = {a.label: a.adapter.config.get("pooling") for a in adapters}
+    if len(set(pools.values())) > 1:
+        listed = ", ".join(f"{label} ({pool or 'first token'})" for label, pool in pools.items())
+        raise ConfigError(f"the adapters were trained with different poolings: {listed}; one "
+                          f"model pools one way: merge them separately, or retrain one with "
+                          f"the other's pooling")
+    return next(iter(pools.values()), None)
 
 
 def output_config(config: dict, plan: MergePlan, out_dtype: torch.dtype | None) -> dict:
@@ -36,6 +52,9 @@ def output_config(config: dict, plan: MergePlan, out_dtype: torch.dtype | None) 
         if plan.task.id2label:
             out["id2label"] = dict(plan.task.id2label)
             out["label2id"] = {v: int(k) for k, v in plan.task.id2label.items()}
+    pooling = merged_pooling(plan.adapters)
+    if pooling is not None:  # read back by pooling.apply_pooling (verify, ONNX export, users)
+        out[POOLING_CONFIG_KEY] = pooling
     return out
 
 
@@ -78,6 +97,7 @@ def provenance(base_dir: Path, plan: MergePlan) -> dict:
         "dtype": dtype_name(plan.main_dtype), "untied": list(plan.untied),
         "task_model": plan.task.class_name if plan.task else None,
         "dropped": list(plan.task.dropped) if plan.task else [],
+        "pooling": merged_pooling(plan.adapters),
     }
 
 

@@ -17,6 +17,7 @@ from .. import quant
 from ..deps import require
 from ..errors import ConfigError, NumericsError
 from ..io import dtype_name, read_model_config
+from ..pooling import apply_pooling
 from .inputs import LoadedAdapter
 from .plan import MergePlan
 
@@ -98,11 +99,13 @@ def verify_merge(base_dir: str | os.PathLike, adapters: list[LoadedAdapter],
     base = (quant.load_dequantized_model(base_dir, cls)  # None unless the base is quantized
             or cls.from_pretrained(base_dir, dtype=torch.float32))
     reference = _reference(base.eval(), adapters[0])
-    merged = cls.from_pretrained(out_dir, dtype=torch.float32).eval()
+    merged = apply_pooling(cls.from_pretrained(out_dir, dtype=torch.float32)).eval()
     vocab = int(config.get("vocab_size") or 100)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(min(3, vocab - 1), min(vocab, 1000), (2, 8), generator=g)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # padding in the probe: a masked (mean) pooling must agree too
+    inputs = {"input_ids": ids, "attention_mask": mask}
     want, got = _logits(reference, inputs), _logits(merged, inputs)
     diff = float((want - got).abs().max())
     scale = max(1.0, float(want.abs().max()))

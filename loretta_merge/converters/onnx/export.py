@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ...deps import require
 from ...io import copy_side_files
+from ...pooling import apply_pooling
 from ...errors import ConfigError, FormatError, NumericsError, OutputExistsError, UnsafeInputError
 from . import adapters as switching
 from .graph import check_and_opset, export_graph
@@ -127,6 +128,7 @@ def load_model(model_dir: Path, task: str, dtype, trust_remote_code: bool):
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    apply_pooling(model)  # a merged mean-pooling classifier says so in its config
     model.eval()
     model.requires_grad_(False)
     return model
