@@ -9,6 +9,10 @@ case in its own subprocess, interleaved round by round (a slow spell hits every 
   DURABLY writes the weights does (the merge fsyncs every file before its rename, issue 16);
 - ``floor-nosync``: the same without the fsyncs (what the page cache alone costs; PEFT's
   ``save_pretrained`` does not fsync either);
+- ``copy-direct``: every shard's bytes copied as they are, read into one reused aligned
+  buffer and written with ``O_DIRECT`` (the tail through the page cache), each file
+  fsynced: no tensor is built, no byte changes. The least a durable writer that bypasses
+  the page cache (as the merge's writer does) can spend;
 - ``lora`` / ``rep``: ``loretta_merge.merge.merge`` on CPU;
 - ``peft``: ``from_pretrained`` + ``PeftModel.from_pretrained`` + ``merge_and_unload`` +
   ``save_pretrained`` (LoRA only; skipped, with the reason, when its estimate does not fit
@@ -56,7 +60,7 @@ SIZES = {
 }
 TARGETS = {"self_attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "mlp": ["gate_proj", "up_proj", "down_proj"]}
-CASES = ("floor", "floor-nosync", "lora", "rep", "peft")
+CASES = ("floor", "floor-nosync", "copy-direct", "lora", "rep", "peft")
 
 
 def _linear_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -162,6 +166,34 @@ def _floor(base: Path, out: Path, budget: int, *, sync: bool = True) -> None:
     save(buffer, out / f"model-{n + 1:05d}.safetensors")
 
 
+def _copy_direct(base: Path, out: Path) -> None:
+    import mmap
+
+    chunk = 16 * 2**20
+    buf = mmap.mmap(-1, chunk)  # page-aligned, reused for every chunk
+    out.mkdir()
+    for shard in sorted(base.glob("*.safetensors")):
+        dst = out / shard.name
+        with open(shard, "rb", buffering=0) as src, open(dst, "wb") as plain:
+            direct = os.open(dst, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
+            try:
+                offset = 0
+                while True:
+                    n = src.readinto(buf)
+                    if not n:
+                        break
+                    whole = n - n % 4096
+                    with memoryview(buf) as view:
+                        if whole:
+                            os.pwrite(direct, view[:whole], offset)
+                        if n > whole:  # the file's last partial block
+                            os.pwrite(plain.fileno(), view[whole:n], offset + whole)
+                    offset += n
+                os.fsync(plain.fileno())
+            finally:
+                os.close(direct)
+
+
 def child(case: str, work: Path, out: Path, max_shard: str, profile: Path | None) -> dict:
     """Run one case in this process: wall, CPU and peak RSS of the work alone."""
     import torch  # noqa: F401 - imported before the timer, as every case needs it
@@ -180,6 +212,8 @@ def child(case: str, work: Path, out: Path, max_shard: str, profile: Path | None
         prof.enable()
     if case in ("floor", "floor-nosync"):
         _floor(base, out, parse_size(max_shard), sync=case == "floor")
+    elif case == "copy-direct":
+        _copy_direct(base, out)
     elif case in ("lora", "rep"):
         merge(base, [(work / case, 1.0)], out, device="cpu", progress=False,
               max_shard_bytes=max_shard)
@@ -276,9 +310,10 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         n = len(runs[case])
         ratios[case] = {"wall_over_floor": _median(
             [runs[case][i]["wall_s"] / runs["floor"][i]["wall_s"] for i in range(n)])}
-        if "floor-nosync" in runs:
-            ratios[case]["wall_over_floor_nosync"] = _median(
-                [runs[case][i]["wall_s"] / runs["floor-nosync"][i]["wall_s"] for i in range(n)])
+        for ref in ("floor-nosync", "copy-direct"):
+            if ref in runs:
+                ratios[case][f"wall_over_{ref.replace('-', '_')}"] = _median(
+                    [runs[case][i]["wall_s"] / runs[ref][i]["wall_s"] for i in range(n)])
         if "peft" in runs:
             ratios[case]["peft_wall_over_ours"] = _median(
                 [runs["peft"][i]["wall_s"] / runs[case][i]["wall_s"] for i in range(n)])

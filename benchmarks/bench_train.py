@@ -179,35 +179,17 @@ def frozen_baseline(split: dict, *, max_length: int) -> dict:
 
 
 def mean_pooling_callback():
-    """A TrainerCallback that swaps the encoder's CLS pooler for a masked mean over tokens
-    (a prototype of mean pooling for sentence-transformers bases; the library's own is
-    being added elsewhere). It runs at the Trainer's ``on_init_end``, before the optimizer."""
-    import torch
+    """A TrainerCallback that installs the library's mean pooling
+    (:func:`loretta_merge.pooling.apply_pooling`) on a head-only or PEFT LoRA model, which
+    ``train(pooling=...)`` does not cover (it records pooling in LoRETTA adapters only). It
+    runs at the Trainer's ``on_init_end``, before the optimizer."""
     from transformers import TrainerCallback
 
-    class MaskedMeanPool(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mask = None
-
-        def capture(self, module, args, kwargs):  # forward pre-hook on the encoder
-            self.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-
-        def forward(self, hidden):
-            if self.mask is None:
-                return hidden.mean(1)
-            m = self.mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    from loretta_merge.pooling import apply_pooling
 
     class MeanPooling(TrainerCallback):
         def on_init_end(self, args, state, control, model=None, **kw):
-            encoders = [m for m in model.modules() if "pooler" in m._modules]
-            if len(encoders) != 1:
-                raise RuntimeError(f"mean pooling: expected one encoder with a pooler, found "
-                                   f"{len(encoders)} in {type(model).__name__}")
-            pool = MaskedMeanPool()
-            encoders[0].register_forward_pre_hook(pool.capture, with_kwargs=True)
-            encoders[0].pooler = pool
+            apply_pooling(model, "mean")
 
     return MeanPooling()
 
@@ -218,12 +200,17 @@ def finetune(spec: dict, files: dict, out_dir: Path) -> dict:
     from loretta_merge.train import train
 
     b = spec["budget"]
+    # rep/adp pool through the library's own option (what a user gets with --pooling);
+    # head and LoRA get the same MeanPooler through a callback
+    pooling = "mean" if spec["pooling"] == "mean" else "none"
+    callback = pooling == "mean" and spec["method"] not in ("rep", "adp")
     rep = train(model=None, method=spec["method"], train_file=files["train"],
                 eval_file=files[spec["evaluate_on"]], output_dir=out_dir, epochs=b["epochs"],
                 batch_size=b["batch_size"], learning_rate=spec["lr"], max_length=b["max_length"],
                 max_steps=b["max_steps"], seed=spec["seed"], eval_split=0.0,
                 replace_dense=False, progress=False, eval_before=False,
-                callbacks=[mean_pooling_callback()] if spec["pooling"] == "mean" else [])
+                pooling=pooling if spec["method"] in ("rep", "adp") else "none",
+                callbacks=[mean_pooling_callback()] if callback else [])
     return {"accuracy": rep.metrics_after["accuracy"], "f1_macro": rep.metrics_after["f1_macro"],
             "trainable_params": rep.trainable_params, "breakdown": rep.trainable_breakdown,
             "adapter_params": rep.adapter_params, "steps": rep.steps,

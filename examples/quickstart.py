@@ -77,7 +77,10 @@ def main() -> None:
         [f"{base}+{out / 'adapter'}", "-o", str(out / "merged"), "--verify", "-q"], env)
 
     # 3. TT -> PEFT LoRA (exact) -> TT again (TT-SVD at the original tensor rank)
-    to_lora, _, _ = run_cli(["convert", "tt-to-lora", str(out / "adapter"), "-o", str(out / "lora")], env)
+    # the adapter mean-pools (MiniLM is a sentence-transformers model); a PEFT LoRA carries
+    # the weights exactly but not the pooling, so the conversion says so explicitly
+    to_lora, _, _ = run_cli(["convert", "tt-to-lora", str(out / "adapter"), "-o", str(out / "lora"),
+                             "--ignore-pooling"], env)
     back, _, _ = run_cli(["convert", "lora-to-tt", str(out / "lora"), "-o", str(out / "tt-again"),
                           "--eps", "0.01"], env)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -32,12 +33,14 @@ def test_finetune_merge_export_chain(work, capsys):
                 "--max-train-samples", "64", "--max-eval-samples", "64")
     out = capsys.readouterr().out
     assert "trainable parameters" in out and (work / "adapter" / "adapter_config.json").exists()
+    # MiniLM is a sentence-transformers model that mean-pools: --pooling auto follows it
+    assert json.loads((work / "adapter" / "adapter_config.json").read_text())["pooling"] == "mean"
 
     run_example("merge.py", str(default_model_path()), str(work / "adapter"), "--output", str(work / "merged"))
     out = capsys.readouterr().out
     diff = float(out.split("unmerged model:")[1].split()[0])
     assert diff < 1e-4
-    assert (work / "merged" / "config.json").exists()
+    assert json.loads((work / "merged" / "config.json").read_text())["loretta_pooling"] == "mean"
 
     run_example("export_onnx.py", str(work / "merged"), "--output", str(work / "onnx"), "--task", "seq-cls")
     out = capsys.readouterr().out

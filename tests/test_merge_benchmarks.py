@@ -25,11 +25,13 @@ def test_bench_merge_smoke(tmp_path):
     _run("bench_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
     result = json.loads(out.read_text())
     assert result["size"] == "smoke" and result["page_cache"] == "warm"
-    assert set(result["cases"]) == {"floor", "floor-nosync", "lora", "rep", "peft"}
+    assert set(result["cases"]) == {"floor", "floor-nosync", "copy-direct", "lora", "rep", "peft"}
     for case in result["cases"].values():
         assert case["wall_s"] > 0 and case["cpu_s"] >= 0 and len(case["runs"]) == result["rounds"]
     assert set(result["ratios"]["lora"]) == {"wall_over_floor", "wall_over_floor_nosync",
-                                             "peft_wall_over_ours"}
+                                             "wall_over_copy_direct", "peft_wall_over_ours"}
+    positions = {(r["round"], r["position_in_round"]) for c in result["cases"].values() for r in c["runs"]}
+    assert len(positions) == len(result["cases"]) * result["rounds"]  # one case per slot
     assert not (tmp_path / "work").exists()  # generated files removed
 
 

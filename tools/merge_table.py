@@ -17,6 +17,7 @@ BEGIN, END = "<!-- merge-bench:begin -->", "<!-- merge-bench:end -->"
 LABELS = {
     "floor": "I/O floor: safetensors `load_file` + `save_file` + fsync of every file",
     "floor-nosync": "the same without fsync (page cache only)",
+    "copy-direct": "copy of the shards' bytes, O_DIRECT writes + fsync (no tensors)",
     "lora": "`loretta-merge BASE+LORA` (PEFT LoRA r 16)",
     "rep": "`loretta-merge BASE+REP` (LoRETTA_rep)",
     "peft": "PEFT `merge_and_unload` + `save_pretrained`",
@@ -41,6 +42,8 @@ def table(result: dict) -> str:
             continue
         r = ratios.get(case, {})
         over = "1.00x" if case == "floor" else (f"{r['wall_over_floor']:.2f}x" if "wall_over_floor" in r else "")
+        if "wall_over_copy_direct" in r:
+            over += f" ({r['wall_over_copy_direct']:.2f}x copy-direct)"
         peft = f"{r['peft_wall_over_ours']:.2f}x" if "peft_wall_over_ours" in r else ""
         rss = c["peak_rss_above_interpreter_bytes"]
         lines.append(f"| {label} | {c['wall_s']:.2f} s | {c['user_s']:.2f} + {c['sys_s']:.2f} s | "

@@ -110,7 +110,10 @@ def lora_to_tt_command(lora_dir, out, tensor_rank, eps, shapes, device, as_json,
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--allow-unsafe-pickle", is_flag=True, help=UNSAFE_PICKLE_HELP)
-def tt_to_lora_command(tt_dir, out, rank, as_json, force, allow_unsafe_pickle):
+@click.option("--ignore-pooling", is_flag=True,
+              help="Convert an adapter trained with mean pooling anyway: the weights carry over "
+                   "exactly, the pooling does not (PEFT pools the first token).")
+def tt_to_lora_command(tt_dir, out, rank, as_json, force, allow_unsafe_pickle, ignore_pooling):
     """Convert the LoRETTA_rep adapter in TT_DIR to a PEFT LoRA directory (exact unless --rank).
 
     Trained norms, heads and TT-replaced dense layers go to PEFT's modules_to_save, so
@@ -128,6 +131,7 @@ def tt_to_lora_command(tt_dir, out, rank, as_json, force, allow_unsafe_pickle):
 
     if Path(out).exists() and not force:
         raise OutputExistsError(f"{out} already exists; choose another output or pass --force")
-    adapter, report = tt_to_lora(tt_dir, rank=rank, allow_unsafe_pickle=allow_unsafe_pickle)
+    adapter, report = tt_to_lora(tt_dir, rank=rank, allow_unsafe_pickle=allow_unsafe_pickle,
+                                 ignore_pooling=ignore_pooling)
     write_peft_lora(adapter, out, force=force)
     _emit(report, out, as_json)

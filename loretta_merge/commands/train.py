@@ -65,6 +65,8 @@ def _default_targets_help() -> str:
 @click.option("--target-modules", default=None, help=_default_targets_help())
 @click.option("--no-train-norms", is_flag=True, help="Keep LayerNorm/RMSNorm frozen.")
 @click.option("--replace-dense/--no-replace-dense", default=None, help=H("replace_dense"))
+@click.option("--pooling", type=click.Choice(["auto", "mean", "none"]), default="auto",
+              show_default=True, help=H("pooling"))
 @click.option("--bf16", is_flag=True, help=H("bf16"))
 @click.option("--fp16", is_flag=True, help=H("fp16"))
 @click.option("--fsdp", is_flag=True, help=H("fsdp") + " Needs `torchrun`.")

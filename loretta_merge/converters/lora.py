@@ -271,7 +271,7 @@ def measured_delta_error(m: RepModule, lora: LoraModule, peft_scale: float) -> f
     return rel_delta_error(a, b, a2, b2)
 
 
-def _check_rep(adapter: Adapter) -> None:
+def _check_rep(adapter: Adapter, *, ignore_pooling: bool = False) -> None:
     where = adapter.path or "<in-memory adapter>"
     if adapter.method != "rep":
         why = ("LoRETTA_adp is a non-linear bottleneck adapter, which no LoRA can represent; "
@@ -284,11 +284,12 @@ def _check_rep(adapter: Adapter) -> None:
                               f"and TT dense layers convert to LoRA; pass a LoRETTA_rep adapter")
     if not any(isinstance(m, RepModule) for m in adapter.modules.values()):
         raise FormatError(f"{where}: the adapter has no rep modules to convert; pass a LoRETTA_rep adapter directory")
-    if adapter.config.get("pooling") is not None:
+    if adapter.config.get("pooling") is not None and not ignore_pooling:
         raise FormatError(f"{where}: the adapter was trained with {adapter.config['pooling']} pooling, "
                           f"which a PEFT model (first-token pooler) does not do, so the LoRA would "
                           f"classify differently; merge it instead (`loretta-merge BASE+ADAPTER -o "
-                          f"OUT` writes a model that pools as trained) or export it to ONNX")
+                          f"OUT` writes a model that pools as trained), export it to ONNX, or pass "
+                          f"--ignore-pooling to convert the weights alone")
 
 
 def _full_tensors(adapter: Adapter) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -329,8 +330,8 @@ def _tt_to_lora_report(adapter: Adapter, out: Adapter, rank: int | None,
     return report
 
 
-def tt_to_lora(tt_adapter, *, rank: int | None = None,
-               allow_unsafe_pickle: bool = False) -> tuple[Adapter, ConversionReport]:
+def tt_to_lora(tt_adapter, *, rank: int | None = None, allow_unsafe_pickle: bool = False,
+               ignore_pooling: bool = False) -> tuple[Adapter, ConversionReport]:
     """Convert a LoRETTA_rep adapter (ours or the authors' ``loretta`` 0.1 format) to an
     ordinary PEFT LoRA ``Adapter`` (write it with :func:`write_peft_lora`).
 
@@ -341,12 +342,16 @@ def tt_to_lora(tt_adapter, *, rank: int | None = None,
     measured: the delta PEFT computes from the result against the TT delta. Trained full
     tensors (norms, heads) and TT-replaced dense layers (rebuilt as full ``nn.Linear``
     weights) become PEFT ``modules_to_save``.
+
+    An adapter trained with mean pooling (:mod:`loretta_merge.pooling`) is refused unless
+    ``ignore_pooling``: PEFT's model pools the first token, so only the weights carry over
+    (the report's notes say so).
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank (--rank) must be an integer >= 1, got {rank!r}; pass e.g. --rank 4, or omit it for the exact conversion")
     start = time.perf_counter()
     adapter = _load(tt_adapter, "LoRETTA_rep", allow_unsafe_pickle)
-    _check_rep(adapter)
+    _check_rep(adapter, ignore_pooling=ignore_pooling)
     modules = {name: _lora_module(m, rank) for name, m in adapter.modules.items()
                if isinstance(m, RepModule)}
     tensors, replaced = _full_tensors(adapter)
@@ -358,5 +363,9 @@ def tt_to_lora(tt_adapter, *, rank: int | None = None,
                   base_model_name_or_path=adapter.base_model_name_or_path, path=None)
     out.config = peft_lora_config(out)
     report = _tt_to_lora_report(adapter, out, rank, replaced)
+    if cfg.get("pooling") is not None:
+        report.notes.append(f"trained with {cfg['pooling']} pooling: PEFT pools the first token; "
+                            f"call loretta_merge.pooling.apply_pooling(model, 'mean') on the "
+                            f"PeftModel's base model to classify as trained")
     report.seconds = time.perf_counter() - start
     return out, report

@@ -148,7 +148,8 @@ def apply_method(model: nn.Module, a: TrainArgs) -> tuple[nn.Module, int, int]:
         from ..model import get_loretta_model
 
         common = dict(tensor_rank=a.tensor_rank, train_norms=a.train_norms, task_type=task_type,
-                      replace_dense=a.replace_dense, init=a.init)
+                      replace_dense=a.replace_dense, init=a.init,
+                      pooling=None if a.pooling == "none" else a.pooling)
         cfg = (RepConfig(r=a.r, lora_alpha=a.lora_alpha, target_modules=a.target_modules, **common)
                if a.method == "rep" else AdpConfig(bottleneck_size=a.bottleneck, **common))
         model = get_loretta_model(model, cfg)

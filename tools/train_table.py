@@ -1,0 +1,109 @@
+"""Render the README's training-benchmark tables from the JSON that bench_train.py writes.
+
+    python tools/train_table.py benchmarks/results/train_demo.json benchmarks/results/train_full.json \\
+        --readme README.md
+
+Replaces the text between ``<!-- train-bench:begin -->`` and ``<!-- train-bench:end -->``
+(without --readme: prints it). Every figure comes from the JSON files; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+BEGIN, END = "<!-- train-bench:begin -->", "<!-- train-bench:end -->"
+NAMES = {"tfidf_lr": "TF-IDF + LR", "frozen_lr": "frozen MiniLM (mean-pooled) + LR",
+         "tfidf_lr_all_train_rows": "*reference:* TF-IDF + LR on all training rows",
+         "head": "head only", "lora": "PEFT LoRA r 8 (query, value) + head",
+         "rep": "LoRETTA_rep (r 8, R 5) + norms + head", "adp": "LoRETTA_adp (64, R 5) + norms + head"}
+
+
+def _lr(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+def _budget(r: dict) -> str:
+    b, split = r["budget"], r["split"]
+    rows = b["train_rows"] or split["train"]["rows"]
+    steps = next((f["steps"] for f in r["finetuned"].values() if "steps" in f), None)
+    return (f"{rows:,} training rows, {b['epochs']:g} epoch(s), batch {b['batch_size']}, max length "
+            f"{b['max_length']}" + (f" = {steps} steps" if steps else ""))
+
+
+def render_one(r: dict) -> str:
+    load = r["machine"].get("load_average_at_start")
+    lines = [f"#### Budget `{r['budget_name']}`: {_budget(r)}"
+             + ("" if r.get("complete") else " (incomplete run: methods missing below were not run)"),
+             "",
+             f"`{r['command']}`: {r['machine']['threads_per_run']} thread per run, {r['machine']['jobs']} "
+             f"run(s) side by side on {r['machine']['cpu_count']} cores"
+             + (f", load average {load[0]:.1f} at start" if load else "") + ".",
+             "",
+             "| method | chosen on validation | val. acc. | test acc., mean ± std (seeds) | trainable |",
+             "|---|---|---|---|---|"]
+    for key in ("tfidf_lr", "frozen_lr"):
+        b = r["baselines"].get(key)
+        if b:
+            lines.append(f"| {NAMES[key]} | C {b['chosen_C']:g} | {b['val_accuracy']:.3f} | "
+                         f"{b['test_accuracy']:.3f} (deterministic) | {b['trainable_params']:,} |")
+    for key in ("head", "lora", "rep", "adp"):
+        f = r["finetuned"].get(key)
+        if not f or "test_accuracy_mean" not in f:
+            continue
+        edge = " (grid edge)" if f.get("chosen_at_grid_edge") else ""
+        seeds = ", ".join(f"{a:.4f}" for a in f["test_accuracy"])
+        parts = ", ".join(f"{v:,} {k}" for k, v in f["breakdown"].items())
+        lines.append(f"| {NAMES[key]} | {f['chosen_pooling']} pooling, lr {_lr(f['chosen_lr'])}{edge} | "
+                     f"{f['chosen_val_accuracy']:.3f} | **{f['test_accuracy_mean']:.3f} ± "
+                     f"{f['test_accuracy_std']:.3f}** ({seeds}) | {f['trainable_params']:,} ({parts}) |")
+    ref = r["baselines"].get("tfidf_lr_all_train_rows")
+    if ref:
+        rows = r["split"].get("train_pool_rows")
+        lines.append(f"| {NAMES['tfidf_lr_all_train_rows']}" + (f" ({rows:,})" if rows else "") + " | C "
+                     f"{ref['chosen_C']:g} | {ref['val_accuracy']:.3f} | {ref['test_accuracy']:.3f} | |")
+    sweeps = []
+    for key in ("head", "lora", "rep", "adp"):
+        f = r["finetuned"].get(key)
+        if f and f.get("sweep"):
+            pts = ", ".join(f"{_lr(s['lr'])} {s['accuracy']:.3f}" for s in f["sweep"])
+            step = f.get("step_time_s_median")
+            sweeps.append(f"- {key}: {pts}" + (f"; median step {step:.2f} s" if step else ""))
+    if sweeps:
+        lines += ["", "Learning-rate sweeps (validation accuracy, seed 0):", "", *sweeps]
+    checks = r.get("checks") or {}
+    if checks:
+        lines += ["", "Targets, computed by the run (`checks` in the JSON): "
+                  + "; ".join(f"{k} {v}" for k, v in checks.items()) + "."]
+    return "\n".join(lines)
+
+
+def render(paths: list[Path]) -> str:
+    parts = [render_one(json.loads(p.read_text())) + f"\n\nSource: `{p.as_posix()}`." for p in paths]
+    return "\n\n".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="+", type=Path)
+    ap.add_argument("--readme", type=Path)
+    args = ap.parse_args(argv)
+    block = render(args.json)
+    if args.readme is None:
+        print(block)
+        return 0
+    text = args.readme.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"{args.readme}: no {BEGIN} ... {END} markers", file=sys.stderr)
+        return 2
+    new = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: f"{BEGIN}\n{block}\n{END}",
+                 text, flags=re.S)
+    args.readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
