@@ -26,6 +26,37 @@ def assert_within_one_ulp(got: torch.Tensor, want: torch.Tensor, what: str) -> N
     assert worst <= 1.0, f"{what}: {worst:.2f} ulp apart"
 
 
+def fp32_error_bound(w0: torch.Tensor, ops: list[Op]) -> torch.Tensor:
+    """Per element, how far two fp32 evaluations of the kernel's update may differ, from
+    the standard forward-error bound of a sum of k products (k*u times the sum of the
+    absolute terms, u = eps/2) taken for each of the two evaluations; DoRA's per-output
+    scale m/||W|| adds a relative error of about (n+4)*u for a norm over n values."""
+    eps = torch.finfo(torch.float32).eps
+    mag = w0.double().abs()
+    terms = 1
+    for op in ops:
+        if op.kind is OpKind.REPLACE:
+            mag = (1 - op.weight) * mag + op.weight * op.value.double().abs()
+            terms += 2
+    exact = w0.double().clone()
+    for op in ops:
+        if op.kind is OpKind.REPLACE:
+            exact = exact.lerp(op.value.double(), op.weight)
+    for op in ops:
+        if op.kind is OpKind.LOW_RANK:
+            mag = mag + abs(op.weight) * (op.left.double().abs() @ op.right.double().abs())
+            exact = exact + op.weight * (op.left.double() @ op.right.double())
+            terms += op.left.shape[1]
+    bound = terms * eps * mag
+    for op in ops:
+        if op.magnitude is not None:
+            norm = torch.linalg.norm(exact, dim=op.norm_dim, keepdim=True)
+            m = op.magnitude.double().unsqueeze(op.norm_dim)
+            n = exact.shape[op.norm_dim]
+            bound = (m / norm).abs() * bound + (n + 4) * eps * (exact * m / norm).abs()
+    return bound + eps * mag  # one final rounding each
+
+
 def _ops(kind: str, rows: int, cols: int, g: torch.Generator) -> list[Op]:
     left, right = torch.randn(rows, 4, generator=g), torch.randn(4, cols, generator=g)
     if kind == "lora":
@@ -54,7 +85,15 @@ def test_device_kernel_matches_cpu_kernel(kind, dtype):
     whole = torch.empty(rows, cols, dtype=dtype)
     check_dev = merge_tensor_device("w", w0, ops, whole, torch.device("cpu"))
     assert not torch.equal(blocked.float(), w0.float())  # the ops did something
-    assert_within_one_ulp(whole, blocked, f"{kind} {dtype}")
+    if dtype == torch.float32:
+        # no output rounding absorbs the order of the fp32 sums (block sizes pick different
+        # BLAS kernels per CPU): compare against the error bound of the arithmetic itself
+        diff = (whole.double() - blocked.double()).abs()
+        bound = fp32_error_bound(w0, ops)
+        assert bool((diff <= bound).all()), f"{kind}: {float((diff / bound).max()):.2f}x the bound"
+        assert float(diff.max()) < 1e-4  # and the bound is tight enough to catch a wrong update
+    else:
+        assert_within_one_ulp(whole, blocked, f"{kind} {dtype}")
     for check, out in ((check_cpu, blocked), (check_dev, whole)):
         # min/max of the fp32 result before the cast; rounding is monotonic, so cast they
         # are exactly the min/max of the output
