@@ -10,6 +10,7 @@ child process before the command runs; production code reads no test switch.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -18,6 +19,9 @@ def main() -> None:
     import loretta_merge.io.writer as writer
     from loretta_merge.cli import main as cli_main
 
+    # as on a terminal: a launcher that started the tests in the background (`cmd &` in a
+    # script) leaves SIGINT ignored, and children inherit that; Ctrl-C tests need it live
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     delay = float(sys.argv[1])
     real = writer.write_bytes
 

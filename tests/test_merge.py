@@ -406,7 +406,8 @@ def test_disk_full_fails_cleanly(tiny_model_dir, tmp_path, monkeypatch, capsys):
 # the CLI in a child process whose merge writes each tensor 0.3 s late (the test's own
 # monkeypatching of the run's one write call; production code has no test hook)
 _SLOW_CLI = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # live even if the tests run as `cmd &`
 import loretta_merge.merge.run as run
 write = run._write
 def slow(writer, name, tensor):
