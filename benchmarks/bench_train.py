@@ -257,19 +257,43 @@ def run_isolated(specs: list[dict], files: dict, threads: int) -> list[dict]:
     return records
 
 
+_KEY = ("method", "lr", "pooling", "seed", "evaluate_on")
+
+
+def reusable_runs(path: Path | None) -> dict[tuple, dict]:
+    """Validation runs that a stopped run of this script printed (its log's ``  run {...}``
+    lines), by (method, lr, pooling, seed, split): ``--reuse LOG`` takes them instead of
+    training them again. Only validation runs are taken; test runs always run here."""
+    if path is None:
+        return {}
+    found = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("  run {"):
+            rec = json.loads(line[len("  run "):])
+            if rec.get("evaluate_on") == "val":
+                found[tuple(rec[k] for k in _KEY)] = {**rec, "reused_from": str(path)}
+    return found
+
+
 def tune_and_test(method: str, *, args, budget: dict, files: dict, log) -> dict:
     """Sweep (lr x pooling) on validation with one seed, then every seed at the best, on test."""
     run = run_specs if args.jobs == 0 else run_isolated
     grid = args.lr.get(method, LR_GRIDS[method])
     base = dict(method=method, budget=budget)
-    sweep = run([{**base, "lr": lr, "pooling": pool, "seed": args.sweep_seed,
-                  "evaluate_on": "val"} for pool in args.pooling[method] for lr in grid],
-                files, args.threads)
+    specs = [{**base, "lr": lr, "pooling": pool, "seed": args.sweep_seed, "evaluate_on": "val"}
+             for pool in args.pooling[method] for lr in grid]
+    known = reusable_runs(args.reuse)
+    todo = [s for s in specs if tuple(s[k] for k in _KEY) not in known]
+    fresh = iter(run(todo, files, args.threads) if todo else [])
+    sweep = [known.get(tuple(s[k] for k in _KEY)) or next(fresh) for s in specs]
     best = max(sweep, key=lambda r: r["accuracy"])
     log(f"{method}: sweep " + ", ".join(f"{r['pooling']} lr {r['lr']:g} val {r['accuracy']:.4f}"
                                         for r in sweep) + f" -> {best['pooling']} lr {best['lr']:g}")
     tests = run([{**base, "lr": best["lr"], "pooling": best["pooling"], "seed": s,
                   "evaluate_on": "test"} for s in args.seeds], files, args.threads)
+    if any(r["steps"] != tests[0]["steps"] for r in sweep):  # a log of another budget
+        sys.exit(f"--reuse {args.reuse}: its {method} runs took other step counts than this "
+                 f"budget's {tests[0]['steps']}; pass the log of a run with the same budget")
     acc = [r["accuracy"] for r in tests]
     summary = {"sweep": sweep, "chosen_lr": best["lr"], "chosen_pooling": best["pooling"],
                "chosen_val_accuracy": best["accuracy"],
@@ -378,6 +402,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", "--output", dest="output", type=Path, help="JSON path (the plot goes beside it); "
                     "default benchmarks/results/train_<budget>.json")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --output")
+    ap.add_argument("--reuse", type=Path, default=None, metavar="LOG",
+                    help="take validation runs from a stopped run's log (same budget) "
+                         "instead of training them again")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     grids = {}
@@ -446,6 +473,7 @@ def main(argv=None) -> None:
                     "threads_per_run": args.threads, "jobs": args.jobs,
                     "python": platform.python_version(),
                     "load_average_at_start": os.getloadavg()},
+        "reused_validation_runs_from": str(args.reuse) if args.reuse else None,
         "baselines": {}, "finetuned": {}, "complete": False,
     }
     log(f"split {json.dumps(results['split'])}")
