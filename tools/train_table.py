@@ -37,7 +37,7 @@ def _budget(r: dict) -> str:
 def render_one(r: dict) -> str:
     load = r["machine"].get("load_average_at_start")
     lines = [f"#### Budget `{r['budget_name']}`: {_budget(r)}"
-             + ("" if r.get("complete") else " (incomplete run: methods missing below were not run)"),
+             + ("" if r.get("complete") else " (incomplete run: the methods missing below did not finish)"),
              "",
              f"`{r['command']}`: {r['machine']['threads_per_run']} thread per run, {r['machine']['jobs']} "
              f"run(s) side by side on {r['machine']['cpu_count']} cores"
