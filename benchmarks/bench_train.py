@@ -202,15 +202,15 @@ def finetune(spec: dict, files: dict, out_dir: Path) -> dict:
     b = spec["budget"]
     # rep/adp pool through the library's own option (what a user gets with --pooling);
     # head and LoRA get the same MeanPooler through a callback
-    pooling = "mean" if spec["pooling"] == "mean" else "none"
-    callback = pooling == "mean" and spec["method"] not in ("rep", "adp")
+    mean = spec["pooling"] == "mean"
+    loretta = spec["method"] in ("rep", "adp")
     rep = train(model=None, method=spec["method"], train_file=files["train"],
                 eval_file=files[spec["evaluate_on"]], output_dir=out_dir, epochs=b["epochs"],
                 batch_size=b["batch_size"], learning_rate=spec["lr"], max_length=b["max_length"],
                 max_steps=b["max_steps"], seed=spec["seed"], eval_split=0.0,
                 replace_dense=False, progress=False, eval_before=False,
-                pooling=pooling if spec["method"] in ("rep", "adp") else "none",
-                callbacks=[mean_pooling_callback()] if callback else [])
+                pooling="mean" if mean and loretta else "none",
+                callbacks=[mean_pooling_callback()] if mean and not loretta else [])
     return {"accuracy": rep.metrics_after["accuracy"], "f1_macro": rep.metrics_after["f1_macro"],
             "trainable_params": rep.trainable_params, "breakdown": rep.trainable_breakdown,
             "adapter_params": rep.adapter_params, "steps": rep.steps,

@@ -32,16 +32,13 @@ def fp32_error_bound(w0: torch.Tensor, ops: list[Op]) -> torch.Tensor:
     absolute terms, u = eps/2) taken for each of the two evaluations; DoRA's per-output
     scale m/||W|| adds a relative error of about (n+4)*u for a norm over n values."""
     eps = torch.finfo(torch.float32).eps
-    mag = w0.double().abs()
+    mag, exact = w0.double().abs(), w0.double()
     terms = 1
-    for op in ops:
+    for op in ops:  # the replacement first, as the kernel applies it
         if op.kind is OpKind.REPLACE:
             mag = (1 - op.weight) * mag + op.weight * op.value.double().abs()
-            terms += 2
-    exact = w0.double().clone()
-    for op in ops:
-        if op.kind is OpKind.REPLACE:
             exact = exact.lerp(op.value.double(), op.weight)
+            terms += 2
     for op in ops:
         if op.kind is OpKind.LOW_RANK:
             mag = mag + abs(op.weight) * (op.left.double().abs() @ op.right.double().abs())

@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from readme_block import replace_block
+
 BEGIN, END = "<!-- merge-bench:begin -->", "<!-- merge-bench:end -->"
 LABELS = {
     "floor": "I/O floor: safetensors `load_file` + `save_file` + fsync of every file",
@@ -62,9 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.readme is None:
         print(body)
         return
-    text = args.readme.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    args.readme.write_text(text[:start] + "\n" + body + text[end:])
+    replace_block(args.readme, BEGIN, END, body)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
+
+from readme_block import replace_block
 
 BEGIN, END = "<!-- train-bench:begin -->", "<!-- train-bench:end -->"
 NAMES = {"tfidf_lr": "TF-IDF + LR", "frozen_lr": "frozen MiniLM (mean-pooled) + LR",
@@ -95,13 +96,7 @@ def main(argv=None) -> int:
     if args.readme is None:
         print(block)
         return 0
-    text = args.readme.read_text()
-    if BEGIN not in text or END not in text:
-        print(f"{args.readme}: no {BEGIN} ... {END} markers", file=sys.stderr)
-        return 2
-    new = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: f"{BEGIN}\n{block}\n{END}",
-                 text, flags=re.S)
-    args.readme.write_text(new)
+    replace_block(args.readme, BEGIN, END, block)
     return 0
 
 
