@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -261,37 +262,56 @@ _KEY = ("method", "lr", "pooling", "seed", "evaluate_on")
 
 
 def reusable_runs(path: Path | None) -> dict[tuple, dict]:
-    """Validation runs that a stopped run of this script printed (its log's ``  run {...}``
-    lines), by (method, lr, pooling, seed, split): ``--reuse LOG`` takes them instead of
-    training them again. Only validation runs are taken; test runs always run here."""
+    """Runs that a stopped run of this script printed (its log's ``  run {...}`` lines), by
+    (method, lr, pooling, seed, split): ``--reuse LOG`` takes them instead of training them
+    again. Validation and test runs alike: a run is a pure function of its key and budget."""
     if path is None:
         return {}
     found = {}
     for line in path.read_text().splitlines():
         if line.startswith("  run {"):
             rec = json.loads(line[len("  run "):])
-            if rec.get("evaluate_on") == "val":
-                found[tuple(rec[k] for k in _KEY)] = {**rec, "reused_from": str(path)}
+            found[tuple(rec[k] for k in _KEY)] = {**rec, "reused_from": str(path)}
     return found
 
 
-def tune_and_test(method: str, *, args, budget: dict, files: dict, log) -> dict:
-    """Sweep (lr x pooling) on validation with one seed, then every seed at the best, on test."""
-    run = run_specs if args.jobs == 0 else run_isolated
-    grid = args.lr.get(method, LR_GRIDS[method])
-    base = dict(method=method, budget=budget)
-    specs = [{**base, "lr": lr, "pooling": pool, "seed": args.sweep_seed, "evaluate_on": "val"}
-             for pool in args.pooling[method] for lr in grid]
+def run_all(specs: list[dict], *, args, files: dict, slots: threading.Semaphore) -> list[dict]:
+    """One record per spec, in order: reused from ``--reuse`` where the log has it, else run.
+    With ``--jobs N`` every run is its own child process and at most N run at once across
+    all methods (``slots``), so the machine stays busy until the last run."""
     known = reusable_runs(args.reuse)
     todo = [s for s in specs if tuple(s[k] for k in _KEY) not in known]
-    fresh = iter(run(todo, files, args.threads) if todo else [])
-    sweep = [known.get(tuple(s[k] for k in _KEY)) or next(fresh) for s in specs]
+    if args.jobs == 0:
+        fresh = run_specs(todo, files, args.threads)
+    else:
+        def one(spec: dict) -> dict:
+            with slots:
+                return run_isolated([spec], files, args.threads)[0]
+        with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
+            fresh = list(pool.map(one, todo))
+    fresh = iter(fresh)
+    records = [known.get(tuple(s[k] for k in _KEY)) or next(fresh) for s in specs]
+    if any(r["steps"] != records[0]["steps"] for r in records):  # a log of another budget
+        sys.exit(f"--reuse {args.reuse}: its {specs[0]['method']} runs took other step counts "
+                 f"than this budget's; pass the log of a run with the same budget")
+    return records
+
+
+def tune_and_test(method: str, *, args, budget: dict, files: dict, log,
+                  slots: threading.Semaphore) -> dict:
+    """Sweep (lr x pooling) on validation with one seed, then every seed at the best, on test."""
+    grid = args.lr.get(method, LR_GRIDS[method])
+    base = dict(method=method, budget=budget)
+    sweep = run_all([{**base, "lr": lr, "pooling": pool, "seed": args.sweep_seed,
+                      "evaluate_on": "val"} for pool in args.pooling[method] for lr in grid],
+                    args=args, files=files, slots=slots)
     best = max(sweep, key=lambda r: r["accuracy"])
     log(f"{method}: sweep " + ", ".join(f"{r['pooling']} lr {r['lr']:g} val {r['accuracy']:.4f}"
                                         for r in sweep) + f" -> {best['pooling']} lr {best['lr']:g}")
-    tests = run([{**base, "lr": best["lr"], "pooling": best["pooling"], "seed": s,
-                  "evaluate_on": "test"} for s in args.seeds], files, args.threads)
-    if any(r["steps"] != tests[0]["steps"] for r in sweep):  # a log of another budget
+    tests = run_all([{**base, "lr": best["lr"], "pooling": best["pooling"], "seed": s,
+                      "evaluate_on": "test"} for s in args.seeds],
+                    args=args, files=files, slots=slots)
+    if tests[0]["steps"] != sweep[0]["steps"]:
         sys.exit(f"--reuse {args.reuse}: its {method} runs took other step counts than this "
                  f"budget's {tests[0]['steps']}; pass the log of a run with the same budget")
     acc = [r["accuracy"] for r in tests]
@@ -398,12 +418,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-length", type=int, help="override the budget's max length")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="methods run side by side, each in its own process; 0 = in-process")
+                    help="runs side by side, each in its own process; 0 = in-process")
     ap.add_argument("--out", "--output", dest="output", type=Path, help="JSON path (the plot goes beside it); "
                     "default benchmarks/results/train_<budget>.json")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --output")
     ap.add_argument("--reuse", type=Path, default=None, metavar="LOG",
-                    help="take validation runs from a stopped run's log (same budget) "
+                    help="take runs (validation and test) from a stopped run's log (same budget) "
                          "instead of training them again")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -473,7 +493,7 @@ def main(argv=None) -> None:
                     "threads_per_run": args.threads, "jobs": args.jobs,
                     "python": platform.python_version(),
                     "load_average_at_start": os.getloadavg()},
-        "reused_validation_runs_from": str(args.reuse) if args.reuse else None,
+        "reused_runs_from": str(args.reuse) if args.reuse else None,
         "baselines": {}, "finetuned": {}, "complete": False,
     }
     log(f"split {json.dumps(results['split'])}")
@@ -493,11 +513,14 @@ def main(argv=None) -> None:
     methods = [m for m in args.methods if m in FINETUNED]  # in the order given
     with tempfile.TemporaryDirectory() as tmp:
         files = {p: write_jsonl(rows, Path(tmp) / f"{p}.jsonl") for p, rows in split.items()}
+        slots = threading.Semaphore(max(1, args.jobs))
+
         def one(method: str) -> None:
             results["finetuned"][method] = tune_and_test(method, args=args, budget=budget,
-                                                          files=files, log=log)
+                                                          files=files, log=log, slots=slots)
             save(results, out)
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        # every method's thread queues its runs on `slots`; in-process (--jobs 0) one at a time
+        with ThreadPoolExecutor(max_workers=len(methods) if args.jobs else 1) as pool:
             list(pool.map(one, methods))
     results["finetuned"] = {m: results["finetuned"][m] for m in methods}
     results["wall_time_s"] = round(time.perf_counter() - t0, 1)
