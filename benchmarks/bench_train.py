@@ -28,6 +28,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -289,12 +290,25 @@ def run_all(specs: list[dict], *, args, files: dict, slots: threading.Semaphore)
                 return run_isolated([spec], files, args.threads)[0]
         with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
             fresh = list(pool.map(one, todo))
+    if any(r["steps"] != args.planned_steps for r in fresh):  # the check below must hold
+        raise RuntimeError(f"planned_steps() said {args.planned_steps} steps, the Trainer took "
+                           f"{sorted({r['steps'] for r in fresh})}: mend planned_steps()")
     fresh = iter(fresh)
-    records = [known.get(tuple(s[k] for k in _KEY)) or next(fresh) for s in specs]
-    if any(r["steps"] != records[0]["steps"] for r in records):  # a log of another budget
-        sys.exit(f"--reuse {args.reuse}: its {specs[0]['method']} runs took other step counts "
-                 f"than this budget's; pass the log of a run with the same budget")
-    return records
+    return [known.get(tuple(s[k] for k in _KEY)) or next(fresh) for s in specs]
+
+
+def planned_steps(budget: dict, rows: int) -> int:
+    """The optimizer steps the Trainer takes for this budget on ``rows`` training rows (one
+    process, no accumulation, last partial batch kept)."""
+    return budget["max_steps"] or math.ceil(budget["epochs"] * math.ceil(rows / budget["batch_size"]))
+
+
+def check_reusable(path: Path | None, steps: int) -> None:
+    """Refuses, before any work, a ``--reuse`` log whose runs took another step count."""
+    other = {r["steps"] for r in reusable_runs(path).values()} - {steps}
+    if other:
+        sys.exit(f"--reuse {path}: its runs took {sorted(other)} steps, this budget takes "
+                 f"{steps}; pass the log of a run with the same budget (or drop --reuse)")
 
 
 def tune_and_test(method: str, *, args, budget: dict, files: dict, log,
@@ -311,9 +325,6 @@ def tune_and_test(method: str, *, args, budget: dict, files: dict, log,
     tests = run_all([{**base, "lr": best["lr"], "pooling": best["pooling"], "seed": s,
                       "evaluate_on": "test"} for s in args.seeds],
                     args=args, files=files, slots=slots)
-    if tests[0]["steps"] != sweep[0]["steps"]:
-        sys.exit(f"--reuse {args.reuse}: its {method} runs took other step counts than this "
-                 f"budget's {tests[0]['steps']}; pass the log of a run with the same budget")
     acc = [r["accuracy"] for r in tests]
     summary = {"sweep": sweep, "chosen_lr": best["lr"], "chosen_pooling": best["pooling"],
                "chosen_val_accuracy": best["accuracy"],
@@ -497,6 +508,8 @@ def main(argv=None) -> None:
         "baselines": {}, "finetuned": {}, "complete": False,
     }
     log(f"split {json.dumps(results['split'])}")
+    args.planned_steps = planned_steps(budget, len(split["train"]))
+    check_reusable(args.reuse, args.planned_steps)
     out = args.output
     for b in (b for b in BASELINES if b in args.methods):
         results["baselines"][b] = (tfidf_baseline(split) if b == "tfidf_lr" else
