@@ -75,6 +75,14 @@ def render_one(r: dict) -> str:
             sweeps.append(f"- {key}: {pts}" + (f"; median step {step:.2f} s" if step else ""))
     if sweeps:
         lines += ["", "Learning-rate sweeps (validation accuracy, seed 0):", "", *sweeps]
+    runs = [x for f in r["finetuned"].values() for x in f.get("sweep", []) + f.get("test_runs", [])]
+    reused = [x for x in runs if x.get("reused_from")]
+    if reused:
+        names = ", ".join(f"{x['method']} lr {_lr(x['lr'])} seed {x['seed']} on {x['evaluate_on']}"
+                          for x in reused)
+        lines += ["", f"{len(reused)} of these {len(runs)} fine-tuning runs were taken from the "
+                  f"`--reuse` log (runs an earlier, stopped invocation at the same budget had "
+                  f"finished; same step count, checked): {names}."]
     checks = r.get("checks") or {}
     if checks:
         lines += ["", "Targets, computed by the run (`checks` in the JSON): "
