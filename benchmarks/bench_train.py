@@ -280,7 +280,7 @@ def run_all(specs: list[dict], *, args, files: dict, slots: threading.Semaphore)
     """One record per spec, in order: reused from ``--reuse`` where the log has it, else run.
     With ``--jobs N`` every run is its own child process and at most N run at once across
     all methods (``slots``), so the machine stays busy until the last run."""
-    known = reusable_runs(args.reuse)
+    known = args.reusable
     todo = [s for s in specs if tuple(s[k] for k in _KEY) not in known]
     if args.jobs == 0:
         fresh = run_specs(todo, files, args.threads)
@@ -290,7 +290,8 @@ def run_all(specs: list[dict], *, args, files: dict, slots: threading.Semaphore)
                 return run_isolated([spec], files, args.threads)[0]
         with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
             fresh = list(pool.map(one, todo))
-    if any(r["steps"] != args.planned_steps for r in fresh):  # the check below must hold
+    # check_reusable compares logged runs with planned_steps: hold it to the Trainer's count
+    if any(r["steps"] != args.planned_steps for r in fresh):
         raise RuntimeError(f"planned_steps() said {args.planned_steps} steps, the Trainer took "
                            f"{sorted({r['steps'] for r in fresh})}: mend planned_steps()")
     fresh = iter(fresh)
@@ -303,12 +304,15 @@ def planned_steps(budget: dict, rows: int) -> int:
     return budget["max_steps"] or math.ceil(budget["epochs"] * math.ceil(rows / budget["batch_size"]))
 
 
-def check_reusable(path: Path | None, steps: int) -> None:
-    """Refuses, before any work, a ``--reuse`` log whose runs took another step count."""
-    other = {r["steps"] for r in reusable_runs(path).values()} - {steps}
+def check_reusable(path: Path | None, steps: int) -> dict[tuple, dict]:
+    """The runs of a ``--reuse`` log (read once, here); refuses, before any work, a log whose
+    runs took another step count than this budget's."""
+    runs = reusable_runs(path)
+    other = {r["steps"] for r in runs.values()} - {steps}
     if other:
         sys.exit(f"--reuse {path}: its runs took {sorted(other)} steps, this budget takes "
                  f"{steps}; pass the log of a run with the same budget (or drop --reuse)")
+    return runs
 
 
 def tune_and_test(method: str, *, args, budget: dict, files: dict, log,
@@ -509,7 +513,7 @@ def main(argv=None) -> None:
     }
     log(f"split {json.dumps(results['split'])}")
     args.planned_steps = planned_steps(budget, len(split["train"]))
-    check_reusable(args.reuse, args.planned_steps)
+    args.reusable = check_reusable(args.reuse, args.planned_steps)
     out = args.output
     for b in (b for b in BASELINES if b in args.methods):
         results["baselines"][b] = (tfidf_baseline(split) if b == "tfidf_lr" else

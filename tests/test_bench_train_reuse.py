@@ -51,6 +51,7 @@ def test_reuse_takes_validation_and_test_runs_by_their_key(bench, tmp_path):
 
 def test_a_log_of_another_budget_is_refused_before_any_run(bench, tmp_path):
     log = _log(tmp_path / "demo.log", [_run(steps=250), _run(method="lora", steps=867)])
-    bench.check_reusable(_log(tmp_path / "full.log", [_run()]), 867)  # same budget: accepted
+    accepted = bench.check_reusable(_log(tmp_path / "full.log", [_run()]), 867)  # same budget
+    assert set(accepted) == {("rep", 5e-3, "mean", 0, "val")}
     with pytest.raises(SystemExit, match=r"\[250\] steps, this budget takes 867"):
         bench.check_reusable(log, 867)
