@@ -136,8 +136,8 @@ def bench_model(name: str, model_dir: Path, task: str, tmp: Path, args) -> dict:
 
 
 def _rep_adapters(config, tmp: Path, torch, transformers) -> dict[str, Path]:
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     out = {}
     for i, name in enumerate(("a", "b")):
@@ -159,7 +159,7 @@ def bench_switchable(base_dir: Path, tmp: Path, args, sizes) -> dict:
 
     from loretta_merge.converters.onnx import export_onnx
     from loretta_merge.converters.onnx.adapters import run_options_for
-    from loretta_merge.model import load_loretta_model, merge_loretta_model
+    from loretta_merge.adapters import load_loretta_model, merge_loretta_model
 
     config = transformers.AutoConfig.from_pretrained(base_dir)
     adapters = _rep_adapters(config, tmp, torch, transformers)

@@ -1,7 +1,7 @@
 """Training benchmark on the embedded default, with honest baselines and tuning.
 
 One command, one run, one split. The embedded Rotten Tomatoes data
-(``loretta_merge.data.rotten_tomatoes``: 100 test movies) is split once more: the first
+(``loretta_merge.embedded.rotten_tomatoes``: 100 test movies) is split once more: the first
 ``--val-movies`` training movies in SHA-256 order of their names form a validation split
 (movie-disjoint from both training and test). Then, for one budget:
 
@@ -72,7 +72,7 @@ def make_split(*, val_movies: int, train_rows: int | None, smoke: bool) -> tuple
     """``({"train", "val", "test"}, pool)``: val = the first ``val_movies`` training movies by
     SHA-256 of the name; pool = every other training row; train = the budget's fixed subset
     of the pool (the pool itself when the budget takes every row)."""
-    from loretta_merge.data import rotten_tomatoes
+    from loretta_merge.embedded import rotten_tomatoes
 
     train_all, test = rotten_tomatoes()
     movies = sorted({r["movie_name"] for r in train_all}, key=_movie_order)
@@ -142,7 +142,7 @@ def _frozen_encoder():
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from loretta_merge.data import default_model_path
+    from loretta_merge.embedded import default_model_path
 
     hf_logging.set_verbosity_error()
     path = str(default_model_path())
@@ -500,7 +500,7 @@ def main(argv=None) -> None:
         "seeds": args.seeds, "sweep_seed": args.sweep_seed,
         "pooling_grids": {m: args.pooling[m] for m in FINETUNED if m in args.methods},
         "lr_grids": {m: args.lr.get(m, LR_GRIDS[m]) for m in FINETUNED if m in args.methods},
-        "C_grid": C_GRID, "split": {"how": f"loretta_merge.data.rotten_tomatoes (100 test "
+        "C_grid": C_GRID, "split": {"how": f"loretta_merge.embedded.rotten_tomatoes (100 test "
                                            f"movies); validation = the first {args.val_movies} "
                                            f"training movies by SHA-256 of the name",
                                     **describe_split(split), "train_pool_rows": len(pool)},

@@ -16,8 +16,8 @@ import torch
 def llama2_7b_counts() -> dict[str, int]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model
     from loretta_merge.train.build import keep_fp32_master
 
     cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,

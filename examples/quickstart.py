@@ -63,7 +63,7 @@ def main() -> None:
                TMPDIR=str(out / ".cache" / "tmp"), TOKENIZERS_PARALLELISM="false")
     Path(env["TMPDIR"]).mkdir(parents=True)
 
-    from loretta_merge.data import default_model_path
+    from loretta_merge.embedded import default_model_path
 
     base = str(default_model_path())
     t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def tfidf_baseline(max_train_samples: int | None) -> dict:
         from sklearn.linear_model import LogisticRegressionCV
     except ImportError:
         return {"line": "skipped: pip install scikit-learn for the TF-IDF + LR line"}
-    from loretta_merge.data import rotten_tomatoes
+    from loretta_merge.embedded import rotten_tomatoes
     from loretta_merge.train.args import DEFAULT_BUDGET
     from loretta_merge.train.prepare import subset
 

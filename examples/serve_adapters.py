@@ -26,13 +26,13 @@ import torch
 import transformers
 
 from loretta_merge.converters.onnx import export_onnx
-from loretta_merge.model import load_loretta_model, merge_loretta_model
+from loretta_merge.adapters import load_loretta_model, merge_loretta_model
 
 
 def demo_model(root: Path) -> tuple[Path, dict[str, Path]]:
     """A small random Llama and two random rep adapters (stand-ins for real fine-tunes)."""
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     config = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256,
                                       num_hidden_layers=2, num_attention_heads=4,

@@ -189,9 +189,9 @@ def count_params(config_json: str | Path, method: str, *, r: int = 8, tensor_ran
     Returns ``trainable_params`` (int), its ``breakdown`` and ``lora_params``: LoRA with
     the same ``r`` on the same modules (its matrices only, no norms or heads).
     """
-    from .config import AdpConfig, RepConfig
-    from .layers import AdapterLinear, RepLinear
-    from .model import get_loretta_model, trainable_parameters
+    from .adapters.config import AdpConfig, RepConfig
+    from .adapters.layers import AdapterLinear, RepLinear
+    from .adapters.inject import get_loretta_model, trainable_parameters
 
     if method not in ("rep", "adp"):
         raise ConfigError(f"method must be 'rep' or 'adp', got {method!r}; pass --method rep or --method adp")

@@ -38,7 +38,7 @@ PAPER_SQUARE_SHAPES: dict[int, tuple[int, ...]] = {
 
 
 
-def _check_int(name: str, value: object, *, minimum: int = 1) -> int:
+def check_int(name: str, value: object, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; pass an integer >= {minimum}")
     return value
@@ -63,13 +63,13 @@ def factorize(n: int, n_modes: int | None = None, *, target: int = 8) -> list[in
     product is ``n``. The default count is ``round(log(n) / log(target))``. Factors of 1 are
     dropped, so fewer modes come back when ``n`` has too few prime factors (a prime comes
     back as itself)."""
-    _check_int("n", n)
+    check_int("n", n)
     if n == 1:
         return [1]
     primes = sorted(_prime_factors(n), reverse=True)
     if n_modes is None:
         n_modes = max(1, round(math.log(n) / math.log(target)))
-    _check_int("n_modes", n_modes)
+    check_int("n_modes", n_modes)
     bins = [1] * min(n_modes, len(primes))
     for p in primes:  # longest-processing-time greedy: put each factor in the smallest bin
         i = min(range(len(bins)), key=lambda j: bins[j])
@@ -86,8 +86,8 @@ def matrix_modes(rows: int, cols: int, *, shapes: str = "paper", target: int = 8
     into balanced modes of about ``target`` and concatenated, so the row/column boundary is
     a TT bond. The product of the modes is always ``rows * cols``.
     """
-    _check_int("rows", rows)
-    _check_int("cols", cols)
+    check_int("rows", rows)
+    check_int("cols", cols)
     if shapes not in ("paper", "auto"):
         raise ConfigError(f"shapes must be 'paper' or 'auto', got {shapes!r}; pass 'paper' or 'auto' (--shapes)")
     if shapes == "paper":

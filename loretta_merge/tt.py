@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from .errors import ConfigError, ShapeError
-from .modes import (PAPER_SHAPES, PAPER_SQUARE_SHAPES, _check_int, factorize,  # noqa: F401
+from .modes import (PAPER_SHAPES, PAPER_SQUARE_SHAPES, check_int, factorize,  # noqa: F401
                     matrix_modes)
 
 Cores = Sequence[torch.Tensor]
@@ -79,7 +79,7 @@ def _check_modes(modes: object) -> list[int]:
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or not modes:
         raise ConfigError(f"modes must be a non-empty list of positive integers, got {modes!r}; pass positive integers, e.g. [8, 12, 8]")
     # numpy / torch integer scalars are modes too; floats and bools are not
-    return [_check_int(f"mode {i}", int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool)
+    return [check_int(f"mode {i}", int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool)
                        else n) for i, n in enumerate(modes)]
 
 
@@ -90,7 +90,7 @@ def tt_num_params(modes: Sequence[int], rank: int | Sequence[int]) -> int:
     if isinstance(rank, int) and not isinstance(rank, bool):
         ranks = tt_ranks(modes, rank)
     elif isinstance(rank, Sequence) and not isinstance(rank, (str, bytes)):
-        ranks = [_check_int(f"rank {i}", r) for i, r in enumerate(rank)]
+        ranks = [check_int(f"rank {i}", r) for i, r in enumerate(rank)]
     else:
         raise ConfigError(f"rank must be an integer or a list of ranks, got {rank!r}; pass an int such as 5 or a list of ranks")
     if len(ranks) != len(modes) + 1:
@@ -101,7 +101,7 @@ def tt_num_params(modes: Sequence[int], rank: int | Sequence[int]) -> int:
 def tt_ranks(modes: Sequence[int], rank: int, *, cap: bool = False) -> list[int]:
     """Ranks ``[1, R, ..., R, 1]``. With ``cap``, each inner rank is also limited to what
     the modes allow (``min(prod(left modes), prod(right modes))``); the paper does not cap."""
-    _check_int("tensor rank", rank)
+    check_int("tensor rank", rank)
     modes = _check_modes(modes)
     d = len(modes)
     ranks = [1] + [rank] * (d - 1) + [1]
@@ -151,8 +151,8 @@ def _contract_batched(cores: Cores, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_matrix(modes: Sequence[int], rows: int, cols: int, name: str) -> None:
-    _check_int("rows", rows)
-    _check_int("cols", cols)
+    check_int("rows", rows)
+    check_int("cols", cols)
     if math.prod(modes) != rows * cols:
         raise ShapeError(f"{name}: modes {list(modes)} multiply to {math.prod(modes)}, "
                          f"but a ({rows}, {cols}) matrix has {rows * cols} entries; "
@@ -277,7 +277,7 @@ def tt_svd_batched(x: torch.Tensor, modes: Sequence[int], *, max_rank: int | Non
     """
     _check_eps(eps)
     if max_rank is not None:
-        _check_int("max_rank", max_rank)
+        check_int("max_rank", max_rank)
     modes = _check_modes(modes)
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
         raise ShapeError("tt_svd_batched: x must be a tensor with a leading batch dimension; pass a tensor of shape (batch, ...)")
@@ -328,7 +328,7 @@ def tt_round(cores: Cores, *, max_rank: int | None = None, eps: float | None = N
     validate_cores(cores)
     _check_eps(eps)
     if max_rank is not None:
-        _check_int("max_rank", max_rank)
+        check_int("max_rank", max_rank)
     out_dtype = cores[0].dtype
     work = _work_dtype(out_dtype)
     cs = [c.to(work).clone() for c in cores]

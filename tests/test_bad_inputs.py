@@ -61,8 +61,8 @@ def _perturb(model: torch.nn.Module, seed: int = 1) -> None:
 def _loretta_adapter(path: Path, method: str, *, hidden: int = 64) -> Path:
     import transformers
 
-    from loretta_merge.config import AdpConfig, RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import AdpConfig, RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     if hidden == 64:
         net = build_tiny("llama")

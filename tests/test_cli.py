@@ -20,8 +20,8 @@ def files(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     """A tiny Llama, a PEFT LoRA and a LoRETTA_rep adapter for it, and a training CSV."""
     from peft import LoraConfig, get_peft_model
 
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     root = tmp_path_factory.mktemp("cli")
     lora = get_peft_model(build_tiny("llama"), LoraConfig(r=4, lora_alpha=8,

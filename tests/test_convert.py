@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_tiny, probe_inputs
 from loretta_merge import tt
-from loretta_merge.config import RepConfig
+from loretta_merge.adapters.config import RepConfig
 from loretta_merge.converters.lora import lora_to_tt, tt_to_lora, write_peft_lora
 from loretta_merge.errors import ConfigError, FormatError, OutputExistsError
 from loretta_merge.formats import Adapter, LoraModule, read_adapter, write_adapter
-from loretta_merge.model import get_loretta_model, load_loretta_model, save_loretta_adapter
+from loretta_merge.adapters import get_loretta_model, load_loretta_model, save_loretta_adapter
 
 peft = pytest.importorskip("peft")
 

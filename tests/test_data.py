@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loretta_merge.errors import LorettaError
-from loretta_merge.train import data as D
+from loretta_merge import datafiles as D
 
 TEXTY = st.text(alphabet=st.sampled_from(list('ab,\t"\n{}[]:1 \\é') + ["\x00"]), max_size=60)
 

@@ -27,7 +27,7 @@ def work(tmp_path_factory):
 
 
 def test_finetune_merge_export_chain(work, capsys):
-    from loretta_merge.data import default_model_path
+    from loretta_merge.embedded import default_model_path
 
     run_example("finetune.py", "--output", str(work / "adapter"), "--max-steps", "6",
                 "--max-train-samples", "64", "--max-eval-samples", "64")

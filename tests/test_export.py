@@ -171,8 +171,8 @@ def test_gpt2_with_past_generation(gpt2_past_export):
 
 
 def test_adp_adapter_inside_graph(models, out_root, tmp_path):
-    from loretta_merge.config import AdpConfig
-    from loretta_merge.model import get_loretta_model, load_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import AdpConfig
+    from loretta_merge.adapters import get_loretta_model, load_loretta_model, save_loretta_adapter
 
     torch.manual_seed(3)
     adapted = get_loretta_model(build_tiny("llama"), AdpConfig(bottleneck_size=8, tensor_rank=3,

@@ -26,8 +26,8 @@ ATOL = 1e-4
 
 
 def _rep_adapter(path, *, r: int, tensor_rank: int, seed: int, targets):
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     torch.manual_seed(seed)
     model = get_loretta_model(build_tiny("llama"), RepConfig(
@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
 
 
 def _reference(name: str, path):
-    from loretta_merge.model import load_loretta_model, merge_loretta_model
+    from loretta_merge.adapters import load_loretta_model, merge_loretta_model
 
     if name == "gamma":
         model = peft.PeftModel.from_pretrained(build_tiny("llama"), path).merge_and_unload()
@@ -155,8 +155,8 @@ def test_cli_refusals_write_nothing(setup, tmp_path, capsys):
 
 
 def test_adp_and_foreign_adapters_are_refused(setup, tmp_path):
-    from loretta_merge.config import AdpConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import AdpConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     base, _, _, _ = setup
     adp = save_loretta_adapter(get_loretta_model(build_tiny("llama"), AdpConfig()),
@@ -170,8 +170,8 @@ def test_adp_and_foreign_adapters_are_refused(setup, tmp_path):
 
 
 def _gpt2_rep(path):
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     return save_loretta_adapter(get_loretta_model(build_tiny("gpt2"), RepConfig()), path)
 
@@ -210,8 +210,8 @@ def test_zero_padded_tt_ranks_are_exact():
 def test_gpt2_conv1d_with_past_switchable(tmp_path):
     """GPT-2 (Conv1D projections, transposed weights) with the KV cache: the adapter active
     through every cached step gives PyTorch's merged model's greedy tokens."""
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     base = save_tiny("gpt2", tmp_path / "base")
     torch.manual_seed(4)
@@ -231,7 +231,7 @@ def test_gpt2_conv1d_with_past_switchable(tmp_path):
     np_feed = {k: v.numpy() for k, v in feed.items()}
     plain = session.run(None, {**np_feed, **past})[0]
     on = _run_past(session, {**np_feed, **past}, tmp_path / "out" / "adapters" / "chat.onnx_adapter")
-    from loretta_merge.model import load_loretta_model, merge_loretta_model
+    from loretta_merge.adapters import load_loretta_model, merge_loretta_model
 
     merged = merge_loretta_model(load_loretta_model(build_tiny("gpt2"), adapter)).eval()
     with torch.no_grad():

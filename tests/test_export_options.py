@@ -71,8 +71,8 @@ def test_unsupported_quantize_value_is_one_line(bert_with_tokenizer, tmp_path, c
 
 
 def test_rep_adapter_is_merged_before_export(tmp_path):
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import (get_loretta_model, load_loretta_model, merge_loretta_model,
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import (get_loretta_model, load_loretta_model, merge_loretta_model,
                                      save_loretta_adapter)
     from conftest import perturb_trainable
 

@@ -63,8 +63,8 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     """A real PEFT LoRA and a LoRETTA_rep adapter on the tiny Llama."""
     from peft import LoraConfig, get_peft_model
 
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     root = tmp_path_factory.mktemp("fault-adapters")
     pm = get_peft_model(build_tiny("llama"), LoraConfig(r=4, lora_alpha=8,

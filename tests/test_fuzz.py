@@ -55,7 +55,7 @@ def _field_names(cls) -> list[str]:
 @FUZZ
 @given(method=st.sampled_from(["rep", "adp"]), data=st.data())
 def test_config_from_dict_random_fields(method, data):
-    from loretta_merge.config import AdpConfig, RepConfig, config_from_dict
+    from loretta_merge.adapters.config import AdpConfig, RepConfig, config_from_dict
 
     cls = RepConfig if method == "rep" else AdpConfig
     names = _field_names(cls) + ["method", "peft_type", "unknown_field"]
@@ -74,7 +74,7 @@ def test_config_from_dict_random_fields(method, data):
 @FUZZ
 @given(mode_shapes=_json, target_modules=_json | st.lists(st.text(max_size=5), max_size=3))
 def test_config_mode_shapes_and_targets(mode_shapes, target_modules):
-    from loretta_merge.config import RepConfig
+    from loretta_merge.adapters.config import RepConfig
 
     only_loretta_errors(RepConfig, mode_shapes=mode_shapes)
     only_loretta_errors(RepConfig, target_modules=target_modules)

@@ -16,6 +16,8 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,12 +27,7 @@ from hypothesis import strategies as st
 
 from loretta_merge.errors import LorettaError
 
-try:  # the readers live in loretta_merge.data (the train package may re-export them)
-    from loretta_merge.train import data as D  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - today's layout
-    from loretta_merge import data as D
-if not hasattr(D, "read_rows"):
-    from loretta_merge import data as D
+from loretta_merge import datafiles as D
 
 N = int(os.environ.get("LORETTA_FUZZ_EXAMPLES", "120"))
 FUZZ = settings(max_examples=N, deadline=None, derandomize=True,
@@ -157,11 +154,27 @@ def test_wellformed_files_read_back(rows, suffix):
         pipeline(path)
 
 
-@pytest.mark.skipif(HAVE_PYARROW, reason="pyarrow is installed: the fuzz above reads Parquet")
 def test_parquet_without_pyarrow_is_one_clear_error(tmp_path):
+    """Run where pyarrow cannot be imported (blocked in a fresh interpreter): one line naming
+    the file and the extra that installs it."""
     path = tmp_path / "data.parquet"
     path.write_bytes(b"PAR1")
-    with pytest.raises(LorettaError) as info:
-        D.read_rows(path)
-    check_one_error(info.value, path)
-    assert "pip install pyarrow" in str(info.value)
+    code = ("import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None\n"
+            "from loretta_merge import datafiles\n"
+            "from loretta_merge.errors import LorettaError\n"
+            "try:\n    datafiles.read_rows(sys.argv[1])\n"
+            "except LorettaError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out.count("\n") == 0 and str(path) in out, out
+    assert "pip install 'loretta-merge[parquet]'" in out, out
+
+
+@pytest.mark.skipif(not HAVE_PYARROW, reason="needs pyarrow (the test extra installs it)")
+def test_damaged_parquet_is_one_clear_error(tmp_path):
+    path = tmp_path / "data.parquet"
+    for payload in (b"PAR1", b"PAR1" + bytes(range(64)) + b"PAR1", b"not parquet at all"):
+        path.write_bytes(payload)
+        with pytest.raises(LorettaError) as info:
+            D.read_rows(path)
+        check_one_error(info.value, path)

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from conftest import build_tiny
 from loretta_merge.commands.inspect import inspect_command
-from loretta_merge.config import AdpConfig, RepConfig
+from loretta_merge.adapters.config import AdpConfig, RepConfig
 from loretta_merge.errors import FormatError
 from loretta_merge.inspect import count_params, describe
-from loretta_merge.model import get_loretta_model, save_loretta_adapter, trainable_parameters
+from loretta_merge.adapters import get_loretta_model, save_loretta_adapter, trainable_parameters
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 

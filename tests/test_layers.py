@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loretta_merge import tt
 from loretta_merge.errors import ConfigError, ShapeError
-from loretta_merge.layers import AdapterLinear, RepLinear, TTLinear
+from loretta_merge.adapters.layers import AdapterLinear, RepLinear, TTLinear
 
 
 def dense(cores, rows, cols):

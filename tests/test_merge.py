@@ -204,8 +204,8 @@ def test_tied_embeddings(tiny_model_dir, tmp_path):
 # --------------------------------------------------------------------------- LoRETTA rep
 
 def _rep_model(arch: str, seed: int = 0):
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model
 
     torch.manual_seed(seed)
     model = get_loretta_model(build_tiny(arch), RepConfig(r=4, lora_alpha=8, tensor_rank=3))
@@ -214,7 +214,7 @@ def _rep_model(arch: str, seed: int = 0):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rep_merge_equals_loretta_model(arch, tiny_model_dir, tmp_path, small_blocks):
-    from loretta_merge.model import save_loretta_adapter
+    from loretta_merge.adapters import save_loretta_adapter
 
     model = _rep_model(arch)
     save_loretta_adapter(model, tmp_path / "rep")
@@ -229,7 +229,7 @@ def test_rep_merge_equals_loretta_model(arch, tiny_model_dir, tmp_path, small_bl
 
 
 def test_verify_flag_and_side_files(tiny_model_dir, tmp_path):
-    from loretta_merge.model import save_loretta_adapter
+    from loretta_merge.adapters import save_loretta_adapter
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir("llama"), base)
@@ -252,8 +252,8 @@ def test_verify_flag_and_side_files(tiny_model_dir, tmp_path):
 
 
 def test_adp_adapter_refused(tiny_model_dir, tmp_path):
-    from loretta_merge.config import AdpConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import AdpConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     save_loretta_adapter(get_loretta_model(build_tiny("opt"), AdpConfig(bottleneck_size=8)),
                          tmp_path / "adp")
@@ -307,14 +307,14 @@ def test_seq_cls_rep_adapter_over_bare_base_writes_the_task_model(tmp_path):
     in-memory LoRETTA model."""
     import transformers
 
-    from loretta_merge.model import save_loretta_adapter
+    from loretta_merge.adapters import save_loretta_adapter
 
     model = _rep_model("bert")  # BertForSequenceClassification with rep, head and TT pooler
     bare = tmp_path / "bare"
     transformers.BertModel(model.config).save_pretrained(bare)  # different random weights
     # the adapter's model must be built on THIS base: reload it from the bare checkpoint
     base = transformers.BertForSequenceClassification.from_pretrained(bare).eval()
-    from loretta_merge.model import adapter_from_model, load_loretta_model
+    from loretta_merge.adapters import adapter_from_model, load_loretta_model
 
     ref = load_loretta_model(base, adapter_from_model(model)).eval()
     save_loretta_adapter(ref, tmp_path / "rep")

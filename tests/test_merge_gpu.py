@@ -112,8 +112,8 @@ def test_device_kernel_flags_overflow_for_the_shard_check():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this torch sees none)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_merge_equals_cpu_merge_tensor_by_tensor(dtype, tiny_model_dir, tmp_path):
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
     from peft import LoraConfig, get_peft_model
 
     base = tiny_model_dir("llama", dtype)

@@ -62,8 +62,8 @@ def task_model(case: str, base: Path):
 
 def rep_adapter(case: str, base: Path, path: Path):
     """Our training API on the task model loaded from ``base``; every trainable tensor moved."""
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     torch.manual_seed(2)
     model = get_loretta_model(task_model(case, base), RepConfig(r=4, lora_alpha=8, tensor_rank=3))

@@ -12,10 +12,10 @@ import functools
 
 from conftest import ARCHS, perturb_trainable, probe_inputs
 from conftest import build_tiny as _build
-from loretta_merge.config import AdpConfig, RepConfig
+from loretta_merge.adapters.config import AdpConfig, RepConfig
 from loretta_merge.errors import ConfigError, FormatError, ShapeError
-from loretta_merge.layers import AdapterLinear, RepLinear, TTLinear, is_conv1d
-from loretta_merge.model import (adapter_from_model, get_loretta_model, load_loretta_model,
+from loretta_merge.adapters.layers import AdapterLinear, RepLinear, TTLinear, is_conv1d
+from loretta_merge.adapters import (adapter_from_model, get_loretta_model, load_loretta_model,
                                  merge_loretta_model, save_loretta_adapter, trainable_parameters)
 
 SEQ_CLS = {"bert", "roberta", "deberta"}
@@ -454,7 +454,7 @@ def test_pooling_auto_keeps_the_model_pooler_without_mean_pooling_config(tmp_pat
 def test_merged_checkpoint_says_how_to_pool(tmp_path):
     """save_pretrained of a mean-pooled classifier writes loretta_pooling; apply_pooling on
     the reloaded model restores the pooling (what merge verify and ONNX export call)."""
-    from loretta_merge.model import apply_pooling
+    from loretta_merge.pooling import apply_pooling
 
     model = get_loretta_model(_sentence_transformers_bert(tmp_path / "st"),
                               RepConfig(r=4, tensor_rank=2, pooling="mean")).eval()

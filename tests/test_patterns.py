@@ -46,10 +46,10 @@ def _peft_truth(model) -> dict[str, tuple[int, float]]:
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_training_reading_and_peft_agree_on_overlapping_patterns(rslora, tmp_path):
-    from loretta_merge.config import RepConfig
+    from loretta_merge.adapters.config import RepConfig
     from loretta_merge.formats import rank_for, read_adapter, scale_for
-    from loretta_merge.layers import RepLinear
-    from loretta_merge.model import get_loretta_model
+    from loretta_merge.adapters.layers import RepLinear
+    from loretta_merge.adapters import get_loretta_model
 
     pm = _peft_model(rslora)
     truth = _peft_truth(pm)
@@ -110,6 +110,6 @@ def test_pattern_key_rule():
     with pytest.raises(ConfigError, match="rank_pattern key '\\(' is not a valid regular expression"):
         pattern_key({"(": 1}, "x")
     with pytest.raises(ConfigError, match="alpha_pattern"):
-        from loretta_merge.config import RepConfig
+        from loretta_merge.adapters.config import RepConfig
 
         RepConfig(alpha_pattern={"[": 2.0})

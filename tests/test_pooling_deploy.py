@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from conftest import perturb_trainable, probe_inputs, run_main
-from loretta_merge.model import (RepConfig, get_loretta_model, load_loretta_model,
+from loretta_merge.adapters import (RepConfig, get_loretta_model, load_loretta_model,
                                  save_loretta_adapter)
 from loretta_merge.pooling import MeanPooler, apply_pooling
 

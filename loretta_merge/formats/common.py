@@ -22,7 +22,7 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 FORMAT_VERSION = 1
-_MAX_DIM = 2**31  # larger ranks / bottlenecks are corrupt configs, not models
+MAX_DIM = 2**31  # larger ranks / bottlenecks are corrupt configs, not models
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 _ACT_ALIASES = {"swish": "silu"}
 
@@ -30,10 +30,10 @@ _ACT_ALIASES = {"swish": "silu"}
 # --------------------------------------------------------------------------- config rules
 
 def _positive_number(value: Any, what: str) -> float:
-    return _number(value, what, positive=True)
+    return to_number(value, what, positive=True)
 
 
-def _number(value: Any, what: str, *, positive: bool = False) -> float:
+def to_number(value: Any, what: str, *, positive: bool = False) -> float:
     """``value`` as a finite float (JSON ints may be too large for a float)."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float))
     try:
@@ -53,9 +53,9 @@ def rank_for(config: dict, module_name: str) -> int:
         raise ConfigError(f"rank_pattern must be a mapping of module pattern -> rank, got {str(patterns)[:80]}; fix rank_pattern in adapter_config.json")
     key = pattern_key(patterns, module_name, field_name="rank_pattern")
     r = patterns[key] if key is not None else config.get("r", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= _MAX_DIM:
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_DIM:
         where = f"rank_pattern[{key!r}]" if key is not None else "r"
-        raise ConfigError(f"{where} must be an integer in [1, {_MAX_DIM}], got {str(r)[:40]} "
+        raise ConfigError(f"{where} must be an integer in [1, {MAX_DIM}], got {str(r)[:40]} "
                           f"(module {module_name}); fix r / rank_pattern in adapter_config.json")
     return r
 
@@ -100,7 +100,7 @@ def parse_config(data: bytes | str, *, source: str = CONFIG_NAME) -> dict:
     return config
 
 
-def _check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+def check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
     for key, value in state.items():
         if value.is_floating_point() or value.is_complex():
             finite = torch.isfinite(value)
@@ -114,7 +114,7 @@ def _check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
 
 # --------------------------------------------------------------------------- parsing helpers
 
-def _strip_prefix(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+def strip_prefix(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         if not key.startswith(PREFIX):
@@ -125,7 +125,7 @@ def _strip_prefix(state: dict[str, torch.Tensor], source: Path) -> dict[str, tor
     return out
 
 
-def _collect_cores(found: dict[int, torch.Tensor], what: str, source: Path) -> list[torch.Tensor]:
+def collect_cores(found: dict[int, torch.Tensor], what: str, source: Path) -> list[torch.Tensor]:
     indices = sorted(found)
     if indices != list(range(len(indices))):
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
@@ -134,7 +134,7 @@ def _collect_cores(found: dict[int, torch.Tensor], what: str, source: Path) -> l
     return [found[k] for k in indices]
 
 
-def _tt(cores: list[torch.Tensor], rows: int, cols: int, what: str) -> TTMatrix:
+def tt_from_cores(cores: list[torch.Tensor], rows: int, cols: int, what: str) -> TTMatrix:
     for side in (rows, cols):
         if isinstance(side, bool) or not isinstance(side, int) or side < 1:
             raise ShapeError(f"{what}: rows and cols must be positive integers, got ({rows!r}, {cols!r}); re-save or re-download the adapter")
@@ -146,7 +146,7 @@ def _tt(cores: list[torch.Tensor], rows: int, cols: int, what: str) -> TTMatrix:
     return TTMatrix(cores=cores, rows=rows, cols=cols)
 
 
-def _split(cores: list[torch.Tensor], *, known: int, known_is_rows: bool, what: str,
+def split_cores(cores: list[torch.Tensor], *, known: int, known_is_rows: bool, what: str,
            known_name: str) -> TTMatrix:
     """A TTMatrix whose one side is known (r or bottleneck); the other is product / known."""
     tt.validate_cores(cores, name=what)
@@ -158,7 +158,7 @@ def _split(cores: list[torch.Tensor], *, known: int, known_is_rows: bool, what: 
     return TTMatrix(cores, known, other) if known_is_rows else TTMatrix(cores, other, known)
 
 
-def _group(state: dict[str, torch.Tensor], pattern: re.Pattern) -> tuple[dict, dict]:
+def group_modules(state: dict[str, torch.Tensor], pattern: re.Pattern) -> tuple[dict, dict]:
     """Split keys matched by ``pattern`` (groups m, part, k) into {module: {part: {k: t}}}; the
     rest is returned as-is."""
     groups: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
@@ -172,7 +172,7 @@ def _group(state: dict[str, torch.Tensor], pattern: re.Pattern) -> tuple[dict, d
     return groups, rest
 
 
-def _pop_bias(rest: dict, key: str, source: Path, *, required: bool = True) -> torch.Tensor | None:
+def pop_bias(rest: dict, key: str, source: Path, *, required: bool = True) -> torch.Tensor | None:
     if key in rest:
         return rest.pop(key)
     if required:
@@ -180,14 +180,14 @@ def _pop_bias(rest: dict, key: str, source: Path, *, required: bool = True) -> t
     return None
 
 
-def _check_bias(bias: torch.Tensor, size: int, key: str) -> None:
+def check_bias(bias: torch.Tensor, size: int, key: str) -> None:
     if not isinstance(bias, torch.Tensor):
         raise ShapeError(f"tensor {PREFIX}{key} is a {type(bias).__name__}, expected a ({size},) tensor; re-save or re-download the adapter")
     if tuple(bias.shape) != (size,):
         raise ShapeError(f"tensor {PREFIX}{key} has shape {tuple(bias.shape)}, expected ({size},); re-save or re-download the adapter")
 
 
-def _pairs(groups: dict, first: str, second: str, source: Path, suffix: str) -> None:
+def check_pairs(groups: dict, first: str, second: str, source: Path, suffix: str) -> None:
     for name, parts in groups.items():
         for p, q in ((first, second), (second, first)):
             if p in parts and q not in parts:
@@ -195,21 +195,21 @@ def _pairs(groups: dict, first: str, second: str, source: Path, suffix: str) -> 
                                   f"('{PREFIX}{name}.{q}.{suffix}...'); the adapter is incomplete; re-save or re-download the adapter")
 
 
-def _non_linearity(value: Any, where: str) -> str:
+def check_non_linearity(value: Any, where: str) -> str:
     act = _ACT_ALIASES.get(value, value) if isinstance(value, str) else value
     if act not in NON_LINEARITIES:
         raise ConfigError(f"{where}: non_linearity {value!r} is not supported; use one of {NON_LINEARITIES}")
     return act
 
 
-def _module_map(config: dict, key: str) -> dict:
+def module_map(config: dict, key: str) -> dict:
     value = config.get(key) or {}
     if not isinstance(value, dict):
         raise ConfigError(f"{CONFIG_NAME}: '{key}' must be a mapping of module name -> value, got {value!r}; fix it in adapter_config.json")
     return value
 
 
-def _shape_pair(shapes: dict, name: str, part: str) -> tuple[int, int]:
+def shape_pair(shapes: dict, name: str, part: str) -> tuple[int, int]:
     entry = shapes.get(name)
     dims = entry.get(part) if isinstance(entry, dict) else None
     if (not isinstance(dims, list) or len(dims) != 2
@@ -219,7 +219,7 @@ def _shape_pair(shapes: dict, name: str, part: str) -> tuple[int, int]:
     return dims[0], dims[1]
 
 
-def _leftover_check(rest: dict, source: Path, markers: tuple[str, ...]) -> None:
+def leftover_check(rest: dict, source: Path, markers: tuple[str, ...]) -> None:
     for key in rest:
         if any(mark in key for mark in markers):
             raise FormatError(f"{source}: unexpected tensor {PREFIX}{key}: it looks like an adapter "

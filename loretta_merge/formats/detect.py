@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import FormatError
 from .authors import read_authors
-from .common import CONFIG_NAME, _check_finite, _strip_prefix
+from .common import CONFIG_NAME, check_finite, strip_prefix
 from .loading import adapter_files, load_weights, read_config, weight_keys
 from .ours import fan_in_fan_out_of, read_ours
 from .peft import read_peft
@@ -90,8 +90,8 @@ def read_adapter(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False,
         raise FormatError(f"{weights_path}: holds no tensors; the adapter file is empty: re-save "
                           f"or re-download it")
     kind = _kind(config, list(state), weights_path)
-    _check_finite(state, weights_path)
-    state = _strip_prefix(state, weights_path)
+    check_finite(state, weights_path)
+    state = strip_prefix(state, weights_path)
     method, modules, rest, fan_in_fan_out = _read_kind(kind, config, state, config_path, weights_path)
     if not modules:
         raise FormatError(f"{weights_path}: no adapter modules found ({len(rest)} plain tensors "

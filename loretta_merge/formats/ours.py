@@ -22,9 +22,9 @@ import torch
 
 from ..errors import ConfigError, FormatError, OutputExistsError, ShapeError
 from ..io import atomic_output_dir, write_file, write_safetensors
-from .common import (CONFIG_NAME, FORMAT_VERSION, PREFIX, SAFETENSORS_NAME, _check_bias, _check_finite,
-                     _collect_cores, _group, _leftover_check, _module_map, _non_linearity, _number,
-                     _pairs, _pop_bias, _shape_pair, _tt, scale_for)
+from .common import (CONFIG_NAME, FORMAT_VERSION, PREFIX, SAFETENSORS_NAME, check_bias, check_finite,
+                     collect_cores, group_modules, leftover_check, module_map, check_non_linearity, to_number,
+                     check_pairs, pop_bias, shape_pair, tt_from_cores, scale_for)
 from .types import Adapter, AdpModule, Module, RepModule, TTDenseModule, TTMatrix
 
 _OURS_CORES = re.compile(r"^(?P<m>.+)\.(?P<part>lora_A|lora_B|adapter_down|adapter_up|tt_dense)"
@@ -34,57 +34,57 @@ _OURS_CORES = re.compile(r"^(?P<m>.+)\.(?P<part>lora_A|lora_B|adapter_down|adapt
 # --------------------------------------------------------------------------- reading
 
 def _read_dense(name: str, parts: dict, rest: dict, shapes: dict, source: Path) -> TTDenseModule:
-    rows, cols = _shape_pair(shapes, name, "weight")
-    w = _tt(_collect_cores(parts.pop("tt_dense"), f"{name}.tt_dense", source), rows, cols,
+    rows, cols = shape_pair(shapes, name, "weight")
+    w = tt_from_cores(collect_cores(parts.pop("tt_dense"), f"{name}.tt_dense", source), rows, cols,
             f"{name}.tt_dense")
-    bias = _pop_bias(rest, f"{name}.tt_dense.bias", source, required=False)
+    bias = pop_bias(rest, f"{name}.tt_dense.bias", source, required=False)
     if bias is not None:
-        _check_bias(bias, cols, f"{name}.tt_dense.bias")
+        check_bias(bias, cols, f"{name}.tt_dense.bias")
     if parts:
         raise FormatError(f"{source}: module {name} has both tt_dense and {sorted(parts)} tensors; re-save or re-download the adapter")
     return TTDenseModule(weight=w, bias=bias)
 
 
 def _read_rep(name: str, parts: dict, config: dict, source: Path) -> RepModule:
-    shapes, scales = _module_map(config, "module_shapes"), _module_map(config, "module_scales")
+    shapes, scales = module_map(config, "module_shapes"), module_map(config, "module_scales")
     if set(parts) - {"lora_A", "lora_B"}:
         raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in a LORETTA_REP adapter; re-save or re-download the adapter")
-    a = _tt(_collect_cores(parts["lora_A"], f"{name}.lora_A", source),
-            *_shape_pair(shapes, name, "a"), f"{name}.lora_A")
-    b = _tt(_collect_cores(parts["lora_B"], f"{name}.lora_B", source),
-            *_shape_pair(shapes, name, "b"), f"{name}.lora_B")
+    a = tt_from_cores(collect_cores(parts["lora_A"], f"{name}.lora_A", source),
+            *shape_pair(shapes, name, "a"), f"{name}.lora_A")
+    b = tt_from_cores(collect_cores(parts["lora_B"], f"{name}.lora_B", source),
+            *shape_pair(shapes, name, "b"), f"{name}.lora_B")
     if a.cols != b.rows:
         raise ShapeError(f"{source}: module {name}: A is ({a.rows}, {a.cols}) but B is "
                          f"({b.rows}, {b.cols}); A's columns must equal B's rows (r); re-save or re-download the adapter")
     scale = scales.get(name)
-    scale = scale_for(config, name) if scale is None else _number(scale, f"module_scales[{name!r}]")
+    scale = scale_for(config, name) if scale is None else to_number(scale, f"module_scales[{name!r}]")
     return RepModule(a=a, b=b, scale=scale)
 
 
 def _read_adp(name: str, parts: dict, rest: dict, config: dict, source: Path) -> AdpModule:
-    shapes, scales = _module_map(config, "module_shapes"), _module_map(config, "module_scales")
+    shapes, scales = module_map(config, "module_shapes"), module_map(config, "module_scales")
     if set(parts) - {"adapter_down", "adapter_up"}:
         raise FormatError(f"{source}: module {name} has {sorted(parts)} tensors in a LORETTA_ADP adapter; re-save or re-download the adapter")
-    down = _tt(_collect_cores(parts["adapter_down"], f"{name}.adapter_down", source),
-               *_shape_pair(shapes, name, "down"), f"{name}.adapter_down")
-    up = _tt(_collect_cores(parts["adapter_up"], f"{name}.adapter_up", source),
-             *_shape_pair(shapes, name, "up"), f"{name}.adapter_up")
+    down = tt_from_cores(collect_cores(parts["adapter_down"], f"{name}.adapter_down", source),
+               *shape_pair(shapes, name, "down"), f"{name}.adapter_down")
+    up = tt_from_cores(collect_cores(parts["adapter_up"], f"{name}.adapter_up", source),
+             *shape_pair(shapes, name, "up"), f"{name}.adapter_up")
     if (down.rows, down.cols) != (up.cols, up.rows):
         raise ShapeError(f"{source}: module {name}: down is ({down.rows}, {down.cols}) but up is "
                          f"({up.rows}, {up.cols}); they must be (dim, b) and (b, dim); re-save or re-download the adapter")
-    db = _pop_bias(rest, f"{name}.adapter_down.bias", source)
-    ub = _pop_bias(rest, f"{name}.adapter_up.bias", source)
-    _check_bias(db, down.cols, f"{name}.adapter_down.bias")
-    _check_bias(ub, up.cols, f"{name}.adapter_up.bias")
-    where = _module_map(config, "adapter_placement").get(name)
+    db = pop_bias(rest, f"{name}.adapter_down.bias", source)
+    ub = pop_bias(rest, f"{name}.adapter_up.bias", source)
+    check_bias(db, down.cols, f"{name}.adapter_down.bias")
+    check_bias(ub, up.cols, f"{name}.adapter_up.bias")
+    where = module_map(config, "adapter_placement").get(name)
     if where not in ("input", "output"):
         raise ConfigError(f"{source}: adapter_placement[{name!r}] is {where!r}; "
                           f"expected 'input' or 'output'; set it to 'input' or 'output' in adapter_config.json")
-    acts = _module_map(config, "adapter_non_linearity")
-    act = _non_linearity(acts.get(name, config.get("non_linearity", "relu")), f"module {name}")
+    acts = module_map(config, "adapter_non_linearity")
+    act = check_non_linearity(acts.get(name, config.get("non_linearity", "relu")), f"module {name}")
     scaling = scales.get(name, config.get("scaling", 1.0))
     return AdpModule(down=down, down_bias=db, up=up, up_bias=ub, placement=where,
-                     non_linearity=act, scaling=_number(scaling, f"scaling of module {name}"))
+                     non_linearity=act, scaling=to_number(scaling, f"scaling of module {name}"))
 
 
 def read_ours(config: dict, state: dict, source: Path) -> tuple[str, dict, dict]:
@@ -94,20 +94,20 @@ def read_ours(config: dict, state: dict, source: Path) -> tuple[str, dict, dict]
         raise FormatError(f"{source}: format_version {version!r}; this loretta-merge reads version "
                           f"{FORMAT_VERSION}; upgrade loretta-merge")
     method = "rep" if config["peft_type"] == "LORETTA_REP" else "adp"
-    groups, rest = _group(state, _OURS_CORES)
+    groups, rest = group_modules(state, _OURS_CORES)
     if method == "rep":
-        _pairs(groups, "lora_A", "lora_B", source, "tt_cores")
+        check_pairs(groups, "lora_A", "lora_B", source, "tt_cores")
     else:
-        _pairs(groups, "adapter_down", "adapter_up", source, "tt_cores")
+        check_pairs(groups, "adapter_down", "adapter_up", source, "tt_cores")
     modules: dict[str, Module] = {}
     for name, parts in groups.items():
         if "tt_dense" in parts:
-            modules[name] = _read_dense(name, parts, rest, _module_map(config, "module_shapes"), source)
+            modules[name] = _read_dense(name, parts, rest, module_map(config, "module_shapes"), source)
         elif method == "rep":
             modules[name] = _read_rep(name, parts, config, source)
         else:
             modules[name] = _read_adp(name, parts, rest, config, source)
-    _leftover_check(rest, source, (".tt_cores.", ".lora_A", ".lora_B", ".adapter_down.", ".adapter_up."))
+    leftover_check(rest, source, (".tt_cores.", ".lora_A", ".lora_B", ".adapter_down.", ".adapter_up."))
     return method, modules, rest
 
 
@@ -134,7 +134,7 @@ class _Collected:
     def tt(self, key: str, m: TTMatrix) -> list[int]:
         if not isinstance(m, TTMatrix):
             raise ConfigError(f"{key}: expected a TTMatrix, got {type(m).__name__}; pass TTMatrix modules")
-        _tt(list(m.cores), m.rows, m.cols, key)  # never write what the reader would refuse
+        tt_from_cores(list(m.cores), m.rows, m.cols, key)  # never write what the reader would refuse
         for k, core in enumerate(m.cores):
             self.state[f"{PREFIX}{key}.tt_cores.{k}"] = core
         return [m.rows, m.cols]
@@ -143,7 +143,7 @@ class _Collected:
 def _put_dense(c: _Collected, name: str, mod: TTDenseModule) -> None:
     c.shapes[name] = {"weight": c.tt(f"{name}.tt_dense", mod.weight)}
     if mod.bias is not None:
-        _check_bias(mod.bias, mod.weight.cols, f"{name}.tt_dense.bias")
+        check_bias(mod.bias, mod.weight.cols, f"{name}.tt_dense.bias")
         c.state[f"{PREFIX}{name}.tt_dense.bias"] = mod.bias
     c.dense.append(name)
 
@@ -153,7 +153,7 @@ def _put_rep(c: _Collected, name: str, mod: RepModule) -> None:
     if mod.a.cols != mod.b.rows:
         raise ShapeError(f"module {name}: A is ({mod.a.rows}, {mod.a.cols}), B is ({mod.b.rows}, "
                          f"{mod.b.cols}); A's columns must equal B's rows (r); pass A and B with a shared r")
-    c.scales[name] = _number(float(mod.scale), f"scale of module {name}")
+    c.scales[name] = to_number(float(mod.scale), f"scale of module {name}")
 
 
 def _put_adp(c: _Collected, name: str, mod: AdpModule) -> None:
@@ -162,15 +162,15 @@ def _put_adp(c: _Collected, name: str, mod: AdpModule) -> None:
     if (mod.down.rows, mod.down.cols) != (mod.up.cols, mod.up.rows):
         raise ShapeError(f"module {name}: down is ({mod.down.rows}, {mod.down.cols}), up is "
                          f"({mod.up.rows}, {mod.up.cols}); they must be (dim, b) and (b, dim); pass down (dim, b) and up (b, dim)")
-    _check_bias(mod.down_bias, mod.down.cols, f"{name}.adapter_down.bias")
-    _check_bias(mod.up_bias, mod.up.cols, f"{name}.adapter_up.bias")
+    check_bias(mod.down_bias, mod.down.cols, f"{name}.adapter_down.bias")
+    check_bias(mod.up_bias, mod.up.cols, f"{name}.adapter_up.bias")
     if mod.placement not in ("input", "output"):
         raise ConfigError(f"module {name}: placement {mod.placement!r}; expected 'input' or 'output'; set it to 'input' or 'output'")
     c.state[f"{PREFIX}{name}.adapter_down.bias"] = mod.down_bias
     c.state[f"{PREFIX}{name}.adapter_up.bias"] = mod.up_bias
-    c.scales[name] = _number(float(mod.scaling), f"scaling of module {name}")
+    c.scales[name] = to_number(float(mod.scaling), f"scaling of module {name}")
     c.placement[name] = mod.placement
-    c.acts[name] = _non_linearity(mod.non_linearity, f"module {name}")
+    c.acts[name] = check_non_linearity(mod.non_linearity, f"module {name}")
 
 
 def _collect(adapter: Adapter) -> _Collected:
@@ -243,6 +243,6 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike, *, force: bool = Fa
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists; choose another output path or pass force=True")
     state, config = _state_and_config(adapter)
-    _check_finite(state, path)
+    check_finite(state, path)
     write_adapter_files(path, state, config, force=force)
     return path

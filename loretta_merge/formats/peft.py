@@ -20,7 +20,7 @@ import torch
 
 from ..errors import FormatError, ShapeError
 from ..patterns import pattern_key
-from .common import CONFIG_NAME, PREFIX, _leftover_check, rank_for, scale_for
+from .common import CONFIG_NAME, PREFIX, leftover_check, rank_for, scale_for
 from .ours import write_adapter_files
 from .types import Adapter, LoraModule, Module
 
@@ -75,7 +75,7 @@ def read_peft(config: dict, state: dict, source: Path) -> tuple[str, dict, dict]
             rest[key] = value
     modules: dict[str, Module] = {name: _read_module(name, parts, config, source)
                                   for name, parts in groups.items()}
-    _leftover_check(rest, source, (".lora_", "trainable_tokens"))
+    leftover_check(rest, source, (".lora_", "trainable_tokens"))
     # modules_to_save: PEFT 0.21 saves them as <module>.<param>; older PEFT kept the wrapper infix
     rest = {k.replace(".modules_to_save.", "."): v for k, v in rest.items()}
     return "lora", modules, rest

@@ -80,7 +80,7 @@ def _reference(base, item: LoadedAdapter):
     if _is_peft(adapter):
         peft = require("peft", extra="verify", purpose="--verify of a PEFT LoRA adapter")
         return peft.PeftModel.from_pretrained(base, adapter.path).eval()
-    from ..model import load_loretta_model
+    from ..adapters.files import load_loretta_model
 
     return load_loretta_model(base, adapter).eval()
 

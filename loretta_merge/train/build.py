@@ -136,7 +136,7 @@ def check_vocab(net: nn.Module, tok, source) -> None:
 def apply_method(model: nn.Module, a: TrainArgs) -> tuple[nn.Module, int, int]:
     """Wrap / freeze ``model`` for ``a.method``; returns ``(model, lora_r8_equivalent,
     adapter_params)``."""
-    from ..config import REP_TARGETS, AdpConfig, RepConfig, target_matches
+    from ..adapters.config import REP_TARGETS, AdpConfig, RepConfig, target_matches
 
     task_type = "SEQ_CLS" if a.task == "seq-cls" else "CAUSAL_LM"
     model_type = getattr(model.config, "model_type", None)
@@ -145,7 +145,7 @@ def apply_method(model: nn.Module, a: TrainArgs) -> tuple[nn.Module, int, int]:
                   if targets and target_matches(name, targets) and hasattr(mod, "weight")
                   and getattr(mod.weight, "ndim", 0) == 2)
     if a.method in ("rep", "adp"):
-        from ..model import get_loretta_model
+        from ..adapters.inject import get_loretta_model
 
         common = dict(tensor_rank=a.tensor_rank, train_norms=a.train_norms, task_type=task_type,
                       replace_dense=a.replace_dense, init=a.init,

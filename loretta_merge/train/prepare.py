@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import datafiles as F
+from .. import embedded as E
 from ..errors import ConfigError
 from . import data as D
 from .args import TrainArgs
@@ -61,11 +63,11 @@ def _rows(a: TrainArgs) -> tuple[list, list, str, str, str]:
     """Raw rows ``(train, eval, description, train source, eval source)``; the files' rows
     are validated whole by the callers before any subset is taken."""
     if a.default_data:
-        train_rows, eval_rows = D.rotten_tomatoes()
-        return (train_rows, eval_rows, f"embedded Rotten Tomatoes ({D.rotten_tomatoes_path()})",
+        train_rows, eval_rows = E.rotten_tomatoes()
+        return (train_rows, eval_rows, f"embedded Rotten Tomatoes ({E.rotten_tomatoes_path()})",
                 "train data (embedded train split)", "eval data (embedded test split)")
-    train_rows = D.read_rows(a.train_file)
-    eval_rows = D.read_rows(a.eval_file) if a.eval_file else []
+    train_rows = F.read_rows(a.train_file)
+    eval_rows = F.read_rows(a.eval_file) if a.eval_file else []
     src_eval = f"eval data {a.eval_file}" if a.eval_file else f"eval data {a.train_file} (eval split)"
     return train_rows, eval_rows, str(a.train_file), f"train data {a.train_file}", src_eval
 
@@ -76,11 +78,11 @@ def _validate(a: TrainArgs, rows: list, source: str) -> None:
         return
     if a.task == "seq-cls":
         tcol, lcol = ("text", "label") if a.default_data else (a.text_column, a.label_column)
-        D.classification_rows(rows, text_column=tcol, label_column=lcol, source=source)
+        F.classification_rows(rows, text_column=tcol, label_column=lcol, source=source)
         if a.text_pair_column:
-            D.pair_texts(rows, column=a.text_pair_column, source=source)
+            F.pair_texts(rows, column=a.text_pair_column, source=source)
     else:
-        D.lm_rows(rows, text_column=a.text_column, prompt_column=a.prompt_column,
+        F.lm_rows(rows, text_column=a.text_column, prompt_column=a.prompt_column,
                   response_column=a.response_column, source=source)
 
 
@@ -98,22 +100,22 @@ def load_examples(a: TrainArgs, *, head_labels: tuple[int | None, dict | None]) 
     parts = {"train": (train_rows, src_train), "eval": (eval_rows, src_eval)}
     if a.task == "causal-lm":
         for part, (rows, src) in parts.items():
-            ex.lm[part] = D.lm_rows(rows, text_column=a.text_column, prompt_column=a.prompt_column,
+            ex.lm[part] = F.lm_rows(rows, text_column=a.text_column, prompt_column=a.prompt_column,
                                     response_column=a.response_column, source=src) if rows else []
         return ex
     tcol, lcol = ("text", "label") if a.default_data else (a.text_column, a.label_column)
     raw: dict[str, list[Any]] = {}
     for part, (rows, src) in parts.items():
-        texts, labels = (D.classification_rows(rows, text_column=tcol, label_column=lcol,
+        texts, labels = (F.classification_rows(rows, text_column=tcol, label_column=lcol,
                                                source=src) if rows else ([], []))
         ex.texts[part], raw[src] = texts, labels
-        ex.pairs[part] = (D.pair_texts(rows, column=a.text_pair_column, source=src)
+        ex.pairs[part] = (F.pair_texts(rows, column=a.text_pair_column, source=src)
                           if a.text_pair_column and rows else None)
-    ids, ex.label2id, ex.num_labels = D.encode_labels(raw, num_labels=head_labels[0],
+    ids, ex.label2id, ex.num_labels = F.encode_labels(raw, num_labels=head_labels[0],
                                                       label2id=head_labels[1])
     ex.labels = {"train": ids[src_train], "eval": ids[src_eval]}
     if a.default_data:
-        ex.label2id = {name: i for i, name in enumerate(D.RT_LABELS)}
+        ex.label2id = {name: i for i, name in enumerate(E.RT_LABELS)}
     return ex
 
 

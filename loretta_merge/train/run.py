@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import build, fsdp
+from .. import embedded
 from . import data as D
 from .args import TrainArgs
 from .outputs import CHECKPOINTS, TrainReport, is_main, prepare_output, write_outputs, write_tensors
@@ -49,7 +50,7 @@ class _Run:
 
     def __init__(self, a: TrainArgs, callbacks: list):
         self.a, self.callbacks, self.t_start = a, callbacks, time.perf_counter()
-        self.model_path = Path(a.model) if a.model is not None else D.default_model_path()
+        self.model_path = Path(a.model) if a.model is not None else embedded.default_model_path()
         self.out = Path(a.output_dir)
 
     def go(self) -> TrainReport:
@@ -183,7 +184,7 @@ class _Run:
 
         if self.a.method in ("rep", "adp"):
             from ..formats import write_adapter
-            from ..model import adapter_from_model
+            from ..adapters.files import adapter_from_model
 
             adapter = adapter_from_model(net)
             adapter.base_model_name_or_path = str(self.model_path)

@@ -84,7 +84,7 @@ def peft_tt_to_lora(ws: Workspace) -> None:
 def lora_to_tt(ws: Workspace) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from loretta_merge.config import default_targets
+    from loretta_merge.adapters.config import default_targets
     from loretta_merge.formats import read_adapter
 
     lora_dir, tt_dir = ws.out("peft-lora"), ws.out("lora-to-tt")
@@ -136,8 +136,8 @@ def tied(ws: Workspace) -> None:
     """Tied embeddings: the shared tensor trained in full and a rep adapter on the output
     projection; training keeps input and output embeddings one tensor, and the in-memory
     model, its in-memory merge and the streamed merged checkpoint give the same logits."""
-    from loretta_merge.config import RepConfig
-    from loretta_merge.model import get_loretta_model, merge_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, merge_loretta_model, save_loretta_adapter
 
     family = ws.family
     model = load_task_model(ws.paths["base"], "causal-lm")

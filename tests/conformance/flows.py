@@ -159,7 +159,7 @@ def load_task_model(path: Path, task: str):
 
 def in_memory(base: Path, adapter: Path, task: str):
     """The base with the adapter attached in memory (the reference every output matches)."""
-    from loretta_merge.model import load_loretta_model
+    from loretta_merge.adapters import load_loretta_model
 
     return load_loretta_model(load_task_model(base, task), adapter)
 

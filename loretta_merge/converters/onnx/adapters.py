@@ -90,7 +90,7 @@ def _factors_shape(mod) -> tuple[int, int, int]:
 
 def check_fit(name: str, adapter, model) -> None:
     """Every module and tensor of ``adapter`` exists in ``model`` with matching shapes."""
-    from ...layers import linear_dims
+    from ...adapters.layers import linear_dims
 
     named, params = dict(model.named_modules()), dict(model.named_parameters())
     for module, mod in adapter.modules.items():

@@ -162,7 +162,7 @@ def align_names(adapter, model):
 def _apply_adapter(model, adapter) -> tuple[object, bool]:
     """Attach a LoRETTA adapter; a rep adapter is merged into the weights (a plain graph, no
     TT reconstruction per inference). Returns (model, merged)."""
-    from ...model import load_loretta_model, merge_loretta_model
+    from ...adapters.files import load_loretta_model, merge_loretta_model
 
     model = load_loretta_model(model, align_names(adapter, model))
     merged = adapter.method == "rep"

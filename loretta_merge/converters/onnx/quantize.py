@@ -110,7 +110,7 @@ def quantize_int8(onnx_path: Path, model, *, task: str, names: list[str], model_
 
 
 def _eval_rows(eval_file: Path, config) -> tuple[list[str], list[int]]:
-    from ...data import classification_rows, read_rows
+    from ...datafiles import classification_rows, read_rows
 
     texts, labels = classification_rows(read_rows(eval_file), text_column="text",
                                         label_column="label", source=str(eval_file))

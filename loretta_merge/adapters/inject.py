@@ -4,9 +4,7 @@
   freezes everything else, unfreezes norms / heads / ``modules_to_save`` and, for
   sequence classification, replaces the pooler or classifier dense by a square TT layer
   (the paper's recipe).
-- :func:`adapter_from_model` / :func:`save_loretta_adapter` / :func:`load_loretta_model` /
-  :func:`merge_loretta_model` live in :mod:`loretta_merge.model_io` and are importable
-  from here too.
+- Saving, loading and merging such a model live in :mod:`loretta_merge.adapters.files`.
 
 Tied embeddings: a tensor shared by the input embedding and the output projection is one
 parameter while training, so a trained full tensor is recorded under every name it has
@@ -22,18 +20,17 @@ import dataclasses
 import math
 from typing import Any, Iterator
 
-import torch
 from torch import nn
 
-from . import tt
+from .. import tt
+from ..errors import ConfigError
+from ..pooling import apply_pooling, resolve_pooling
 from .config import (AdpConfig, RepConfig, default_targets, key_matches,
                      placement_for, target_matches, unsupported_architecture_hint)
-from .errors import ConfigError
 from .layers import AdapterLinear, RepLinear, TTLinear, is_conv1d, linear_dims
-from .pooling import POOLING_CONFIG_KEY, apply_pooling, resolve_pooling  # noqa: F401 (re-exported)
 
 HEAD_NAMES = ("classifier", "score", "pre_classifier")  # pre_classifier: DistilBERT's dense
-_FULL = "loretta_full_tensors"  # model attribute: names of trained full tensors
+FULL_TENSORS_ATTR = "loretta_full_tensors"  # model attribute: names of trained full tensors
 
 
 # --------------------------------------------------------------------------- discovery
@@ -44,7 +41,7 @@ def is_norm(module: nn.Module) -> bool:
     return name.endswith("Norm") or "LayerNorm" in name or "RMSNorm" in name
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
@@ -52,7 +49,7 @@ def linear_candidates(model: nn.Module) -> list[str]:
     """Linear/Conv1D module names of ``model``, deduplicated by their last component."""
     seen: dict[str, None] = {}
     for name, module in model.named_modules():
-        if name and _is_linear(module) and not isinstance(module, TTLinear):
+        if name and is_linear(module) and not isinstance(module, TTLinear):
             seen.setdefault(name.rsplit(".", 1)[-1], None)
     return list(seen)
 
@@ -129,7 +126,7 @@ def _plan(model: nn.Module, config: RepConfig | AdpConfig) -> dict[str, str]:
         if isinstance(module, (RepLinear, AdapterLinear)):
             raise ConfigError(f"module {name} already holds a LoRETTA adapter; "
                               f"build the model afresh before adding another")
-        if not _is_linear(module):
+        if not is_linear(module):
             raise ConfigError(f"{what} {targets!r} matches module {name}, a {type(module).__name__}; "
                               f"only nn.Linear and Conv1D can be wrapped; pick a more specific key "
                               f"(Linear/Conv1D modules: {linear_candidates(model)})")
@@ -141,7 +138,7 @@ def _plan(model: nn.Module, config: RepConfig | AdpConfig) -> dict[str, str]:
     return plan
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -170,7 +167,7 @@ def _owner(model: nn.Module, pname: str) -> nn.Module:
     return model.get_submodule(pname.rpartition(".")[0])
 
 
-def _tt_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def tt_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, (RepLinear, AdapterLinear)):
             yield name, module
@@ -183,16 +180,16 @@ def _inside_wrapper(name: str, model: nn.Module) -> bool:
     return bool(parent) and isinstance(model.get_submodule(parent), (RepLinear, AdapterLinear))
 
 
-def _set_trainable(model: nn.Module, *, trainable: bool) -> None:
+def set_trainable(model: nn.Module, *, trainable: bool) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     if not trainable:
         return
-    for _, module in _tt_layers(model):
+    for _, module in tt_layers(model):
         for pname, p in module.named_parameters():
             if not pname.startswith("base_layer."):
                 p.requires_grad_(True)
-    for pname in getattr(model, _FULL, []):
+    for pname in getattr(model, FULL_TENSORS_ATTR, []):
         model.get_parameter(pname).requires_grad_(True)
 
 
@@ -237,11 +234,11 @@ def get_loretta_model(model: nn.Module, config: RepConfig | AdpConfig) -> nn.Mod
                 modes_up=mode_shapes_for(config, b, dim, module=name),
                 non_linearity=config.non_linearity, dropout=config.adapter_dropout,
                 scaling=config.scaling, init=config.init)
-        _set_module(model, name, new)
+        set_module(model, name, new)
     if dense is not None:
         old = model.get_submodule(dense)
         n_in, n_out = linear_dims(old)
-        _set_module(model, dense, TTLinear(
+        set_module(model, dense, TTLinear(
             n_in, n_out, mode_shapes_for(config, n_in, n_out, module=dense), config.tensor_rank,
             bias=True, dtype=old.weight.dtype, device=old.weight.device))
     resolved: dict[str, Any] = {"task_type": task, "replace_dense": replace, "pooling": pooling}
@@ -250,8 +247,8 @@ def get_loretta_model(model: nn.Module, config: RepConfig | AdpConfig) -> nn.Mod
     if isinstance(config, AdpConfig) and config.placement is None:
         resolved["placement"] = default_targets(model.config.model_type, "adp")
     model.loretta_config = dataclasses.replace(config, **resolved)
-    setattr(model, _FULL, _full_tensor_names(model, config, task))
-    _set_trainable(model, trainable=True)
+    setattr(model, FULL_TENSORS_ATTR, _full_tensor_names(model, config, task))
+    set_trainable(model, trainable=True)
     return model
 
 
@@ -261,7 +258,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable parameter counts: ``tt_cores``, ``biases`` (of TT layers), ``norms``,
     ``heads`` (heads and modules_to_save), ``total_trainable`` and ``total``."""
     kinds: dict[int, str] = {}
-    for _, module in _tt_layers(model):
+    for _, module in tt_layers(model):
         for pname, p in module.named_parameters():
             if not pname.startswith("base_layer."):
                 kinds[id(p)] = "tt_cores" if "tt_cores" in pname else "biases"
@@ -279,27 +276,4 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def print_trainable_parameters(model: nn.Module) -> None:
-    """One line, PEFT style, plus the breakdown."""
-    c = trainable_parameters(model)
-    pct = 100.0 * c["total_trainable"] / max(c["total"], 1)
-    print(f"trainable params: {c['total_trainable']:,} || all params: {c['total']:,} || "
-          f"trainable%: {pct:.4f} (TT cores {c['tt_cores']:,}, biases {c['biases']:,}, "
-          f"norms {c['norms']:,}, heads/modules_to_save {c['heads']:,})")
-
-
 # --------------------------------------------------------------------------- save / load
-
-
-# The extract / save / load / merge half lives in model_io.py; these names stay importable
-# from here (resolved on first use, so neither module imports the other at load time).
-_IO_NAMES = ("adapter_from_model", "save_loretta_adapter", "load_loretta_model",
-             "merge_loretta_model")
-
-
-def __getattr__(name: str):
-    if name in _IO_NAMES:
-        from . import model_io
-
-        return getattr(model_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,8 +16,8 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from .errors import ConfigError
-from .patterns import check_patterns, pattern_value
+from ..errors import ConfigError
+from ..patterns import check_patterns, pattern_value
 
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
@@ -354,13 +354,3 @@ def unsupported_architecture_hint(model_type: str | None, module_names: list[str
         advice += " (adp: placement {module: 'input'|'output'} on its MLP projections)"
     return (f"model_type {model_type!r} has no default {what} (defaults exist for: {supported}); "
             f"set {what}: {advice}; its Linear/Conv1D modules are: {module_names}")
-
-
-def defaults_table() -> list[tuple[str, str, str]]:
-    """``(model_type, rep targets, adp placement)`` rows, for ``train --help`` and docs."""
-    rows = []
-    for model_type in sorted(set(REP_TARGETS) | set(ADP_PLACEMENT)):
-        rep = ",".join(REP_TARGETS.get(model_type, []))
-        adp = ",".join(f"{k}:{v}" for k, v in ADP_PLACEMENT.get(model_type, {}).items())
-        rows.append((model_type, rep, adp))
-    return rows

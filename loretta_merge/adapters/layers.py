@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import tt
-from .errors import ConfigError, ShapeError
+from .. import tt
+from ..errors import ConfigError, ShapeError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

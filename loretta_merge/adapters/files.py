@@ -1,8 +1,7 @@
 """Getting LoRETTA adapters back out of a model, and into one: :func:`adapter_from_model`,
 :func:`save_loretta_adapter`, :func:`load_loretta_model` (every shape checked) and
 :func:`merge_loretta_model` (folds rep adapters into the base weights; a tied output
-projection gets its own weight). The injection half is :mod:`loretta_merge.model`, which
-re-exports these names.
+projection gets its own weight). The injection half is :mod:`loretta_merge.adapters.inject`.
 """
 
 from __future__ import annotations
@@ -14,16 +13,16 @@ import torch
 from torch import nn
 
 from .config import AdpConfig, RepConfig, config_from_dict
-from .errors import ConfigError, FormatError, ShapeError
+from ..errors import ConfigError, FormatError, ShapeError
 from .layers import AdapterLinear, RepLinear, TTLinear, linear_dims
-from .model import _FULL, _is_linear, _set_module, _set_trainable, _tt_layers
-from .pooling import apply_pooling
+from .inject import FULL_TENSORS_ATTR, is_linear, set_module, set_trainable, tt_layers
+from ..pooling import apply_pooling
 
 if TYPE_CHECKING:
-    from .formats import Adapter
+    from ..formats import Adapter
 
 def _tt_matrix(layer: TTLinear):
-    from .formats import TTMatrix
+    from ..formats import TTMatrix
 
     return TTMatrix(cores=[c.detach() for c in layer.tt_cores], rows=layer.rows, cols=layer.cols)
 
@@ -31,7 +30,7 @@ def _tt_matrix(layer: TTLinear):
 def adapter_from_model(model: nn.Module) -> "Adapter":
     """Every trained tensor of a LoRETTA model as a :class:`formats.Adapter`: TT cores,
     adapter biases, replaced dense layers, norms, heads and modules_to_save."""
-    from .formats import Adapter, AdpModule, RepModule, TTDenseModule
+    from ..formats import Adapter, AdpModule, RepModule, TTDenseModule
 
     config = getattr(model, "loretta_config", None)
     if config is None:
@@ -39,7 +38,7 @@ def adapter_from_model(model: nn.Module) -> "Adapter":
                           f"call get_loretta_model or load_loretta_model first")
     modules: dict[str, Any] = {}
     fan_in_fan_out: set[str] = set()
-    for name, m in _tt_layers(model):
+    for name, m in tt_layers(model):
         if isinstance(m, RepLinear):
             modules[name] = RepModule(a=_tt_matrix(m.lora_A), b=_tt_matrix(m.lora_B), scale=m.scale)
         elif isinstance(m, AdapterLinear):
@@ -84,7 +83,7 @@ def _full_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     name without knowing about ties."""
     aliases = _aliases(model)
     tensors: dict[str, torch.Tensor] = {}
-    for pname in getattr(model, _FULL, []):
+    for pname in getattr(model, FULL_TENSORS_ATTR, []):
         p = model.get_parameter(pname)
         for name in aliases.get(id(p), [_clean(pname)]):
             tensors[name] = p.detach()
@@ -94,7 +93,7 @@ def _full_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_loretta_adapter(model: nn.Module, path: str | Path, *, force: bool = False,
                          base_model_name_or_path: str | None = None) -> Path:
     """Write the model's adapter directory (our format) atomically; returns the path."""
-    from .formats import write_adapter
+    from ..formats import write_adapter
 
     adapter = adapter_from_model(model)
     if base_model_name_or_path is not None:
@@ -128,7 +127,7 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
     """Attach an adapter (a directory in any supported format, or an ``Adapter``) to
     ``model`` in place. Every shape is checked against the model first (ShapeError names
     the module and both shapes). With ``is_trainable=False`` everything is frozen."""
-    from .formats import AdpModule, RepModule, TTDenseModule, read_adapter
+    from ..formats import AdpModule, RepModule, TTDenseModule, read_adapter
 
     if not hasattr(adapter, "modules"):
         adapter = read_adapter(Path(adapter))  # type: ignore[arg-type]
@@ -146,7 +145,7 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
         if target is None:
             raise ShapeError(f"adapter module {name} is not in this {type(model).__name__}; "
                              f"pass the base model the adapter was trained on")
-        if not _is_linear(target):
+        if not is_linear(target):
             raise ShapeError(f"adapter module {name} needs an nn.Linear/Conv1D, the model has a "
                              f"{type(target).__name__}; pass the base model the adapter was trained on")
         n_in, n_out = linear_dims(target)
@@ -189,7 +188,7 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
                 dropout=drop_adp)
         else:
             new = _tt_from(mod.weight, f"{name}.tt_dense", like=w, bias=mod.bias)
-        _set_module(model, name, new)
+        set_module(model, name, new)
     with torch.no_grad():
         for pname, tensor in adapter.tensors.items():
             p = params[pname]
@@ -198,8 +197,8 @@ def load_loretta_model(model: nn.Module, adapter: "str | Path | Adapter", *,
         apply_pooling(model, "mean")
     model.loretta_config = cfg
     names = {id(p): n for n, p in model.named_parameters()}  # names after wrapping
-    setattr(model, _FULL, list(dict.fromkeys(names[id(params[n])] for n in adapter.tensors)))
-    _set_trainable(model, trainable=is_trainable)
+    setattr(model, FULL_TENSORS_ATTR, list(dict.fromkeys(names[id(params[n])] for n in adapter.tensors)))
+    set_trainable(model, trainable=is_trainable)
     if not is_trainable:
         model.eval()
     return model
@@ -217,10 +216,10 @@ def merge_loretta_model(model: nn.Module) -> nn.Module:
                           f"unmerged (e.g. `loretta-merge export onnx`)")
     shared = _shared_parameter_ids(model)
     untied = False
-    for name, m in list(_tt_layers(model)):
+    for name, m in list(tt_layers(model)):
         if isinstance(m, RepLinear):
             untied |= id(m.base_layer.weight) in shared
-            _set_module(model, name, m.merge())  # a new weight: a tied partner keeps its own
+            set_module(model, name, m.merge())  # a new weight: a tied partner keeps its own
         elif isinstance(m, TTLinear):
             w = m.tt_cores[0]
             lin = nn.Linear(m.rows, m.cols, bias=m.bias is not None, device=w.device, dtype=w.dtype)
@@ -228,10 +227,10 @@ def merge_loretta_model(model: nn.Module) -> nn.Module:
                 lin.weight.copy_(m.matrix(torch.float32).T.to(w.dtype))
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
-            _set_module(model, name, lin)
+            set_module(model, name, lin)
     if untied:  # the output projection got its own delta: save and reload it untied
         _untie_config(model)
-    for attr in ("loretta_config", _FULL):
+    for attr in ("loretta_config", FULL_TENSORS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
