@@ -99,7 +99,7 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
                                 f"or choose another output path")
     threads = kernel_threads()  # a bad LORETTA_KERNEL_THREADS is refused before any work
     if verify:
-        check_verify_fits(plan)
+        check_verify_fits(plan, config)
     materialize_factors(plan.rep_factors, dev)
     try:
         with atomic_output_dir(out, force=force) as tmp:
