@@ -42,9 +42,10 @@ def kernel_threads() -> int:
     number, 1 or more), else the available cores minus one (the reader and writer
     threads beside the kernel need a core between them), at least 1.
 
-    On the loaded 2-core development machine that is 1: a second OpenMP thread on 1 MiB
-    blocks made a 1 GB LoRA merge about 6x slower there, the barrier spinning while its
-    partner waits for a core (docs/ARCHITECTURE.md, "Memory and speed";
+    On the loaded 2-core development machine that is 1. There, with OpenMP's default wait
+    policy, a second thread made a 1 GB LoRA merge 13x slower (the barrier spins while its
+    partner waits for a core); with ``OMP_WAIT_POLICY=PASSIVE``, which the command line sets,
+    1 and 2 threads are close (docs/ARCHITECTURE.md, "Memory and speed";
     benchmarks/results/threads.json)."""
     raw = os.environ.get(KERNEL_THREADS_ENV)
     if raw is None or not raw.strip():
