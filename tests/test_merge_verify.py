@@ -221,3 +221,32 @@ def test_adapter_without_an_in_memory_model_refused_up_front(tiny_model_dir, tmp
     with pytest.raises(ConfigError, match="--verify cannot build the in-memory model"):
         merge(tiny_model_dir("opt"), [(adapter, 0.5)], tmp_path / "out", verify=True, progress=False)
     assert not (tmp_path / "out").exists() and no_temps(tmp_path)
+
+
+def test_weighted_mean_pooling_merge_verifies(tmp_path):
+    """Mean-pooling adapters over a sentence-transformers BertModel: the reference pools as
+    the merged model does (the base's first-token pooler is not part of the sum)."""
+    import transformers
+
+    from loretta_merge.adapters import RepConfig, get_loretta_model, save_loretta_adapter
+    from loretta_merge.formats import read_adapter
+
+    base = tmp_path / "base"
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=48)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(str(base))
+    (base / "1_Pooling").mkdir()
+    (base / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False,
+         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}))
+    for name, seed in (("a", 1), ("b", 2)):
+        clf = transformers.BertForSequenceClassification.from_pretrained(str(base), num_labels=2)
+        model = get_loretta_model(clf.eval(), RepConfig(r=4, tensor_rank=2, pooling="auto"))
+        save_loretta_adapter(perturb_trainable(model, seed=seed), tmp_path / name)
+    # b without its head (two heads cannot be summed): its rep modules only, weighted
+    b = dataclasses.replace(read_adapter(tmp_path / "b"), tensors={})
+    report = merge(base, [(tmp_path / "a", 1.0), (b, 0.5)], tmp_path / "out", verify=True,
+                   progress=False)
+    assert report.verify["passed"], report.verify
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["loretta_pooling"] == "mean"
