@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     # weight-loading bars are noise here (LORETTA_DEBUG / TRANSFORMERS_VERBOSITY override)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read at torch import; see merge/run.py
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("LORETTA_DEBUG"))
     try:

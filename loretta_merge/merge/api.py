@@ -19,7 +19,7 @@ from .finish import finish_output, merged_pooling
 from .inputs import load_adapters
 from .kernel import materialize_factors
 from .plan import MergePlan, build_plan
-from .run import RunResult, run_plan
+from .run import RunResult, kernel_threads, run_plan
 from .verify import check_verify_fits, verify_merge
 
 
@@ -97,13 +97,14 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     if out.exists() and not force:  # refused before any heavy work
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it, "
                                 f"or choose another output path")
+    threads = kernel_threads()  # a bad LORETTA_KERNEL_THREADS is refused before any work
     if verify:
-        check_verify_fits(plan)
+        check_verify_fits(plan, config)
     materialize_factors(plan.rep_factors, dev)
     try:
         with atomic_output_dir(out, force=force) as tmp:
             run = run_plan(plan, reader, tmp, device=dev, max_shard_bytes=max_bytes,
-                           progress=progress)
+                           progress=progress, threads=threads)
             finish_output(base_dir, tmp, config, plan, out_dtype)
             report = _report(base_dir, out, plan, dev, run)
             if verify:  # on the finished temp dir, so a failed check leaves no output

@@ -11,6 +11,7 @@ synchronised per tensor.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,17 +19,47 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from ..io import CheckpointReader, StreamingShardWriter
 from . import kernel
 from .buffers import BaseReads, BufferPool, typed_view
 from .plan import MergePlan, OpKind, OutputTensor
 
 
-# The kernel runs on one intra-op thread: the run already keeps both cores busy with its
-# own pipeline (reader and writer threads beside the kernel), and a second OpenMP thread
-# on 1 MiB blocks made a 1 GB LoRA merge 6x slower on a loaded 2-core machine (the OpenMP
-# barrier spins while the other thread waits for a core); see docs/ARCH_merge.md.
-KERNEL_THREADS = 1
+KERNEL_THREADS_ENV = "LORETTA_KERNEL_THREADS"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity on this platform
+        return max(1, os.cpu_count() or 1)
+
+
+def kernel_threads() -> int:
+    """Intra-op threads for the CPU kernel: ``LORETTA_KERNEL_THREADS`` when set (a whole
+    number, 1 or more), else the available cores minus one (the reader and writer
+    threads beside the kernel need a core between them), at least 1.
+
+    On the loaded 2-core development machine that is 1. There, with OpenMP's default wait
+    policy, a second thread made a 1 GB LoRA merge 13x slower (the barrier spins while its
+    partner waits for a core); with ``OMP_WAIT_POLICY=PASSIVE``, which the command line sets,
+    1 and 2 threads are close (docs/ARCHITECTURE.md, "Memory and speed";
+    benchmarks/results/threads.json)."""
+    raw = os.environ.get(KERNEL_THREADS_ENV)
+    if raw is None or not raw.strip():
+        return max(1, available_cores() - 1)
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"{KERNEL_THREADS_ENV}={raw!r} is not a thread count; set it to a "
+                          f"whole number of 1 or more (e.g. {KERNEL_THREADS_ENV}=1), or unset "
+                          f"it to use the available cores minus one "
+                          f"({max(1, available_cores() - 1)} here)")
+    return n
 
 
 @contextlib.contextmanager
@@ -152,8 +183,11 @@ def _prefetch(reads: BaseReads, keys: list[str], rpool: ThreadPoolExecutor):
 
 
 def run_plan(plan: MergePlan, reader: CheckpointReader, out_dir: Path, *, device: torch.device,
-             max_shard_bytes: int, progress: bool = False) -> RunResult:
-    """Write every output tensor of ``plan`` into ``out_dir`` (a temporary directory)."""
+             max_shard_bytes: int, progress: bool = False,
+             threads: int | None = None) -> RunResult:
+    """Write every output tensor of ``plan`` into ``out_dir`` (a temporary directory);
+    the CPU kernel runs on ``threads`` intra-op threads (None: :func:`kernel_threads`)."""
+    threads = kernel_threads() if threads is None else threads
     writer = StreamingShardWriter(out_dir, [(o.name, o.shape, o.dtype) for o in plan.outputs],
                                   max_shard_bytes)
     by_source: dict[str, list[OutputTensor]] = {}
@@ -166,7 +200,7 @@ def run_plan(plan: MergePlan, reader: CheckpointReader, out_dir: Path, *, device
     bar = _progress_bar(reader) if progress else None
     keys, shard = plan.reads(), None
     try:
-        with _intra_op_threads(KERNEL_THREADS), \
+        with _intra_op_threads(threads), \
                 ThreadPoolExecutor(1, thread_name_prefix="loretta-read") as rpool, \
                 ThreadPoolExecutor(1, thread_name_prefix="loretta-write") as wpool:
             stream = _prefetch(run.reads, keys, rpool)

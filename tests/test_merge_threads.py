@@ -1,0 +1,134 @@
+"""The CPU kernel's thread count (issue 24, point 7): chosen from the cores available to the
+process, overridden by LORETTA_KERNEL_THREADS (validated), and without effect on the bytes
+written; the CLI's OMP_WAIT_POLICY default."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_main
+from loretta_merge.errors import ConfigError
+from loretta_merge.merge import merge
+from loretta_merge.merge import run as merge_run
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = "LORETTA_KERNEL_THREADS"
+
+
+@pytest.fixture
+def cores(monkeypatch):
+    """Pretend the process may run on ``n`` cores (its affinity), whatever the machine."""
+    monkeypatch.delenv(ENV, raising=False)
+
+    def set_cores(n: int) -> None:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(100, 100 + n)))
+
+    return set_cores
+
+
+@pytest.mark.parametrize("n, want", [(1, 1), (2, 1), (3, 2), (8, 7), (64, 63)])
+def test_chooser_takes_the_cores_available_minus_one(cores, n, want):
+    cores(n)
+    assert merge_run.available_cores() == n
+    assert merge_run.kernel_threads() == want
+
+
+def test_chooser_follows_affinity_not_the_machine(cores, monkeypatch):
+    cores(3)
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)  # the machine's count is not the budget
+    assert merge_run.kernel_threads() == 2
+
+
+@pytest.mark.parametrize("value, want", [("1", 1), ("2", 2), (" 3 ", 3), ("16", 16), ("", 3)])
+def test_override(cores, monkeypatch, value, want):
+    cores(4)
+    monkeypatch.setenv(ENV, value)  # empty: as if unset
+    assert merge_run.kernel_threads() == want
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", "2x", "auto"])
+def test_bad_override_is_a_clear_error(cores, monkeypatch, value):
+    cores(4)
+    monkeypatch.setenv(ENV, value)
+    with pytest.raises(ConfigError) as info:
+        merge_run.kernel_threads()
+    msg = str(info.value)
+    assert f"{ENV}={value!r}" in msg and "whole number of 1 or more" in msg and "unset" in msg
+
+
+def test_bad_override_refused_before_any_work(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
+    from loretta_merge.adapters.config import RepConfig
+    from conftest import build_tiny
+
+    save_loretta_adapter(get_loretta_model(build_tiny("opt"), RepConfig(r=4, tensor_rank=3)),
+                         tmp_path / "rep")
+    monkeypatch.setenv(ENV, "0")
+    code, out, err = run_main([f"{tiny_model_dir('opt')}+{tmp_path / 'rep'}", "-o",
+                               tmp_path / "out", "-q"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {ENV}='0' is not a thread count")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def smoke_checkpoint(tmp_path_factory):
+    """bench_merge's LLaMA-shaped bf16 checkpoint at its smallest size (tensors large enough
+    for torch to split across threads) with its LoRA and rep adapters."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_merge import generate
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    work = tmp_path_factory.mktemp("threads-ckpt")
+    generate(work, "smoke")
+    return work
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("adapter", ["lora", "rep"])
+def test_one_and_two_threads_write_identical_bytes(smoke_checkpoint, tmp_path, monkeypatch,
+                                                   adapter):
+    import loretta_merge.merge.kernel as kernel
+
+    monkeypatch.setattr(kernel, "BLOCK_ELEMS", 64 * 1024)  # several blocks per tensor
+    seen: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    outs = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv(ENV, threads)
+        seen.clear()
+        out = tmp_path / f"out-{threads}"
+        merge(smoke_checkpoint / "base", [(smoke_checkpoint / adapter, 0.7)], out, device="cpu",
+              progress=False)
+        assert seen and seen[0] == int(threads)  # the kernel ran on that many threads
+        outs[threads] = _shards(out)
+    assert outs["1"] and outs["1"] == outs["2"]
+
+
+def test_cli_sets_omp_wait_policy_passive_unless_the_user_did():
+    """In a fresh process (OpenMP reads it once, when torch loads): PASSIVE by default, the
+    user's value kept."""
+    code = ("import os, sys\n"
+            "from loretta_merge.cli import main\n"
+            "assert 'torch' not in sys.modules\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ['OMP_WAIT_POLICY'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip().splitlines()[-1] == "PASSIVE"
+    got = subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
+                         capture_output=True, text=True)
+    assert got.stdout.strip().splitlines()[-1] == "ACTIVE"
