@@ -335,8 +335,10 @@ def rendered(name: str) -> str:
 
 
 def stale_blocks(text: str) -> list[str]:
-    """Names of the blocks whose text differs from a fresh rendering (or that have no renderer)."""
-    return [n for n in block_names(text) if n not in BLOCKS or current(text, n) != rendered(n)]
+    """Names of the blocks whose text differs from a fresh rendering (or that have no renderer);
+    blank lines at a block's edges do not count (the older per-table tools write them)."""
+    return [n for n in block_names(text)
+            if n not in BLOCKS or current(text, n).strip() != rendered(n).strip()]
 
 
 def render_all(text: str) -> str:
