@@ -60,7 +60,7 @@ def main() -> None:
     tensorly.set_backend("pytorch")
     g = torch.Generator().manual_seed(0)
     results: dict = {"machine": platform.processor() or platform.machine(),
-                     "threads": args.threads, "torch": torch.__version__,
+                     "threads": args.threads, "repeat": args.repeat, "torch": torch.__version__,
                      "tensorly": tensorly.__version__, "smoke": args.smoke, "reconstruct": [], "tt_svd": []}
     shrink = 16 if args.smoke else 1
 

@@ -250,7 +250,8 @@ def onnx_export_block() -> str:
 def tt_block() -> str:
     t = _load("tt.json")
     rec = t["reconstruct"]
-    lines = [f"LLaMA-2-7B adapter shapes, {t['threads']} threads, median of the repeats. "
+    repeats = f"median of {t['repeat']}" if "repeat" in t else "median of the repeats"
+    lines = [f"LLaMA-2-7B adapter shapes, {t['threads']} threads, {repeats}. "
              "Reconstruction contracts the left and right halves and finishes with one matmul; "
              "the reference is the naive left-to-right tensordot chain and tensorly's "
              "`tt_to_tensor`.", "",

@@ -117,6 +117,12 @@ def cost(r: dict) -> list[str]:
              f"{m['jobs']} side by side; invocation wall time {r['wall_time_s']:,.0f} s): median "
              f"step " + "; ".join(fresh) + (f"; peak RSS {min(rss) / 1024:.2f}-{max(rss) / 1024:.2f} "
                                              f"GiB a run." if rss else ".")]
+    states = [x["machine_state"] for f in r["finetuned"].values() for x in _runs(f)
+              if not x.get("reused_from") and x.get("machine_state")]
+    if states:
+        loads = [s[k] for s in states for k in ("load_1min_before", "load_1min_after")]
+        lines[-1] += (f" 1-minute load average {min(loads):.1f}-{max(loads):.1f} around the runs, "
+                      f"{states[0]['cores_available']} cores available.")
     if reused:
         lines += ["", "Step times of the runs taken from `--reuse` (another invocation, under its "
                   "own load; not compared with the above): " + "; ".join(reused) + "."]
