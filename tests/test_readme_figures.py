@@ -21,7 +21,6 @@ FIGURE = re.compile(rf"(?<![\w.-])(?:~|about )?\d[\d,]*(?:\.\d+)?(?:[-–]\d[\d,
 # exact phrases (as they appear, whitespace collapsed) -> why they are not a measurement
 ALLOWED = {
     "up to 100x fewer": "the paper's claim, cited",
-    "about 2 minutes": "what `loretta-merge train` with no options takes: an order of magnitude for users",
     "64 MiB or more": "the writer's O_DIRECT threshold, a design constant",
     "16 MiB stage": "the writer's staging buffer size, a design constant",
     "5.6 MiB of state": "computed parameter memory (examples/fsdp_memory.py), arithmetic",
