@@ -5,6 +5,9 @@
 
 Replaces the text between ``<!-- train-bench:begin -->`` and ``<!-- train-bench:end -->``
 (without --readme: prints it). Every figure comes from the JSON files; nothing is typed in.
+
+``tools/render_readme.py`` renders this block (train-bench) with every other one, and
+``tests/test_rendered_blocks.py`` fails when the README's copy is stale.
 """
 
 from __future__ import annotations
