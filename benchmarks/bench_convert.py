@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from loretta_merge import tt
 from loretta_merge.converters.lora import lora_to_tt
 from loretta_merge.converters.reports import rel_delta_error
 from loretta_merge.formats import Adapter, LoraModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import measuring  # noqa: E402
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
           "o_proj": (4096, 4096), "gate_proj": (4096, 11008), "up_proj": (4096, 11008),
@@ -127,21 +131,22 @@ def main() -> None:
         adapter = adapters[kind]
         lora_to_tt(adapter, device=args.device, **opts)  # warm-up (allocator, kernels)
         ours = math.inf
-        for _ in range(args.repeat):  # best of N: the machine is shared, noise only adds time
-            start = time.perf_counter()
-            _, report = lora_to_tt(adapter, device=args.device, **opts)
-            ours = min(ours, time.perf_counter() - start)
-        tly = math.inf
-        for _ in range(args.repeat):
-            seconds, tly_max, tly_mean = tensorly_loop(adapter, report, "paper")
-            tly = min(tly, seconds)
+        with measuring() as machine:
+            for _ in range(args.repeat):  # best of N: the machine is shared, noise only adds time
+                start = time.perf_counter()
+                _, report = lora_to_tt(adapter, device=args.device, **opts)
+                ours = min(ours, time.perf_counter() - start)
+            tly = math.inf
+            for _ in range(args.repeat):
+                seconds, tly_max, tly_mean = tensorly_loop(adapter, report, "paper")
+                tly = min(tly, seconds)
         s = report.summary()
         row = dict(kind=kind, setting=opts, ours_s=ours, tensorly_s=tly, speedup=tly / ours,
                    compression=s["compression"], params_before=s["params_before"],
                    params_after=s["params_after"], max_delta_err=s["max_err_delta"],
                    mean_delta_err=s["mean_err_delta"], max_factor_err=max(s["max_err_a"], s["max_err_b"]),
                    tensorly_max_delta_err=tly_max, tensorly_mean_delta_err=tly_mean,
-                   eps_met=report.eps_met, modules=s["modules"])
+                   eps_met=report.eps_met, modules=s["modules"], machine_state=machine)
         results["runs"].append(row)
         setting = ",".join(f"{k}={v}" for k, v in opts.items())
         print(f"{kind:8s} {setting:22s} {ours:8.2f} {tly:8.2f} {tly / ours:7.1f}x {s['compression']:7.1f}x "

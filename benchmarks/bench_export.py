@@ -34,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import measuring  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -116,13 +118,14 @@ def bench_model(name: str, model_dir: Path, task: str, tmp: Path, args) -> dict:
         ref = run_torch().numpy()
         diff32 = float(np.abs(s32.run(None, np_feed)[0] - ref)[keep].max())
         diff8 = float(np.abs(s8.run(None, np_feed)[0] - ref)[keep].max())
-        t_ms, f_ms, q_ms = median_ms([run_torch, lambda: s32.run(None, np_feed),
-                                      lambda: s8.run(None, np_feed)], args.warmup, args.repeats)
+        with measuring() as machine:
+            t_ms, f_ms, q_ms = median_ms([run_torch, lambda: s32.run(None, np_feed),
+                                          lambda: s8.run(None, np_feed)], args.warmup, args.repeats)
         rows.append({"batch": b, "sequence": s, "torch_ms": round(t_ms, 3),
                      "ort_fp32_ms": round(f_ms, 3), "ort_int8_ms": round(q_ms, 3),
                      "torch_over_fp32": round(t_ms / f_ms, 3), "torch_over_int8": round(t_ms / q_ms, 3),
                      "fp32_over_int8": round(f_ms / q_ms, 3), "max_abs_diff_fp32": diff32,
-                     "max_abs_diff_int8": diff8})
+                     "max_abs_diff_int8": diff8, "machine_state": machine})
         print(f"{name:11s} {b:3d}x{s:<4d} torch {t_ms:8.2f} ms  ort fp32 {f_ms:8.2f} ms  "
               f"ort int8 {q_ms:8.2f} ms  (int8 speedup over fp32 {f_ms / q_ms:4.2f}x, over "
               f"torch {t_ms / q_ms:4.2f}x; int8 max diff {diff8:.2g})", flush=True)
@@ -178,12 +181,13 @@ def bench_switchable(base_dir: Path, tmp: Path, args, sizes) -> dict:
         rows = []
         for b, s in sizes:
             feed = {k: v.numpy() for k, v in batch(config.vocab_size, b, s, torch).items()}
-            sw_ms, m_ms, none_ms = median_ms([lambda: sess.run(None, feed, options),
-                                              lambda: merged.run(None, feed),
-                                              lambda: sess.run(None, feed)], args.warmup, args.repeats)
+            with measuring() as machine:
+                sw_ms, m_ms, none_ms = median_ms([lambda: sess.run(None, feed, options),
+                                                  lambda: merged.run(None, feed),
+                                                  lambda: sess.run(None, feed)], args.warmup, args.repeats)
             rows.append({"batch": b, "sequence": s, "switchable_ms": round(sw_ms, 3),
                          "merged_ms": round(m_ms, 3), "no_adapter_ms": round(none_ms, 3),
-                         "overhead": round(sw_ms / m_ms, 3)})
+                         "overhead": round(sw_ms / m_ms, 3), "machine_state": machine})
             print(f"switch {layout:7s} {b:3d}x{s:<4d} adapter active {sw_ms:7.2f} ms  merged "
                   f"{m_ms:7.2f} ms  ({sw_ms / m_ms:4.2f}x)", flush=True)
         result["layouts"][layout] = {

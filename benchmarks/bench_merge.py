@@ -46,6 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import measuring  # noqa: E402
 
 # LLaMA shapes: hidden, intermediate, layers, heads, vocab; input shard budget
 SIZES = {
@@ -228,7 +230,7 @@ def child(case: str, work: Path, out: Path, max_shard: str, profile: Path | None
     return {"wall_s": wall, "user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime,
             "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
             "peak_rss_above_interpreter_bytes": r1.ru_maxrss * 1024 - rss0,
-            "interpreter_rss_bytes": rss0}
+            "interpreter_rss_bytes": rss0, "torch_threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------- the rounds (parent)
@@ -338,7 +340,10 @@ def _rounds(cases: list[str], args, work: Path) -> dict[str, list[dict]]:
             prof = args.profile / f"{case}-{round_}.prof" if args.profile else None
             if prof:
                 args.profile.mkdir(parents=True, exist_ok=True)
-            r = _run_child(case, args, work, prof)
+            with measuring() as machine:
+                r = _run_child(case, args, work, prof)
+            machine["torch_threads"] = r.pop("torch_threads", None)  # the child's, not ours
+            r["machine_state"] = machine
             r["round"], r["position_in_round"] = round_ + 1, (cases.index(case) - shift) % len(cases) + 1
             runs[case].append(r)
             print(f"round {round_ + 1} {case:6s} wall {r['wall_s']:7.2f}s  cpu {r['cpu_s']:7.2f}s "

@@ -41,6 +41,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import measuring  # noqa: E402
+
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # the machine is shared; before numpy/torch load
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -229,11 +232,11 @@ def run_specs(specs: list[dict], files: dict, threads: int) -> list[dict]:
     hf_logging.set_verbosity_error()  # no per-run weight-loading report
     records = []
     for spec in specs:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, measuring() as machine:
             t = time.perf_counter()
             res = finetune(spec, files, Path(tmp) / "out")
         records.append({**{k: v for k, v in spec.items() if k != "budget"}, **res,
-                        "wall_s": round(time.perf_counter() - t, 1)})
+                        "wall_s": round(time.perf_counter() - t, 1), "machine_state": machine})
         print(json.dumps(records[-1]), flush=True)
     return records
 
@@ -338,11 +341,18 @@ def tune_and_test(method: str, *, args, budget: dict, files: dict, log,
                "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else None,
                "trainable_params": tests[0]["trainable_params"], "breakdown": tests[0]["breakdown"],
                "adapter_params": tests[0]["adapter_params"], "steps": tests[0]["steps"],
-               "step_time_s_median": statistics.median(r["step_time_s"] or 0 for r in tests),
+               # this invocation's runs only: a run taken from --reuse ran under another load
+               "step_time_s_median": _fresh_median([*sweep, *tests], "step_time_s"),
                "peak_rss_mib": max(r["peak_rss_mib"] for r in tests)}
     log(f"{method}: test {summary['test_accuracy_mean']:.4f} ± {summary['test_accuracy_std'] or 0:.4f} "
         f"over seeds {args.seeds}, {summary['trainable_params']:,} trainable")
     return summary
+
+
+def _fresh_median(runs: list[dict], key: str) -> float | None:
+    """Median of ``key`` over the runs trained by this invocation (not taken from --reuse)."""
+    values = [r[key] for r in runs if not r.get("reused_from") and r.get(key)]
+    return statistics.median(values) if values else None
 
 
 # ----------------------------------------------------------------------- report

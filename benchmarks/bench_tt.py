@@ -14,12 +14,16 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from loretta_merge import tt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import measuring  # noqa: E402
 
 
 def timeit(fn, repeat: int) -> float:
@@ -56,7 +60,7 @@ def main() -> None:
     tensorly.set_backend("pytorch")
     g = torch.Generator().manual_seed(0)
     results: dict = {"machine": platform.processor() or platform.machine(),
-                     "threads": args.threads, "torch": torch.__version__,
+                     "threads": args.threads, "repeat": args.repeat, "torch": torch.__version__,
                      "tensorly": tensorly.__version__, "smoke": args.smoke, "reconstruct": [], "tt_svd": []}
     shrink = 16 if args.smoke else 1
 
@@ -78,18 +82,19 @@ def main() -> None:
         ranks = tt.tt_ranks(modes, rank)
         tts = [[torch.randn(ranks[k], n, ranks[k + 1], generator=g) for k, n in enumerate(modes)]
                for _ in range(batch)]
-        if batch == 1:
-            ours = timeit(lambda: tt.reconstruct(tts[0], rows, cols), args.repeat)
-        else:
-            stacked = tt.stack_tts(tts)
-            ours = timeit(lambda: tt.reconstruct_batched(stacked, rows, cols), args.repeat)
-        chain = timeit(lambda: [naive_chain(c, rows, cols) for c in tts], args.repeat)
-        tly = timeit(lambda: [tensorly.tt_to_tensor(c).reshape(rows, cols) for c in tts], args.repeat)
+        with measuring() as machine:
+            if batch == 1:
+                ours = timeit(lambda: tt.reconstruct(tts[0], rows, cols), args.repeat)
+            else:
+                stacked = tt.stack_tts(tts)
+                ours = timeit(lambda: tt.reconstruct_batched(stacked, rows, cols), args.repeat)
+            chain = timeit(lambda: [naive_chain(c, rows, cols) for c in tts], args.repeat)
+            tly = timeit(lambda: [tensorly.tt_to_tensor(c).reshape(rows, cols) for c in tts], args.repeat)
         ref = naive_chain(tts[0], rows, cols)
         err = float((tt.reconstruct(tts[0], rows, cols) - ref).norm() / ref.norm())
         row = dict(case=name, rows=rows, cols=cols, modes=modes, rank=rank, batch=batch, ours_s=ours, chain_s=chain,
                    tensorly_s=tly, speedup_vs_chain=chain / ours, speedup_vs_tensorly=tly / ours,
-                   rel_diff_vs_chain=err)
+                   rel_diff_vs_chain=err, machine_state=machine)
         results["reconstruct"].append(row)
         print(f"{name:44s} {ours * 1e3:9.2f} {chain * 1e3:9.2f} {tly * 1e3:11.2f} {chain / ours:10.2f}")
 
@@ -106,16 +111,17 @@ def main() -> None:
             modes = [4] * 8 if modes else None  # 256 x 256
         modes = modes or tt.matrix_modes(rows, cols)
         x = torch.randn(rows, cols, generator=g)
-        ours = timeit(lambda: tt.tt_svd(x, modes, max_rank=rank), max(1, args.repeat // 2))
+        xt = x.reshape(modes)
+        with measuring() as machine:
+            ours = timeit(lambda: tt.tt_svd(x, modes, max_rank=rank), max(1, args.repeat // 2))
+            tly = timeit(lambda: tensor_train(xt, rank=rank), max(1, args.repeat // 2))
         res = tt.tt_svd(x, modes, max_rank=rank)
         our_err = float((tt.reconstruct(res.cores, rows, cols) - x).norm() / x.norm())
-        xt = x.reshape(modes)
-        tly = timeit(lambda: tensor_train(xt, rank=rank), max(1, args.repeat // 2))
         ft = tensor_train(xt, rank=rank)
         tly_err = float((tensorly.tt_to_tensor(ft).reshape(rows, cols) - x).norm() / x.norm())
         row = dict(case=name, rows=rows, cols=cols, modes=modes, rank=rank, ours_s=ours, tensorly_s=tly,
                    speedup_vs_tensorly=tly / ours, our_rel_error=our_err, tensorly_rel_error=tly_err,
-                   reported_rel_error=float(res.rel_error))
+                   reported_rel_error=float(res.rel_error), machine_state=machine)
         results["tt_svd"].append(row)
         print(f"{name:48s} {ours:8.3f} {tly:10.3f} {tly / ours:6.2f} {our_err:9.5f} {tly_err:9.5f}")
 

@@ -24,8 +24,13 @@ BENCHMARKS = ROOT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
 
 
+def _scripts() -> list[Path]:
+    """The benchmark scripts (``_machine.py`` and other ``_`` modules are helpers)."""
+    return sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+
+
 def _smoke_scripts() -> list[Path]:
-    return sorted(p for p in BENCHMARKS.glob("*.py") if "--smoke" in p.read_text())
+    return [p for p in _scripts() if "--smoke" in p.read_text()]
 
 
 def _dedicated(script: Path) -> list[str]:
@@ -37,7 +42,7 @@ def _dedicated(script: Path) -> list[str]:
 
 
 def test_every_benchmark_has_a_smoke_mode_that_ci_runs():
-    scripts = sorted(BENCHMARKS.glob("*.py"))
+    scripts = _scripts()
     assert scripts
     for script in scripts:
         assert "--smoke" in script.read_text(), f"{script.name} has no --smoke mode"
@@ -73,3 +78,11 @@ def test_benchmark_smoke_run(script: Path, tmp_path: Path):
     data = json.loads(out.read_text())
     assert isinstance(data, dict) and data, f"{script.name} wrote an empty result"
     assert _digest(RESULTS) == before, f"{script.name} --smoke changed benchmarks/results/"
+    if script.name.startswith("bench_"):  # issue 24: the machine's state beside each figure
+        assert '"machine_state"' in out.read_text(), f"{script.name} records no machine_state"
+
+
+def test_every_bench_script_records_the_machine_state():
+    for script in _scripts():
+        if script.name.startswith("bench_"):
+            assert "measuring(" in script.read_text(), f"{script.name} does not use _machine.measuring"

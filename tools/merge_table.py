@@ -5,6 +5,9 @@
 Every figure comes from the JSON (medians of the run's rounds and the ratios measured round by
 round in that run); nothing is typed by hand. The section between
 ``<!-- merge-bench:begin -->`` and ``<!-- merge-bench:end -->`` is replaced.
+
+``tools/render_readme.py`` renders this block (merge-bench) with every other one, and
+``tests/test_rendered_blocks.py`` fails when the README's copy is stale.
 """
 
 from __future__ import annotations

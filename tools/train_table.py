@@ -5,12 +5,16 @@
 
 Replaces the text between ``<!-- train-bench:begin -->`` and ``<!-- train-bench:end -->``
 (without --readme: prints it). Every figure comes from the JSON files; nothing is typed in.
+
+``tools/render_readme.py`` renders this block (train-bench) with every other one, and
+``tests/test_rendered_blocks.py`` fails when the README's copy is stale.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -71,8 +75,7 @@ def render_one(r: dict) -> str:
         f = r["finetuned"].get(key)
         if f and f.get("sweep"):
             pts = ", ".join(f"{_lr(s['lr'])} {s['accuracy']:.3f}" for s in f["sweep"])
-            step = f.get("step_time_s_median")
-            sweeps.append(f"- {key}: {pts}" + (f"; median step {step:.2f} s" if step else ""))
+            sweeps.append(f"- {key}: {pts}")
     if sweeps:
         lines += ["", "Learning-rate sweeps (validation accuracy, seed 0):", "", *sweeps]
     runs = [x for f in r["finetuned"].values() for x in f.get("sweep", []) + f.get("test_runs", [])]
@@ -83,6 +86,7 @@ def render_one(r: dict) -> str:
         lines += ["", f"{len(reused)} of these {len(runs)} fine-tuning runs were taken from the "
                   f"`--reuse` log (runs an earlier, stopped invocation at the same budget had "
                   f"finished; same step count, checked): {names}."]
+    lines += ["", *cost(r)]
     checks = r.get("checks") or {}
     if checks:
         lines += ["", "Targets, computed by the run (`checks` in the JSON): "
@@ -90,8 +94,47 @@ def render_one(r: dict) -> str:
     return "\n".join(lines)
 
 
-def render(paths: list[Path]) -> str:
-    parts = [render_one(json.loads(p.read_text())) + f"\n\nSource: `{p.as_posix()}`." for p in paths]
+def _runs(f: dict) -> list[dict]:
+    return f.get("sweep", []) + f.get("test_runs", [])
+
+
+def cost(r: dict) -> list[str]:
+    """Step times and run costs, compared among this invocation's runs only: a run taken
+    from --reuse ran in another invocation, under another load, and is listed apart."""
+    fresh, reused = [], []
+    for key in ("head", "lora", "rep", "adp"):
+        runs = _runs(r["finetuned"].get(key) or {})
+        own = [x for x in runs if not x.get("reused_from") and x.get("step_time_s")]
+        old = [x for x in runs if x.get("reused_from") and x.get("step_time_s")]
+        if own:
+            fresh.append(f"{key} {statistics.median(x['step_time_s'] for x in own):.2f} s "
+                         f"({len(own)} run{'s' * (len(own) > 1)}, whole run "
+                         f"{min(x['run_wall_s'] for x in own) / 60:.1f}-"
+                         f"{max(x['run_wall_s'] for x in own) / 60:.1f} min)")
+        if old:
+            reused.append(f"{key} " + ", ".join(f"{x['step_time_s']:.2f}" for x in old) + " s")
+    rss = [x["peak_rss_mib"] for f in r["finetuned"].values() for x in _runs(f)
+           if not x.get("reused_from") and x.get("peak_rss_mib")]
+    m = r["machine"]
+    lines = [f"Cost, runs of this invocation only ({m['threads_per_run']} thread a run, "
+             f"{m['jobs']} side by side; invocation wall time {r['wall_time_s']:,.0f} s): median "
+             f"step " + "; ".join(fresh) + (f"; peak RSS {min(rss) / 1024:.2f}-{max(rss) / 1024:.2f} "
+                                             f"GiB a run." if rss else ".")]
+    states = [x["machine_state"] for f in r["finetuned"].values() for x in _runs(f)
+              if not x.get("reused_from") and x.get("machine_state")]
+    if states:
+        loads = [s[k] for s in states for k in ("load_1min_before", "load_1min_after")]
+        lines[-1] += (f" 1-minute load average {min(loads):.1f}-{max(loads):.1f} around the runs, "
+                      f"{states[0]['cores_available']} cores available.")
+    if reused:
+        lines += ["", "Step times of the runs taken from `--reuse` (another invocation, under its "
+                  "own load; not compared with the above): " + "; ".join(reused) + "."]
+    return lines
+
+
+def render(paths: list[Path], root: Path | None = None) -> str:
+    parts = [render_one(json.loads(((root or Path()) / p).read_text())) + f"\n\nSource: `{p.as_posix()}`."
+             for p in paths]
     return "\n\n".join(parts)
 
 

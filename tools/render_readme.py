@@ -1,0 +1,377 @@
+"""Render every generated block of README.md from the JSON it comes from (issue 24).
+
+    python tools/render_readme.py            # rewrite README.md's generated blocks in place
+    python tools/render_readme.py --check    # exit 1 and name each stale block; write nothing
+
+A generated block sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``. Each block
+has one small function below that reads its JSON (``benchmarks/results/*.json``, or
+``docs/supported_models.json``) and returns the Markdown; nothing in a block is typed by hand,
+and a figure outside the blocks is refused by ``tests/test_readme_figures.py``. Where a JSON
+records the machine's state (``machine_state``: load average before and after, cores
+available, torch threads; ``benchmarks/_machine.py``), the block prints it beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+sys.path[:0] = [str(TOOLS), str(ROOT)]
+
+import merge_table  # noqa: E402
+import supported_models  # noqa: E402
+import train_table  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _src(*names: str) -> str:
+    return "Source: " + ", ".join(f"`benchmarks/results/{n}`" for n in names) + "."
+
+
+def _range(values, fmt: str = "{:.2f}", unit: str = "") -> str:
+    lo, hi = min(values), max(values)
+    return f"{fmt.format(lo)}{unit}" if fmt.format(lo) == fmt.format(hi) else \
+        f"{fmt.format(lo)}-{fmt.format(hi)}{unit}"
+
+
+def _e(x: float) -> str:
+    """``4.4e-3``: one decimal, no zero-padded exponent."""
+    return f"{x:.1e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def machine_note(states: list[dict | None]) -> str:
+    """One sentence on the machine's state during the measurements of a block."""
+    states = [s for s in states if s]
+    if not states:
+        return ("The JSON records no machine state (load average, cores, threads): it was "
+                "measured before benchmarks recorded it; the figures may carry other jobs' load.")
+    loads = [s["load_1min_before"] for s in states] + [s["load_1min_after"] for s in states]
+    cores = sorted({s["cores_available"] for s in states})
+    threads = sorted({s["torch_threads"] for s in states if s.get("torch_threads") is not None})
+    busy = max(loads) > max(cores)
+    return (f"Machine state during the measurements: 1-minute load average "
+            f"{_range(loads, '{:.1f}')} on {'/'.join(map(str, cores))} cores available"
+            + (f", {'/'.join(map(str, threads))} torch thread(s)" if threads else "")
+            + (" (busier than its cores: absolute times are inflated by other jobs)." if busy else "."))
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def supported_models_block() -> str:
+    results = json.loads((ROOT / "docs" / "supported_models.json").read_text())
+    section = supported_models.table(results, seconds=results.get("wall_seconds"))
+    begin, end = supported_models.BEGIN, supported_models.END
+    return section[section.index(begin) + len(begin):section.index(end)]
+
+
+MERGE_FILES = ("merge-1gb.json", "merge-2gb.json", "merge-7b.json")
+
+
+def merge_block() -> str:
+    parts = []
+    for name in MERGE_FILES:
+        result = _load(name)
+        states = [r.get("machine_state") for c in result["cases"].values() for r in c.get("runs", [])]
+        parts.append(merge_table.table(result) + "\n" + machine_note(states) + "\n")
+    small = [_load(n) for n in MERGE_FILES[:2]]
+    floor = {c: [r["ratios"][c]["wall_over_floor"] for r in small] for c in ("lora", "rep")}
+    peft = [r["ratios"][c]["peft_wall_over_ours"] for r in small for c in ("lora", "rep")]
+    rss = [r["cases"]["lora"]["peak_rss_above_interpreter_bytes"] / r["largest_input_shard_bytes"]
+           for r in small]
+    parts.append(
+        f"On the 1 GB and 2 GB checkpoints both merges are within "
+        f"{max(floor['lora'] + floor['rep']):.2f}x of the durable floor (LoRA "
+        f"{floor['lora'][0]:.2f}x and {floor['lora'][1]:.2f}x, rep {floor['rep'][0]:.2f}x and "
+        f"{floor['rep'][1]:.2f}x) and {_range(peft, '{:.1f}')}x faster than PEFT, with peak RSS "
+        f"above the interpreter at {rss[0]:.2f}x and {rss[1]:.2f}x the largest shard. "
+        + _src(*MERGE_FILES))
+    return "\n".join(parts)
+
+
+def train_block() -> str:
+    return train_table.render([Path("benchmarks/results/train_demo.json"),
+                               Path("benchmarks/results/train_full.json")], root=ROOT)
+
+
+QUANT_FORMATS = {
+    "bnb-nf4": "bitsandbytes NF4", "bnb-fp4": "bitsandbytes FP4",
+    "bnb-nf4-dq": "bitsandbytes NF4, double quant", "bnb-fp4-dq": "bitsandbytes FP4, double quant",
+    "bnb-int8": "bitsandbytes int8 (LLM.int8)", "torchao-int8": "torchao int8 weight-only",
+    "torchao-int4": "torchao int4 (`IntxWeightOnlyConfig`, group 32)",
+    "torchao-fp8": "torchao float8 weight-only", "ct-fp8": "compressed-tensors FP8 (per channel)",
+    "ct-int8": "compressed-tensors INT8 (per channel)",
+    "ct-w4a16": "compressed-tensors W4A16 pack-quantized, symmetric (group 32)",
+    "ct-w4a16-asym": "compressed-tensors W4A16 pack-quantized, asymmetric (group 32)",
+    "gptq": "GPTQ 4-bit, group 32", "gptq-actorder": "GPTQ 4-bit, group 32, act-order",
+    "awq": "AWQ GEMM 4-bit, group 32",
+}
+SHORT = {"bnb-nf4": "NF4", "bnb-nf4-dq": "NF4 double quant", "ct-w4a16-asym": "W4A16 asymmetric",
+         "gptq-actorder": "GPTQ act-order", "awq": "AWQ"}
+
+
+def quant_errors_block() -> str:
+    data = _load("quant-errors.json")
+    errors = data["errors"]
+    lora = [errors[f"lora/{f}"] for f in QUANT_FORMATS if f"lora/{f}" in errors]
+    moves = max(e["adapter_moves_logits_by"] for e in lora)
+    logits = max(e["max_abs_logit"] for e in lora)
+    lines = [f"The LoRA moves the logits by up to {moves:.2f} (logits up to {logits:.2f}); the "
+             f"remaining difference is the output's bf16 rounding. Test bound: "
+             f"{data['logit_tolerance']:.0e}.".replace("e-0", "e-"),
+             "", "| format | made with | max \\|logit diff\\| |", "|---|---|---|"]
+    lines += [f"| {QUANT_FORMATS[e['format']]} | {e['made_with']} | {_e(e['max_abs_logit_diff'])} |"
+              for e in lora]
+    other = {kind: ", ".join(f"on {SHORT.get(e['format'], e['format'])} {_e(e['max_abs_logit_diff'])}"
+                             for e in errors.values() if e["kind"] == kind) for kind in ("rep", "dora")}
+    lines += ["", f"Other adapter kinds: LoRETTA rep adapter {other['rep']}; DoRA {other['dora']}. "
+              f"Written by `LORETTA_RECORD_RESULTS=1 pytest tests/test_quant.py`; "
+              + _src("quant-errors.json")]
+    return "\n".join(lines)
+
+
+def quant_bench_block() -> str:
+    q = _load("quant-small.json")
+    mb = q["cases"]["merge_nf4"]["output_bytes"] / 1e6
+    interp = q["interpreter_rss_bytes"] / 1e9
+    peaks = [q["cases"][f"merge_{f}"]["peak_rss_bytes"] / 1e9 for f in ("nf4", "w4a16")]
+    r = q["ratios"]
+    checks = q.get("checks") or []
+    met = "; ".join(f"{c['format']} {c['ratio']} {c['measured']:.2f} against {c['target']}: "
+                    f"**{'met' if c['met'] else 'missed'}**" for c in checks)
+    states = [s for c in q["cases"].values() for s in c.get("machine_states", [])]
+    merges = [_load(n) for n in MERGE_FILES[:2]]
+    bf16 = [m["ratios"][c]["wall_over_floor"] for m in merges for c in ("lora", "rep")]
+    return (
+        f"Benchmark (`benchmarks/bench_quant.py`, one torch thread, fastest of {q['repeat']} runs): "
+        f"NF4 and compressed-tensors W4A16 (group 128) bases merged with an r-16 LoRA. "
+        f"`--size {q['size']}` ({mb:.0f} MB bf16 output): NF4 {r['nf4']['vs_io_floor']:.1f}x the "
+        f"I/O floor (read the quantized input, write the bf16 output), W4A16 "
+        f"{r['w4a16']['vs_io_floor']:.1f}x; peak RSS {_range(peaks)} GB of which {interp:.2f} GB "
+        f"is the interpreter ({r['nf4']['peak_rss_above_interpreter_over_largest_shard']:.1f}x / "
+        f"{r['w4a16']['peak_rss_above_interpreter_over_largest_shard']:.1f}x the {mb:.0f} MB output "
+        f"shard above it). "
+        + (f"Targets, evaluated by the run (`checks` in the JSON): {met}. " if checks else
+           "The JSON evaluates no targets. ")
+        + machine_note(states)
+        + f" For comparison, the bf16 merges of `bench_merge.py` (1 GB and 2 GB checkpoints) run at "
+        f"{_range(bf16)}x their floor. The ~1 GB preset (`--size full`, ~0.55B parameters) is to "
+        f"be run on a quiet machine: `python benchmarks/bench_quant.py --size full`. "
+        + _src("quant-small.json", *MERGE_FILES[:2]))
+
+
+def onnx_switch_block() -> str:
+    e = _load("export.json")
+    layouts = e["switchable"]["layouts"]
+    lines = ["| layout | batch x seq | adapter active ms | merged graph ms | no adapter ms | "
+             "adapter file bytes |", "|---|---|---|---|---|---|"]
+    for name, lay in layouts.items():
+        size = max(lay["adapter_file_bytes"].values())
+        lines += [f"| {name} | {r['batch']} x {r['sequence']} | {r['switchable_ms']:.2f} | "
+                  f"{r['merged_ms']:.2f} | {r['no_adapter_ms']:.2f} | {size:,} |" for r in lay["rows"]]
+    tt, fa = layouts["tt"], layouts["factors"]
+    pairs = "; ".join(f"{a['batch']} x {a['sequence']}: {a['switchable_ms']:.1f} vs {b['switchable_ms']:.1f} ms"
+                      for a, b in zip(tt["rows"], fa["rows"]))
+    tt_b, fa_b = max(tt["adapter_file_bytes"].values()), max(fa["adapter_file_bytes"].values())
+    states = [r.get("machine_state") for lay in layouts.values() for r in lay["rows"]]
+    return "\n".join([f"One thread, median of {e['repeats']} interleaved runs:", "", *lines, "",
+                      f"Adapter active, tt against factors: {pairs}. The TT files are "
+                      f"{fa_b / tt_b:.1f}x smaller ({tt_b / 1e3:.0f} KB against {fa_b / 1e3:.0f} KB). "
+                      + machine_note(states) + " " + _src("export.json")])
+
+
+def onnx_int8_block() -> str:
+    e = _load("export.json")
+    lines = [f"Measured by `python benchmarks/bench_export.py --repeats {e['repeats']}` (one thread "
+             f"each, the runtimes taking turns within every repeat):", "",
+             "| model | batch x seq | PyTorch ms | ORT fp32 ms | ORT int8 ms | int8 vs fp32 | "
+             "int8 vs PyTorch |", "|---|---|---|---|---|---|---|"]
+    rows = [(m, r) for m in e["models"] for r in m["rows"]]
+    lines += [f"| {m['model']} | {r['batch']} x {r['sequence']} | {r['torch_ms']:.1f} | "
+              f"{r['ort_fp32_ms']:.1f} | {r['ort_int8_ms']:.1f} | {r['fp32_over_int8']:.2f}x | "
+              f"{r['torch_over_int8']:.2f}x |" for m, r in rows]
+    lines.append("")
+    for m in e["models"]:
+        q = m["int8"]
+        lines.append(f"- {m['model']}: {q['fp32_bytes'] / 1e6:.1f} MB -> {q['int8_bytes'] / 1e6:.1f} MB; "
+                     f"relative error {q['rel_error_vs_fp32']:.3f}, max abs diff "
+                     f"{q['max_abs_diff_vs_fp32']:.3g}, worst cosine {q['min_cosine_vs_fp32']:.4f}, "
+                     f"argmax agreement {100 * q['argmax_agreement']:.1f}%")
+    vs32 = [r["fp32_over_int8"] for _, r in rows]
+    vst = [r["torch_over_int8"] for _, r in rows]
+    faster = all(v > 1 for v in vs32) and all(v > 1 for v in vst)
+    minilm = next(m for m in e["models"] if m["model"] == "minilm")
+    lines += ["", (f"int8 is faster than fp32 ORT in every row ({min(vs32):.1f}x to {max(vs32):.1f}x) "
+                   f"and than PyTorch eager ({min(vst):.1f}x to {max(vst):.1f}x). " if faster else
+                   f"int8 against fp32 ORT: {min(vs32):.1f}x to {max(vs32):.1f}x; against PyTorch "
+                   f"eager: {min(vst):.1f}x to {max(vst):.1f}x. ")
+                  + f"MiniLM's relative error, {minilm['int8']['rel_error_vs_fp32']:.2f}, is "
+                  f"{'above' if minilm['int8']['rel_error_vs_fp32'] > 0.1 else 'within'} the "
+                  f"exporter's default limit of 0.1 (the benchmark accepts up to "
+                  f"{e['int8_max_error']}). "
+                  + machine_note([r.get("machine_state") for _, r in rows]) + " " + _src("export.json")]
+    return "\n".join(lines)
+
+
+def onnx_export_block() -> str:
+    e = _load("export.json")
+    times = ", ".join(f"{m['model']} {m['export_seconds']:.1f} s (validated apart: max diff "
+                      f"{_e(m['validation_fp32'])} on {m['providers']['fp32'][0]})" for m in e["models"])
+    lines = [f"ONNX Runtime (CPU provider, all graph optimisations) against PyTorch eager, "
+             f"{e['threads']} thread each, median of {e['repeats']} interleaved runs; MiniLM is the "
+             f"real embedded model (feature extraction), the Llama a random hidden-256, 4-layer "
+             f"causal LM. Export times (tracing and saving, validation not included): {times}.", "",
+             "| model | batch x seq | PyTorch ms | ORT ms | PyTorch / ORT | max abs diff |",
+             "|---|---|---|---|---|---|"]
+    rows = [(m, r) for m in e["models"] for r in m["rows"]]
+    lines += [f"| {m['model']} | {r['batch']} x {r['sequence']} | {r['torch_ms']:.1f} | "
+              f"{r['ort_fp32_ms']:.1f} | {r['torch_over_fp32']:.2f}x | {_e(r['max_abs_diff_fp32'])} |"
+              for m, r in rows]
+    slower = [f"{m['model']} at {r['batch']} x {r['sequence']} ({r['torch_over_fp32']:.2f}x)"
+              for m, r in rows if r["torch_over_fp32"] < 1]
+    lines += ["", ("ONNX Runtime is faster in every row. " if not slower else
+                   "ONNX Runtime is slower than PyTorch eager on " + ", ".join(slower)
+                   + " and faster elsewhere. ")
+              + machine_note([r.get("machine_state") for _, r in rows]) + " " + _src("export.json")]
+    return "\n".join(lines)
+
+
+def tt_block() -> str:
+    t = _load("tt.json")
+    rec = t["reconstruct"]
+    repeats = f"median of {t['repeat']}" if "repeat" in t else "median of the repeats"
+    lines = [f"LLaMA-2-7B adapter shapes, {t['threads']} threads, {repeats}. "
+             "Reconstruction contracts the left and right halves and finishes with one matmul; "
+             "the reference is the naive left-to-right tensordot chain and tensorly's "
+             "`tt_to_tensor`.", "",
+             "| reconstruct | ours ms | chain ms | tensorly ms | chain / ours |", "|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {1e3 * r['ours_s']:.2f} | {1e3 * r['chain_s']:.2f} | "
+              f"{1e3 * r['tensorly_s']:.2f} | {r['speedup_vs_chain']:.2f}x |" for r in rec]
+    lines += ["", "TT-SVD against tensorly's `tensor_train` at the same ranks (so the same error):", "",
+              "| TT-SVD | ours ms | tensorly ms | tensorly / ours | our error | tensorly error |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {1e3 * r['ours_s']:.1f} | {1e3 * r['tensorly_s']:.1f} | "
+              f"{r['speedup_vs_tensorly']:.2f}x | {r['our_rel_error']:.5f} | {r['tensorly_rel_error']:.5f} |"
+              for r in t["tt_svd"]]
+    big = [r["speedup_vs_chain"] for r in rec if r["batch"] > 1 or len(r["modes"]) >= 8]
+    six = next(r for r in rec if "[16]*6" in r["case"])
+    states = [r.get("machine_state") for r in rec + t["tt_svd"]]
+    lines += ["", f"Reconstruction is {_range(big, '{:.0f}')}x faster than the chain for batched "
+              f"and 8-mode TTs; for the 6-mode 4096 x 4096 TT both are bound by writing the 64 MiB "
+              f"result ({six['speedup_vs_chain']:.1f}x). The errors of random matrices at rank 8 are "
+              f"near 1 by nature; the point is equal error at lower cost. " + machine_note(states)
+              + " " + _src("tt.json")]
+    return "\n".join(lines)
+
+
+def convert_block() -> str:
+    c = _load("convert.json")
+    runs = c["runs"]
+    lines = ["| factors | setting | ours s | tensorly s | speed-up | compression | delta error max / "
+             "mean | tensorly max | eps met |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        setting = ", ".join(f"{k}={v}" for k, v in r["setting"].items())
+        eps = "-" if r["eps_met"] is None else str(r["eps_met"])
+        lines.append(f"| {r['kind']} | {setting} | {r['ours_s']:.2f} | {r['tensorly_s']:.2f} | "
+                     f"{r['speedup']:.1f}x | {r['compression']:.1f}x | {r['max_delta_err']:.3f} / "
+                     f"{r['mean_delta_err']:.3f} | {r['tensorly_max_delta_err']:.3f} | {eps} |")
+    faster = all(r["speedup"] > 1 for r in runs)
+    grow = [r for r in runs if r["compression"] < 1]
+    lines += ["", ("Faster than the tensorly loop at the same error in every setting" if faster else
+                   "Not faster than the tensorly loop in every setting")
+              + " (same-shaped factors are decomposed together in one batched TT-SVD)."
+              + (" Random factors do not compress, and the report says so ("
+                 + "; ".join(f"at {', '.join(f'{k} {v}' for k, v in r['setting'].items())} the TT is "
+                             f"larger than the LoRA: {r['compression']:.1f}x" for r in grow) + ")."
+                 if grow else "")
+              + " " + machine_note([r.get("machine_state") for r in runs]) + " " + _src("convert.json")]
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "supported-models": supported_models_block,
+    "quant-errors": quant_errors_block,
+    "quant-bench": quant_bench_block,
+    "onnx-switch": onnx_switch_block,
+    "onnx-int8": onnx_int8_block,
+    "tt-bench": tt_block,
+    "merge-bench": merge_block,
+    "convert-bench": convert_block,
+    "onnx-export": onnx_export_block,
+    "train-bench": train_block,
+}
+
+
+# ----------------------------------------------------------------------------- machinery
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def block_names(text: str) -> list[str]:
+    """The names of the generated blocks the text marks, in order."""
+    import re
+
+    return re.findall(r"<!-- ([\w-]+):begin -->", text)
+
+
+def current(text: str, name: str) -> str:
+    begin, end = markers(name)
+    return text[text.index(begin) + len(begin):text.index(end)]
+
+
+def rendered(name: str) -> str:
+    return "\n" + BLOCKS[name]().strip() + "\n"
+
+
+def stale_blocks(text: str) -> list[str]:
+    """Names of the blocks whose text differs from a fresh rendering (or that have no renderer);
+    blank lines at a block's edges do not count (the older per-table tools write them)."""
+    return [n for n in block_names(text)
+            if n not in BLOCKS or current(text, n).strip() != rendered(n).strip()]
+
+
+def render_all(text: str) -> str:
+    for name in block_names(text):
+        if name not in BLOCKS:
+            raise SystemExit(f"README block {name!r} has no renderer in tools/render_readme.py")
+        begin, end = markers(name)
+        start, stop = text.index(begin) + len(begin), text.index(end)
+        text = text[:start] + rendered(name) + text[stop:]
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="report stale blocks, write nothing")
+    ap.add_argument("--readme", type=Path, default=README)
+    args = ap.parse_args(argv)
+    text = args.readme.read_text()
+    missing = sorted(set(BLOCKS) - set(block_names(text)))
+    if missing:
+        print(f"{args.readme}: no markers for block(s) {', '.join(missing)}", file=sys.stderr)
+        return 1
+    if args.check:
+        stale = stale_blocks(text)
+        for name in stale:
+            print(f"stale: {name} (run python tools/render_readme.py)", file=sys.stderr)
+        return 1 if stale else 0
+    new = render_all(text)
+    if new != text:
+        args.readme.write_text(new)
+    print(f"rendered {len(block_names(text))} blocks into {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
