@@ -9,6 +9,7 @@ calls :func:`loretta_merge.cli.main`, as the console script does.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -82,3 +83,40 @@ def test_help_starts_without_torch(args: list[str]):
         for name in COMMANDS:
             assert f"  {name} " in proc.stdout, f"{name} missing from the command list"
     assert proc.stderr == "", proc.stderr  # no warning, no traceback
+
+
+def test_torchao_import_noise_is_filtered_and_nothing_else():
+    """transformers imports torchao (when installed) as soon as a model class loads; its
+    import logs two kinds of records that say nothing about the command. The CLI drops
+    exactly those; another record of the same loggers still passes."""
+    import logging
+
+    from loretta_merge.cli import _OptionalBackendNoise
+
+    f = _OptionalBackendNoise()
+
+    def record(name, msg, *args):
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, None)
+
+    assert not f.filter(record("torch.utils._pytree", "%s is an Enum subclass and is now natively "
+                               "supported by torch.compile as an opaque value type. Calling "
+                               "register_constant() on Enum subclasses is deprecated and will be "
+                               "an error in a future release.", "<enum 'KernelPreference'>"))
+    assert not f.filter(record("torchao", "Failed to load /venv/site-packages/torchao/_C_mxfp8.so: "
+                               "Could not load this library"))
+    assert f.filter(record("torch.utils._pytree", "another pytree warning"))
+    assert f.filter(record("torchao", "Failed to load the user's own config"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
+def test_a_command_that_loads_a_model_class_prints_no_torchao_noise():
+    # inspect --config builds the model on the meta device: transformers.quantizers loads,
+    # and with it torchao
+    config = Path(__file__).parent / "fixtures" / "configs" / "roberta-base.json"
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "loretta_merge.cli", "inspect", "--config",
+                           str(config), "--method", "rep", "--json"], env=dict(os.environ, PYTHONPATH=path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "register_constant" not in proc.stderr and "Failed to load" not in proc.stderr, proc.stderr
+
