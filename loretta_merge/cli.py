@@ -173,8 +173,41 @@ def cli(ctx, debug):
     ctx.obj["debug"] = debug
 
 
+class _OptionalBackendNoise(logging.Filter):
+    """Drops the log records that importing torchao prints, and nothing else.
+
+    loretta-merge never imports torchao (a torchao checkpoint is read as plain safetensors,
+    see ``quant/torchao.py``). transformers does: ``transformers.quantizers`` imports every
+    installed quantization back end when any model class loads, and torchao's import logs
+    (1) "Failed to load .../torchao/_C_*.so" for its CUDA-only kernels and (2) through torch's
+    ``torch.utils._pytree`` logger "<enum ...> is an Enum subclass ... Calling
+    register_constant() on Enum subclasses is deprecated" for its own enums. Neither is
+    about the user's command, so only those two messages are filtered; every other record
+    of those loggers passes. These are log records, not ``warnings``: a warnings filter
+    cannot catch them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.name == "torch.utils._pytree":
+            return "Calling register_constant() on Enum subclasses is deprecated" not in message
+        if record.name == "torchao":
+            return not (message.startswith("Failed to load ") and "/torchao/_C" in message)
+        return True
+
+
+def quiet_optional_backend_noise() -> None:
+    """Install :class:`_OptionalBackendNoise` on the two loggers (once; before or after the
+    libraries are imported: a logger's filters belong to the logger object)."""
+    for name in ("torch.utils._pytree", "torchao"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OptionalBackendNoise) for f in logger.filters):
+            logger.addFilter(_OptionalBackendNoise())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors for bad input, exit codes by kind."""
+    quiet_optional_backend_noise()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # our own one-line errors and progress bars only; transformers' load reports and

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -94,13 +93,9 @@ def _describe_adapter(path: Path) -> dict[str, Any]:
 
 
 def _describe_model(path: Path) -> dict[str, Any]:
-    from .io import read_safetensors_header
+    from .io import read_model_config, read_safetensors_header
 
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path / 'config.json'}: cannot read it ({exc}); fix the JSON or re-save "
-                          f"the model with save_pretrained") from None
+    config = read_model_config(path, required=True)
     if (path / "model.safetensors.index.json").is_file() or (path / "model.safetensors").is_file():
         from .io import CheckpointReader
 
@@ -150,14 +145,9 @@ def _meta_model(config_json: Path, task: str, num_labels: int | None):
     import torch
     import transformers
 
-    try:
-        data = json.loads(Path(config_json).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{config_json}: cannot read it as JSON ({exc}); fix the JSON or pass "
-                              f"a transformers config.json") from None
-    if not isinstance(data, dict):
-        raise FormatError(f"{config_json}: expected a JSON object, got {type(data).__name__}; pass a "
-                          f"transformers config.json")
+    from .io import read_model_config
+
+    data = read_model_config(config_json, required=True)
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ConfigError(f"{config_json}: no 'model_type'; is this a transformers config.json?; pass a transformers config.json to --config")
@@ -199,12 +189,9 @@ def count_params(config_json: str | Path, method: str, *, r: int = 8, tensor_ran
     if config_json.is_dir():
         config_json = config_json / "config.json"
     if task is None:
-        try:
-            data = json.loads(config_json.read_text())
-            model_type = data.get("model_type") if isinstance(data, dict) else None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{config_json}: cannot read it as JSON ({exc}); fix the JSON or pass "
-                              f"a transformers config.json") from None
+        from .io import read_model_config
+
+        model_type = read_model_config(config_json, required=True).get("model_type")
         task = "seq-cls" if model_type in ENCODER_TYPES else "causal-lm"
     if task not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}; pass --task seq-cls or --task causal-lm")

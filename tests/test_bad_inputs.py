@@ -461,6 +461,10 @@ case("inspect", "config-without-method", lambda e, d: ["inspect", "--config", st
 case("inspect", "path-and-config", lambda e, d: ["inspect", str(e.rep), "--config", str(e.base)],
      ("--config",), out="", culprit=lit("--config"))
 case("inspect", "nothing-given", lambda e, d: ["inspect"], ("PATH",), out="", culprit=lit("PATH", "--config"))
+case("inspect", "adapter-with-count-options", lambda e, d: ["inspect", str(e.rep), "--tensor-rank", "3"],
+     ("--tensor-rank", "--config only"), out="", culprit=lit("--tensor-rank"))
+case("inspect", "model-with-method", lambda e, d: ["inspect", str(e.base), "--method", "rep"],
+     ("--method", "--config"), out="", culprit=lit("--method"))
 
 
 # ---- train (bad data; every case must fail before training starts)

@@ -62,7 +62,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_the_benchmarks_of_this_area_have_a_smoke_mode():
     names = {p.name for p in _smoke_scripts()}
-    assert {"bench_convert.py", "bench_tt.py", "bench_train.py"} <= names, names
+    assert {"bench_convert.py", "bench_tt.py", "bench_train.py", "bench_start.py"} <= names, names
 
 
 @pytest.mark.parametrize("script", _generic(), ids=lambda p: p.name)

@@ -70,6 +70,36 @@ def test_unsupported_quantize_value_is_one_line(bert_with_tokenizer, tmp_path, c
     assert not (tmp_path / "x").exists()
 
 
+def test_eval_file_without_quantize_is_refused_in_one_line(bert_with_tokenizer, tmp_path, capsys):
+    """--eval-file reports fp32 and int8 accuracy side by side; without --quantize it would be
+    ignored, so it is refused before the model loads, and nothing is written."""
+    base, eval_file, _ = bert_with_tokenizer
+    code, text, err = run_main(["export", "onnx", base, "-o", tmp_path / "x", "--eval-file",
+                                eval_file], capsys)
+    assert code == 2 and text == "" and len(err.strip().splitlines()) == 1
+    assert "--eval-file" in err and "--quantize int8" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_file_on_a_head_that_does_not_classify_is_refused(tmp_path, capsys):
+    base = save_tiny("llama", tmp_path / "base")
+    (tmp_path / "eval.csv").write_text("text,label\na b,0\n")
+    code, _, err = run_main(["export", "onnx", base, "-o", tmp_path / "x", "--task", "causal-lm",
+                             "--quantize", "int8", "--eval-file", tmp_path / "eval.csv"], capsys)
+    assert code == 2 and "seq-cls" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_atol_help_says_what_the_code_does():
+    from click.testing import CliRunner
+
+    from loretta_merge.commands.export import onnx_command
+
+    text = " ".join(CliRunner().invoke(onnx_command, ["--help"]).output.split())
+    assert "rtol is not an option: it is set by dtype" in text
+    assert not any(p.name == "rtol" for p in onnx_command.params)
+
+
 def test_rep_adapter_is_merged_before_export(tmp_path):
     from loretta_merge.adapters.config import RepConfig
     from loretta_merge.adapters import (get_loretta_model, load_loretta_model, merge_loretta_model,

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import build_tiny
 from loretta_merge.commands.inspect import inspect_command
 from loretta_merge.adapters.config import AdpConfig, RepConfig
-from loretta_merge.errors import FormatError
+from loretta_merge.errors import ConfigError, FormatError
 from loretta_merge.inspect import count_params, describe
 from loretta_merge.adapters import get_loretta_model, save_loretta_adapter, trainable_parameters
 
@@ -103,6 +103,32 @@ def test_describe_adapter_and_model(tmp_path, tiny_model_dir):
     assert m["params"] == sum(p.numel() for p in build_tiny("llama").parameters())
     with pytest.raises(FormatError, match="neither an adapter directory"):
         describe(tmp_path)
+
+
+def test_count_options_with_path_are_refused_not_ignored(tmp_path):
+    """--r, --method, ... shape a count (--config); with PATH they would change nothing, so
+    they are refused in one line, even when their value equals the default."""
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
+
+    save_loretta_adapter(get_loretta_model(build_tiny("llama"), RepConfig(lora_dropout=0.0)),
+                         tmp_path / "rep")
+    runner = CliRunner()
+    assert runner.invoke(inspect_command, [str(tmp_path / "rep")]).exit_code == 0
+    assert runner.invoke(inspect_command, [str(tmp_path / "rep"), "--json"]).exit_code == 0
+    for extra, flags in ((["--r", "8"], "--r"), (["--no-norms", "--shapes", "auto"], "--shapes, --no-norms"),
+                         (["--method", "adp", "--bottleneck", "16"], "--method, --bottleneck")):
+        res = runner.invoke(inspect_command, [str(tmp_path / "rep"), *extra])
+        assert res.exit_code != 0 and isinstance(res.exception, ConfigError), res.output
+        assert str(res.exception).startswith(f"{flags} count what an adapter would train")
+        assert "--config only" in str(res.exception)
+    model = QUANT / "awq"
+    res = runner.invoke(inspect_command, [str(model), "--task", "causal-lm"])
+    assert isinstance(res.exception, ConfigError) and "--task" in str(res.exception)
+    # with --config the same options count
+    res = runner.invoke(inspect_command, ["--config", str(CONFIGS / "roberta-base.json"), "--method",
+                                          "rep", "--r", "4", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["lora_r"] == 4
 
 
 def test_command_module_imports_without_torch():

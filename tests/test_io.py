@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -213,20 +214,56 @@ def test_atomic_existing_output(tmp_path):
             pass
 
 
-def test_atomic_removes_stale_temps_of_dead_processes(tmp_path):
+def _dead_pid() -> int:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    pid = int(dead.stdout)
-    stale = tmp_path / f".out.loretta-tmp-{pid}-abcd1234"
+    return int(dead.stdout)
+
+
+def test_atomic_temp_names_carry_the_host():
+    from loretta_merge.io.atomic import _TEMP_RE, host_tag
+
+    assert host_tag() and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", host_tag())
+    m = _TEMP_RE.fullmatch(".out.v2.loretta-tmp-node-12.cluster-345-0a1b2c3d")
+    assert m and (m["name"], m["host"], m["pid"]) == ("out.v2", "node-12.cluster", "345")
+
+
+def test_atomic_removes_stale_temps_of_dead_processes_of_this_host(tmp_path):
+    from loretta_merge.io.atomic import host_tag
+
+    pid, host = _dead_pid(), host_tag()
+    stale = tmp_path / f".out.loretta-tmp-{host}-{pid}-abcd1234"
     stale.mkdir()
     (stale / "model-part").write_text("x")
-    live = tmp_path / f".out.loretta-tmp-{os.getppid()}-abcd1234"  # a running process's
+    live = tmp_path / f".out.loretta-tmp-{host}-{os.getppid()}-abcd1234"  # a running process's
     live.mkdir()
-    other = tmp_path / f".other.loretta-tmp-{pid}-abcd1234"  # another output's
+    other = tmp_path / f".other.loretta-tmp-{host}-{pid}-abcd1234"  # another output's
     other.mkdir()
     with atomic_output_dir(tmp_path / "out") as tmp:
+        assert tmp.name.startswith(f".out.loretta-tmp-{host}-{os.getpid()}-")
         (tmp / "f").write_text("x")
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_atomic_leaves_temps_of_other_hosts_alone(tmp_path):
+    """On shared storage a temp's PID belongs to its own node: the same number being dead
+    here says nothing about it. Temps of another host, and old names without a host, stay."""
+    from loretta_merge.io.atomic import host_tag
+
+    pid = _dead_pid()
+    foreign_host = "other-node-7" if host_tag() != "other-node-7" else "other-node-8"
+    foreign = tmp_path / f".out.loretta-tmp-{foreign_host}-{pid}-abcd1234"
+    foreign.mkdir()
+    (foreign / "model-part").write_text("x")
+    foreign_old = tmp_path / f".out.loretta-old-{foreign_host}-{pid}-abcd1234"
+    foreign_old.mkdir()
+    hostless = tmp_path / f".out.loretta-tmp-{pid}-abcd1234"
+    hostless.mkdir()
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert foreign.exists() and (foreign / "model-part").exists()
+    assert foreign_old.exists() and hostless.exists()
+    assert (tmp_path / "out" / "f").exists()  # the run itself succeeded
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

@@ -56,12 +56,41 @@ def edited(src: Path, dst: Path, *, config=None, drop: str | None = None) -> Pat
 # --------------------------------------------------------------------------- AWQ
 
 def test_awq_with_an_adapter_trained_on_the_original_model_is_refused(lora, tmp_path, capsys):
-    line = refused([f"{FIXTURES / 'awq'}+{lora}"], tmp_path / "out", capsys)
-    assert "AWQ" in line and "original" in line and f"base_model_name_or_path {BASE}" in line
-    assert "--awq-adapter-trained-on awq" in line and "W·diag(s)" in line
     line = refused([f"{FIXTURES / 'awq'}+{lora}", "--awq-adapter-trained-on", "original"],
                    tmp_path / "out", capsys)
     assert "AWQ" in line and "merge into the original model instead" in line
+    assert "--awq-adapter-trained-on awq" in line and "W·diag(s)" in line
+
+
+def test_awq_never_follows_the_path_an_adapter_names(tmp_path, capsys):
+    """The adapter's base_model_name_or_path is input from whoever wrote the adapter: the
+    AWQ policy must not open it. Here it names a local unquantized model (which used to
+    flip the default to "original" and refuse); without the option the merge goes ahead,
+    and no file under that directory is opened."""
+    import transformers
+
+    named = tmp_path / "named-base"
+    shutil.copytree(BASE, named)
+    adapter = tmp_path / "lora"
+    make_peft_lora(transformers.LlamaForCausalLM.from_pretrained(BASE).eval(), adapter,
+                   base_name=str(named))
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(named)
+    opened: list[str] = []
+    watching = [True]
+
+    def hook(event, args):
+        if watching[0] and event == "open" and args and str(args[0]).startswith(str(named)):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(hook)  # cannot be removed: it stops recording below
+    try:
+        code, _, stderr = run_main([f"{FIXTURES / 'awq'}+{adapter}", "-o", tmp_path / "out", "-q"],
+                                   capsys)
+    finally:
+        watching[0] = False
+    assert code == 0, stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert opened == [], f"merge opened files the adapter named: {opened}"
 
 
 def test_awq_told_the_adapter_was_trained_on_the_awq_model_merges(lora, tmp_path, capsys):

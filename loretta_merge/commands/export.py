@@ -52,9 +52,10 @@ def _size(ctx, param, value):
 @click.option("--dtype", default="auto", show_default=True,
               help="Cast the model before export: auto (keep), float32, float16, bfloat16.")
 @click.option("--atol", type=float, default=None,
-              help="Absolute validation tolerance; passes when |onnx - torch| <= atol + "
-                   "rtol*|torch| at kept positions (atol and rtol by dtype: 1e-4 fp32, 1e-2 "
-                   "fp16, 5e-2 bf16).")
+              help="Absolute validation tolerance (default by dtype: 1e-4 fp32, 1e-2 fp16, "
+                   "5e-2 bf16). Validation passes when |onnx - torch| <= atol + rtol*|torch| "
+                   "at kept positions; rtol is not an option: it is set by dtype (the same "
+                   "values).")
 @click.option("--no-validate", is_flag=True,
               help="Skip the ONNX Runtime vs PyTorch check (not recommended).")
 @click.option("--external-data-threshold", default="2GB", show_default=True, callback=_size,
@@ -76,8 +77,9 @@ def _size(ctx, param, value):
               help="With --quantize: the largest accepted ||int8 - fp32|| / ||fp32|| over the "
                    "probe outputs (default 0.1).")
 @click.option("--eval-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="With --quantize on a seq-cls model: a CSV/JSONL with text and label "
-                   "columns; the accuracy of the fp32 and int8 graphs is reported.")
+              help="With --quantize int8 on a seq-cls model (refused otherwise): a CSV/JSONL "
+                   "with text and label columns; the accuracy of the fp32 and int8 graphs is "
+                   "reported.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True,
               help="ONNX Runtime provider for validation; auto uses CUDA when the installed "

@@ -92,9 +92,9 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="Allow reading pickled (.bin) adapters from trusted sources only.")
 @click.option("--awq-adapter-trained-on", type=click.Choice(["awq", "original"]), default=None,
-              help="AWQ base only: the model the adapter was trained on. Default: the AWQ model, "
-                   "unless the adapter's base_model_name_or_path is a local unquantized model; "
-                   "'original' is refused (AWQ's activation scales are not stored).")
+              help="AWQ base only: the model the adapter was trained on. Default: the AWQ model "
+                   "(the adapter's base_model_name_or_path is never followed); 'original' is "
+                   "refused (AWQ's activation scales are not stored).")
 def merge_command(specs, out, weights, dtype, device, max_shard_size, force, verify, as_json,
                   quiet, allow_unsafe_pickle, awq_adapter_trained_on):
     """Merge adapters into BASE and write a plain transformers checkpoint to OUT.

@@ -16,13 +16,27 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import OutputError, OutputExistsError
 from .writer import make_output_error, output_error
 
-_TEMP_RE = re.compile(r"\.(?P<name>.+)\.loretta-(?:tmp|old)-(?P<pid>[0-9]+)-[0-9a-f]+")
+# ``.<OUT name>.loretta-tmp-<host>-<pid>-<hex>`` (and ``-old-`` for a --force run's previous
+# output). The host is part of the name because a PID means something only on its own host:
+# on shared storage (NFS, Lustre) a temp of a run on another node has a PID that is not
+# alive here, and it must not be reaped. Names without a host (written by older versions)
+# match nothing here and are left alone, since whose they are cannot be told.
+_TEMP_RE = re.compile(r"\.(?P<name>.+)\.loretta-(?:tmp|old)-(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>[0-9]+)"
+                      r"-[0-9a-f]+")
+
+
+def host_tag() -> str:
+    """This host's name as it goes into temp names: characters outside ``[A-Za-z0-9_.-]``
+    become ``_``, at most 64 of them (``unknown-host`` when the name is empty)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
+    return name or "unknown-host"
 
 
 def fsync_path(path: Path) -> None:
@@ -58,13 +72,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(out: Path) -> list[Path]:
-    """Remove temporary directories beside ``out`` left by runs that were killed (their
-    process no longer exists). Returns what was removed."""
+    """Remove temporary directories beside ``out`` left by runs on this host that were
+    killed (their process no longer exists). Temps of other hosts (shared storage) and
+    temps without a host in their name are never touched. Returns what was removed."""
     removed = []
+    host = host_tag()
     with contextlib.suppress(OSError):
         for p in out.parent.iterdir():
             m = _TEMP_RE.fullmatch(p.name)
-            if m and m.group("name") == out.name and not _pid_alive(int(m.group("pid"))):
+            if (m and m.group("name") == out.name and m.group("host") == host
+                    and not _pid_alive(int(m.group("pid")))):
                 if ".loretta-old-" in p.name and not out.exists():
                     os.replace(p, out)  # a --force run was killed between its two renames
                     continue
@@ -93,7 +110,7 @@ def _make_temp(out: Path) -> Path:
         raise OutputError(f"cannot write to {parent} (permission denied) for {out}; choose an output "
                           f"path in a directory you can write to")
     remove_stale_temps(out)
-    tmp = parent / f".{out.name}.loretta-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = parent / f".{out.name}.loretta-tmp-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         os.mkdir(tmp)  # mode 0o777 minus the umask, like any new directory
     except OSError as exc:  # root passes os.access on read-only mounts such as /proc
@@ -140,7 +157,8 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     On any exception (KeyboardInterrupt included) the temporary directory is removed and
     ``out`` is left as it was. An existing ``out`` is refused unless ``force``; with
     ``force`` the old ``out`` stays intact until the new one is complete. Temporary
-    directories of killed runs are removed on the next run.
+    directories of killed runs on this host are removed on the next run (the host name
+    is part of a temp's name; see :func:`remove_stale_temps`).
     """
     out = Path(os.path.abspath(out))
     _check_target(out, force)

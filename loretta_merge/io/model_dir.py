@@ -34,8 +34,9 @@ _MODULE_DIR = re.compile(r"^[0-9]+_[A-Za-z][A-Za-z0-9]*$")
 def read_model_config(model_dir: str | os.PathLike, *, required: bool = False) -> dict:
     """A model directory's ``config.json`` as data: ``{}`` when absent (a FormatError
     naming the directory when ``required``); malformed JSON or a non-object is a
-    FormatError naming the file. Never imports or runs anything."""
-    path = Path(model_dir) / CONFIG_NAME
+    FormatError naming the file. Never imports or runs anything. ``model_dir`` may also
+    be the config file itself (``inspect --config llama-2-7b.json``)."""
+    path = Path(model_dir) if Path(model_dir).is_file() else Path(model_dir) / CONFIG_NAME
     if not path.is_file():
         if required:
             raise FormatError(f"{model_dir} is not a transformers model directory (no "

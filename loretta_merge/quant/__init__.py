@@ -12,7 +12,6 @@ the original (unquantized) model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -153,45 +152,26 @@ def check_adapters(reader, loaded: Sequence[Any], *,
     AWQ folds activation scales into the preceding norms, so its dequantized Linear
     weights are ``W · diag(s)``: an adapter trained on the AWQ model merges as is, one
     trained on the original model does not (``s`` is not stored). The tool assumes the
-    adapter was trained on the AWQ model unless told otherwise
-    (``awq_adapter_trained_on="original"``) or the adapter's own ``base_model_name_or_path``
-    is a local model directory that is not AWQ-quantized.
+    adapter was trained on the AWQ model unless the user says otherwise
+    (``awq_adapter_trained_on="original"``, which is refused). Only that option decides:
+    the adapter's ``base_model_name_or_path`` is never followed (an adapter file is input
+    that may come from anyone; the path it names is not opened).
     """
     if not isinstance(reader, DequantizedReader) or reader.layout.format != "awq":
         return
     if awq_adapter_trained_on not in (None, *AWQ_TRAINED_ON):
         raise ConfigError(f"--awq-adapter-trained-on must be one of {AWQ_TRAINED_ON}, got "
                           f"{awq_adapter_trained_on!r}; pass one of them, or omit the option")
-    for item in loaded:  # merge's LoadedAdapter: .adapter, .weight, .label
-        adapter, label = item.adapter, item.label
-        trained_on, why = awq_adapter_trained_on, "as --awq-adapter-trained-on says"
-        if trained_on is None:
-            trained_on = _trained_on(adapter)
-            why = (f"its base_model_name_or_path {adapter.base_model_name_or_path} is a model "
-                   f"without AWQ quantization")
-        if trained_on == "original":
-            raise ConfigError(
-                f"adapter {label} was trained on the original (unquantized) model ({why}), but the base "
-                f"{reader.model_dir} is AWQ: AWQ folds activation scales into the norms, so its "
-                f"weights are W·diag(s) with s not stored, and the merge would be wrong; merge "
-                f"into the original model instead (then re-quantize with AWQ), or, if the adapter "
-                f"was in fact trained on this AWQ model, pass --awq-adapter-trained-on awq")
-
-
-def _trained_on(adapter) -> str | None:
-    """"original" when the adapter's base_model_name_or_path is a local model directory
-    without an AWQ quantization_config; None when it cannot tell."""
-    name = getattr(adapter, "base_model_name_or_path", None)
-    if not name:
-        return None
-    config = Path(str(name)) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        qc = json.loads(config.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    return None if qc.get("quant_method") == "awq" else "original"
+    if awq_adapter_trained_on != "original":
+        return
+    labels = ", ".join(str(item.label) for item in loaded)  # merge's LoadedAdapter: .label
+    raise ConfigError(
+        f"adapter {labels} was trained on the original (unquantized) model (as "
+        f"--awq-adapter-trained-on original says), but the base {reader.model_dir} is AWQ: AWQ "
+        f"folds activation scales into the norms, so its weights are W·diag(s) with s not "
+        f"stored, and the merge would be wrong; merge into the original model instead (then "
+        f"re-quantize with AWQ), or, if the adapter was in fact trained on this AWQ model, pass "
+        f"--awq-adapter-trained-on awq")
 
 
 def describe_quantization(base_dir: str | Path, config: dict) -> dict | None:

@@ -15,13 +15,33 @@ subclass, atomic checkpoints, progress), :mod:`.fsdp` (sharding with ``fully_sha
 
 With no model and no data it trains the embedded default: MiniLM on the movie-disjoint
 Rotten Tomatoes split with the budget in :data:`DEFAULT_BUDGET`.
+
+Only :mod:`.args` is imported with the package; :func:`train`, :class:`TrainReport` and the
+output names load torch on first use.
 """
 
 from __future__ import annotations
 
 from .args import DEFAULT_BUDGET, METHODS, PAPER, TASKS, TrainArgs
-from .outputs import CHECKPOINTS, SUMMARY, TRAINED_FILE, TrainReport
-from .run import train
+
+# torch-backed names, imported on first use: the options (``.args``) stay as light as the
+# command line needs (``loretta-merge train --help`` imports no torch)
+_TORCH_NAMES = {
+    "train": "run",
+    "TrainReport": "outputs",
+    "CHECKPOINTS": "outputs",
+    "SUMMARY": "outputs",
+    "TRAINED_FILE": "outputs",
+}
 
 __all__ = ["train", "TrainArgs", "TrainReport", "METHODS", "TASKS", "DEFAULT_BUDGET", "PAPER",
            "CHECKPOINTS", "SUMMARY", "TRAINED_FILE"]
+
+
+def __getattr__(name: str):
+    module = _TORCH_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{module}", __name__), name)

@@ -59,7 +59,7 @@ def _refuse_remote_code(config: dict, model_dir: Path, trust_remote_code: bool) 
 
 
 def _check_options(task: str, *, with_past: bool, opset, atol, quantize, switchable, adapter,
-                   model_dir: Path, int8_max_error=None) -> None:
+                   model_dir: Path, int8_max_error=None, eval_file=None) -> None:
     if with_past and task != "causal-lm":
         raise ConfigError(f"--with-past exports a KV-cache decoder and needs task causal-lm; "
                           f"{model_dir} resolves to task {task!r}; drop --with-past, or pass --task causal-lm for a decoder")
@@ -74,6 +74,15 @@ def _check_options(task: str, *, with_past: bool, opset, atol, quantize, switcha
     if int8_max_error is not None and not (quantize and 0 < int8_max_error < 1):
         raise ConfigError(f"--int8-max-error {int8_max_error} needs --quantize int8 and a value "
                           f"between 0 and 1, e.g. --int8-max-error 0.2; pass both, or omit --int8-max-error")
+    # --eval-file belongs to the int8 check (fp32 and int8 accuracy side by side); alone it
+    # would be silently ignored, so it is refused, as on a head that does not classify
+    if eval_file is not None and not quantize:
+        raise ConfigError(f"--eval-file {eval_file} is used only with --quantize int8 (it reports "
+                          f"the accuracy of the fp32 and int8 graphs); add --quantize int8, or "
+                          f"drop --eval-file")
+    if eval_file is not None and task != "seq-cls":
+        raise ConfigError(f"--eval-file scores a seq-cls model's labels; {model_dir} resolves to "
+                          f"task {task!r}; drop --eval-file")
     if quantize and switchable:
         raise ConfigError("--quantize with --switchable-adapter is not supported: the quantizer "
                           "rewrites the adapter weights the adapter files override; export the "
@@ -202,7 +211,7 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     switchable = list(switchable_adapters or ())
     _check_options(task, with_past=with_past, opset=opset, atol=atol, quantize=quantize,
                    switchable=switchable, adapter=adapter, model_dir=model_dir,
-                   int8_max_error=int8_max_error)
+                   int8_max_error=int8_max_error, eval_file=eval_file)
     torch_dtype = parse_dtype(dtype)
     _check_output(out_dir, force)
     # transformers may load a damaged checkpoint without complaint; check the index, each
