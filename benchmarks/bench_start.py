@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _machine import measuring  # benchmarks/ is the script's own folder, first on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from loretta_merge.cli import main; main()"
 # one extra run per case reports (on stderr) whether torch got imported
@@ -71,14 +73,13 @@ def main() -> None:
     if args.smoke:
         args.runs = 2
     env = _env()
-    load_before = os.getloadavg()
     for case in CASES.values():  # warm the file cache once, untimed
         _run(case, env)
     times: dict[str, list[float]] = {name: [] for name in CASES}
-    for _ in range(args.runs):
-        for name, case in CASES.items():
-            times[name].append(_run(case, env)[0])
-    load_after = os.getloadavg()
+    with measuring(torch_threads=None) as machine:  # the cases run in fresh processes
+        for _ in range(args.runs):
+            for name, case in CASES.items():
+                times[name].append(_run(case, env)[0])
 
     cases = {}
     for name, case in CASES.items():
@@ -95,9 +96,8 @@ def main() -> None:
         "reference": REFERENCE,
         "smoke": args.smoke,
         "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in load_after]},
+                    "python": platform.python_version()},
+        "machine_state": machine,
         "cases": cases,
     }
     width = max(map(len, cases))
@@ -105,8 +105,8 @@ def main() -> None:
     for name, e in cases.items():
         print(f"{name:{width}s} {e['median_s']:9.3f} {e['min_s']:7.3f} {e['max_s']:7.3f} "
               f"{e['vs_import_torch']:8.3f}  {'yes' if e['imports_torch'] else 'no'}")
-    print(f"load average before {results['machine']['load_average_before']}, after "
-          f"{results['machine']['load_average_after']}; {os.cpu_count()} cores")
+    print(f"load average before {machine['load_1min_before']}, after {machine['load_1min_after']}; "
+          f"{machine['cores_available']} cores available")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
