@@ -1,0 +1,82 @@
+"""Fit LoRETTA_rep cores to a low-rank delta directly.
+
+TT-SVD of the two factors (``converters.lora.lora_to_tt``) bounds each factor's error but
+does not minimise the error of their PRODUCT, which is what a merge adds to the weights.
+:func:`fit_rep_cores` starts from those cores and runs Adam on
+``||P Q - A(cores_a) B(cores_b)||_F^2 / ||P Q||_F^2`` for a target given by its factors
+``P (in, k)`` and ``Q (k, out)`` (the truncated SVD of the delta). The loss never forms an
+``(in, out)`` matrix: ``P Q - A B = [P, -A] [Q; B]``, so its squared norm is the trace of a
+product of two ``(2k, 2k)`` Gram matrices. Every step costs a reconstruction of the two TTs
+and two thin Gram products; the best cores seen are returned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import tt
+
+
+def _loss(p, q, ca, cb, den, rows_a, k, cols_b):
+    a = tt.reconstruct(ca, rows_a, k)
+    b = tt.reconstruct(cb, k, cols_b)
+    left = torch.cat([p, -a], dim=1)             # (in, 2k)
+    right = torch.cat([q, b], dim=0)             # (2k, out)
+    num = ((left.T @ left) * (right @ right.T)).sum()
+    return num / den
+
+
+def fit_rep_cores(p: torch.Tensor, q: torch.Tensor, cores_a: list[torch.Tensor],
+                  cores_b: list[torch.Tensor], *, steps: int = 300, lr: float = 1e-2,
+                  seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], float, float]:
+    """Adam on the TT cores of ``A (in, k)`` and ``B (k, out)`` so that ``A @ B`` approaches
+    ``p @ q``. Returns ``(cores_a, cores_b, start_error, best_error)`` with relative
+    Frobenius errors against ``p @ q``; the cores returned are the best seen (the start
+    cores when no step improved on them). Runs in float64 on the CPU (small problems) or in
+    float32 (large ones), on ``p``'s device; the cores come back in fp32."""
+    del seed  # deterministic: no randomness is used
+    rows_a, k = p.shape
+    cols_b = q.shape[1]
+    big = rows_a * k + k * cols_b > 4_000_000 or p.device.type != "cpu"
+    dtype = torch.float32 if big else torch.float64
+    na = float(p.norm()) or 1.0
+    nb = float(q.norm()) or 1.0
+    P, Q = (p.to(dtype) / na), (q.to(dtype) / nb)
+    den = ((P.T @ P) * (Q @ Q.T)).sum().clamp_min(1e-300)
+    ca = [c.detach().to(device=p.device, dtype=dtype).clone() for c in cores_a]
+    cb = [c.detach().to(device=p.device, dtype=dtype).clone() for c in cores_b]
+    ca[-1] /= na
+    cb[-1] /= nb
+    # spread each TT's norm evenly over its cores, so one Adam step size suits them all
+    for cs in (ca, cb):
+        norms = [float(c.norm()) for c in cs]
+        g = math.exp(sum(math.log(max(n, 1e-30)) for n in norms) / len(cs))
+        for c, n in zip(cs, norms):
+            c *= g / max(n, 1e-30)
+    params = [c.requires_grad_(True) for c in ca + cb]
+    with torch.no_grad():
+        start = float(_loss(P, Q, ca, cb, den, rows_a, k, cols_b).clamp_min(0).sqrt())
+    best, best_cores = start, [c.detach().clone() for c in params]
+    if steps > 0 and start > 0:
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 1e-2)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = _loss(P, Q, ca, cb, den, rows_a, k, cols_b)
+            err = float(loss.detach().clamp_min(0).sqrt())
+            if err < best and math.isfinite(err):
+                best, best_cores = err, [c.detach().clone() for c in params]
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            err = float(_loss(P, Q, ca, cb, den, rows_a, k, cols_b).clamp_min(0).sqrt())
+        if err < best and math.isfinite(err):
+            best, best_cores = err, [c.detach().clone() for c in params]
+    out_a = [c.float() for c in best_cores[:len(ca)]]
+    out_b = [c.float() for c in best_cores[len(ca):]]
+    out_a[-1] = out_a[-1] * na
+    out_b[-1] = out_b[-1] * nb
+    return out_a, out_b, start, best
