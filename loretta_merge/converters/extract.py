@@ -315,6 +315,8 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                 modules[name] = lora
             del d
             rows.append(row)
+        if to == "lora":
+            _whole_modules_for_peft(plan, ft_r, modules, rows, tensors, report)
     if not modules:
         raise ShapeError(f"{plan.ft_dir}: no targeted weight differs from {plan.base_dir} "
                          f"({plan.target_source}); nothing to extract. Check the pair, or pass "
@@ -331,6 +333,37 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                       base_model_name_or_path=str(plan.base_dir), path=None)
     report.seconds = time.perf_counter() - start
     return adapter, report
+
+
+def _owner(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
+def _whole_modules_for_peft(plan: ExtractPlan, ft: CheckpointReader, modules: dict,
+                            rows: list[RankRow], tensors: dict, report: RankReport) -> None:
+    """PEFT's ``modules_to_save`` replaces whole modules and expects every parameter of each
+    in the file: carry the unchanged siblings of carried tensors too. A targeted module whose
+    own bias (or other parameter) changed cannot also be a LoRA module there, so its weight
+    is carried whole instead of as LoRA factors (``--to tt`` keeps it low-rank)."""
+    owners = {_owner(k) for k in tensors}
+    clash = sorted(m for m in modules if m in owners)
+    for name in clash:
+        key = next(k for k, m in plan.targets.items() if m == name)
+        tensors[key] = ft.get(key)
+        del modules[name]
+        rows[:] = [r for r in rows if r.name != name]
+    if clash:
+        report.notes.append(f"{len(clash)} targeted module(s) also changed their bias, which a PEFT "
+                            f"LoRA module cannot carry: their weights are carried whole (e.g. "
+                            f"{clash[0]}); --to tt keeps them low-rank")
+    siblings = [k for k in plan.common + plan.added
+                if _owner(k) in owners and k not in tensors and k not in plan.targets]
+    for key in siblings:
+        tensors[key] = ft.get(key)
+    if siblings:
+        report.notes.append(f"{len(siblings)} unchanged tensor(s) carried beside changed ones of "
+                            f"the same module (PEFT's modules_to_save holds whole modules), e.g. "
+                            f"{siblings[0]}")
 
 
 def _notes(report: RankReport, plan: ExtractPlan) -> None:

@@ -16,12 +16,20 @@ import math
 
 import torch
 
-from .. import tt
+
+
+def _full(cores: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+    """The TT's matrix, contracted left to right (the convention of ``tt.reconstruct``,
+    without its checks: the cores were checked when they were made)."""
+    out = cores[0].reshape(-1, cores[0].shape[-1])
+    for c in cores[1:]:
+        out = (out @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
+    return out.reshape(rows, cols)
 
 
 def _loss(p, q, ca, cb, den, rows_a, k, cols_b):
-    a = tt.reconstruct(ca, rows_a, k)
-    b = tt.reconstruct(cb, k, cols_b)
+    a = _full(ca, rows_a, k)
+    b = _full(cb, k, cols_b)
     left = torch.cat([p, -a], dim=1)             # (in, 2k)
     right = torch.cat([q, b], dim=0)             # (2k, out)
     num = ((left.T @ left) * (right @ right.T)).sum()
@@ -29,7 +37,7 @@ def _loss(p, q, ca, cb, den, rows_a, k, cols_b):
 
 
 def fit_rep_cores(p: torch.Tensor, q: torch.Tensor, cores_a: list[torch.Tensor],
-                  cores_b: list[torch.Tensor], *, steps: int = 300, lr: float = 1e-2,
+                  cores_b: list[torch.Tensor], *, steps: int = 300, lr: float = 3e-2,
                   seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], float, float]:
     """Adam on the TT cores of ``A (in, k)`` and ``B (k, out)`` so that ``A @ B`` approaches
     ``p @ q``. Returns ``(cores_a, cores_b, start_error, best_error)`` with relative
@@ -62,12 +70,17 @@ def fit_rep_cores(p: torch.Tensor, q: torch.Tensor, cores_a: list[torch.Tensor],
     if steps > 0 and start > 0:
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 1e-2)
-        for _ in range(steps):
+        mark = best
+        for step in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = _loss(P, Q, ca, cb, den, rows_a, k, cols_b)
             err = float(loss.detach().clamp_min(0).sqrt())
             if err < best and math.isfinite(err):
                 best, best_cores = err, [c.detach().clone() for c in params]
+            if step % 50 == 49:  # stalled: under 0.1% better than 50 steps ago
+                if best > mark * (1 - 1e-3):
+                    break
+                mark = best
             loss.backward()
             opt.step()
             sched.step()
