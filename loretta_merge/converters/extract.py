@@ -93,13 +93,13 @@ def _check_same_model(base: CheckpointReader, ft: CheckpointReader, base_cfg: di
     common = base_keys & ft_keys
     if not common:
         raise ShapeError(f"{base.model_dir} and {ft.model_dir} have no tensor name in common "
-                         f"(e.g. {sorted(base_keys)[:1]} vs {sorted(ft_keys)[:1]}); extract needs "
-                         f"a fine-tune of this very base, saved with the same layout")
+                         f"(e.g. {sorted(base_keys)[:1]} vs {sorted(ft_keys)[:1]}); pass the base this "
+                         f"model was fine-tuned from, saved with the same model class")
     for f in _ARCH_FIELDS:
         if f in base_cfg and f in ft_cfg and base_cfg[f] != ft_cfg[f]:
             raise ShapeError(f"different architectures: config.json {f} is {base_cfg[f]!r} in "
-                             f"{base.model_dir} and {ft_cfg[f]!r} in {ft.model_dir}; extract needs "
-                             f"a fine-tune of this very base")
+                             f"{base.model_dir} and {ft_cfg[f]!r} in {ft.model_dir}; pass the base this "
+                             f"model was fine-tuned from")
     bad = [(k, base.shape(k), ft.shape(k)) for k in sorted(common) if base.shape(k) != ft.shape(k)]
     if not bad:
         return
@@ -111,13 +111,13 @@ def _check_same_model(base: CheckpointReader, ft: CheckpointReader, base_cfg: di
         rows = vocab[0][2][0]
         raise ShapeError(f"the fine-tune's vocabulary was resized ({names}"
                          + (f"; vocab_size {v0} -> {v1}" if v0 != v1 else "")
-                         + f"): a delta needs equal shapes. Resize the base first "
-                         f"(model.resize_token_embeddings({rows}); save_pretrained) and extract "
-                         f"against that copy: the changed embedding rows are then carried whole")
+                         + f"); a delta needs equal shapes: load the base, call "
+                         f"model.resize_token_embeddings({rows}), save it with save_pretrained and "
+                         f"extract against that copy (the changed embeddings are then carried whole)")
     k, s0, s1 = bad[0]
     more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
     raise ShapeError(f"different architectures: tensor {k} is {tuple(s0)} in {base.model_dir} and "
-                     f"{tuple(s1)} in {ft.model_dir}{more}; extract needs a fine-tune of this very base")
+                     f"{tuple(s1)} in {ft.model_dir}{more}; pass the base this model was fine-tuned from")
 
 
 def _targets(plan_keys: list[str], ft: CheckpointReader, modules: set[str] | None,
@@ -257,11 +257,11 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
     """
     check_rank_options(rank, energy, eps, command="extract")
     if to not in ("lora", "tt"):
-        raise ConfigError(f"--to must be 'lora' or 'tt', got {to!r}")
+        raise ConfigError(f"--to must be 'lora' or 'tt', got {to!r}; pass --to lora or --to tt")
     if to == "tt" and (isinstance(tensor_rank, bool) or not isinstance(tensor_rank, int) or tensor_rank < 1):
         raise ConfigError(f"--tensor-rank must be an integer >= 1, got {tensor_rank!r}; pass e.g. --tensor-rank 5")
     if to == "tt" and shapes not in ("paper", "auto"):
-        raise ConfigError(f"--shapes must be 'paper' or 'auto', got {shapes!r}")
+        raise ConfigError(f"--shapes must be 'paper' or 'auto', got {shapes!r}; pass --shapes paper or --shapes auto")
     start = time.perf_counter()
     plan = plan_extract(base, finetuned, target_modules=target_modules, rank=rank)
     modules: dict = {}

@@ -108,7 +108,7 @@ def resize(adapter, *, rank: int | None = None, energy: float | None = None,
     where = src.path or "<in-memory adapter>"
     if src.method not in ("lora", "rep"):
         raise FormatError(f"{where}: is a {src.method!r} adapter; resize handles PEFT LoRA and "
-                          f"LoRETTA_rep adapters (LoRETTA_adp bottlenecks have no rank to lower)")
+                          f"LoRETTA_rep adapters (LoRETTA_adp bottlenecks have no rank to lower); pass a LoRA or rep adapter")
     rows: list[RankRow] = []
     modules: dict = {}
     kind = "lora" if src.method == "lora" else "tt"
@@ -128,7 +128,7 @@ def resize(adapter, *, rank: int | None = None, energy: float | None = None,
             continue
         rows.append(row)
     if not rows:
-        raise FormatError(f"{where}: the adapter has no LoRA or rep modules to resize")
+        raise FormatError(f"{where}: the adapter has no LoRA or rep modules to resize; pass a LoRA or rep adapter")
     tensors = {k: v.detach().clone() for k, v in src.tensors.items()}
     report.carried = {k: list(v.shape) for k, v in tensors.items()}
     report.carried_params = sum(v.numel() for v in tensors.values())
