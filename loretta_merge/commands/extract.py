@@ -36,7 +36,8 @@ def _targets(values: tuple[str, ...]) -> list[str] | str | None:
 @click.option("--shapes", type=click.Choice(["paper", "auto"]), default="paper", show_default=True,
               help="--to tt: TT mode shapes.")
 @click.option("--fit-steps", type=int, default=300, show_default=True,
-              help="--to tt: Adam steps fitting the cores to the delta (0: TT-SVD only).")
+              help="--to tt: fit the cores to the delta after TT-SVD (alternating least squares "
+                   "for small cores, else this many Adam steps); 0: TT-SVD only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def extract_command(base, finetuned, out, to, rank, energy, eps, target_modules, tensor_rank,

@@ -202,11 +202,13 @@ def _rel(d: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def _tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int, shapes: str,
-               fit_steps: int) -> tuple[RepModule, float, float | None]:
-    """LoRETTA_rep cores for one module: TT-SVD of its factors, then fitted cores; the
-    better of the two by the measured delta error. Returns (module, err TT-SVD, err fit)."""
+               fit_steps: int) -> tuple[RepModule, float, float | None, str]:
+    """LoRETTA_rep cores for one module: TT-SVD of its factors, then cores fitted to the
+    delta (alternating least squares when its linear systems are small, else ``fit_steps``
+    Adam steps); the better of the two by the measured delta error.
+    Returns (module, err TT-SVD, err fit, "tt-svd" | "als" | "adam": the one kept)."""
     from .lora import lora_to_tt
-    from .ttfit import fit_rep_cores
+    from .ttfit import als_budget_ok, als_rep_cores, fit_rep_cores
 
     k = lora.a.shape[0]
     one = Adapter(method="lora", source="peft", modules={name: lora}, config={"r": k, "lora_alpha": k})
@@ -214,13 +216,18 @@ def _tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int
     m0 = rep.modules[name]
     err_svd = _rel(d, m0.delta().T)
     if fit_steps <= 0:
-        return m0, err_svd, None
-    ca, cb, _, _ = fit_rep_cores(lora.a.T.contiguous(), lora.b.T.contiguous(), m0.a.cores,
-                                 m0.b.cores, steps=fit_steps)
+        return m0, err_svd, None, "tt-svd"
+    p, q = lora.a.T.contiguous(), lora.b.T.contiguous()
+    if als_budget_ok(p.shape[0], k, q.shape[1], m0.a.cores, m0.b.cores):
+        ca, cb, _, _ = als_rep_cores(p, q, m0.a.cores, m0.b.cores)
+        how = "als"
+    else:
+        ca, cb, _, _ = fit_rep_cores(p, q, m0.a.cores, m0.b.cores, steps=fit_steps)
+        how = "adam"
     m1 = RepModule(a=TTMatrix(cores=ca, rows=m0.a.rows, cols=m0.a.cols),
                    b=TTMatrix(cores=cb, rows=m0.b.rows, cols=m0.b.cols), scale=1.0)
     err_fit = _rel(d, m1.delta().T)
-    return (m1 if err_fit < err_svd else m0), err_svd, err_fit
+    return (m1, err_svd, err_fit, how) if err_fit < err_svd else (m0, err_svd, err_fit, "tt-svd")
 
 
 def _config(plan: ExtractPlan, modules: dict, to: str, *, rank, energy, eps, tensor_rank, shapes,
@@ -302,10 +309,9 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                           energy=kept_energy(s, k), err=err_svd, err_svd=err_svd,
                           params=k * sum(d.shape), params_before=d.numel())
             if to == "tt":
-                mod, e_svd, e_fit = _tt_module(name, lora, d, tensor_rank=tensor_rank, shapes=shapes,
-                                               fit_steps=fit_steps)
-                row.err_tt_svd, row.err_tt_fit = e_svd, e_fit
-                row.tt_method = "fit" if e_fit is not None and e_fit < e_svd else "tt-svd"
+                mod, e_svd, e_fit, how = _tt_module(name, lora, d, tensor_rank=tensor_rank,
+                                                    shapes=shapes, fit_steps=fit_steps)
+                row.err_tt_svd, row.err_tt_fit, row.tt_method = e_svd, e_fit, how
                 row.err = min(e_svd, e_fit if e_fit is not None else math.inf)
                 row.params = mod.num_params()
                 row.ranks_a = [1] + [int(c.shape[-1]) for c in mod.a.cores]

@@ -93,3 +93,86 @@ def fit_rep_cores(p: torch.Tensor, q: torch.Tensor, cores_a: list[torch.Tensor],
     out_a[-1] = out_a[-1] * na
     out_b[-1] = out_b[-1] * nb
     return out_a, out_b, start, best
+
+
+# --------------------------------------------------------------------------- ALS
+
+def _core_map(cores: list[torch.Tensor], j: int) -> torch.Tensor:
+    """``M`` with ``vec(TT) = M @ vec(core j)``: ``(N, r_{j-1} n_j r_j)``, C order."""
+    left = torch.ones(1, 1, dtype=cores[0].dtype, device=cores[0].device)
+    for c in cores[:j]:
+        left = (left @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])       # (N_left, r_{j-1})
+    right = torch.ones(1, 1, dtype=cores[0].dtype, device=cores[0].device)
+    for c in reversed(cores[j + 1:]):
+        right = (c.reshape(-1, c.shape[-1]) @ right).reshape(c.shape[0], -1)      # (r_j, N_right)
+    n = cores[j].shape[1]
+    eye = torch.eye(n, dtype=left.dtype, device=left.device)
+    # M[(l, i, r), (a, i', b)] = left[l, a] * eye[i, i'] * right[b, r]
+    m = torch.einsum("la,ij,br->lirajb", left, eye, right)
+    return m.reshape(left.shape[0] * n * right.shape[1], -1)
+
+
+def _solve(h: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    ridge = 1e-12 * float(torch.diagonal(h).abs().mean().clamp_min(1e-300))
+    h = h + ridge * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.lstsq(h, rhs.unsqueeze(-1)).solution.squeeze(-1)
+
+
+def als_budget_ok(rows_a: int, k: int, cols_b: int, cores_a, cores_b, *,
+                  max_entries: int = 20_000_000) -> bool:
+    """Whether one ALS step's explicit core map fits the budget (``N * core size`` entries)."""
+    biggest = max(c.numel() for c in list(cores_a) + list(cores_b))
+    return max(rows_a, cols_b) * k * biggest <= max_entries
+
+
+def als_rep_cores(p: torch.Tensor, q: torch.Tensor, cores_a: list[torch.Tensor],
+                  cores_b: list[torch.Tensor], *, sweeps: int = 20
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], float, float]:
+    """Alternating least squares on the cores: each core in turn gets the exact minimiser of
+    ``||p q - A B||_F`` with the other cores fixed (a ``(size, size)`` linear system built from
+    the core's explicit linear map). Same contract as :func:`fit_rep_cores`. Float64."""
+    rows_a, k = p.shape
+    cols_b = q.shape[1]
+    dt = torch.float64
+    na = float(p.norm()) or 1.0
+    nb = float(q.norm()) or 1.0
+    P, Q = p.to(dt) / na, q.to(dt) / nb
+    den = ((P.T @ P) * (Q @ Q.T)).sum().clamp_min(1e-300)
+    ca = [c.detach().to(dt).clone() for c in cores_a]
+    cb = [c.detach().to(dt).clone() for c in cores_b]
+    ca[-1] /= na
+    cb[-1] /= nb
+
+    def err() -> float:
+        return float(_loss(P, Q, ca, cb, den, rows_a, k, cols_b).clamp_min(0).sqrt())
+
+    start = err()
+    best, best_cores = start, [c.clone() for c in ca + cb]
+    mark = best
+    for sweep in range(sweeps):
+        b_mat = _full(cb, k, cols_b)
+        g_b, c_rhs = b_mat @ b_mat.T, P @ (Q @ b_mat.T)                    # (k, k), (in, k)
+        for j in range(len(ca)):
+            m = _core_map(ca, j).reshape(rows_a, k, -1)
+            wm = torch.einsum("icp,cd->idp", m, g_b)
+            h = torch.einsum("icp,icq->pq", m, wm)
+            ca[j] = _solve(h, torch.einsum("icp,ic->p", m, c_rhs)).reshape(ca[j].shape)
+        a_mat = _full(ca, rows_a, k)
+        g_a, d_rhs = a_mat.T @ a_mat, (a_mat.T @ P) @ Q                     # (k, k), (k, out)
+        for j in range(len(cb)):
+            m = _core_map(cb, j).reshape(k, cols_b, -1)
+            wm = torch.einsum("cd,dop->cop", g_a, m)
+            h = torch.einsum("cop,coq->pq", m, wm)
+            cb[j] = _solve(h, torch.einsum("cop,co->p", m, d_rhs)).reshape(cb[j].shape)
+        e = err()
+        if e < best and math.isfinite(e):
+            best, best_cores = e, [c.clone() for c in ca + cb]
+        if sweep % 5 == 4:
+            if best > mark * (1 - 1e-4):
+                break
+            mark = best
+    out_a = [c.float() for c in best_cores[:len(ca)]]
+    out_b = [c.float() for c in best_cores[len(ca):]]
+    out_a[-1] = out_a[-1] * na
+    out_b[-1] = out_b[-1] * nb
+    return out_a, out_b, start, best
