@@ -336,3 +336,36 @@ def test_als_and_adam_fits_agree_and_never_lose():
     assert start == pytest.approx(start2, rel=1e-6)
     assert als <= start and adam <= start
     assert als == pytest.approx(adam, rel=2e-3)
+
+
+def test_changed_bias_of_a_target(tmp_path):
+    """A targeted module whose bias changed too: the LoRA carries its weight whole (PEFT
+    cannot hold both) and PEFT still merges to the fine-tune; the TT form keeps the module
+    low-rank, carries the bias, and loretta-merge writes both."""
+    from loretta_merge.merge import merge
+
+    base, ft, deltas = make_pair("bert", tmp_path)
+    model = type(build("bert")).from_pretrained(ft)
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.query.bias.add_(0.05)
+    ft2 = tmp_path / "bert-ft2"
+    model.save_pretrained(ft2)
+    ft_state = load_file(ft2 / "model.safetensors")
+    lora_out = tmp_path / "lora"
+    adapter, report = extract(base, ft2, rank=4)
+    q0 = "encoder.layer.0.attention.self.query"
+    assert q0 not in adapter.modules and f"{q0}.weight" in adapter.tensors
+    assert any("also changed their bias" in n for n in report.notes)
+    from loretta_merge.formats import write_peft_lora
+    write_peft_lora(adapter, lora_out)
+    merged = peft_merged("bert", base, lora_out)
+    for key, value in ft_state.items():
+        assert torch.allclose(merged[key], value, atol=1e-6, rtol=0), key
+    tt_out = tmp_path / "tt"
+    assert run(["extract", str(base), str(ft2), "-o", str(tt_out), "--to", "tt", "--rank", "4",
+                "--tensor-rank", "64", "--fit-steps", "0"]).exit_code == 0
+    assert q0 in read_adapter(tt_out).modules
+    merge(base, [(tt_out, 1.0)], tmp_path / "merged", progress=False, device="cpu")
+    got = load_file(tmp_path / "merged" / "model.safetensors")
+    for key, value in ft_state.items():
+        assert torch.allclose(got[key], value, atol=1e-5, rtol=0), key
