@@ -35,7 +35,7 @@ SHORT_HELP = {
     "export": "Export a model to ONNX (validated) or re-shard safetensors.",
     "train": "Fine-tune a model with LoRETTA_rep or LoRETTA_adp.",
     "inspect": "Describe an adapter or model, or count what an adapter would train.",
-    "extract": "Extract a LoRA or TT adapter from a fine-tune (truncated SVD of the deltas).",
+    "extract": "Extract a LoRA or TT adapter from a full fine-tune.",
 }
 
 

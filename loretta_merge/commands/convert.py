@@ -137,6 +137,6 @@ def tt_to_lora_command(tt_dir, out, rank, as_json, force, allow_unsafe_pickle, i
     _emit(report, out, as_json)
 
 
-from .resize import resize_command  # noqa: E402 - defined in its own module, registered here
+from .resize import resize_command  # defined in its own module, registered here
 
 convert_group.add_command(resize_command)

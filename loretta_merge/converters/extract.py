@@ -38,7 +38,7 @@ from ..formats.peft import exact_keys
 from ..io import CheckpointReader, read_model_config
 from .lowrank import RankReport, RankRow, check_rank_options, choose_rank, kept_energy
 
-__all__ = ["extract", "plan_extract", "ExtractPlan", "ALL_LINEAR"]
+__all__ = ["ALL_LINEAR", "ExtractPlan", "extract", "plan_extract"]
 
 ALL_LINEAR = "all-linear"
 # config fields that fix the architecture: equal in a base and its fine-tune

@@ -26,11 +26,18 @@ import torch
 
 from .. import tt
 from ..errors import FormatError
-from ..formats import Adapter, LoraModule, RepModule, TTMatrix, peft_lora_config, read_adapter
+from ..formats import (
+    Adapter,
+    LoraModule,
+    RepModule,
+    TTMatrix,
+    peft_lora_config,
+    read_adapter,
+)
 from .lowrank import RankReport, RankRow, check_rank_options, choose_rank, kept_energy
 from .reports import rel_delta_error
 
-__all__ = ["resize", "lora_svd"]
+__all__ = ["lora_svd", "resize"]
 
 
 def lora_svd(a: torch.Tensor, b: torch.Tensor, scale: float):
@@ -85,7 +92,10 @@ def _resize_rep(name: str, m: RepModule, *, rank, eps) -> tuple[RepModule, RankR
 
     out = RepModule(a=round_tt(m.a), b=round_tt(m.b), scale=float(m.scale))
     err = _rep_error(m, out)
-    ranks = lambda t: [1] + [int(c.shape[-1]) for c in t.cores]  # noqa: E731
+
+    def ranks(t: TTMatrix) -> list[int]:
+        return [1] + [int(c.shape[-1]) for c in t.cores]
+
     row = RankRow(name=name, out_features=m.b.cols, in_features=m.a.rows,
                   rank=max(ranks(out.a) + ranks(out.b)), rank_before=max(ranks(m.a) + ranks(m.b)),
                   energy=max(0.0, 1.0 - err * err), err=err, params=out.num_params(),

@@ -17,7 +17,6 @@ import math
 import torch
 
 
-
 def _full(cores: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
     """The TT's matrix, contracted left to right (the convention of ``tt.reconstruct``,
     without its checks: the cores were checked when they were made)."""
