@@ -66,7 +66,7 @@ def make_pair(kind: str, root: Path, *, seed: int = 0) -> tuple[Path, Path, dict
                 deltas[key] = d
             elif "LayerNorm.weight" in key or key.endswith("norm.weight"):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(ft)
+    model.save_pretrained(ft, max_shard_size="40KB")  # sharded: the index path is read too
     return base, ft, deltas
 
 
@@ -90,6 +90,13 @@ def peft_merged(kind: str, base_dir: Path, lora_dir: Path) -> dict[str, torch.Te
     model.set_adapter("default")
     model.delete_adapter("check")
     return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def load_dir(d: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in sorted(d.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
 
 
 def rel(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -135,7 +142,7 @@ def test_lora_recovers_delta_and_peft_merges_it(kind, pairs, tmp_path):
         assert rel(got, d) < 1e-5, key
     # real PEFT: loads with no missing/unexpected keys; its merged model is the fine-tune
     merged = peft_merged(kind, base, out)
-    ft_state = load_file(ft / "model.safetensors")
+    ft_state = load_dir(ft)
     for key, value in ft_state.items():
         assert torch.allclose(merged[key], value, atol=1e-6, rtol=0), key
 
@@ -199,7 +206,7 @@ def test_tt_output_merges_with_loretta_merge(pairs, tmp_path):
     merged = {}
     for f in merged_dir.glob("*.safetensors"):
         merged.update(load_file(f))
-    base_state, ft_state = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
+    base_state, ft_state = load_dir(base), load_dir(ft)
     for key, d in deltas.items():
         got = merged[key] - base_state[key]
         # the merged model's delta is the adapter's: its error against the true delta is the reported one
@@ -350,7 +357,7 @@ def test_changed_bias_of_a_target(tmp_path):
         model.encoder.layer[0].attention.self.query.bias.add_(0.05)
     ft2 = tmp_path / "bert-ft2"
     model.save_pretrained(ft2)
-    ft_state = load_file(ft2 / "model.safetensors")
+    ft_state = load_dir(ft2)
     lora_out = tmp_path / "lora"
     adapter, report = extract(base, ft2, rank=4)
     q0 = "encoder.layer.0.attention.self.query"
@@ -366,6 +373,34 @@ def test_changed_bias_of_a_target(tmp_path):
                 "--tensor-rank", "64", "--fit-steps", "0"]).exit_code == 0
     assert q0 in read_adapter(tt_out).modules
     merge(base, [(tt_out, 1.0)], tmp_path / "merged", progress=False, device="cpu")
-    got = load_file(tmp_path / "merged" / "model.safetensors")
+    got = load_dir(tmp_path / "merged")
     for key, value in ft_state.items():
         assert torch.allclose(got[key], value, atol=1e-5, rtol=0), key
+
+
+def test_gpt2_conv1d(tmp_path):
+    """GPT-2 stores c_attn as a Conv1D weight (in, out): the delta is taken in (out, in)
+    orientation, the LoRA is written with fan_in_fan_out, PEFT merges it to the fine-tune."""
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    base, ft = tmp_path / "gpt2-base", tmp_path / "gpt2-ft"
+    model.save_pretrained(base)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            w = block.attn.c_attn.weight                     # (64, 192) = (in, out)
+            w.add_(torch.randn(64, 3, generator=g) @ torch.randn(3, 192, generator=g) * 0.02)
+    model.save_pretrained(ft)
+    out = tmp_path / "lora"
+    adapter, report = extract(base, ft, rank=3)
+    assert adapter.fan_in_fan_out == set(adapter.modules) and len(adapter.modules) == 2
+    assert report.summary()["max_err"] < 1e-5
+    from loretta_merge.formats import write_peft_lora
+    write_peft_lora(adapter, out)
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    base_model = transformers.GPT2LMHeadModel.from_pretrained(base).eval()
+    merged = peft.PeftModel.from_pretrained(base_model, str(out)).merge_and_unload().state_dict()
+    for key, value in load_dir(ft).items():
+        assert torch.allclose(merged[key], value, atol=1e-6, rtol=0), key
