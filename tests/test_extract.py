@@ -404,3 +404,15 @@ def test_gpt2_conv1d(tmp_path):
     merged = peft.PeftModel.from_pretrained(base_model, str(out)).merge_and_unload().state_dict()
     for key, value in load_dir(ft).items():
         assert torch.allclose(merged[key], value, atol=1e-6, rtol=0), key
+
+
+def test_dtype_change_is_reported(tmp_path):
+    base = tmp_path / "base"
+    build("llama").save_pretrained(base)
+    ft = tmp_path / "ft-bf16"
+    model = build("llama").to(torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.5)
+    model.save_pretrained(ft)
+    _, report = extract(base, ft, rank=1)
+    assert any("another dtype" in n for n in report.notes)

@@ -60,6 +60,7 @@ class ExtractPlan:
     dropped: list[str] = field(default_factory=list)    # keys in the base only
     model_type: str | None = None
     target_source: str = ""                 # how the targets were chosen (for the report)
+    dtype_changes: list[str] = field(default_factory=list)  # shared tensors stored in other dtypes
 
 
 # --------------------------------------------------------------------------- planning
@@ -181,7 +182,8 @@ def plan_extract(base_dir, ft_dir, *, target_modules=None, rank: int | None = No
                            conv1d={targets[k] for k in targets if targets[k] in conv},
                            added=[k for k in ft.keys() if k not in base_keys],
                            dropped=sorted(k for k in base.keys() if k not in ft_keys),
-                           model_type=model_type, target_source=source)
+                           model_type=model_type, target_source=source,
+                           dtype_changes=[k for k in common if base.dtype(k) != ft.dtype(k)])
 
 
 # --------------------------------------------------------------------------- the work
@@ -374,6 +376,11 @@ def _whole_modules_for_peft(plan: ExtractPlan, ft: CheckpointReader, modules: di
 
 def _notes(report: RankReport, plan: ExtractPlan) -> None:
     report.notes.append(f"targets: {plan.target_source}")
+    if plan.dtype_changes:
+        report.notes.append(f"{len(plan.dtype_changes)} tensor(s) are stored in another dtype in "
+                            f"the fine-tune (e.g. {plan.dtype_changes[0]}): rounding alone changes "
+                            f"them, so they count as changed; save both checkpoints in one dtype "
+                            f"to carry only what training changed")
     linear_carried = [k for k in report.carried if k.endswith(".weight") and len(report.carried[k]) == 2
                       and not _looks_like_embedding(k)]
     if linear_carried:
