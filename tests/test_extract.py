@@ -416,3 +416,22 @@ def test_dtype_change_is_reported(tmp_path):
     model.save_pretrained(ft)
     _, report = extract(base, ft, rank=1)
     assert any("another dtype" in n for n in report.notes)
+
+
+def test_mixed_ranks_load_in_peft(pairs, tmp_path):
+    """--eps gives modules different ranks: rank_pattern/alpha_pattern keep every scale at 1
+    in real PEFT, whose merge equals base + the written factors."""
+    from loretta_merge.formats import write_peft_lora
+
+    base, ft, deltas = pairs["llama"]
+    adapter, report = extract(base, ft, eps=0.4)
+    assert len({r.rank for r in report.modules}) > 1
+    out = tmp_path / "lora"
+    write_peft_lora(adapter, out)
+    assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    merged = peft_merged("llama", base, out)
+    base_state = load_dir(base)
+    for key in deltas:
+        m = adapter.modules[key[:-7]]
+        want = base_state[key] + m.b @ m.a
+        assert torch.allclose(merged[key], want, atol=1e-6), key
