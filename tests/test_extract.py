@@ -435,3 +435,9 @@ def test_mixed_ranks_load_in_peft(pairs, tmp_path):
         m = adapter.modules[key[:-7]]
         want = base_state[key] + m.b @ m.a
         assert torch.allclose(merged[key], want, atol=1e-6), key
+
+
+def test_rank_cap_above_a_module_size_is_clamped(pairs):
+    base, ft, _ = pairs["llama"]
+    _, report = extract(base, ft, energy=1.0, rank=33)   # v_proj is 32 x 64: a cap, not an error
+    assert {r.rank for r in report.modules} == {4}

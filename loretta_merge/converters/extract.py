@@ -272,7 +272,9 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
     if to == "tt" and shapes not in ("paper", "auto"):
         raise ConfigError(f"--shapes must be 'paper' or 'auto', got {shapes!r}; pass --shapes paper or --shapes auto")
     start = time.perf_counter()
-    plan = plan_extract(base, finetuned, target_modules=target_modules, rank=rank)
+    # a fixed rank must fit every module; as a cap (with --energy/--eps) it is clamped per module
+    fixed = rank if energy is None and eps is None else None
+    plan = plan_extract(base, finetuned, target_modules=target_modules, rank=fixed)
     modules: dict = {}
     tensors: dict[str, torch.Tensor] = {}
     rows: list[RankRow] = []
