@@ -282,12 +282,12 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                         eps=eps, tensor_rank=tensor_rank if to == "tt" else None,
                         added=list(plan.added), dropped=list(plan.dropped))
     with CheckpointReader(plan.base_dir) as base_r, CheckpointReader(plan.ft_dir) as ft_r:
-        keys = plan.common + plan.added
+        keys, added = plan.common + plan.added, set(plan.added)
         for i, key in enumerate(keys):
             if progress is not None:
                 progress(i, len(keys), key)
             w1 = ft_r.get(key)
-            if key in plan.added:
+            if key in added:
                 tensors[key] = w1
                 continue
             w0 = base_r.get(key)
