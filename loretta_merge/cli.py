@@ -27,6 +27,7 @@ COMMANDS = {
     "export": "export:export_group",
     "train": "train:train_command",
     "inspect": "inspect:inspect_command",
+    "extract": "extract:extract_command",
 }
 SHORT_HELP = {
     "merge": "Merge adapters into a base checkpoint (streaming).",
@@ -34,6 +35,7 @@ SHORT_HELP = {
     "export": "Export a model to ONNX (validated) or re-shard safetensors.",
     "train": "Fine-tune a model with LoRETTA_rep or LoRETTA_adp.",
     "inspect": "Describe an adapter or model, or count what an adapter would train.",
+    "extract": "Extract a LoRA or TT adapter from a full fine-tune.",
 }
 
 

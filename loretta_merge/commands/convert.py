@@ -135,3 +135,8 @@ def tt_to_lora_command(tt_dir, out, rank, as_json, force, allow_unsafe_pickle, i
                                  ignore_pooling=ignore_pooling)
     write_peft_lora(adapter, out, force=force)
     _emit(report, out, as_json)
+
+
+from .resize import resize_command  # defined in its own module, registered here
+
+convert_group.add_command(resize_command)

@@ -1,0 +1,405 @@
+"""Extract a low-rank adapter from a fine-tuned checkpoint: ``W_ft - W0`` -> LoRA or TT.
+
+Both checkpoints are read tensor by tensor (``io.CheckpointReader``: headers first, then
+one positioned read per tensor), so memory holds a few tensors whatever the model. Per
+targeted Linear (or GPT-2 ``Conv1D``) weight the delta is formed in fp32, decomposed by an
+exact truncated SVD (``torch.linalg.svd``), and its rank chosen by
+:func:`.lowrank.choose_rank` (a fixed rank, the energy kept, or a relative error target).
+With ``D = U S V^T`` (``D`` in ``(out, in)`` orientation) the LoRA factors are
+``lora_B = U_k sqrt(S_k)`` and ``lora_A = sqrt(S_k) V_k^T`` with ``lora_alpha = r`` (scale
+1), so PEFT's delta is exactly the truncated SVD.
+
+``to="tt"`` turns each module's factors into LoRETTA_rep cores: first the TT-SVD of the
+factors (``converters.lora.lora_to_tt``), then cores fitted to the delta itself
+(:mod:`.ttfit`); the one with the smaller measured delta error is kept and both errors are
+reported.
+
+Tensors that changed but are not targets (norms, biases, heads, embeddings, untargeted
+Linear weights) are carried whole (PEFT ``modules_to_save`` in a LoRA; full tensors in our
+TT adapter, which ``loretta-merge`` writes over the base's). Unchanged tensors are not
+written. Everything is checked from the headers before a tensor is read: shapes, the
+architecture, a resized vocabulary, the rank against each module's size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapters.config import default_targets, target_matches
+from ..errors import ConfigError, FormatError, ShapeError
+from ..formats import Adapter, LoraModule, RepModule, TTMatrix
+from ..formats.peft import exact_keys
+from ..io import CheckpointReader, read_model_config
+from .lowrank import RankReport, RankRow, check_rank_options, choose_rank, kept_energy
+
+__all__ = ["ALL_LINEAR", "ExtractPlan", "extract", "plan_extract"]
+
+ALL_LINEAR = "all-linear"
+# config fields that fix the architecture: equal in a base and its fine-tune
+_ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "n_head", "d_model")
+_VOCAB_HINTS = ("embed", "wte", "word_embeddings", "lm_head", "shared", "output.weight")
+
+
+@dataclass
+class ExtractPlan:
+    """Everything decided from the two headers and configs, before any tensor is read."""
+
+    base_dir: Path
+    ft_dir: Path
+    common: list[str]                       # keys in both, fine-tune order
+    targets: dict[str, str]                 # weight key -> module name
+    conv1d: set[str] = field(default_factory=set)       # module names stored (in, out)
+    added: list[str] = field(default_factory=list)      # keys in the fine-tune only
+    dropped: list[str] = field(default_factory=list)    # keys in the base only
+    model_type: str | None = None
+    target_source: str = ""                 # how the targets were chosen (for the report)
+    dtype_changes: list[str] = field(default_factory=list)  # shared tensors stored in other dtypes
+
+
+# --------------------------------------------------------------------------- planning
+
+def _linear_modules(model_dir: Path, config: dict) -> tuple[set[str], set[str]] | None:
+    """``(Linear modules, Conv1D modules)`` of the checkpoint's class, built on the meta
+    device from its config (no weights); None when transformers cannot build it."""
+    try:
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+
+        model_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        arch = (config.get("architectures") or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        with torch.device("meta"):
+            model = cls(model_config) if cls is not None else transformers.AutoModel.from_config(model_config)
+    except Exception:  # noqa: BLE001 - an unknown architecture falls back to the names
+        return None
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    conv = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    return linear | conv, conv
+
+
+def _looks_like_embedding(key: str) -> bool:
+    return any(h in key for h in _VOCAB_HINTS)
+
+
+def _check_same_model(base: CheckpointReader, ft: CheckpointReader, base_cfg: dict,
+                      ft_cfg: dict) -> None:
+    base_keys, ft_keys = set(base.keys()), set(ft.keys())
+    common = base_keys & ft_keys
+    if not common:
+        raise ShapeError(f"{base.model_dir} and {ft.model_dir} have no tensor name in common "
+                         f"(e.g. {sorted(base_keys)[:1]} vs {sorted(ft_keys)[:1]}); pass the base this "
+                         f"model was fine-tuned from, saved with the same model class")
+    for f in _ARCH_FIELDS:
+        if f in base_cfg and f in ft_cfg and base_cfg[f] != ft_cfg[f]:
+            raise ShapeError(f"different architectures: config.json {f} is {base_cfg[f]!r} in "
+                             f"{base.model_dir} and {ft_cfg[f]!r} in {ft.model_dir}; pass the base this "
+                             f"model was fine-tuned from")
+    bad = [(k, base.shape(k), ft.shape(k)) for k in sorted(common) if base.shape(k) != ft.shape(k)]
+    if not bad:
+        return
+    vocab = [b for b in bad if _looks_like_embedding(b[0]) and len(b[1]) == len(b[2])
+             and b[1][1:] == b[2][1:]]
+    v0, v1 = base_cfg.get("vocab_size"), ft_cfg.get("vocab_size")
+    if vocab and len(vocab) == len(bad):
+        names = ", ".join(f"{k} {tuple(s0)} -> {tuple(s1)}" for k, s0, s1 in vocab)
+        rows = vocab[0][2][0]
+        raise ShapeError(f"the fine-tune's vocabulary was resized ({names}"
+                         + (f"; vocab_size {v0} -> {v1}" if v0 != v1 else "")
+                         + f"); a delta needs equal shapes: load the base, call "
+                         f"model.resize_token_embeddings({rows}), save it with save_pretrained and "
+                         f"extract against that copy (the changed embeddings are then carried whole)")
+    k, s0, s1 = bad[0]
+    more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+    raise ShapeError(f"different architectures: tensor {k} is {tuple(s0)} in {base.model_dir} and "
+                     f"{tuple(s1)} in {ft.model_dir}{more}; pass the base this model was fine-tuned from")
+
+
+def _targets(plan_keys: list[str], ft: CheckpointReader, modules: set[str] | None,
+             target_modules, model_type: str | None) -> tuple[dict[str, str], str]:
+    weights = {k[: -len(".weight")]: k for k in plan_keys
+               if k.endswith(".weight") and len(ft.shape(k)) == 2}
+    if modules is not None:
+        linear = {m: k for m, k in weights.items() if m in modules}
+    else:  # unknown class: every 2-D weight except embeddings and output heads
+        linear = {m: k for m, k in weights.items() if not _looks_like_embedding(k)}
+    if target_modules in (None, [], ()):
+        keys = default_targets(model_type, "rep")
+        if keys is None:
+            chosen, source = dict(linear), f"all Linear weights (no defaults for model_type {model_type!r})"
+        else:
+            chosen = {m: k for m, k in linear.items() if target_matches(m, keys)}
+            source = f"the {model_type} defaults {keys}"
+    elif target_modules == ALL_LINEAR or list(target_modules) == [ALL_LINEAR]:
+        chosen, source = dict(linear), "all Linear weights"
+    else:
+        keys = target_modules if isinstance(target_modules, str) else list(target_modules)
+        chosen = {m: k for m, k in linear.items() if target_matches(m, keys)}
+        source = f"--target-modules {keys}"
+        if not chosen:
+            suffixes = sorted({m.rsplit(".", 1)[-1] for m in linear})
+            raise ConfigError(f"--target-modules {keys} matches no Linear module of "
+                              f"{ft.model_dir}; its Linear module names end in: {suffixes} "
+                              f"(or pass --target-modules {ALL_LINEAR})")
+    if not chosen:
+        raise ConfigError(f"{ft.model_dir}: no Linear weight to extract ({source}); pass "
+                          f"--target-modules with names of its Linear modules or {ALL_LINEAR}")
+    return {k: m for m, k in chosen.items()}, source
+
+
+def plan_extract(base_dir, ft_dir, *, target_modules=None, rank: int | None = None) -> ExtractPlan:
+    """Check the pair from headers and configs and decide the targets (nothing is read)."""
+    base_dir, ft_dir = Path(base_dir), Path(ft_dir)
+    for d, what in ((base_dir, "BASE"), (ft_dir, "FINETUNED")):
+        if not d.is_dir():
+            raise FormatError(f"{what} {d} is not a directory; pass a transformers model "
+                              f"directory (config.json and *.safetensors)")
+    base_cfg, ft_cfg = read_model_config(base_dir), read_model_config(ft_dir)
+    with CheckpointReader(base_dir) as base, CheckpointReader(ft_dir) as ft:
+        _check_same_model(base, ft, base_cfg, ft_cfg)
+        base_keys = set(base.keys())
+        common = [k for k in ft.keys() if k in base_keys]
+        ft_keys = set(ft.keys())
+        model_type = ft_cfg.get("model_type") or base_cfg.get("model_type")
+        info = _linear_modules(ft_dir, ft_cfg) if ft_cfg else None
+        modules, conv = (info if info is not None else (None, set()))
+        targets, source = _targets(common, ft, modules, target_modules, model_type)
+        if rank is not None:
+            small = [(k, ft.shape(k)) for k in targets if rank > min(ft.shape(k))]
+            if small:
+                k, s = small[0]
+                raise ConfigError(f"--rank {rank} is larger than min(dims) = {min(s)} of {k} "
+                                  f"{tuple(s)}" + (f" (and {len(small) - 1} more)" if len(small) > 1 else "")
+                                  + f"; pass --rank <= {min(min(s) for _, s in small)}, or "
+                                  f"--energy / --eps with --rank as a cap")
+        return ExtractPlan(base_dir=base_dir, ft_dir=ft_dir, common=common, targets=targets,
+                           conv1d={targets[k] for k in targets if targets[k] in conv},
+                           added=[k for k in ft.keys() if k not in base_keys],
+                           dropped=sorted(k for k in base.keys() if k not in ft_keys),
+                           model_type=model_type, target_source=source,
+                           dtype_changes=[k for k in common if base.dtype(k) != ft.dtype(k)])
+
+
+# --------------------------------------------------------------------------- the work
+
+def _svd_lora(d: torch.Tensor, *, rank, energy, eps) -> tuple[LoraModule, torch.Tensor, int]:
+    """Truncated SVD of ``d (out, in)`` as LoRA factors (scale 1), its singular values and k."""
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    k = choose_rank(s, rank=rank, energy=energy, eps=eps)
+    root = s[:k].clamp_min(0).sqrt()
+    b = (u[:, :k] * root).contiguous()                  # (out, k)
+    a = (root[:, None] * vh[:k]).contiguous()           # (k, in)
+    return LoraModule(a=a, b=b, scale=1.0), s, k
+
+
+def _rel(d: torch.Tensor, approx: torch.Tensor) -> float:
+    n = float(torch.linalg.matrix_norm(d))
+    return float(torch.linalg.matrix_norm(d - approx)) / n if n > 0 else 0.0
+
+
+def _tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int, shapes: str,
+               fit_steps: int) -> tuple[RepModule, float, float | None, str]:
+    """LoRETTA_rep cores for one module: TT-SVD of its factors, then cores fitted to the
+    delta (alternating least squares when its linear systems are small, else ``fit_steps``
+    Adam steps); the better of the two by the measured delta error.
+    Returns (module, err TT-SVD, err fit, "tt-svd" | "als" | "adam": the one kept)."""
+    from .lora import lora_to_tt
+    from .ttfit import als_budget_ok, als_rep_cores, fit_rep_cores
+
+    k = lora.a.shape[0]
+    one = Adapter(method="lora", source="peft", modules={name: lora}, config={"r": k, "lora_alpha": k})
+    rep, _ = lora_to_tt(one, tensor_rank=tensor_rank, shapes=shapes)
+    m0 = rep.modules[name]
+    err_svd = _rel(d, m0.delta().T)
+    if fit_steps <= 0:
+        return m0, err_svd, None, "tt-svd"
+    p, q = lora.a.T.contiguous(), lora.b.T.contiguous()
+    if als_budget_ok(p.shape[0], k, q.shape[1], m0.a.cores, m0.b.cores):
+        ca, cb, _, _ = als_rep_cores(p, q, m0.a.cores, m0.b.cores)
+        how = "als"
+    else:
+        ca, cb, _, _ = fit_rep_cores(p, q, m0.a.cores, m0.b.cores, steps=fit_steps)
+        how = "adam"
+    m1 = RepModule(a=TTMatrix(cores=ca, rows=m0.a.rows, cols=m0.a.cols),
+                   b=TTMatrix(cores=cb, rows=m0.b.rows, cols=m0.b.cols), scale=1.0)
+    err_fit = _rel(d, m1.delta().T)
+    return (m1, err_svd, err_fit, how) if err_fit < err_svd else (m0, err_svd, err_fit, "tt-svd")
+
+
+def _config(plan: ExtractPlan, modules: dict, to: str, *, rank, energy, eps, tensor_rank, shapes,
+            fit_steps) -> dict:
+    ranks = {n: (m.a.shape[0] if isinstance(m, LoraModule) else m.a.cols) for n, m in modules.items()}
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 1
+    keys = exact_keys(sorted(modules))
+    pattern = {keys[n]: r for n, r in sorted(ranks.items()) if r != r0}
+    cfg = {"r": r0, "lora_alpha": r0, "use_rslora": False, "lora_dropout": 0.0,
+           "rank_pattern": pattern, "alpha_pattern": dict(pattern), "task_type": None,
+           "target_modules": sorted(modules)}
+    if to == "tt":
+        cfg.update({"tensor_rank": tensor_rank, "bias": "none",
+                    "modules_to_save": None,
+                    "extracted_from": {"base": str(plan.base_dir), "finetuned": str(plan.ft_dir),
+                                       "rank": rank, "energy": energy, "eps": eps,
+                                       "tensor_rank": tensor_rank, "shapes": shapes,
+                                       "fit_steps": fit_steps}})
+    return cfg
+
+
+def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
+            energy: float | None = None, eps: float | None = None, target_modules=None,
+            tensor_rank: int = 5, shapes: str = "paper", fit_steps: int = 300,
+            progress=None) -> tuple[Adapter, RankReport]:
+    """The adapter that turns checkpoint ``base`` into (an approximation of) ``finetuned``.
+
+    ``to``: ``"lora"`` (PEFT LoRA, write with ``formats.write_peft_lora``) or ``"tt"``
+    (LoRETTA_rep, write with ``formats.write_adapter``). Rank rule: ``rank`` / ``energy`` /
+    ``eps`` (:mod:`.lowrank`). ``target_modules``: PEFT-style keys, ``"all-linear"``, or
+    None for the architecture's defaults (all Linear weights when it has none).
+    ``tensor_rank`` / ``shapes`` / ``fit_steps``: the TT form (``to="tt"``).
+    ``progress(i, n, key)`` is called before each tensor. Returns ``(Adapter, RankReport)``.
+    """
+    check_rank_options(rank, energy, eps, command="extract")
+    if to not in ("lora", "tt"):
+        raise ConfigError(f"--to must be 'lora' or 'tt', got {to!r}; pass --to lora or --to tt")
+    if to == "tt" and (isinstance(tensor_rank, bool) or not isinstance(tensor_rank, int) or tensor_rank < 1):
+        raise ConfigError(f"--tensor-rank must be an integer >= 1, got {tensor_rank!r}; pass e.g. --tensor-rank 5")
+    if to == "tt" and shapes not in ("paper", "auto"):
+        raise ConfigError(f"--shapes must be 'paper' or 'auto', got {shapes!r}; pass --shapes paper or --shapes auto")
+    start = time.perf_counter()
+    # a fixed rank must fit every module; as a cap (with --energy/--eps) it is clamped per module
+    fixed = rank if energy is None and eps is None else None
+    plan = plan_extract(base, finetuned, target_modules=target_modules, rank=fixed)
+    modules: dict = {}
+    tensors: dict[str, torch.Tensor] = {}
+    rows: list[RankRow] = []
+    report = RankReport(command="extract", output_kind=to, modules=rows, rank=rank, energy=energy,
+                        eps=eps, tensor_rank=tensor_rank if to == "tt" else None,
+                        added=list(plan.added), dropped=list(plan.dropped))
+    with CheckpointReader(plan.base_dir) as base_r, CheckpointReader(plan.ft_dir) as ft_r:
+        keys, added = plan.common + plan.added, set(plan.added)
+        for i, key in enumerate(keys):
+            if progress is not None:
+                progress(i, len(keys), key)
+            w1 = ft_r.get(key)
+            if key in added:
+                tensors[key] = w1
+                continue
+            w0 = base_r.get(key)
+            if torch.equal(w0, w1):
+                report.unchanged += 1
+                if key in plan.targets:
+                    report.unchanged_targets.append(plan.targets[key])
+                continue
+            name = plan.targets.get(key)
+            if name is None:
+                tensors[key] = w1
+                continue
+            d = w1.float() - w0.float()
+            del w0, w1
+            if name in plan.conv1d:
+                d = d.T                                   # Conv1D stores (in, out)
+            if not bool(torch.isfinite(d).all()):
+                raise FormatError(f"{key}: the delta has NaN/Inf values (one of the checkpoints "
+                                  f"holds non-finite weights); re-save the checkpoints")
+            lora, s, k = _svd_lora(d, rank=rank, energy=energy, eps=eps)
+            err_svd = _rel(d, lora.b @ lora.a)
+            row = RankRow(name=name, out_features=d.shape[0], in_features=d.shape[1], rank=k,
+                          energy=kept_energy(s, k), err=err_svd, err_svd=err_svd,
+                          params=k * sum(d.shape), params_before=d.numel())
+            if to == "tt":
+                mod, e_svd, e_fit, how = _tt_module(name, lora, d, tensor_rank=tensor_rank,
+                                                    shapes=shapes, fit_steps=fit_steps)
+                row.err_tt_svd, row.err_tt_fit, row.tt_method = e_svd, e_fit, how
+                row.err = min(e_svd, e_fit if e_fit is not None else math.inf)
+                row.params = mod.num_params()
+                row.ranks_a = [1] + [int(c.shape[-1]) for c in mod.a.cores]
+                row.ranks_b = [1] + [int(c.shape[-1]) for c in mod.b.cores]
+                modules[name] = mod
+            else:
+                modules[name] = lora
+            del d
+            rows.append(row)
+        if to == "lora":
+            _whole_modules_for_peft(plan, ft_r, modules, rows, tensors, report)
+    if not modules:
+        raise ShapeError(f"{plan.ft_dir}: no targeted weight differs from {plan.base_dir} "
+                         f"({plan.target_source}); nothing to extract. Check the pair, or pass "
+                         f"--target-modules naming the Linear modules that were trained")
+    report.carried = {k: list(v.shape) for k, v in tensors.items()}
+    report.carried_params = sum(v.numel() for v in tensors.values())
+    _notes(report, plan)
+    method = "rep" if to == "tt" else "lora"
+    adapter = Adapter(method=method, source="loretta-merge" if to == "tt" else "peft",
+                      modules=modules, tensors=tensors,
+                      config=_config(plan, modules, to, rank=rank, energy=energy, eps=eps,
+                                     tensor_rank=tensor_rank, shapes=shapes, fit_steps=fit_steps),
+                      fan_in_fan_out=set(plan.conv1d) & set(modules),
+                      base_model_name_or_path=str(plan.base_dir), path=None)
+    report.seconds = time.perf_counter() - start
+    return adapter, report
+
+
+def _owner(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
+def _whole_modules_for_peft(plan: ExtractPlan, ft: CheckpointReader, modules: dict,
+                            rows: list[RankRow], tensors: dict, report: RankReport) -> None:
+    """PEFT's ``modules_to_save`` replaces whole modules and expects every parameter of each
+    in the file: carry the unchanged siblings of carried tensors too. A targeted module whose
+    own bias (or other parameter) changed cannot also be a LoRA module there, so its weight
+    is carried whole instead of as LoRA factors (``--to tt`` keeps it low-rank)."""
+    owners = {_owner(k) for k in tensors}
+    clash = sorted(m for m in modules if m in owners)
+    for name in clash:
+        key = next(k for k, m in plan.targets.items() if m == name)
+        tensors[key] = ft.get(key)
+        del modules[name]
+        rows[:] = [r for r in rows if r.name != name]
+    if clash:
+        report.notes.append(f"{len(clash)} targeted module(s) also changed their bias, which a PEFT "
+                            f"LoRA module cannot carry: their weights are carried whole (e.g. "
+                            f"{clash[0]}); --to tt keeps them low-rank")
+    siblings = [k for k in plan.common + plan.added
+                if _owner(k) in owners and k not in tensors and k not in plan.targets]
+    for key in siblings:
+        tensors[key] = ft.get(key)
+    if siblings:
+        report.notes.append(f"{len(siblings)} unchanged tensor(s) carried beside changed ones of "
+                            f"the same module (PEFT's modules_to_save holds whole modules), e.g. "
+                            f"{siblings[0]}")
+
+
+def _notes(report: RankReport, plan: ExtractPlan) -> None:
+    report.notes.append(f"targets: {plan.target_source}")
+    if plan.dtype_changes:
+        report.notes.append(f"{len(plan.dtype_changes)} tensor(s) are stored in another dtype in "
+                            f"the fine-tune (e.g. {plan.dtype_changes[0]}): rounding alone changes "
+                            f"them, so they count as changed; save both checkpoints in one dtype "
+                            f"to carry only what training changed")
+    linear_carried = [k for k in report.carried if k.endswith(".weight") and len(report.carried[k]) == 2
+                      and not _looks_like_embedding(k)]
+    if linear_carried:
+        report.notes.append(f"{len(linear_carried)} changed 2-D weight(s) outside the targets are "
+                            f"carried whole (e.g. {linear_carried[0]}); --target-modules "
+                            f"{ALL_LINEAR} extracts them low-rank")
+    if plan.added:
+        report.notes.append(f"{len(plan.added)} tensor(s) only in the fine-tune carried whole "
+                            f"(e.g. {plan.added[0]})")
+    if report.unchanged_targets:
+        report.notes.append(f"{len(report.unchanged_targets)} targeted module(s) unchanged, not "
+                            f"written (e.g. {report.unchanged_targets[0]})")
+
+
+def output_exists_check(out, force: bool) -> None:
+    """Refuse an existing OUT before any work (the writers check again, atomically)."""
+    from ..errors import OutputExistsError
+
+    if os.path.exists(out) and not force:
+        raise OutputExistsError(f"{out} already exists; choose another output or pass --force")
