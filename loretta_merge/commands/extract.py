@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 
@@ -55,16 +53,11 @@ def extract_command(base, finetuned, out, to, rank, energy, eps, target_modules,
     """
     from ..converters.extract import extract, output_exists_check
     from ..formats import write_adapter, write_peft_lora
+    from .resize import echo_report
 
     output_exists_check(out, force)
     adapter, report = extract(base, finetuned, to=to, rank=rank, energy=energy, eps=eps,
                               target_modules=_targets(target_modules), tensor_rank=tensor_rank,
                               shapes=shapes, fit_steps=fit_steps)
     (write_adapter if to == "tt" else write_peft_lora)(adapter, out, force=force)
-    if as_json:
-        d = report.to_dict()
-        d["output"] = str(out)
-        click.echo(json.dumps(d, indent=2))
-    else:
-        click.echo(report.table())
-        click.echo(f"wrote {out}")
+    echo_report(report, out, as_json=as_json)

@@ -47,6 +47,11 @@ def resize_command(adapter_dir, out, rank, energy, eps, as_json, force, allow_un
     adapter, report = resize(adapter_dir, rank=rank, energy=energy, eps=eps,
                              allow_unsafe_pickle=allow_unsafe_pickle)
     (write_peft_lora if adapter.method == "lora" else write_adapter)(adapter, out, force=force)
+    echo_report(report, out, as_json=as_json)
+
+
+def echo_report(report, out, *, as_json: bool) -> None:
+    """The per-module rank/error table (or its JSON) of ``extract`` and ``convert resize``."""
     if as_json:
         d = report.to_dict()
         d["output"] = str(out)
