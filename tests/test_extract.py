@@ -229,7 +229,7 @@ def test_tt_exact_with_full_tensor_rank(pairs):
 def test_agrees_with_mergekit_extract_lora(pairs, tmp_path):
     exe = Path(sys.executable).with_name("mergekit-extract-lora")
     if not exe.exists():
-        pytest.skip("mergekit-extract-lora is not installed")
+        pytest.fail("mergekit-extract-lora is not installed: `pip install -e '.[test]'` brings it")
     base, ft, deltas = pairs["llama"]
     rank = 2  # below the delta's rank: both must keep the same top singular directions
     mk = tmp_path / "mergekit"
