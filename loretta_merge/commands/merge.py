@@ -85,6 +85,34 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
               help="After writing, compare logits of OUT with base + adapter in memory. Loads "
                    "two fp32 copies of the model (8 bytes per parameter); refused up front, "
                    "with the estimate, when they cannot fit in the available memory.")
+@click.option("--method", default="linear", show_default=True, metavar="METHOD",
+              help="How the adapters' deltas combine, tensor by tensor: linear (W0 + sum of "
+                   "w_i * delta_i), task_arithmetic, ties, magnitude_prune, breadcrumbs, "
+                   "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear "
+                   "(docs/merge-methods.md).")
+@click.option("--density", type=float, default=None,
+              help="Fraction of each delta kept, in (0, 1] (ties, dare_*, della*, "
+                   "magnitude_prune, breadcrumbs*). Default 1.")
+@click.option("--lambda", "lambda_", type=float, default=None,
+              help="Scale of the combined delta, >= 0 (every method but linear). Default 1.")
+@click.option("--epsilon", type=float, default=None,
+              help="della*: keep probabilities spread density +/- epsilon by magnitude rank. "
+                   "Default 0.15.")
+@click.option("--gamma", type=float, default=None,
+              help="breadcrumbs*: fraction of largest entries dropped as outliers. Default 0.01.")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
+              help="ties, dare_ties, della, breadcrumbs_ties: elect each entry's sign by the "
+                   "sum of the weighted deltas (total) or by their sign count (frequency). "
+                   "Default total.")
+@click.option("--normalize/--no-normalize", default=None,
+              help="Divide the combined delta by the sum of the (agreeing) weights. Default: "
+                   "on for ties and della, off for the others.")
+@click.option("--rescale/--no-rescale", default=None,
+              help="Scale each pruned delta back to its L1 norm before pruning. Default: on for "
+                   "dare_* and della*, off for the others.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the random masks (dare_*, della*; required there): the same seed "
+                   "gives the same bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-unsafe-pickle", is_flag=True,
@@ -93,8 +121,9 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
               help="AWQ base only: the model the adapter was trained on. Default: the AWQ model, "
                    "unless the adapter's base_model_name_or_path is a local unquantized model; "
                    "'original' is refused (AWQ's activation scales are not stored).")
-def merge_command(specs, out, weights, dtype, device, max_shard_size, force, verify, as_json,
-                  quiet, allow_unsafe_pickle, awq_adapter_trained_on):
+def merge_command(specs, out, weights, dtype, device, max_shard_size, force, verify, method,
+                  density, lambda_, epsilon, gamma, majority_sign, normalize, rescale, seed,
+                  as_json, quiet, allow_unsafe_pickle, awq_adapter_trained_on):
     """Merge adapters into BASE and write a plain transformers checkpoint to OUT.
 
     \b
@@ -132,7 +161,11 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
         report = merge(base, adapters, out, dtype=dtype, device=device,
                        max_shard_bytes=parse_size(max_shard_size), force=force, verify=verify,
                        progress=not (quiet or as_json), allow_unsafe_pickle=allow_unsafe_pickle,
-                       awq_adapter_trained_on=awq_adapter_trained_on)
+                       awq_adapter_trained_on=awq_adapter_trained_on, method=method,
+                       method_params={"density": density, "lambda": lambda_, "epsilon": epsilon,
+                                      "gamma": gamma, "majority_sign": majority_sign,
+                                      "normalize": normalize, "rescale": rescale},
+                       seed=seed)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if as_json:
@@ -141,6 +174,9 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
         msg = (f"merged {report.merged_tensors} tensors (+{report.replaced_tensors} replaced, "
                f"{report.copied_tensors} copied) into {report.out}: {report.shards} shard(s), "
                f"{_human(report.total_bytes)}, {report.dtype}, {report.seconds:.1f}s")
+        if report.method:
+            m = report.method
+            msg += f"; method {m['method']}" + (f", seed {m['seed']}" if m["seed"] is not None else "")
         if report.task_model:
             msg += (f"; wrote {report.task_model} (the model the adapter was trained on; "
                     f"{len(report.dropped)} base tensor(s) it lacks dropped)")
