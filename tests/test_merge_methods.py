@@ -140,8 +140,8 @@ import json, sys, torch
 from safetensors.torch import load_file, save_file
 from mergekit.scripts.run_yaml import main as mergekit_yaml
 spec = json.load(open(sys.argv[1]))
-for config, out in spec["merges"]:
-    mergekit_yaml([config, out, "--no-copy-tokenizer"], standalone_mode=False)
+for config, out, extra in spec["merges"]:
+    mergekit_yaml([config, out, "--no-copy-tokenizer", *extra], standalone_mode=False)
 from mergekit import sparsify
 t = load_file(spec["probe"])["t"]
 res = {}
@@ -174,7 +174,11 @@ def mergekit_runs(job):
     merges = []
     for name, (build, *_rest) in CASES.items():
         (work / f"{name}.yml").write_text(json.dumps(build(job), indent=1))  # JSON is YAML
-        merges.append([str(work / f"{name}.yml"), str(work / name)])
+        merges.append([str(work / f"{name}.yml"), str(work / name), []])
+    for name, text in recipes(job).items():  # BASE+LORA entries: mergekit needs a cache
+        (work / f"{name}.yml").write_text(text)
+        merges.append([str(work / f"{name}.yml"), str(work / name),
+                       ["--lora-merge-cache", str(work / "lora-cache")]])
     probe = torch.randn(48, 80, generator=torch.Generator().manual_seed(5))
     save_file({"t": probe}, work / "probe.safetensors")
     spec = {"merges": merges, "probe": str(work / "probe.safetensors"),
@@ -184,7 +188,7 @@ def mergekit_runs(job):
     done = subprocess.run([sys.executable, "-c", _DRIVER, str(work / "spec.json")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"dirs": {name: work / name for name in CASES}, "probe": probe,
+    return {"dirs": {name: work / name for name in [*CASES, *recipes(job)]}, "probe": probe,
             "sparsify": load_file(work / "sparsify.safetensors")}
 
 
@@ -218,6 +222,117 @@ def test_pruning_draws_equal_mergekit(mergekit_runs):
     }
     for name, value in got.items():
         assert torch.equal(value, want[name]), name
+
+
+# --------------------------------------------------------------------------- mergekit YAML
+
+def recipes(job: Job) -> dict[str, str]:
+    """mergekit recipes over BASE+LORA entries (mergekit cannot read the rep adapter)."""
+    b, l0, l1 = job.base, job.adapters[0], job.adapters[1]
+    return {
+        "recipe_ties": f"""
+merge_method: ties
+base_model: {b}
+models:
+  - model: {b}+{l0}
+    parameters:
+      weight: 1.0
+      density: 0.5
+  - model: {b}+{l1}
+    parameters:
+      weight: 0.7
+      density: 0.4
+parameters:
+  lambda: 0.9
+dtype: float32
+""",
+        # mergekit's linear averages models (the base is one of them here): no base_model
+        "recipe_linear": f"""
+merge_method: linear
+models:
+  - model: {b}
+    parameters: {{weight: 0.5}}
+  - model: {b}+{l0}
+    parameters: {{weight: 1.0}}
+  - model: {b}+{l1}
+    parameters: {{weight: 0.5}}
+dtype: float32
+""",
+        "recipe_breadcrumbs": f"""
+merge_method: breadcrumbs
+base_model: {b}
+parameters:
+  density: 0.5
+  gamma: 0.02
+models:
+  - model: {{model: {{path: {b}}}, lora: {{path: {l0}}}}}
+    parameters: {{weight: 0.6}}
+  - model: {b}+{l1}
+    parameters: {{weight: 0.4}}
+dtype: float32
+""",
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("mergekit")
+@pytest.mark.parametrize("name", ["recipe_ties", "recipe_linear", "recipe_breadcrumbs"])
+def test_mergekit_yaml_runs_unchanged(name, job, mergekit_runs, capsys):
+    """The same YAML file, given to mergekit-yaml and to `merge --config`, gives the same
+    checkpoint."""
+    config = job.root / "mergekit" / f"{name}.yml"
+    out = job.root / "ours" / name
+    code, stdout, stderr = run_main(["merge", "--config", config, "-o", out, "-q"], capsys)
+    assert code == 0, stderr
+    diff = max_diff(read_all(out), read_all(mergekit_runs["dirs"][name]))
+    print(f"{name}: max |ours - mergekit| = {diff:.3g}")
+    assert diff <= ATOL
+
+
+def _recipe(job: Job, body: str) -> str:
+    b, l0 = job.base, job.adapters[0]
+    return body.format(b=b, l0=l0, full=job.full[1])
+
+
+BAD_RECIPES = [
+    ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {b}+{l0}\nfoo: 1\n",
+     "unknown key 'foo'"),
+    ("merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {b}+{l0}\n",
+     "merge_method 'slerp' is not supported"),
+    ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {full}\n",
+     "is a full checkpoint"),
+    ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {full}+{l0}\n",
+     "every input must be base_model+ADAPTER"),
+    ("slices: []\nmerge_method: ties\n", "key 'slices' is not supported"),
+    ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {b}+{l0}\n"
+     "    parameters: {{density: [0.1, 0.5]}}\n", "parameter density is list-valued"),
+    ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {b}+{l0}\n"
+     "    parameters: {{desnity: 0.5}}\n", "unknown parameter(s) desnity"),
+    ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {b}+{l0}\n"
+     "    parameters: {{density: 2}}\n", "--density 2: density is the fraction"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_RECIPES, ids=[m for _, m in BAD_RECIPES])
+def test_bad_recipes_are_refused_by_name(job, tmp_path, capsys, body, message):
+    config = tmp_path / "recipe.yml"
+    config.write_text(_recipe(job, body))
+    out = tmp_path / "out"
+    code, _, stderr = run_main(["merge", "--config", config, "-o", out], capsys)
+    lines = stderr.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and message in lines[0], stderr
+    assert not out.exists()
+
+
+def test_config_excludes_command_line_inputs(job, tmp_path, capsys):
+    config = tmp_path / "recipe.yml"
+    config.write_text(_recipe(job, "merge_method: ties\nbase_model: {b}\nmodels:\n"
+                                   "  - model: {b}+{l0}\n"))
+    for extra, message in [(["--density", "0.5"], "--density cannot be combined with --config"),
+                           ([job.base, job.adapters[0]], "not both")]:
+        code, _, stderr = run_main(["merge", "--config", config, "-o", tmp_path / "o", *extra],
+                                   capsys)
+        assert code != 0 and message in stderr, stderr
 
 
 # --------------------------------------------------------------------------- PEFT
