@@ -96,7 +96,8 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     tv = resolve_method(method, method_params, seed, weights)  # refused before any read
     if tv is not None and verify:
         raise ConfigError(f"--verify compares with base + adapters in memory, which is the "
-                          f"linear merge; it does not apply to --method {method}")
+                          f"linear merge; it does not apply to --method {method}: remove "
+                          f"--verify")
     base_dir, out = Path(base_dir), Path(os.path.abspath(out_dir))
     out_dtype, dev = parse_dtype(dtype), resolve_device(device)
     max_bytes = parse_size(max_shard_bytes)

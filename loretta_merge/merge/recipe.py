@@ -28,11 +28,11 @@ from ..methods import method_names
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
 _REFUSED_TOP = {
-    "slices": "layer slices (frankenmerges) are not supported; merge whole models",
+    "slices": "layer slices (frankenmerges) are not supported",
     "modules": "per-module recipes are not supported",
-    "tokenizer_source": "the output keeps the base's tokenizer files; remove it",
-    "tokenizer": "the output keeps the base's tokenizer files; remove it",
-    "chat_template": "the output keeps the base's chat template; remove it",
+    "tokenizer_source": "the output keeps the base's tokenizer files",
+    "tokenizer": "the output keeps the base's tokenizer files",
+    "chat_template": "the output keeps the base's chat template",
 }
 MODEL_PARAMS = ("weight", "density", "epsilon", "gamma")
 GLOBAL_PARAMS = MODEL_PARAMS + ("lambda", "normalize", "rescale", "int8_mask", "majority_sign")
@@ -60,7 +60,7 @@ def _model_ref(value: Any, where: str) -> tuple[str, str | None]:
         unknown = sorted(set(value) - {"model", "lora"})
         if unknown:
             raise ConfigError(f"{where}: model reference key(s) {', '.join(unknown)} are not "
-                              f"supported (only model and lora)")
+                              f"supported; remove them (keep model and lora)")
         model, lora = value.get("model"), value.get("lora")
         model = model.get("path") if isinstance(model, dict) else model
         lora = lora.get("path") if isinstance(lora, dict) else lora
@@ -70,10 +70,12 @@ def _model_ref(value: Any, where: str) -> tuple[str, str | None]:
             raise ConfigError(f"{where}: {value!r} has more than one '+'; write MODEL+LORA")
         model, lora = parts[0], (parts[1] if len(parts) == 2 else None)
     else:
-        raise ConfigError(f"{where}: a model must be a path or MODEL+LORA, not {value!r}")
+        raise ConfigError(f"{where}: a model must be a path or MODEL+LORA, not {value!r}; "
+                          f"write it as BASE+ADAPTER")
     for p in (model, lora):
         if p is not None and (not isinstance(p, str) or not p):
-            raise ConfigError(f"{where}: model paths must be non-empty strings, not {p!r}")
+            raise ConfigError(f"{where}: model paths must be non-empty strings, not {p!r}; "
+                              f"give each as a path")
         if isinstance(p, str) and "@" in p:
             raise ConfigError(f"{where}: {p!r} names a hub revision; this tool reads local "
                               f"directories only: download it and give its path")
@@ -82,9 +84,9 @@ def _model_ref(value: Any, where: str) -> tuple[str, str | None]:
 
 def _local_dir(p: str, where: str, what: str) -> str:
     if not os.path.isdir(p):
-        raise ConfigError(f"{where}: {what} {p!r} is not a local directory (paths are taken "
-                          f"relative to the current directory, as mergekit does; hub names "
-                          f"must be downloaded first)")
+        raise ConfigError(f"{where}: {what} {p!r} is not a local directory; give a local path "
+                          f"(relative to the current directory, as mergekit reads it), and "
+                          f"download a hub model first")
     return p
 
 
@@ -100,11 +102,12 @@ def _parameters(raw: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: parameters must be a mapping, not {raw!r}")
+        raise ConfigError(f"{where}: parameters must be a mapping, not {raw!r}; write them "
+                          f"as `name: value` lines")
     unknown = [k for k in raw if k not in allowed]
     if unknown:
         raise ConfigError(f"{where}: unknown parameter(s) {', '.join(map(str, unknown))}; "
-                          f"supported here: {', '.join(allowed)}")
+                          f"use one of {', '.join(allowed)}")
     return {k: _number(v, k, where) for k, v in raw.items()}
 
 
@@ -115,7 +118,7 @@ def _base_model(data: dict, models: list, where: str) -> str:
                  if isinstance(e, dict) and "model" in e}
         if len(named) != 1:
             raise ConfigError(f"{where}: base_model is required (the model every adapter was "
-                              f"trained on)")
+                              f"trained on); add `base_model: BASE`")
         return _local_dir(named.pop(), where, "model")
     base, base_lora = _model_ref(data["base_model"], f"{where}: base_model")
     if base_lora is not None:
@@ -132,26 +135,31 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}; pass a readable "
+                          f"YAML file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: "
-                          f"{str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"config {path} is not valid YAML ({str(exc).splitlines()[0]}); "
+                          f"fix its syntax") from None
     where = _where(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping with merge_method, base_model and models")
+        raise ConfigError(f"{where}: expected a mapping; write merge_method, base_model and "
+                          f"models keys")
     for key in data:
         if key in _REFUSED_TOP:
-            raise ConfigError(f"{where}: key {key!r} is not supported: {_REFUSED_TOP[key]}")
+            raise ConfigError(f"{where}: key {key!r} is not supported ({_REFUSED_TOP[key]}); "
+                              f"remove it")
         if key not in TOP_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}; supported keys: "
-                              f"{', '.join(TOP_KEYS)}")
+            raise ConfigError(f"{where}: unknown key {key!r}; remove it (supported keys: "
+                              f"{', '.join(TOP_KEYS)})")
     method = data.get("merge_method")
     if method not in method_names():
-        raise ConfigError(f"{where}: merge_method {method!r} is not supported; this tool "
-                          f"merges adapters into one base by: {', '.join(method_names())}")
+        raise ConfigError(f"{where}: merge_method {method!r} is not supported; choose one of "
+                          f"{', '.join(method_names())} (task-vector merges of adapters into "
+                          f"one base)")
     models = data.get("models")
     if not isinstance(models, list) or not models:
-        raise ConfigError(f"{where}: models must be a non-empty list of BASE+ADAPTER entries")
+        raise ConfigError(f"{where}: models must be a non-empty list; list each input as "
+                          f"`- model: BASE+ADAPTER`")
     base = _base_model(data, models, where)
     defaults = _parameters(data.get("parameters"), GLOBAL_PARAMS, f"{where}: parameters")
     adapters: list[tuple[str, dict]] = []
@@ -159,11 +167,11 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     for i, entry in enumerate(models):
         at = f"{where}: models[{i}]"
         if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"{at}: each entry needs a model (BASE+ADAPTER)")
+            raise ConfigError(f"{at}: each entry needs a model; add `model: BASE+ADAPTER`")
         unknown = sorted(set(entry) - {"model", "parameters"})
         if unknown:
-            raise ConfigError(f"{at}: unknown key(s) {', '.join(unknown)}; supported: model, "
-                              f"parameters")
+            raise ConfigError(f"{at}: unknown key(s) {', '.join(unknown)}; remove them "
+                              f"(supported: model, parameters)")
         model, lora = _model_ref(entry["model"], at)
         params = {**{k: v for k, v in defaults.items() if k in MODEL_PARAMS},
                   **_parameters(entry.get("parameters"), MODEL_PARAMS, at)}
@@ -177,10 +185,12 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
                               f"inputs are not supported yet)")
         if not same_base:
             raise ConfigError(f"{at}: adapter {lora!r} is applied to {model!r}, not to "
-                              f"base_model {base!r}; every input must be base_model+ADAPTER")
+                              f"base_model {base!r}; every input must be base_model+ADAPTER: "
+                              f"write {base}+{lora}")
         adapters.append((_local_dir(lora, at, "adapter"), params))
     if not adapters:
-        raise ConfigError(f"{where}: models lists no BASE+ADAPTER entry; nothing to merge")
+        raise ConfigError(f"{where}: models lists no BASE+ADAPTER entry, so there is nothing "
+                          f"to merge; add one")
     return _resolve(path, method, base, adapters, base_weights, defaults,
                     data.get("out_dtype") or data.get("dtype"))
 
@@ -194,7 +204,7 @@ def _resolve(path: Path, method: str, base: str, adapters: list[tuple[str, dict]
             weights.append(float(params.get("weight", 1.0)))
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: weight {params.get('weight')!r} of {lora} is not a "
-                              f"number") from None
+                              f"number; give a number") from None
     params: dict[str, Any] = {k: defaults[k] for k in ("lambda", "normalize", "rescale",
                                                         "majority_sign") if k in defaults}
     for key in ("density", "epsilon", "gamma"):
@@ -209,17 +219,17 @@ def _resolve(path: Path, method: str, base: str, adapters: list[tuple[str, dict]
         extra = sorted(set(params) - {"normalize"})
         if extra:
             raise ConfigError(f"{where}: merge_method linear takes weight and normalize only, "
-                              f"not {', '.join(extra)}")
+                              f"not {', '.join(extra)}; remove them")
         total = sum(weights) + sum(base_weights)
         if params.get("normalize", True):
             if abs(total) < 1e-8:
                 raise ConfigError(f"{where}: the linear weights sum to {total:g}; they are "
-                                  f"divided by their sum, so it must not be 0")
+                                  f"divided by their sum: choose weights whose sum is not 0")
             weights = [w / total for w in weights]
         elif not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-6):
             raise ConfigError(f"{where}: linear with normalize false and weights summing to "
-                              f"{total:g} scales the base itself; it is a merge of adapters "
-                              f"only when the weights (base included) sum to 1")
+                              f"{total:g} scales the base itself; set normalize: true, or "
+                              f"choose weights (base included) that sum to 1")
         params = {}
     return Recipe(path, base, [(lora, w) for (lora, _), w in zip(adapters, weights)], method,
                   params, str(dtype) if dtype is not None else None)

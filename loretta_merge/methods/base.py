@@ -27,26 +27,24 @@ CombineFn = Callable[[Sequence[torch.Tensor], Sequence[float], Mapping[str, Any]
 MAJORITY_SIGNS = ("total", "frequency")
 
 
-def _fraction(name: str, flag: str, v: float) -> str | None:
+def _density(v: float) -> None:
     if not 0 < v <= 1:
-        return (f"{flag} {v:g}: {name} is the fraction of each task vector kept and must be "
-                f"in (0, 1]; pass e.g. {flag} 0.5")
-    return None
+        raise ConfigError(f"--density {v:g}: density is the fraction of each task vector kept "
+                          f"and must be in (0, 1]; pass e.g. --density 0.5")
 
 
-def _non_negative(flag: str, example: str) -> Callable[[float], str | None]:
-    def check(v: float) -> str | None:
+def _non_negative(flag: str, example: str) -> Callable[[float], None]:
+    def check(v: float) -> None:
         if v < 0:
-            return f"{flag} {v:g} is negative; it must be >= 0, e.g. {flag} {example}"
-        return None
+            raise ConfigError(f"{flag} {v:g} is negative; it must be >= 0: pass e.g. "
+                              f"{flag} {example}")
     return check
 
 
-def _gamma(v: float) -> str | None:
+def _gamma(v: float) -> None:
     if not 0 <= v < 1:
-        return (f"--gamma {v:g}: the fraction of largest entries dropped must be in [0, 1); "
-                f"pass e.g. --gamma 0.01")
-    return None
+        raise ConfigError(f"--gamma {v:g}: the fraction of largest entries dropped must be in "
+                          f"[0, 1); pass e.g. --gamma 0.01")
 
 
 @dataclass(frozen=True)
@@ -55,14 +53,13 @@ class ParamSpec:
 
     flag: str
     kind: type  # float, bool or str
-    check: Callable[[Any], str | None] | None = None  # a message when the value breaks the rule
+    check: Callable[[Any], None] | None = None  # raises ConfigError when the value breaks the rule
     per_input: bool = False  # may be given once per input (a list), as mergekit allows
     choices: tuple[str, ...] = ()
 
 
 PARAMS: dict[str, ParamSpec] = {
-    "density": ParamSpec("--density", float, lambda v: _fraction("density", "--density", v),
-                         per_input=True),
+    "density": ParamSpec("--density", float, _density, per_input=True),
     "lambda": ParamSpec("--lambda", float, _non_negative("--lambda", "1.0")),
     "epsilon": ParamSpec("--epsilon", float, _non_negative("--epsilon", "0.1"), per_input=True),
     "gamma": ParamSpec("--gamma", float, _gamma, per_input=True),
@@ -83,7 +80,7 @@ class Method:
     random: bool = False
     reference: str = ""
     summary: str = ""
-    validate: Callable[[Mapping[str, Any], int], str | None] | None = None  # across parameters
+    validate: Callable[[Mapping[str, Any], int], None] | None = None  # rules across parameters
 
     def resolve(self, given: Mapping[str, Any] | None, *, n_inputs: int) -> dict[str, Any]:
         """The method's parameters: its defaults overridden by ``given`` (None values are
@@ -91,7 +88,7 @@ class Method:
         given = {k: v for k, v in (given or {}).items() if v is not None}
         for key in given:
             if key not in PARAMS:
-                raise ConfigError(f"unknown merge parameter {key!r}; known: "
+                raise ConfigError(f"unknown merge parameter {key!r}; use one of "
                                   f"{', '.join(sorted(PARAMS))}")
             if key not in self.defaults:
                 takes = ", ".join(PARAMS[k].flag for k in self.defaults) or "no parameters"
@@ -101,9 +98,7 @@ class Method:
         for key, value in given.items():
             params[key] = _checked(key, value, n_inputs)
         if self.validate is not None:
-            problem = self.validate(params, n_inputs)
-            if problem:
-                raise ConfigError(problem)
+            self.validate(params, n_inputs)  # raises ConfigError
         return params
 
 
@@ -111,14 +106,16 @@ def _checked(key: str, value: Any, n_inputs: int) -> Any:
     spec = PARAMS[key]
     if isinstance(value, (list, tuple)):
         if not spec.per_input:
-            raise ConfigError(f"{spec.flag} takes one value, not a list ({list(value)!r})")
+            raise ConfigError(f"{spec.flag} takes one value, not a list ({list(value)!r}); "
+                              f"give one number")
         if len(value) != n_inputs:
             raise ConfigError(f"{spec.flag} has {len(value)} values for {n_inputs} input(s); "
                               f"give one value, or one per input")
         return tuple(_checked(key, v, n_inputs) for v in value)
     if spec.kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{spec.flag.split('/')[0]} takes true or false, not {value!r}")
+            raise ConfigError(f"{spec.flag.split('/')[0]} takes true or false, not {value!r}; "
+                              f"give a boolean")
         return value
     if spec.kind is str:
         if value not in spec.choices:
@@ -126,16 +123,15 @@ def _checked(key: str, value: Any, n_inputs: int) -> Any:
                               f"pass e.g. {spec.flag} {spec.choices[0]}")
         return value
     if isinstance(value, bool):
-        raise ConfigError(f"{spec.flag} takes a number, not {value!r}")
+        raise ConfigError(f"{spec.flag} takes a number, not {value!r}; give a number")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{spec.flag} takes a number, not {value!r}") from None
+        raise ConfigError(f"{spec.flag} takes a number, not {value!r}; give a number") from None
     if not math.isfinite(number):
-        raise ConfigError(f"{spec.flag} {value!r} must be a finite number")
-    problem = spec.check(number) if spec.check else None
-    if problem:
-        raise ConfigError(problem)
+        raise ConfigError(f"{spec.flag} {value!r} must be a finite number; give one")
+    if spec.check is not None:
+        spec.check(number)  # raises ConfigError
     return number
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from . import prune
 from .base import Method, at, register
 from .core import combine_task_vectors
@@ -12,10 +13,9 @@ def _check_epsilon(params, n_inputs):
     for i in range(n_inputs):
         d, e = at(params["density"], i), at(params["epsilon"], i)
         if d < 1 and not (d - e > 0 and d + e < 1):
-            return (f"--epsilon {e:g} with --density {d:g}: the keep probabilities "
-                    f"density ± epsilon must lie strictly inside (0, 1); choose epsilon < "
-                    f"{min(d, 1 - d):g}")
-    return None
+            raise ConfigError(f"--epsilon {e:g} with --density {d:g}: the keep probabilities "
+                              f"density ± epsilon must lie strictly inside (0, 1); choose "
+                              f"epsilon < {min(d, 1 - d):g}")
 
 
 def _magprune(params, generator):
