@@ -459,6 +459,51 @@ def test_task_arithmetic_path_equals_the_linear_fast_path(job):
         torch.testing.assert_close(slow[k], fast[k], rtol=0, atol=3e-7, msg=k)
 
 
+def test_bf16_base_is_cast_once(job, tmp_path):
+    """A bf16 base: every tensor equals the fp32 merge of the same (upcast) values, cast
+    once to bf16: the method runs in fp32 and nothing is rounded in between."""
+    model = build_tiny("llama", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    model.float().save_pretrained(tmp_path / "fp32")
+    for base, name in ((tmp_path / "bf16", "o16"), (tmp_path / "fp32", "o32")):
+        merge(base, list(zip(job.adapters, WEIGHTS)), tmp_path / name, progress=False,
+              method="ties", method_params={"density": 0.5})
+    got, ref = read_all(tmp_path / "o16"), read_all(tmp_path / "o32")
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    for k in got:
+        assert torch.equal(got[k], ref[k].to(torch.bfloat16)), k
+
+
+def test_conv1d_orientation_gpt2(tiny_model_dir, tmp_path):
+    """GPT-2 stores Conv1D weights (in, out): the deltas are combined in the stored
+    orientation, as a merge of the full models would (DELLA ranks along rows)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model_dir("gpt2")
+    adapters, fulls = [], []
+    for i, r in enumerate((4, 8)):
+        pm = get_peft_model(build_tiny("gpt2"), LoraConfig(r=r, lora_alpha=r, fan_in_fan_out=True,
+                                                           target_modules=["c_attn", "c_proj"]))
+        perturb_trainable(pm, seed=10 + i, std=0.1)
+        pm.save_pretrained(tmp_path / f"l{i}")
+        adapters.append(tmp_path / f"l{i}")
+        fulls.append(pm.merge_and_unload().state_dict())
+    out = tmp_path / "out"
+    merge(base, [(a, w) for a, w in zip(adapters, (1.0, 0.5))], out, progress=False,
+          method="della", method_params={"density": 0.6, "epsilon": 0.2}, seed=5)
+    got, w0s = read_all(out), read_all(base)
+    m = get_method("della")
+    params = m.resolve({"density": 0.6, "epsilon": 0.2}, n_inputs=2)
+    checked = 0
+    for name, w0 in w0s.items():
+        deltas = [f[name] - w0 for f in fulls]
+        if any(bool(d.any()) for d in deltas):
+            want = w0 + m.combine(deltas, [1.0, 0.5], params, tensor_generator(5, name))
+            torch.testing.assert_close(got[name], want, rtol=0, atol=ATOL, msg=name)
+            checked += 1
+    assert checked == 6  # c_attn, attn.c_proj and mlp.c_proj of two layers
+
+
 def test_every_registered_method_runs_on_the_job(job):
     for name in method_names():
         m = get_method(name)
