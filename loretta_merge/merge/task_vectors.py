@@ -5,7 +5,8 @@ linear merge adds it; a full tensor the adapter replaces: its value minus W0), z
 an input that does not touch the tensor; the method (:mod:`loretta_merge.methods`)
 combines them; ``W0 + combined`` is cast once. A method needs the whole tensor (a top-k,
 per-row ranks), so this path works on whole tensors, not the linear kernel's row blocks:
-peak memory per tensor is about (inputs + 3) fp32 copies of it.
+peak memory per tensor is about 2 x inputs + 3 fp32 copies of it (the deltas, their
+weighted stack, W0 and the result).
 
 The plan is built with every adapter at weight 1 (so an op's delta is the adapter's own),
 and the user's weights go to the method, as mergekit passes them.

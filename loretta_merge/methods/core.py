@@ -37,8 +37,10 @@ def combine_task_vectors(deltas: Sequence[torch.Tensor], weights: Sequence[float
     """The combined delta of one tensor (see the module docstring)."""
     if not deltas:
         raise ValueError("combine_task_vectors needs at least one delta")
-    pruned = [prune(d, i) if prune is not None else d for i, d in enumerate(deltas)]
-    stacked = torch.stack(pruned)  # (N, *shape), a new tensor
+    first = deltas[0]
+    stacked = first.new_empty((len(deltas), *first.shape))  # (N, *shape)
+    for i, d in enumerate(deltas):  # one pruned delta alive at a time
+        stacked[i] = prune(d, i) if prune is not None else d
     w = torch.tensor([float(x) for x in weights], dtype=stacked.dtype, device=stacked.device)
     w = w.reshape(-1, *([1] * (stacked.ndim - 1)))
     stacked.mul_(w)
