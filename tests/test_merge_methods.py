@@ -504,6 +504,50 @@ def test_conv1d_orientation_gpt2(tiny_model_dir, tmp_path):
     assert checked == 6  # c_attn, attn.c_proj and mlp.c_proj of two layers
 
 
+@pytest.mark.slow
+def test_quantized_base_gptq(tmp_path):
+    """A GPTQ base (committed fixture) is read dequantized: ties over two LoRAs equals
+    W0 (dequantized) + ties(deltas), the deltas taken from each adapter's own linear merge
+    into the same base."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from loretta_merge.io import read_model_config
+    from loretta_merge.quant import open_base
+
+    fixtures = Path(__file__).parent / "fixtures" / "quant"
+    qdir = fixtures / "gptq"
+    adapters = []
+    for i, r in enumerate((4, 8)):
+        model = transformers.LlamaForCausalLM.from_pretrained(fixtures / "base",
+                                                              dtype=torch.float32)
+        pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=["q_proj",
+                                                                                 "down_proj"]))
+        perturb_trainable(pm, seed=30 + i, std=0.1)
+        pm.save_pretrained(tmp_path / f"l{i}")
+        adapters.append(tmp_path / f"l{i}")
+    singles = []
+    for i, a in enumerate(adapters):
+        merge(qdir, [(a, 1.0)], tmp_path / f"single{i}", dtype="float32", progress=False)
+        singles.append(read_all(tmp_path / f"single{i}"))
+    merge(qdir, [(a, w) for a, w in zip(adapters, (1.0, 0.6))], tmp_path / "out",
+          dtype="float32", progress=False, method="ties", method_params={"density": 0.5})
+    got = read_all(tmp_path / "out")
+    reader = open_base(qdir, read_model_config(qdir), CheckpointReader(qdir))
+    m = get_method("ties")
+    params = m.resolve({"density": 0.5}, n_inputs=2)
+    checked = 0
+    for name in got:
+        w0 = reader.get(name).float()
+        deltas = [s[name] - w0 for s in singles]
+        if any(bool(d.any()) for d in deltas):
+            want = w0 + m.combine(deltas, [1.0, 0.6], params, None)
+            torch.testing.assert_close(got[name], want, rtol=0, atol=ATOL, msg=name)
+            checked += 1
+    reader.close()
+    assert checked >= 2
+
+
 def test_every_registered_method_runs_on_the_job(job):
     for name in method_names():
         m = get_method(name)
