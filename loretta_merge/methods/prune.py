@@ -47,10 +47,13 @@ def largest_below_outliers(delta: torch.Tensor, density: float, gamma: float, *,
         return delta
     n = delta.numel()
     keep, outliers = int(density * n), int(gamma * n)
-    first = max(0, n - keep - outliers)  # in ascending order of magnitude
-    order = torch.argsort(delta.abs().reshape(-1))
+    band = min(n, keep + outliers)  # the kept entries and the outliers above them
+    magnitude = delta.abs().reshape(-1)
     flat_kept = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    flat_kept[order[first:first + keep]] = 1
+    if keep:  # two partial selections instead of a full sort
+        flat_kept[torch.topk(magnitude, band, sorted=False).indices] = 1
+        if band > keep:
+            flat_kept[torch.topk(magnitude, band - keep, sorted=False).indices] = 0
     return _apply(delta, flat_kept.view_as(delta), rescale)
 
 
@@ -71,7 +74,9 @@ def magnitude_ranked_keep(delta: torch.Tensor, density: float, epsilon: float,
     if density >= 1:
         return delta
     rows = delta.reshape(1, -1) if delta.ndim < 2 else delta
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(delta.dtype)  # 0-based
+    order = torch.argsort(rows.abs(), dim=1)  # the rank of each entry: its inverse permutation
+    steps = torch.arange(rows.shape[1], dtype=delta.dtype, device=delta.device).expand_as(rows)
+    ranks = torch.empty_like(rows).scatter_(1, order, steps)  # 0-based
     cols = rows.shape[1]
     position = ranks / (cols - 1) if cols > 1 else torch.full_like(ranks, 0.5)
     probs = (density - epsilon) + position * (2 * epsilon)
