@@ -13,7 +13,7 @@ from types import ModuleType
 from .errors import MissingDependencyError
 
 # import name -> the name pip installs it under, where they differ
-_PIP_NAMES = {"sklearn": "scikit-learn", "onnxruntime": "onnxruntime"}
+_PIP_NAMES = {"sklearn": "scikit-learn", "onnxruntime": "onnxruntime", "yaml": "pyyaml"}
 
 
 def require(module: str, *, extra: str | None = None, purpose: str) -> ModuleType:

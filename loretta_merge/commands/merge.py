@@ -66,8 +66,30 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
     return base, [_split_weight(a) for a in adapters]
 
 
+def _from_recipe(config: str, specs, dtype: str, given: dict):
+    """BASE, adapters, method, parameters and dtype from a mergekit YAML (``--config``);
+    what the recipe sets cannot also be given on the command line."""
+    from ..errors import ConfigError
+    from ..merge.recipe import read_recipe
+
+    if specs:
+        raise ConfigError("give either BASE ADAPTER... or --config FILE, not both")
+    for flag, value in given.items():
+        if value is not None:
+            flag = {"--normalize": "--[no-]normalize", "--rescale": "--[no-]rescale"}.get(flag, flag)
+            raise ConfigError(f"{flag} cannot be combined with --config {config}: the recipe "
+                              f"sets the method and its parameters; edit the recipe instead")
+    recipe = read_recipe(config)
+    if recipe.dtype is not None:
+        if dtype != "auto":
+            raise ConfigError(f"--dtype {dtype} and the recipe's dtype {recipe.dtype} disagree; "
+                              f"remove one")
+        dtype = recipe.dtype
+    return recipe.base, recipe.adapters, recipe.method, recipe.params, dtype
+
+
 @click.command("merge")
-@click.argument("specs", nargs=-1, required=True, metavar="BASE ADAPTER[:W] [ADAPTER[:W] ...]")
+@click.argument("specs", nargs=-1, required=False, metavar="BASE ADAPTER[:W] [ADAPTER[:W] ...]")
 @click.option("-o", "--output", "--out", "out", required=True, type=click.Path(),
               help="Output directory (written atomically; must not exist unless --force).")
 @click.option("--weights", default=None,
@@ -87,6 +109,38 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
                    "a check that cannot run is an error, and nothing is written. Loads "
                    "two fp32 copies of the model (8 bytes per parameter); refused up front, "
                    "with the estimate, when they cannot fit in the available memory.")
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="A mergekit YAML recipe (merge_method, base_model, models as "
+                   "BASE+ADAPTER with weight/density, parameters, dtype) instead of BASE "
+                   "ADAPTER...; run unchanged, it gives mergekit's output.")
+@click.option("--method", default=None, metavar="METHOD",
+              help="How the adapters' deltas combine, tensor by tensor: linear (W0 + sum of "
+                   "w_i * delta_i), task_arithmetic, ties, magnitude_prune, breadcrumbs, "
+                   "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear "
+                   "(docs/merge-methods.md). Default linear.")
+@click.option("--density", type=float, default=None,
+              help="Fraction of each delta kept, in (0, 1] (ties, dare_*, della*, "
+                   "magnitude_prune, breadcrumbs*). Default 1.")
+@click.option("--lambda", "lambda_", type=float, default=None,
+              help="Scale of the combined delta, >= 0 (every method but linear). Default 1.")
+@click.option("--epsilon", type=float, default=None,
+              help="della*: keep probabilities spread density +/- epsilon by magnitude rank. "
+                   "Default 0.15.")
+@click.option("--gamma", type=float, default=None,
+              help="breadcrumbs*: fraction of largest entries dropped as outliers. Default 0.01.")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
+              help="ties, dare_ties, della, breadcrumbs_ties: elect each entry's sign by the "
+                   "sum of the weighted deltas (total) or by their sign count (frequency). "
+                   "Default total.")
+@click.option("--normalize/--no-normalize", default=None,
+              help="Divide the combined delta by the sum of the (agreeing) weights. Default: "
+                   "on for ties and della, off for the others.")
+@click.option("--rescale/--no-rescale", default=None,
+              help="Scale each pruned delta back to its L1 norm before pruning. Default: on for "
+                   "dare_* and della*, off for the others.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the random masks (dare_*, della*; required there): the same seed "
+                   "gives the same bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-unsafe-pickle", is_flag=True,
@@ -95,13 +149,16 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
               help="AWQ base only: the model the adapter was trained on. Default: the AWQ model "
                    "(the adapter's base_model_name_or_path is never followed); 'original' is "
                    "refused (AWQ's activation scales are not stored).")
-def merge_command(specs, out, weights, dtype, device, max_shard_size, force, verify, as_json,
-                  quiet, allow_unsafe_pickle, awq_adapter_trained_on):
+def merge_command(specs, out, weights, dtype, device, max_shard_size, force, verify, method,
+                  config, density, lambda_, epsilon, gamma, majority_sign, normalize, rescale,
+                  seed, as_json, quiet, allow_unsafe_pickle, awq_adapter_trained_on):
     """Merge adapters into BASE and write a plain transformers checkpoint to OUT.
 
     \b
     loretta-merge merge ./llama ./adapter -o ./merged
     loretta-merge ./llama+./a1:0.7+./a2:0.3 -o ./merged
+    loretta-merge merge ./llama ./a1 ./a2 -o ./merged --method ties --density 0.5
+    loretta-merge merge --config recipe.yml -o ./merged   (a mergekit YAML)
 
     Streams the base one tensor at a time (peak memory: a few tensors), checks
     every adapter target before reading weights, and never leaves a half-written OUT.
@@ -112,7 +169,14 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
     from ..io import parse_size
     from ..merge import merge
 
-    base, adapters = parse_merge_spec(specs)
+    method_params = {"density": density, "lambda": lambda_, "epsilon": epsilon, "gamma": gamma,
+                     "majority_sign": majority_sign, "normalize": normalize, "rescale": rescale}
+    if config is not None:
+        base, adapters, method, method_params, dtype = _from_recipe(
+            config, specs, dtype, {"--method": method, "--weights": weights,
+                                   **{f"--{k.replace('_', '-')}": v for k, v in method_params.items()}})
+    else:
+        base, adapters = parse_merge_spec(specs)
     if weights is not None:
         if any(w is not None for _, w in adapters):
             raise ConfigError("give adapter weights either as ADAPTER:W or with --weights, not both")
@@ -134,7 +198,8 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
         report = merge(base, adapters, out, dtype=dtype, device=device,
                        max_shard_bytes=parse_size(max_shard_size), force=force, verify=verify,
                        progress=not (quiet or as_json), allow_unsafe_pickle=allow_unsafe_pickle,
-                       awq_adapter_trained_on=awq_adapter_trained_on)
+                       awq_adapter_trained_on=awq_adapter_trained_on,
+                       method=method or "linear", method_params=method_params, seed=seed)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if as_json:
@@ -143,6 +208,9 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
         msg = (f"merged {report.merged_tensors} tensors (+{report.replaced_tensors} replaced, "
                f"{report.copied_tensors} copied) into {report.out}: {report.shards} shard(s), "
                f"{_human(report.total_bytes)}, {report.dtype}, {report.seconds:.1f}s")
+        if report.method:
+            m = report.method
+            msg += f"; method {m['method']}" + (f", seed {m['seed']}" if m["seed"] is not None else "")
         if report.task_model:
             msg += (f"; wrote {report.task_model} (the model the adapter was trained on; "
                     f"{len(report.dropped)} base tensor(s) it lacks dropped)")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 
 from .. import quant
-from ..errors import OutputExistsError
+from ..errors import ConfigError, OutputExistsError
 from ..io import (CheckpointReader, atomic_output_dir, dtype_name, parse_dtype, parse_size,
                   read_model_config, resolve_device)
 from .finish import finish_output, merged_pooling
@@ -20,6 +21,7 @@ from .inputs import load_adapters
 from .kernel import materialize_factors
 from .plan import MergePlan, build_plan
 from .run import RunResult, kernel_threads, run_plan
+from .task_vectors import check_plan, resolve_method
 from .verify import check_verify_fits, verify_merge
 
 
@@ -44,6 +46,7 @@ class MergeReport:
     largest_shard_bytes: int = 0
     seconds: float = 0.0
     verify: dict | None = None
+    method: dict | None = None  # {"method", "params", "seed"} for a method other than linear
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,7 +71,8 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
           dtype: str | torch.dtype | None = None, device: str = "auto",
           max_shard_bytes: int | str = 5 * 10**9, force: bool = False, verify: bool = False,
           progress: bool = True, allow_unsafe_pickle: bool = False,
-          awq_adapter_trained_on: str | None = None) -> MergeReport:
+          awq_adapter_trained_on: str | None = None, method: str = "linear",
+          method_params: Mapping[str, Any] | None = None, seed: int | None = None) -> MergeReport:
     """Merge ``adapters`` (a list of ``(path or Adapter, weight)``) into the checkpoint at
     ``base_dir`` and write a plain transformers checkpoint to ``out_dir``.
 
@@ -78,8 +82,23 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     Everything that can be checked
     (names, shapes, finiteness of the adapter, memory for ``verify``) is checked before any
     base weight is read; the output appears only when complete.
+
+    ``method`` (:mod:`loretta_merge.methods`: ``ties``, ``dare_ties``, ...) combines the
+    adapters' deltas tensor by tensor with ``method_params`` (``density``, ``lambda``,
+    ``epsilon``, ``gamma``, ``majority_sign``, ``normalize``, ``rescale``; None values are
+    the method's defaults); the random ones need ``seed``. ``linear`` is ``W0 + Σ w_i Δ_i``.
     """
     start = time.perf_counter()
+    weights = [a[1] if isinstance(a, (tuple, list)) else 1.0 for a in adapters]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        weights = [1.0] * len(weights)  # load_adapters names the bad weight
+    tv = resolve_method(method, method_params, seed, weights)  # refused before any read
+    if tv is not None and verify:
+        raise ConfigError(f"--verify compares with base + adapters in memory, which is the "
+                          f"linear merge; it does not apply to --method {method}: remove "
+                          f"--verify")
     base_dir, out = Path(base_dir), Path(os.path.abspath(out_dir))
     out_dtype, dev = parse_dtype(dtype), resolve_device(device)
     max_bytes = parse_size(max_shard_bytes)
@@ -93,7 +112,14 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     loaded = load_adapters(adapters, allow_unsafe_pickle=allow_unsafe_pickle)
     merged_pooling(loaded)  # adapters that pool differently: refused before any work
     quant.check_adapters(reader, loaded, awq_adapter_trained_on=awq_adapter_trained_on)
-    plan = build_plan(reader, config, loaded, out_dtype=out_dtype)
+    if tv is None:
+        plan = build_plan(reader, config, loaded, out_dtype=out_dtype)
+    else:  # each op carries its adapter's own delta; the weights go to the method
+        tv.weights = [a.weight for a in loaded]
+        unit = [dataclasses.replace(a, weight=1.0) for a in loaded]
+        plan = build_plan(reader, config, unit, out_dtype=out_dtype)
+        plan.adapters, plan.task_vectors = loaded, tv
+        check_plan(plan, tv)
     if out.exists() and not force:  # refused before any heavy work
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it, "
                                 f"or choose another output path")
@@ -107,6 +133,7 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
                            progress=progress, threads=threads)
             finish_output(base_dir, tmp, config, plan, out_dtype)
             report = _report(base_dir, out, plan, dev, run)
+            report.method = tv.describe() if tv is not None else None
             if verify:  # on the finished temp dir, so a failed check leaves no output
                 report.verify = verify_merge(base_dir, loaded, tmp, dtype=plan.main_dtype)
     finally:

@@ -98,6 +98,8 @@ def provenance(base_dir: Path, plan: MergePlan) -> dict:
         "task_model": plan.task.class_name if plan.task else None,
         "dropped": list(plan.task.dropped) if plan.task else [],
         "pooling": merged_pooling(plan.adapters),
+        "merge_method": (plan.task_vectors.describe() if plan.task_vectors is not None
+                         else {"method": "linear", "params": {}, "seed": None}),
     }
 
 

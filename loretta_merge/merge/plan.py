@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -41,6 +41,7 @@ class Op:
     magnitude: torch.Tensor | None = None  # DoRA: the merged weight's per-output norms
     norm_dim: int = 1  # DoRA: 1 = one norm per row (Linear), 0 = per column (Conv1D)
     adapter_weight: float = 1.0  # the weight the user gave the adapter
+    input: int = -1  # which adapter of the merge (its index) the op comes from
 
 
 @dataclass
@@ -62,6 +63,7 @@ class MergePlan:
     main_dtype: torch.dtype
     untied: list[str] = field(default_factory=list)  # output embeddings no longer tied
     task: TaskModel | None = None  # set when the output is a task model, not the base layout
+    task_vectors: Any = None  # a merge.task_vectors.TaskVectorMerge for a method not linear
 
     def reads(self) -> list[str]:
         """Base tensors to read, in checkpoint order, each once."""
@@ -244,10 +246,13 @@ def build_plan(reader: CheckpointReader, config: dict, adapters: list[LoadedAdap
         return reader.shape(virtual.get(key, key))
 
     col = _Collected()
-    for item in adapters:
+    for index, item in enumerate(adapters):
         rename = pick_renaming(item.adapter, known)
         _collect_modules(col, item, rename, known, shape_of)
         _collect_tensors(col, item, rename, known, shape_of)
+        for op in [op for ops in col.ops.values() for op in ops] + [n[1] for n in col.new.values()]:
+            if op.input < 0:
+                op.input = index
     _raise_problems(col.problems, reader.model_dir)
     _check_combinations(col.ops)
     dtypes = [reader.dtype(k) for k in reader.keys() if reader.dtype(k).is_floating_point]

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from ..io import CheckpointReader, StreamingShardWriter
-from . import kernel
+from . import kernel, task_vectors
 from .buffers import BaseReads, BufferPool, typed_view
 from .plan import MergePlan, OpKind, OutputTensor
 
@@ -155,7 +155,14 @@ class _Pipeline:
         nbytes = max(1, _numel(out.shape)) * _element_size(out.dtype)
         out_buf = self.pool.take(nbytes)
         result = typed_view(out_buf, out.shape, out.dtype)
-        if self.cuda and out.ops:
+        if self.plan.task_vectors is not None and out.ops and w0 is not None:
+            # a method other than linear: whole tensors, on the CPU (the same bytes anywhere)
+            check = task_vectors.merge_tensor_task_vectors(
+                out.name, w0, out.ops, result, self.plan.task_vectors, torch.device("cpu"))
+            self.pool.give(in_buf)
+            kernel.check_ranges([check])
+            self.put(wpool, out.name, result, out_buf)
+        elif self.cuda and out.ops:
             self.checks.append(kernel.merge_tensor_device(out.name, w0, out.ops, result, self.device))
             event = torch.cuda.Event()
             event.record()

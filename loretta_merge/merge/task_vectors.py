@@ -1,0 +1,109 @@
+"""Merges by a task-vector method other than ``linear`` (``--method ties``, ``dare_ties``...).
+
+Per base tensor: each input's dense delta in fp32 (an adapter's low-rank product, as the
+linear merge adds it; a full tensor the adapter replaces: its value minus W0), zeros for
+an input that does not touch the tensor; the method (:mod:`loretta_merge.methods`)
+combines them; ``W0 + combined`` is cast once. A method needs the whole tensor (a top-k,
+per-row ranks), so this path works on whole tensors, not the linear kernel's row blocks:
+peak memory per tensor is about 2 x inputs + 3 fp32 copies of it (the deltas, their
+weighted stack, W0 and the result).
+
+The plan is built with every adapter at weight 1 (so an op's delta is the adapter's own),
+and the user's weights go to the method, as mergekit passes them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..methods import Method, get_method, tensor_generator
+from .kernel import RangeCheck
+from .plan import MergePlan, Op, OpKind
+
+
+@dataclass
+class TaskVectorMerge:
+    """The method of a merge, its resolved parameters, the inputs' weights and the seed."""
+
+    method: Method
+    params: dict[str, Any]
+    weights: list[float]
+    seed: int | None = None
+
+    def generator(self, tensor: str) -> torch.Generator | None:
+        return tensor_generator(self.seed, tensor) if self.method.random else None
+
+    def describe(self) -> dict:
+        params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
+        return {"method": self.method.name, "params": params, "seed": self.seed}
+
+
+def resolve_method(name: str, params: Mapping[str, Any] | None, seed: int | None,
+                   weights: Sequence[float]) -> TaskVectorMerge | None:
+    """Check the method, its parameters and the seed (before anything is read); None for
+    ``linear`` with no parameters (the streaming kernel's own rule)."""
+    method = get_method(name)
+    resolved = method.resolve(params, n_inputs=len(weights))
+    if method.random and seed is None:
+        raise ConfigError(f"--method {name} draws random masks; pass --seed N so the merge "
+                          f"can be reproduced (the same seed gives the same bytes)")
+    if not method.random and seed is not None:
+        raise ConfigError(f"--seed applies to the methods that draw random masks; "
+                          f"--method {name} draws none: remove --seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ConfigError(f"--seed {seed!r}: give a non-negative integer, e.g. --seed 0")
+    if name == "linear":
+        return None
+    return TaskVectorMerge(method, resolved, [float(w) for w in weights], seed)
+
+
+def check_plan(plan: MergePlan, tv: TaskVectorMerge) -> None:
+    """What a task-vector method cannot combine, refused before any base weight is read."""
+    name = tv.method.name
+    if plan.task is not None:
+        raise ConfigError(f"an adapter brings tensors the base lacks ({plan.task.class_name}'s "
+                          f"head); --method {name} combines changes of tensors the base has: "
+                          f"merge it with --method linear")
+    for out in plan.outputs:
+        for op in out.ops:
+            if op.magnitude is not None:
+                raise ConfigError(f"{op.source} is DoRA, which rescales the whole merged weight "
+                                  f"rather than adding a delta; --method {name} cannot combine "
+                                  f"it: merge it alone with --method linear")
+
+
+def _op_delta(op: Op, w0: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One op's change of the tensor in fp32, in the stored orientation."""
+    if op.kind is OpKind.LOW_RANK:
+        return torch.mm(op.left.to(device), op.right.to(device)).mul_(op.weight)
+    if op.kind is OpKind.REPLACE:
+        new = op.value.to(device, torch.float32)
+    else:  # DENSE: a TT matrix (in, out)
+        mat = op.value.matrix(dtype=torch.float32).to(device)
+        new = mat.T if op.transpose else mat
+    return (new.reshape(w0.shape) - w0) * op.weight
+
+
+def merge_tensor_task_vectors(name: str, w0: torch.Tensor, ops: list[Op], out: torch.Tensor,
+                              tv: TaskVectorMerge, device: torch.device) -> RangeCheck:
+    """Write ``W0 + method(deltas)`` into ``out`` (the output dtype): one cast, its range."""
+    base = w0.to(device, torch.float32, copy=True)
+    deltas: list[torch.Tensor | None] = [None] * len(tv.weights)
+    for op in ops:
+        d = _op_delta(op, base, device)
+        deltas[op.input] = d if deltas[op.input] is None else deltas[op.input].add_(d)
+    full = [torch.zeros_like(base) if d is None else d for d in deltas]
+    combined = tv.method.combine(full, tv.weights, tv.params, tv.generator(name))
+    base.add_(combined.reshape(base.shape))
+    if base.numel():
+        low, high = torch.aminmax(base)
+    else:
+        low, high = torch.full((), math.inf), torch.full((), -math.inf)
+    out.copy_(base.to(out.device))
+    return RangeCheck(name, ops, low, high, out.dtype)

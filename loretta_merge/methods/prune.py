@@ -1,0 +1,84 @@
+"""Sparsification of one task vector: which entries are kept, and the optional rescale.
+
+Every function takes an fp32 delta and returns the pruned delta (a new tensor); a density
+of 1 keeps everything (and draws nothing). Definitions follow mergekit 0.1.5 (see
+docs/merge-methods.md for where PEFT's differ).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RESCALE_EPS = 1e-7  # below this L1 norm (before or after) a pruned delta is not rescaled
+
+
+def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``delta * kept`` scaled so its L1 norm equals ``delta``'s (unchanged when either
+    norm is below :data:`RESCALE_EPS`)."""
+    pruned = delta * kept
+    before, after = delta.abs().sum(), pruned.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return pruned
+    return pruned * (before / after)
+
+
+def _apply(delta: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.Tensor:
+    return rescale_l1(delta, kept) if rescale else delta * kept
+
+
+def largest(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+    """Keep the ``max(1, int(density * n))`` entries of largest magnitude (TIES' trim)."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    if n == 0:
+        return delta.clone()
+    keep = max(1, int(density * n))
+    flat_kept = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    flat_kept[torch.topk(delta.abs().reshape(-1), keep, sorted=False).indices] = 1
+    return _apply(delta, flat_kept.view_as(delta), rescale)
+
+
+def largest_below_outliers(delta: torch.Tensor, density: float, gamma: float, *,
+                           rescale: bool = False) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``int(gamma * n)`` largest magnitudes (outliers), then
+    keep the next ``int(density * n)`` (fewer outliers dropped when both cannot fit)."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep, outliers = int(density * n), int(gamma * n)
+    band = min(n, keep + outliers)  # the kept entries and the outliers above them
+    magnitude = delta.abs().reshape(-1)
+    flat_kept = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    if keep:  # two partial selections instead of a full sort
+        flat_kept[torch.topk(magnitude, band, sorted=False).indices] = 1
+        if band > keep:
+            flat_kept[torch.topk(magnitude, band - keep, sorted=False).indices] = 0
+    return _apply(delta, flat_kept.view_as(delta), rescale)
+
+
+def random_keep(delta: torch.Tensor, density: float, generator: torch.Generator, *,
+                rescale: bool = True) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density``."""
+    if density >= 1:
+        return delta
+    kept = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    return _apply(delta, kept, rescale)
+
+
+def magnitude_ranked_keep(delta: torch.Tensor, density: float, epsilon: float,
+                          generator: torch.Generator, *, rescale: bool = True) -> torch.Tensor:
+    """DELLA's MagPrune: within each row (a 1-D tensor is one row), the entry of rank k
+    (1 = smallest magnitude) of c is kept with probability
+    ``density - epsilon + 2 * epsilon * (k - 1) / (c - 1)`` (``density`` when c is 1)."""
+    if density >= 1:
+        return delta
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta
+    order = torch.argsort(rows.abs(), dim=1)  # the rank of each entry: its inverse permutation
+    steps = torch.arange(rows.shape[1], dtype=delta.dtype, device=delta.device).expand_as(rows)
+    ranks = torch.empty_like(rows).scatter_(1, order, steps)  # 0-based
+    cols = rows.shape[1]
+    position = ranks / (cols - 1) if cols > 1 else torch.full_like(ranks, 0.5)
+    probs = (density - epsilon) + position * (2 * epsilon)
+    kept = torch.bernoulli(probs, generator=generator).reshape(delta.shape)
+    return _apply(delta, kept, rescale)
