@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _machine import measuring  # noqa: E402
+
 METHODS = {  # method -> (parameters, seed)
     "linear": ({}, None),
     "task_arithmetic": ({"lambda": 0.8}, None),
@@ -79,13 +81,15 @@ def main() -> None:
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for _ in range(args.repeat):
             for m in methods:
-                done = subprocess.run(
-                    [sys.executable, __file__, "--child", m, "--work", str(work),
-                     "--out", str(work / f"out-{m}")],
-                    capture_output=True, text=True, check=False)
+                with measuring() as machine:
+                    done = subprocess.run(
+                        [sys.executable, __file__, "--child", m, "--work", str(work),
+                         "--out", str(work / f"out-{m}")],
+                        capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     sys.exit(f"{m} failed:\n{done.stderr[-2000:]}")
                 runs[m].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                runs[m][-1]["machine_state"] = machine
                 shutil.rmtree(work / f"out-{m}", ignore_errors=True)
         summary = {"size": args.size, "repeat": args.repeat, "adapters": ["lora r16 (w 1.0)",
                                                                          "rep (w 0.7)"],
