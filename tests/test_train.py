@@ -218,9 +218,7 @@ def test_label_names_and_ids_and_parquet_without_pyarrow(tmp_path):
     with pytest.raises(ConfigError, match="mixes integer ids and class names"):
         D.classification_rows([{"t": "x", "l": 1}, {"t": "y", "l": "pos"}], text_column="t",
                               label_column="l", source="f")
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("pyarrow") is None:
         (tmp_path / "d.parquet").write_bytes(b"PAR1")
         with pytest.raises(ConfigError, match="needs pyarrow"):
             D.read_rows(tmp_path / "d.parquet")
