@@ -26,6 +26,7 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("examples")
 
 
+@pytest.mark.slow
 def test_finetune(work, capsys):
     run_example("finetune.py", "--output", str(work / "adapter"), "--max-steps", "6",
                 "--max-train-samples", "64", "--max-eval-samples", "64")

@@ -87,6 +87,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 FAST = dict(batch_size=8, progress=False, eval_batch_size=32, max_length=16)
 
 
+@pytest.mark.slow
 def test_seq_cls_rep_lowers_loss_and_writes_adapter(models, tmp_path):
     train_f = _csv(tmp_path / "train.csv", _sentences(64, 0))
     eval_f = _csv(tmp_path / "eval.csv", _sentences(32, 1))
