@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-output
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) examples/quickstart.py --output $(DEMO_OUT) --force  # replaces only its own demo folder
 
+# Two xdist workers, one torch thread each (tests/conftest.py); tests that share a heavy
+# fixture carry an xdist_group mark and run on one worker (--dist loadgroup), longest first
+# (the order tests/conftest.py sorts them in, which --no-loadscope-reorder keeps).
+PYTEST_XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_XDIST) tests
+
+# The inner loop: everything but the end-to-end runs marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_XDIST) -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,23 +1,37 @@
-"""Shared fixtures: tiny real transformers models built offline from configs.
+"""Shared fixtures: tiny real transformers models built offline from configs, and the MiniLM
+adapter the README tour trains.
 
-Each model is saved once per session with safetensors in several small shards, so the
+Each tiny model is saved once per session with safetensors in several small shards, so the
 index code always runs. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test`: two workers on two cores) each worker and the commands its
+# tests start get one thread, so the workers do not oversubscribe the cores.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if XDIST_WORKER else 2)
 
 # name -> (config class, config kwargs, model class used for the saved checkpoint)
 TINY = {
@@ -113,3 +127,88 @@ def probe_inputs(vocab_size: int = 128, batch: int = 2, seq: int = 7, *, seed: i
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[0, seq - 2:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest work first: the tests that share the trained MiniLM adapter (with xdist the
+    worker that trains it starts at once, the other one meanwhile runs everything else),
+    then the other xdist groups, then the rest in file order (`make test` passes
+    --no-loadscope-reorder so that xdist keeps this order)."""
+    def rank(item) -> int:
+        group = item.get_closest_marker("xdist_group")
+        if group is None:
+            return 2
+        return 0 if (group.args or [group.kwargs.get("name")])[0] == "minilm" else 1
+
+    items.sort(key=rank)
+
+
+# --------------------------------------------------------------------------- README tour
+
+def readme_tour() -> list[tuple[str, list[str]]]:
+    """The README's command-line tour: each ``$ `` command with the output lines shown
+    under it, in order."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## The command line at a glance", 1)[1].split("\n## ", 1)[0]
+    steps: list[tuple[str, list[str]]] = []
+    for block in re.findall(r"```console\n(.*?)```", section, flags=re.S):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            elif steps:
+                steps[-1][1].append(line)
+    return steps
+
+
+def tour_env() -> dict:
+    """The environment the tour's commands run in: this interpreter's ``loretta-merge`` and
+    ``python`` first on PATH, offline."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """A finished training command: the adapter folder it wrote (read-only: copy it to
+    change it) and what the command printed."""
+
+    path: Path
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def minilm_adapter(tmp_path_factory) -> TrainedAdapter:
+    """The LoRETTA_rep adapter on the embedded MiniLM and Rotten Tomatoes data that the README
+    tour's ``loretta-merge train`` command trains, run once per test session (the command
+    itself, end to end; ``tests/test_readme.py`` checks its output against the README).
+
+    With pytest-xdist the first worker to take the lock trains; the others wait for it and
+    reuse its folder. Tests that take this fixture carry ``xdist_group("minilm")`` so that
+    ``--dist loadgroup`` runs them on one worker and the other one is never left waiting."""
+    from filelock import FileLock  # a dependency of huggingface_hub, hence of transformers
+
+    # the session's own folder: shared by its xdist workers, never by two sessions
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if XDIST_WORKER else base
+    work = shared / "minilm-adapter"
+    done = shared / "minilm-adapter.json"
+    command = next(cmd for cmd, _ in readme_tour() if cmd.startswith("loretta-merge train "))
+    with FileLock(str(shared / "minilm-adapter.lock")):
+        if not done.exists():
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            proc = subprocess.run(["bash", "-c", "set -euo pipefail\n" + command], cwd=work,
+                                  env=tour_env(), capture_output=True, text=True, timeout=1200)
+            result = dict(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result))
+            tmp.replace(done)
+        result = json.loads(done.read_text())
+    if result["returncode"] != 0:
+        pytest.fail(f"{command!r} exited {result['returncode']}:\n"
+                    + result["stdout"][-3000:] + result["stderr"][-3000:])
+    out = command.split(" -o ", 1)[1].split()[0]
+    return TrainedAdapter(path=work / out, command=command, **result)

@@ -16,7 +16,6 @@ import collections
 import hashlib
 import json
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -572,14 +571,8 @@ def check_error(code: int, err: str, expect: tuple[str, ...], *, want_code: int 
     return line
 
 
-# Cases that still fail because of code this corpus's author may not edit (owned by engineers
-# still at work). strict: the mark must come off as soon as the fix lands.
-_IO_HINT = ("io.CheckpointReader: the message names the file but says nothing to do (add e.g. "
-            "'pass the model directory that holds config.json and *.safetensors' / 'copy the shard "
-            "into the directory or fix the index')")
-_IO_PROC = ("io.atomic_output_dir: os.mkdir of the temp dir in an unwritable parent raises a bare "
-            "FileNotFoundError/PermissionError (exit 1, 'error: FileNotFoundError: ...') instead of "
-            "a ConfigError naming the parent; root passes the os.access check")
+# "command:case" -> why it still fails, for a case whose fix is not in yet (none today).
+# strict: the mark must come off as soon as the fix lands.
 KNOWN_FAILURES: dict[str, str] = {}
 
 

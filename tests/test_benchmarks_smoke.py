@@ -65,6 +65,7 @@ def test_the_benchmarks_of_this_area_have_a_smoke_mode():
     assert {"bench_convert.py", "bench_tt.py", "bench_train.py", "bench_start.py"} <= names, names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", _generic(), ids=lambda p: p.name)
 def test_benchmark_smoke_run(script: Path, tmp_path: Path):
     before = _digest(RESULTS)

@@ -158,6 +158,7 @@ def test_quiet_does_not_hide_errors(files, tmp_path, capsys):
     assert err.startswith("error: ") and out == ""
 
 
+@pytest.mark.slow
 def test_quiet_in_a_fresh_process_prints_nothing(files, tmp_path):
     """In a new process (as a user runs it), -q also hides import-time warnings and log
     records of the libraries a command loads (transformers and what it pulls in); stdout and

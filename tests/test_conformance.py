@@ -36,7 +36,11 @@ XFAIL: dict[tuple[str, str], str] = {}
 def _params():
     out = []
     for family, flow in cells():
-        marks = []
+        # a family's cells share its workspace (checkpoints, trained adapters, merged models):
+        # one xdist worker runs them all, so none of that is built twice
+        marks = [pytest.mark.xdist_group(f"conformance-{family}")]
+        if flow.startswith("onnx_"):  # export and ONNX Runtime validation, end to end
+            marks.append(pytest.mark.slow)
         if (family, flow) in XFAIL:
             marks.append(pytest.mark.xfail(strict=True, reason=XFAIL[(family, flow)]))
         out.append(pytest.param(family, flow, marks=marks, id=f"{family}-{flow}"))

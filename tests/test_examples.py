@@ -26,9 +26,8 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("examples")
 
 
-def test_finetune_merge_export_chain(work, capsys):
-    from loretta_merge.embedded import default_model_path
-
+@pytest.mark.slow
+def test_finetune(work, capsys):
     run_example("finetune.py", "--output", str(work / "adapter"), "--max-steps", "6",
                 "--max-train-samples", "64", "--max-eval-samples", "64")
     out = capsys.readouterr().out
@@ -36,7 +35,15 @@ def test_finetune_merge_export_chain(work, capsys):
     # MiniLM is a sentence-transformers model that mean-pools: --pooling auto follows it
     assert json.loads((work / "adapter" / "adapter_config.json").read_text())["pooling"] == "mean"
 
-    run_example("merge.py", str(default_model_path()), str(work / "adapter"), "--output", str(work / "merged"))
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("minilm")
+def test_merge_export_chain(minilm_adapter, work, capsys):
+    """merge.py, then export_onnx.py on its output, with the session's trained MiniLM adapter
+    (the same method, pooling and base as finetune.py's)."""
+    from loretta_merge.embedded import default_model_path
+
+    run_example("merge.py", str(default_model_path()), str(minilm_adapter.path), "--output", str(work / "merged"))
     out = capsys.readouterr().out
     diff = float(out.split("unmerged model:")[1].split()[0])
     assert diff < 1e-4

@@ -170,6 +170,7 @@ def test_gpt2_with_past_generation(gpt2_past_export):
     assert np.stack(tokens, 1).tolist() == gen.tolist()
 
 
+@pytest.mark.slow
 def test_adp_adapter_inside_graph(models, out_root, tmp_path):
     from loretta_merge.adapters.config import AdpConfig
     from loretta_merge.adapters import get_loretta_model, load_loretta_model, save_loretta_adapter

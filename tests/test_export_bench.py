@@ -24,6 +24,7 @@ def _run(*args: str, timeout: int = 600) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_export_smoke(tmp_path):
     out = tmp_path / "export.json"
     _run("benchmarks/bench_export.py", "--smoke", "--output", str(out))
@@ -37,6 +38,7 @@ def test_bench_export_smoke(tmp_path):
     assert layouts["tt"]["adapter_file_bytes"]["a"] < layouts["factors"]["adapter_file_bytes"]["a"]
 
 
+@pytest.mark.slow
 def test_gpu_onnx_smoke_reports_the_provider_that_ran(tmp_path):
     import onnxruntime as ort
 
@@ -51,6 +53,7 @@ def test_gpu_onnx_smoke_reports_the_provider_that_ran(tmp_path):
         assert "CPU fallback" in text
 
 
+@pytest.mark.slow
 def test_serve_adapters_example(tmp_path):
     text = _run("examples/serve_adapters.py", "--requests", "8", "--work", str(tmp_path))
     assert "adapter support:" in text and "merged support" in text

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,6 +22,7 @@ def _run(script: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_merge_smoke(tmp_path):
     out = tmp_path / "merge.json"
     _run("bench_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_quant_smoke(tmp_path):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import test_quant
 from conftest import run_main
-from test_quant import BASE, FIXTURES, make_peft_lora, quant_base, reference_model  # noqa: F401
+from test_quant import BASE, FIXTURES, make_peft_lora
+
+quant_base = test_quant.quant_base  # the fixture, shared with test_quant.py
 
 
 def refused(args, out: Path, capsys) -> str:

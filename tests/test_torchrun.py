@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -16,6 +17,7 @@ from test_train import FILLER, _csv, _jsonl, _sentences, _tokenizer
 HERE = Path(__file__).parent
 
 
+@pytest.mark.slow
 def test_two_processes_train_identical_adapters(tiny_model_dir, tmp_path):
     import shutil
 
@@ -52,6 +54,7 @@ def test_two_processes_train_identical_adapters(tiny_model_dir, tmp_path):
     assert not list(out.glob(".adapter-tmp-*"))
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_data_parallel_and_resume(tiny_model_dir, tmp_path):
     """``--fsdp`` under torchrun (2 CPU processes, gloo): the adapter equals the
     data-parallel run's with the same seed and global batch, and an FSDP run killed after
@@ -95,6 +98,7 @@ def test_fsdp_two_processes_match_data_parallel_and_resume(tiny_model_dir, tmp_p
     assert not [p for p in out.rglob("*") if ".loretta-" in p.name or p.name == ".partial"]
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_base_saves_fp32_master_weights(tiny_model_dir, tmp_path):
     """--fsdp --bf16 on a bf16 Llama: the shards of the trained tensors are float32 and the
     adapter written by rank 0 holds them in float32 (not the gathered bf16 compute copies)."""

@@ -87,6 +87,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 FAST = dict(batch_size=8, progress=False, eval_batch_size=32, max_length=16)
 
 
+@pytest.mark.slow
 def test_seq_cls_rep_lowers_loss_and_writes_adapter(models, tmp_path):
     train_f = _csv(tmp_path / "train.csv", _sentences(64, 0))
     eval_f = _csv(tmp_path / "eval.csv", _sentences(32, 1))
@@ -218,9 +219,7 @@ def test_label_names_and_ids_and_parquet_without_pyarrow(tmp_path):
     with pytest.raises(ConfigError, match="mixes integer ids and class names"):
         D.classification_rows([{"t": "x", "l": 1}, {"t": "y", "l": "pos"}], text_column="t",
                               label_column="l", source="f")
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("pyarrow") is None:
         (tmp_path / "d.parquet").write_bytes(b"PAR1")
         with pytest.raises(ConfigError, match="needs pyarrow"):
             D.read_rows(tmp_path / "d.parquet")

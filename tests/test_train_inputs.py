@@ -8,11 +8,10 @@ import shutil
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import run_main
-from loretta_merge.errors import ConfigError, FormatError, MissingDependencyError
+from loretta_merge.errors import ConfigError, MissingDependencyError
 from loretta_merge.train import TrainArgs, train
 from loretta_merge.train import build
 from test_train import FAST, _csv, _sentences, _tokenizer

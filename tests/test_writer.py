@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from conftest import run_main
-from loretta_merge.errors import FormatError, LorettaError
+from loretta_merge.errors import FormatError
 from loretta_merge.io import (CheckpointReader, StreamingShardWriter, atomic_output_dir,
                               read_safetensors_header, write_safetensors)
 

@@ -90,5 +90,3 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            "Phi3ForCausalLM", "Phi3ForSequenceClassification", decoder=True,
            notes="fused qkv_proj, gate_up_proj"),
 ]}
-ENCODERS = [n for n, f in FAMILIES.items() if not f.decoder]
-DECODERS = [n for n, f in FAMILIES.items() if f.decoder]

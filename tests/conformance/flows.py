@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .families import FAMILIES, Family
-from .fixtures import build_family, build_model
+from .fixtures import build_family
 
 TRAIN_STEPS = 2
 ATOL = 1e-4  # fp32 logits, as the merge's --verify
