@@ -88,6 +88,28 @@ def tail_error(s: torch.Tensor, k: int) -> float:
     return math.sqrt(max(float(e[k:].sum()), 0.0) / total) if total > 0 else 0.0
 
 
+OVERSAMPLE = 10        # sketch columns beyond the rank (randomized SVD)
+POWER_ITERS = 2        # subspace iterations (randomized SVD)
+
+
+def randomized_svd(d: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE,
+                   power_iters: int = POWER_ITERS, seed: int = 0):
+    """The top ``rank`` singular triplets of ``d (m, n)`` from a Gaussian sketch (randomized
+    range finder with subspace iteration, re-orthonormalised at each step; a fixed seed, so
+    a run is reproducible). Returns ``(U (m, rank), S (rank,), Vh (rank, n))``. Cost:
+    ``O(m n q)`` with ``q = rank + oversample``, against ``O(m n min(m, n))`` exact."""
+    m, n = d.shape
+    q = min(rank + oversample, m, n)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, q, generator=g, dtype=torch.float32).to(d.device, d.dtype)
+    basis = torch.linalg.qr(d @ omega).Q                       # (m, q)
+    for _ in range(power_iters):
+        basis = torch.linalg.qr(d.T @ basis).Q                  # (n, q)
+        basis = torch.linalg.qr(d @ basis).Q                    # (m, q)
+    ub, s, vh = torch.linalg.svd(basis.T @ d, full_matrices=False)   # (q, n): small
+    return (basis @ ub)[:, :rank], s[:rank], vh[:rank]
+
+
 # --------------------------------------------------------------------------- report
 
 @dataclass
