@@ -105,6 +105,9 @@ def _floor(work: Path, out: Path, nbytes: int) -> None:
         os.fsync(f.fileno())
 
 
+MERGEKIT_INCLUDE: str | None = None   # --mergekit-include: restrict mergekit to these modules
+
+
 def _command(case: str, work: Path, out: Path, rank: int, adapter_bytes: int) -> list[str]:
     py = sys.executable
     if case == "floor":
@@ -116,7 +119,8 @@ def _command(case: str, work: Path, out: Path, rank: int, adapter_bytes: int) ->
     if case == "mergekit":
         exe = Path(sys.executable).with_name("mergekit-extract-lora")
         return [str(exe), "--base-model", str(work / "base"), "--model", str(work / "ft"),
-                "--out-path", str(out), "--max-rank", str(rank), "--quiet"]
+                "--out-path", str(out), "--max-rank", str(rank), "--quiet"] + (
+                    ["--include-regex", MERGEKIT_INCLUDE] if MERGEKIT_INCLUDE else [])
     if case.startswith("startup-"):
         return [py, "-c", STARTUP[case[len("startup-"):]]]
     raise ValueError(case)
@@ -143,6 +147,10 @@ def run_case(case: str, work: Path, rank: int, adapter_bytes: int) -> dict:
         raise SystemExit(f"case {case} failed:\n{r['stderr']}")
     if out.is_dir():
         r["output_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        if case == "mergekit" and (out / "adapter_model.safetensors").is_file():
+            from safetensors import safe_open
+            with safe_open(out / "adapter_model.safetensors", "pt") as f:
+                r["adapter_keys"] = [k for k in f.keys() if "lora_" in k]
     report = None
     if case == "ours":
         report = json.loads(r["stdout"][r["stdout"].index("{"):])
@@ -188,11 +196,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="rounds of floor and ours (medians)")
     ap.add_argument("--mergekit-repeat", type=int, default=1, help="rounds of mergekit")
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--mergekit-include", default=None,
+                    help="regex: mergekit extracts only these modules (its exact SVDs are slow), "
+                         "e.g. 'model\\.layers\\.0\\.' (recorded in the JSON)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated pair")
     ap.add_argument("--out", type=Path, default=None, help="JSON results path")
     ap.add_argument("--floor-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global MERGEKIT_INCLUDE
+    MERGEKIT_INCLUDE = args.mergekit_include
     if args.floor_child:
         _floor(Path(args.floor_child[0]), Path(args.floor_child[1]), int(args.floor_child[2]))
         return
@@ -280,6 +293,9 @@ def main() -> None:
                "finetune": {"delta_rank": DELTA_RANK, "decay": DECAY, "delta_rms": DELTA_RMS,
                             "changed_norm": "post_attention_layernorm"},
                "rounds": args.repeat, "mergekit_rounds": args.mergekit_repeat,
+               "mergekit_include_regex": args.mergekit_include,
+               "mergekit_modules": (len(runs["mergekit"][0].get("adapter_keys", [])) // 2
+                                    if runs.get("mergekit") else None),
                "page_cache": "warm (both checkpoints read before each run)",
                "cpu_count": os.cpu_count(), "sampled_module_errors": exact,
                "cases": cases_out, "ratios": ratios}
