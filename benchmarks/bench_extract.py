@@ -46,8 +46,11 @@ from bench_merge import SIZES, TARGETS, _linear_shapes, generate  # noqa: E402
 
 DELTA_RANK, DECAY, DELTA_RMS = 32, 0.8, 2e-3
 CASES = ("floor", "ours", "mergekit")
+# the interpreter of each command: Python with the code it loads before reading any tensor
+# (ours builds the checkpoint's class on the meta device to find its Linear modules, so the
+# Llama modeling code is part of it: about 180 MiB of RSS, code not data)
 STARTUP = {"ours": "import torch, transformers, loretta_merge.cli, loretta_merge.converters.extract, "
-                   "loretta_merge.formats",
+                   "loretta_merge.formats; from transformers import LlamaForCausalLM",
            "mergekit": "import mergekit.scripts.extract_lora"}
 
 
@@ -297,6 +300,7 @@ def main() -> None:
                "mergekit_modules": (len(runs["mergekit"][0].get("adapter_keys", [])) // 2
                                     if runs.get("mergekit") else None),
                "page_cache": "warm (both checkpoints read before each run)",
+               "interpreter": {k: v for k, v in STARTUP.items()},
                "cpu_count": os.cpu_count(), "sampled_module_errors": exact,
                "cases": cases_out, "ratios": ratios}
     for k, v in ratios.items():

@@ -221,9 +221,37 @@ def _use_randomized(svd: str, shape, rank, energy, eps) -> bool:
     return min(shape) >= 256 and 4 * (rank + OVERSAMPLE) <= min(shape)
 
 
+_STREAM_COMPARE = 32 * 2**20     # bytes: untargeted tensors this big are compared in pieces
+
+
+def _same_bytes(reader: CheckpointReader, key: str, t: torch.Tensor) -> bool:
+    """Whether ``reader``'s stored ``key`` has exactly ``t``'s bytes (same dtype and shape
+    checked by the caller and the plan), read 16 MiB at a time."""
+    flat = t.contiguous().view(-1).view(torch.uint8)
+    done = 0
+    for piece in reader.iter_bytes(key):
+        if not torch.equal(piece, flat[done:done + piece.numel()]):
+            return False
+        done += piece.numel()
+    return done == flat.numel()
+
+
 def _rel(d: torch.Tensor, approx: torch.Tensor) -> float:
     n = float(torch.linalg.matrix_norm(d))
     return float(torch.linalg.matrix_norm(d - approx)) / n if n > 0 else 0.0
+
+
+def _rel_factors(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: int = 512) -> float:
+    """``_rel(d, b @ a)`` by blocks of ``rows`` rows: the residual is formed a block at a
+    time (two ``(rows, in)`` temporaries instead of two of ``d``'s size), still exactly."""
+    n = float(torch.linalg.matrix_norm(d))
+    if n == 0:
+        return 0.0
+    sq = 0.0
+    for i in range(0, d.shape[0], rows):
+        r = torch.addmm(d[i:i + rows], b[i:i + rows], a, alpha=-1)
+        sq += float(torch.linalg.vector_norm(r)) ** 2
+    return math.sqrt(sq) / n
 
 
 def _tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int, shapes: str,
@@ -323,6 +351,14 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
             if key in added:
                 tensors[key] = w1
                 continue
+            if key not in plan.targets and w1.nbytes >= _STREAM_COMPARE and base_r.dtype(key) == w1.dtype:
+                # a big untargeted tensor (embeddings, a head): compared piece by piece, so the
+                # base's copy is never held beside the fine-tune's
+                if _same_bytes(base_r, key, w1):
+                    report.unchanged += 1
+                else:
+                    tensors[key] = w1
+                continue
             w0 = base_r.get(key)
             if torch.equal(w0, w1):
                 report.unchanged += 1
@@ -345,7 +381,7 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
             how = "randomized" if _use_randomized(svd, d.shape, rank, energy, eps) else "exact"
             n_randomized += how == "randomized"
             lora, kept, k = _svd_lora(d, rank=rank, energy=energy, eps=eps, svd=how)
-            err_svd = _rel(d, lora.b @ lora.a)
+            err_svd = _rel_factors(d, lora.b, lora.a)
             row = RankRow(name=name, out_features=d.shape[0], in_features=d.shape[1], rank=k,
                           energy=kept, err=err_svd, err_svd=err_svd,
                           params=k * sum(d.shape), params_before=d.numel())
