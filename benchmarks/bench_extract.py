@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import measuring  # noqa: E402
-from bench_merge import SIZES, TARGETS, _linear_shapes, generate  # noqa: E402
+from bench_merge import SIZES, TARGETS  # noqa: E402
 
 DELTA_RANK, DECAY, DELTA_RMS = 32, 0.8, 2e-3
 CASES = ("floor", "ours", "mergekit")
@@ -202,6 +202,9 @@ def main() -> None:
     ap.add_argument("--mergekit-include", default=None,
                     help="regex: mergekit extracts only these modules (its exact SVDs are slow), "
                          "e.g. 'model\\.layers\\.0\\.' (recorded in the JSON)")
+    ap.add_argument("--reuse-from", type=Path, default=None,
+                    help="an earlier JSON of this script on the same pair: its runs of the cases "
+                         "not measured now (e.g. mergekit, slow) are taken over, marked as such")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated pair")
     ap.add_argument("--out", type=Path, default=None, help="JSON results path")
@@ -268,6 +271,14 @@ def main() -> None:
         if args.smoke or not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
+    reused = []
+    if args.reuse_from:
+        earlier = json.loads(args.reuse_from.read_text())
+        for case, c in earlier["cases"].items():
+            if case not in runs:
+                runs[case] = [dict(r, reused_from=str(args.reuse_from.name)) for r in c["runs"]]
+                reused.append(case)
+
     def med(case, k):
         vals = [r[k] for r in runs.get(case, []) if r.get(k) is not None]
         return statistics.median(vals) if vals else None
@@ -296,8 +307,11 @@ def main() -> None:
                "finetune": {"delta_rank": DELTA_RANK, "decay": DECAY, "delta_rms": DELTA_RMS,
                             "changed_norm": "post_attention_layernorm"},
                "rounds": args.repeat, "mergekit_rounds": args.mergekit_repeat,
-               "mergekit_include_regex": args.mergekit_include,
-               "mergekit_modules": (len(runs["mergekit"][0].get("adapter_keys", [])) // 2
+               "mergekit_include_regex": args.mergekit_include or (
+                   earlier.get("mergekit_include_regex") if args.reuse_from else None),
+               "reused_cases": {"cases": reused, "from": args.reuse_from.name if args.reuse_from else None},
+               "mergekit_modules": (len([k for k in runs["mergekit"][0].get("adapter_keys", [])
+                                         if "lora_A" in k])
                                     if runs.get("mergekit") else None),
                "page_cache": "warm (both checkpoints read before each run)",
                "interpreter": {k: v for k, v in STARTUP.items()},
