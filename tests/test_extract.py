@@ -441,3 +441,31 @@ def test_rank_cap_above_a_module_size_is_clamped(pairs):
     base, ft, _ = pairs["llama"]
     _, report = extract(base, ft, energy=1.0, rank=33)   # v_proj is 32 x 64: a cap, not an error
     assert {r.rank for r in report.modules} == {4}
+
+
+def test_randomized_svd_matches_the_exact_truncation():
+    """The fixed-rank fast path: within 1% of the exact rank-R error on a decaying spectrum,
+    reproducible, and chosen by auto only where the rank is well below the module's size."""
+    from loretta_merge.converters.extract import _svd_lora, _use_randomized
+    from loretta_merge.converters.lowrank import randomized_svd
+
+    g = torch.Generator().manual_seed(0)
+    m, n, r = 300, 260, 8
+    u = torch.linalg.qr(torch.randn(m, 40, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(n, 40, generator=g))[0]
+    d = (u * 0.7 ** torch.arange(40.0)) @ v.T + 1e-5 * torch.randn(m, n, generator=g)
+    s = torch.linalg.svdvals(d).double()
+    best = float((s[r:] ** 2).sum().sqrt() / s.norm())
+    uu, ss, vh = randomized_svd(d, r)
+    assert uu.shape == (m, r) and ss.shape == (r,) and vh.shape == (r, n)
+    got = float(torch.linalg.matrix_norm(d - (uu * ss) @ vh) / torch.linalg.matrix_norm(d))
+    assert best <= got <= 1.01 * best
+    assert torch.equal(randomized_svd(d, r)[1], ss)
+    lora, kept, k = _svd_lora(d, rank=r, energy=None, eps=None, svd="randomized")
+    assert k == r and kept == pytest.approx(1 - best**2, rel=1e-3)
+    assert _use_randomized("auto", (2048, 2048), 16, None, None)
+    assert not _use_randomized("auto", (64, 64), 16, None, None)          # small: exact
+    assert not _use_randomized("auto", (2048, 2048), 16, 0.99, None)      # energy rule: exact
+    assert not _use_randomized("exact", (2048, 2048), 16, None, None)
+    with pytest.raises(ConfigError):
+        extract("a", "b", rank=4, energy=0.9, svd="randomized")

@@ -16,6 +16,7 @@ with one of the others it is a cap):
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,6 +87,52 @@ def tail_error(s: torch.Tensor, k: int) -> float:
     e = energies(s)
     total = float(e.sum())
     return math.sqrt(max(float(e[k:].sum()), 0.0) / total) if total > 0 else 0.0
+
+
+OVERSAMPLE = 10        # sketch columns beyond the rank (randomized SVD)
+POWER_ITERS = 2        # subspace iterations (randomized SVD)
+
+
+@contextmanager
+def _one_thread():
+    """Small LAPACK calls (QR of an ``(m, q)`` panel, SVD of a ``(q, n)`` one) under one
+    thread: their work is tiny, and a team of threads on a busy machine spends far more
+    waiting for each other (measured: 1.3 ms against 331 ms for one 5632x26 QR, load 7 on
+    2 cores)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def randomized_svd(d: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE,
+                   power_iters: int = POWER_ITERS, seed: int = 0):
+    """The top ``rank`` singular triplets of ``d (m, n)`` from a Gaussian sketch (randomized
+    range finder with subspace iteration, re-orthonormalised at each step; a fixed seed, so
+    a run is reproducible). Returns ``(U (m, rank), S (rank,), Vh (rank, n))``. Cost:
+    ``O(m n q)`` with ``q = rank + oversample``, against ``O(m n min(m, n))`` exact."""
+    m, n = d.shape
+    q = min(rank + oversample, m, n)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, q, generator=g, dtype=torch.float32).to(d.device, d.dtype)
+
+    def orth(y: torch.Tensor) -> torch.Tensor:
+        with _one_thread():
+            return torch.linalg.qr(y).Q
+
+    basis = orth(d @ omega)                                    # (m, q)
+    for _ in range(power_iters):
+        basis = orth(d.T @ basis)                              # (n, q)
+        basis = orth(d @ basis)                                # (m, q)
+    small = basis.T @ d                                        # (q, n)
+    with _one_thread():
+        ub, s, vh = torch.linalg.svd(small, full_matrices=False)
+    return (basis @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
 # --------------------------------------------------------------------------- report

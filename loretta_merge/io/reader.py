@@ -184,6 +184,28 @@ class CheckpointReader:
             done += got
         return buf.view(self.dtype(key)).reshape(self.shape(key))
 
+    def iter_bytes(self, key: str, chunk: int = 16 * 2**20):
+        """The stored bytes of ``key`` in pieces of at most ``chunk`` bytes, read into one
+        reused buffer (each piece is valid until the next is read): compare or hash a big
+        tensor without holding it."""
+        shard = self._weight_map.get(key)
+        if shard is None:
+            raise KeyError(f"{self.model_dir} has no tensor {key!r}")
+        start, end = (int(x) for x in self._headers[shard][key]["data_offsets"])
+        base = 8 + self._header_len[shard]
+        buf = torch.empty(min(chunk, max(end - start, 1)), dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        with open(self._paths[shard], "rb") as f:
+            done = 0
+            while done < end - start:
+                n = min(len(view), end - start - done)
+                got = os.preadv(f.fileno(), [view[:n]], base + start + done)
+                if got <= 0:
+                    raise FormatError(f"{self.model_dir / shard}: short read of {key!r}; the file "
+                                      f"changed or is truncated: re-download or re-save it")
+                yield buf[:got]
+                done += got
+
     def close(self) -> None:
         if self._open is not None:
             self._open.close()
