@@ -37,20 +37,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_merge import SIZES, generate  # noqa: E402 - the same checkpoint builder
+from _machine import cores_available, measuring  # noqa: E402
 
 POLICIES = ("unset", "PASSIVE")
 THREADS = ("1", "2", "auto")
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def child(work: Path, out: Path) -> dict:
@@ -85,15 +75,15 @@ def _run_child(work: Path, policy: str, threads: str) -> dict:
         env["OMP_WAIT_POLICY"] = policy
     if threads != "auto":
         env["LORETTA_KERNEL_THREADS"] = threads
-    before = _load()
-    proc = subprocess.run([sys.executable, __file__, "--child", "--work", str(work), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, env=env)
-    after = _load()
+    with measuring(torch_threads=None) as machine:  # the child's threads are in its result
+        proc = subprocess.run([sys.executable, __file__, "--child", "--work", str(work),
+                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True, env=env)
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         raise SystemExit(f"{policy}/{threads} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**result, "load_before": before, "load_after": after}
+    return {**result, "load_before": machine["load_1min_before"],
+            "load_after": machine["load_1min_after"], "machine_state": machine}
 
 
 def main() -> None:
@@ -132,7 +122,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     summary = {
         "size": args.size, "checkpoint_bytes": checkpoint, "adapter": "PEFT LoRA r 16",
-        "rounds": args.repeat, "cores_available": _cores(), "cpu_count": os.cpu_count(),
+        "rounds": args.repeat, "cores_available": cores_available(), "cpu_count": os.cpu_count(),
         "page_cache": "warm", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "configs": {name: {"omp_wait_policy": name.split("/")[0],
                            "kernel_threads": name.split("/")[1],
