@@ -149,8 +149,7 @@ def _print_onnx_report(report) -> None:
         _print_validation(s.validation, f"adapter {s.name}")
     q = report.quantize
     if q is not None:
-        click.echo(f"int8: {q.fp32_bytes / 1e6:.1f} MB -> {q.int8_bytes / 1e6:.1f} MB; "
-                   f"{len(q.fp32_nodes)} activation MatMuls kept in fp32")
+        click.echo(f"int8: {q.fp32_bytes / 1e6:.1f} MB -> {q.int8_bytes / 1e6:.1f} MB ({q.recipe})")
         if q.text_agreement is not None:
             what = "same class" if q.min_agreement is not None else "same argmax"
             line = (f"int8 vs fp32 on {q.judged_on}: {what} {q.text_agreement:.1%}"

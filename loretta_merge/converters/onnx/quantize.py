@@ -1,7 +1,7 @@
 """int8 export: ONNX Runtime's dynamic quantization of the validated fp32 graph.
 
 Weights of the MatMul/Gemm nodes become int8 with per-channel scales (activations are quantized
-at run time, per batch); the nodes listed by :func:`fp32_nodes` stay in fp32 (see there why).
+at run time, per batch); ``RECIPE`` says what and why.
 The int8 graph replaces the fp32 one in the output only if it agrees with it on real text:
 the ``--eval-file`` rows when given, else :func:`loretta_merge.embedded.calibration_sentences`
 (a fixed sample of Rotten Tomatoes TRAIN rows, or the package's own sentences). seq-cls passes
@@ -31,22 +31,29 @@ def _graph_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-RECIPE = ("dynamic int8 (ONNX Runtime quantize_dynamic): MatMul/Gemm weights int8 with "
-          "per-channel scales, activations per batch; MatMuls of two activations kept in fp32")
+# Chosen by benchmarks/bench_int8.py on the quickstart's fine-tuned MiniLM classifier: per-tensor
+# scales, reduce_range, static QDQ and keeping the embeddings, the FFN-down MatMuls or the
+# first/last layer in fp32 gave no better class agreement with fp32 on real sentences (see
+# the README's int8 section); ORT never quantizes a MatMul of two activations (attention).
+RECIPE = ("dynamic int8 (ONNX Runtime quantize_dynamic): weights of every MatMul with a "
+          "constant input and the embedding Gathers int8, per-channel scales; activations "
+          "quantized per batch at run time")
 
 
-def _run_quantizer(src: Path, dst: Path, external: bool, keep: list[str]) -> None:
+def run_quantizer(src: Path, dst: Path, *, external: bool = False, per_channel: bool = True,
+                  reduce_range: bool = False, nodes_to_exclude=(), op_types=None) -> None:
+    """ORT dynamic quantization of ``src`` into ``dst`` (int8 weights); the export uses the
+    defaults, ``benchmarks/bench_int8.py`` the other settings to compare them."""
     quantization = require("onnxruntime.quantization", extra="onnx", purpose="--quantize int8")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
     try:
-        # per-channel weight scales: on MiniLM the relative error of the hidden states drops
-        # from 0.30 (per-tensor) to 0.14; reduce_range made it worse (0.55) on this CPU.
-        # benchmarks/bench_int8.py measures the variants on the quickstart's classifier
         quantization.quantize_dynamic(str(src), str(dst), weight_type=quantization.QuantType.QInt8,
-                                      per_channel=True, use_external_data_format=external,
-                                      nodes_to_exclude=keep)
+                                      per_channel=per_channel, reduce_range=reduce_range,
+                                      use_external_data_format=external,
+                                      nodes_to_exclude=list(nodes_to_exclude),
+                                      op_types_to_quantize=op_types)
     except Exception as exc:  # noqa: BLE001 - the quantizer's own failures
         raise FormatError(f"int8 quantization of {src.name} failed ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); export without --quantize, or report the "
@@ -86,23 +93,6 @@ def _agreement(fp32, int8, config, names: list[str], task: str):
         total += a.size
     rel_error = (err_sq / max(ref_sq, 1e-30)) ** 0.5 if np.isfinite(err_sq) else float("inf")
     return worst_abs, worst_rel, rel_error, cosine, same / max(total, 1)
-
-
-def fp32_nodes(onnx_path: Path) -> list[str]:
-    """The MatMul/Gemm nodes kept in fp32: those with no constant input (attention's Q.K^T and
-    scores.V, two activations each).
-
-    Dynamic quantization of such a MatMul quantizes both activations per tensor at run time;
-    on the quickstart's MiniLM classifier they carried most of the int8 error (see the README's
-    int8 section and ``benchmarks/results/int8.json`` for the variants measured). They hold no
-    weights, so keeping them in fp32 costs no size."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    constant = {t.name for t in graph.initializer}
-    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")
-            and not any(i in constant for i in n.input)]
 
 
 def _tokenizer(model_dir: Path):
@@ -220,8 +210,7 @@ def quantize_int8(onnx_path: Path, model, *, task: str, names: list[str], model_
     for p in list(onnx_path.parent.glob(onnx_path.name + "*")):
         shutil.move(str(p), fp32_dir / p.name)
     try:
-        keep = fp32_nodes(fp32_path)
-        _run_quantizer(fp32_path, onnx_path, external, keep)
+        run_quantizer(fp32_path, onnx_path, external=external)
         fp32, int8 = open_session(fp32_path, provider), open_session(onnx_path, provider)
         max_abs, max_rel, rel_error, cosine, agree = _agreement(fp32, int8, model.config, names,
                                                                 task)
@@ -230,7 +219,6 @@ def quantize_int8(onnx_path: Path, model, *, task: str, names: list[str], model_
                                 max_rel_diff=max_rel, rel_error=rel_error,
                                 rel_error_allowed=max_rel_error, min_cosine=cosine,
                                 argmax_agreement=agree, passed=False, recipe=RECIPE,
-                                fp32_nodes=keep,
                                 min_agreement=min_agreement if task == "seq-cls" else None)
         _judge_text(report, fp32, int8, model, names, task, model_dir, eval_file)
         del fp32, int8

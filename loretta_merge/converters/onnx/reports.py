@@ -76,8 +76,7 @@ class QuantizeReport:
     eval_rows: int | None = None
     accuracy_fp32: float | None = None
     accuracy_int8: float | None = None
-    recipe: str = ""                     # what was quantized, what kept in fp32
-    fp32_nodes: list[str] = field(default_factory=list)  # MatMul/Gemm nodes kept in fp32
+    recipe: str = ""                     # what was quantized, how
     judged_on: str = "probes"            # the text (or the random probes) that decided
     text_rows: int | None = None
     text_agreement: float | None = None  # seq-cls: same class; causal-lm: same next token
