@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def train_quickstart_model(tmp: Path, samples: int) -> tuple[Path, list[str]]:
     merge = [f"{default_model_path()}+{tmp / 'adapter'}", "-o", str(tmp / "merged"), "-q"]
     for args in (train, merge):
         subprocess.run([sys.executable, "-m", "loretta_merge.cli", *args], check=True, env=env)
-    return tmp / "merged", ["loretta-merge " + " ".join(train[:-1]), "loretta-merge BASE+ADAPTER -o merged"]
+    shown = ["train", "--method", "rep", "--output", "adapter", "--max-train-samples", str(samples)]
+    return tmp / "merged", ["loretta-merge " + " ".join(shown), "loretta-merge BASE+adapter -o merged"]
 
 
 def smoke_model(tmp: Path) -> Path:
@@ -107,6 +109,14 @@ def session(path: Path, threads: int = 1):
 
 
 def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-int8-"))
+    try:
+        run(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(tmp: Path) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="Tiny random classifier, seconds.")
     ap.add_argument("--model", default=None, help="A merged seq-cls model dir (default: train).")
@@ -125,7 +135,6 @@ def main() -> None:
     from loretta_merge.embedded import calibration_sentences, rotten_tomatoes
     from loretta_merge.errors import LorettaError
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-int8-"))
     result: dict = {"smoke": args.smoke}
     if args.smoke:
         model_dir, how = smoke_model(tmp), ["tiny random BertForSequenceClassification (smoke)"]
