@@ -123,3 +123,29 @@ def test_min_agreement_option_needs_seq_cls_and_a_share(trained_classifier, tmp_
                              "--int8-min-agreement", "1.5"], capsys)
     assert code == 2 and "--int8-min-agreement" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_causal_lm_int8_is_judged_on_text_by_relative_error(tmp_path, capsys):
+    """A decoder with a tokenizer: judged by ||int8 - fp32|| / ||fp32|| on the calibration
+    sentences, next-token agreement reported."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from loretta_merge.embedded import default_model_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(default_model_path())
+    except Exception as exc:  # noqa: BLE001 - the embedded package is optional
+        pytest.skip(f"embedded tokenizer missing: {exc}")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256,
+                                 tie_word_embeddings=False)).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    code, text, err = run_main(["export", "onnx", tmp_path / "lm", "-o", tmp_path / "out",
+                                "--task", "causal-lm", "--quantize", "int8", "--json"], capsys)
+    assert code == 0, err
+    q = json.loads(text)["quantize"]
+    assert "Rotten Tomatoes train rows" in q["judged_on"] and q["min_agreement"] is None
+    assert 0 < q["text_rel_error"] <= q["rel_error_allowed"] == 0.1
+    assert 0 < q["text_agreement"] <= 1 and q["accuracy_fp32"] is None
