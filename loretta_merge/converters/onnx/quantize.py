@@ -194,9 +194,10 @@ def _refusal(report, model_dir) -> str:
     else:
         what = (f"||int8 - fp32|| / ||fp32|| = {report.rel_error:.3g} on the random-token probes "
                 f"(allowed {report.rel_error_allowed})")
+    flag = ("--int8-min-agreement" if report.min_agreement is not None
+            and report.text_agreement is not None else "--int8-max-error")
     return (f"the int8 graph of {model_dir} disagrees with the fp32 graph: {what}; nothing was "
-            f"written. Export without --quantize, or accept less with --int8-max-error / "
-            f"--int8-min-agreement")
+            f"written. Export without --quantize, or accept less with {flag}")
 
 
 def quantize_int8(onnx_path: Path, model, *, task: str, names: list[str], model_dir: Path,
