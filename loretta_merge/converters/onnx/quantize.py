@@ -184,7 +184,8 @@ def _judge_text(report, fp32, int8, model, names, task, model_dir: Path, eval_fi
         report.passed = rel <= report.rel_error_allowed
 
 
-def _refusal(report, model_dir) -> str:
+def _refusal(report) -> tuple[str, str]:
+    """(what disagreed, the option that would accept it)."""
     if report.min_agreement is not None and report.text_agreement is not None:
         what = (f"it gives the fp32 class on {report.text_agreement:.1%} of {report.judged_on} "
                 f"(needed {report.min_agreement:.0%})")
@@ -196,8 +197,7 @@ def _refusal(report, model_dir) -> str:
                 f"(allowed {report.rel_error_allowed})")
     flag = ("--int8-min-agreement" if report.min_agreement is not None
             and report.text_agreement is not None else "--int8-max-error")
-    return (f"the int8 graph of {model_dir} disagrees with the fp32 graph: {what}; nothing was "
-            f"written. Export without --quantize, or accept less with {flag}")
+    return what, flag
 
 
 def quantize_int8(onnx_path: Path, model, *, task: str, names: list[str], model_dir: Path,
@@ -230,7 +230,10 @@ def quantize_int8(onnx_path: Path, model, *, task: str, names: list[str], model_
     finally:
         shutil.rmtree(fp32_dir, ignore_errors=True)
     if not report.passed:
-        raise NumericsError(_refusal(report, model_dir))
+        what, flag = _refusal(report)
+        raise NumericsError(f"the int8 graph of {model_dir} disagrees with the fp32 graph: {what}; "
+                            f"nothing was written. Export without --quantize, or accept less "
+                            f"with {flag}")
     return report
 
 
