@@ -1,7 +1,7 @@
 """int8 export: ONNX Runtime's dynamic quantization of the validated fp32 graph.
 
-Weights of the MatMul/Gemm nodes become int8 with per-channel scales (activations are quantized
-at run time, per batch); ``RECIPE`` says what and why.
+The weights of the MatMuls (and the embedding tables) become int8 with per-channel scales
+(activations are quantized at run time, per batch); ``RECIPE`` says what and why.
 The int8 graph replaces the fp32 one in the output only if it agrees with it on real text:
 the ``--eval-file`` rows when given, else :func:`loretta_merge.embedded.calibration_sentences`
 (a fixed sample of Rotten Tomatoes TRAIN rows, or the package's own sentences). seq-cls passes
