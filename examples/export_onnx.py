@@ -25,8 +25,10 @@ def main() -> None:
     print(f"validated on {', '.join(v.providers)}: max |diff| {v.max_abs_diff:.2e} (atol {v.atol:.0e})")
     if report.quantize is not None:
         q = report.quantize
-        print(f"int8: {q.int8_bytes / 1e6:.1f} MB (fp32 {q.fp32_bytes / 1e6:.1f} MB), max |int8 - fp32| "
-              f"{q.max_abs_diff:.2e}, argmax agreement {q.argmax_agreement:.1%}")
+        print(f"int8: {q.int8_bytes / 1e6:.1f} MB (fp32 {q.fp32_bytes / 1e6:.1f} MB), judged on "
+              f"{q.judged_on}: " + (f"agreement {q.text_agreement:.1%}, relative error "
+                                    f"{q.text_rel_error:.3g}" if q.text_agreement is not None
+                                    else f"relative error {q.rel_error:.3g}"))
 
 
 if __name__ == "__main__":

