@@ -6,11 +6,7 @@ import json
 
 import click
 
-UNSAFE_PICKLE_HELP = (
-    "Fully unpickle an adapter_model.bin that the safe loader (torch.load with "
-    "weights_only=True) refuses. Full unpickling can execute code hidden in the file: use it "
-    "only for files you trust, or convert them to safetensors first.")
-
+from .options import force_option, json_option, unsafe_pickle_option
 
 def _table(report, *, limit: int = 10) -> str:
     """Human summary: the worst ``limit`` modules by delta error, then the totals."""
@@ -74,9 +70,9 @@ def convert_group():
 @click.option("--shapes", type=click.Choice(["paper", "auto"]), default="paper", show_default=True,
               help="TT mode shapes: the paper's table where it applies, or balanced factors.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the decomposition: cpu, cuda, cuda:N or auto.")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--allow-unsafe-pickle", is_flag=True, help=UNSAFE_PICKLE_HELP)
+@json_option
+@force_option()
+@unsafe_pickle_option
 def lora_to_tt_command(lora_dir, out, tensor_rank, eps, shapes, device, as_json, force, allow_unsafe_pickle):
     """TT-decompose the factors of the PEFT LoRA in LORA_DIR (needs --tensor-rank and/or --eps).
 
@@ -107,9 +103,9 @@ def lora_to_tt_command(lora_dir, out, tensor_rank, eps, shapes, device, as_json,
               help="Output directory for the PEFT LoRA adapter.")
 @click.option("--rank", type=int, default=None,
               help="Truncate each delta to this rank by SVD (the error is reported).")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--allow-unsafe-pickle", is_flag=True, help=UNSAFE_PICKLE_HELP)
+@json_option
+@force_option()
+@unsafe_pickle_option
 @click.option("--ignore-pooling", is_flag=True,
               help="Convert an adapter trained with mean pooling anyway: the weights carry over "
                    "exactly, the pooling does not (PEFT pools the first token).")

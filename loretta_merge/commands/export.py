@@ -10,6 +10,8 @@ import json
 
 import click
 
+from .options import force_option, json_option
+
 
 @click.group("export")
 def export_group():
@@ -90,8 +92,8 @@ def _size(ctx, param, value):
               help="ONNX Runtime provider for validation; auto uses CUDA when the installed "
                    "onnxruntime offers it (pip install 'loretta-merge[gpu]'). The provider that "
                    "really ran is reported.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@json_option
+@force_option("OUT_DIR")
 def onnx_command(model_dir, out_dir, adapter, task, with_past, opset, dtype, atol, no_validate,
                  external_data_threshold, trust_remote_code, switchable, switch_layout, quantize,
                  int8_max_error, int8_min_agreement, eval_file, provider, as_json, force):
@@ -175,8 +177,8 @@ def _print_onnx_report(report) -> None:
               help="Cast floating tensors: auto (keep), float32, float16, bfloat16.")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_size,
               help="Largest shard in bytes (5GB = 5*10^9; 4GiB = 4*2^30).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@json_option
+@force_option("OUT_DIR")
 def safetensors_command(model_dir, out_dir, dtype, max_shard_size, as_json, force):
     """Re-shard and/or cast a safetensors checkpoint, streaming one tensor at a time."""
     from ..converters.safetensors import reshard_checkpoint

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import force_option, json_option
+
 
 def _targets(values: tuple[str, ...]) -> list[str] | str | None:
     """``--target-modules q_proj,v_proj --target-modules o_proj`` -> a list; ``all-linear``."""
@@ -40,8 +42,8 @@ def _targets(values: tuple[str, ...]) -> list[str] | str | None:
               show_default=True,
               help="auto: a randomized SVD for a fixed --rank well below a module's size (its "
                    "error is measured and reported), else the exact SVD.")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+@force_option()
 def extract_command(base, finetuned, out, to, rank, energy, eps, target_modules, tensor_rank,
                     shapes, fit_steps, svd, as_json, force):
     """Extract the difference FINETUNED - BASE as a low-rank adapter (truncated SVD per module).

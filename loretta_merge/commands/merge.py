@@ -8,6 +8,8 @@ import re
 
 import click
 
+from .options import force_option, unsafe_pickle_option
+
 _WEIGHT_RE = re.compile(r"^(?P<path>.+):(?P<weight>[-+]?(?:[0-9]*\.)?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 
 
@@ -102,7 +104,7 @@ def _from_recipe(config: str, specs, dtype: str, given: dict):
               help="auto, cpu, cuda or cuda:N (where the deltas are computed).")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest output shard in BYTES, with units: 5GB, 500MB, 2GiB or a number.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT (kept until the new one is complete).")
+@force_option("OUT")
 @click.option("--verify", is_flag=True,
               help="After writing, compare logits of OUT with base + adapter in memory (weighted or "
                    "several adapters: base + sum of w * (base with the adapter merged - base)); "
@@ -143,8 +145,7 @@ def _from_recipe(config: str, specs, dtype: str, given: dict):
                    "gives the same bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-@click.option("--allow-unsafe-pickle", is_flag=True,
-              help="Allow reading pickled (.bin) adapters from trusted sources only.")
+@unsafe_pickle_option
 @click.option("--awq-adapter-trained-on", type=click.Choice(["awq", "original"]), default=None,
               help="AWQ base only: the model the adapter was trained on. Default: the AWQ model "
                    "(the adapter's base_model_name_or_path is never followed); 'original' is "

@@ -7,6 +7,8 @@ import json
 
 import click
 
+from .options import force_option, json_option, unsafe_pickle_option
+
 
 @click.command("resize")
 @click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
@@ -21,10 +23,9 @@ import click
 @click.option("--eps", type=float, default=None,
               help="Relative Frobenius error target, in (0, 1): of each delta (LoRA), of each "
                    "factor's TT rounding (rep).")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--allow-unsafe-pickle", is_flag=True,
-              help="Fully unpickle an adapter_model.bin the safe loader refuses (trusted files only).")
+@json_option
+@force_option()
+@unsafe_pickle_option
 def resize_command(adapter_dir, out, rank, energy, eps, as_json, force, allow_unsafe_pickle):
     """Lower the rank of the PEFT LoRA or LoRETTA_rep adapter in ADAPTER_DIR.
 

@@ -321,7 +321,8 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
     """
     check_rank_options(rank, energy, eps, command="extract")
     if svd not in ("auto", "exact", "randomized"):
-        raise ConfigError(f"--svd must be auto, exact or randomized, got {svd!r}")
+        raise ConfigError(f"--svd must be auto, exact or randomized, got {svd!r}; pass one of "
+                          "those (auto: randomized for a fixed rank well below the module's size)")
     if svd == "randomized" and (energy is not None or eps is not None):
         raise ConfigError("--svd randomized needs a fixed --rank (--energy / --eps choose the "
                           "rank from all singular values); pass --svd exact or auto")
