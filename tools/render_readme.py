@@ -352,6 +352,26 @@ def extract_block() -> str:
     return "\n".join(rows) + "\n\n" + text + machine_note(states) + " " + _src("extract.json")
 
 
+def threads_block() -> str:
+    r = _load("threads.json")
+    configs = r["configs"]
+    policies = ["unset", "PASSIVE"]
+    threads = list(dict.fromkeys(c["kernel_threads"] for c in configs.values()))
+    lines = ["| kernel threads | " + " | ".join(f"`OMP_WAIT_POLICY` {p}" for p in policies) + " |",
+             "|---|" + "---|" * len(policies)]
+    for t in threads:
+        resolved = next(c["resolved_threads"] for c in configs.values() if c["kernel_threads"] == t)
+        label = f"auto (= {resolved} here)" if t == "auto" else t
+        lines.append(f"| {label} | " + " | ".join(f"{configs[f'{p}/{t}']['wall_s']:.2f} s"
+                                                 for p in policies) + " |")
+    states = [x.get("machine_state") for c in configs.values() for x in c["runs"]]
+    lines += ["", f"Merge of the {r['checkpoint_bytes'] / 1e9:.2f} GB bf16 checkpoint with a "
+                  f"{r['adapter']}, page cache {r['page_cache']}, one process per configuration, "
+                  f"median of {r['rounds']} (`python benchmarks/bench_threads.py`). "
+              + machine_note(states) + " " + _src("threads.json")]
+    return "\n".join(lines)
+
+
 def onnx_int8_classifier_block() -> str:
     e = _load("int8.json")
     d = e["default_export"]
@@ -397,6 +417,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "onnx-int8-classifier": onnx_int8_classifier_block,
     "tt-bench": tt_block,
     "merge-bench": merge_block,
+    "merge-threads": threads_block,
     "extract-bench": extract_block,
     "convert-bench": convert_block,
     "onnx-export": onnx_export_block,
