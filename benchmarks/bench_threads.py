@@ -82,6 +82,7 @@ def _run_child(work: Path, policy: str, threads: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{policy}/{threads} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    machine["torch_threads"] = result["kernel_threads"]  # the child's, not this process's
     return {**result, "load_before": machine["load_1min_before"],
             "load_after": machine["load_1min_after"], "machine_state": machine}
 

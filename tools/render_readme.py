@@ -352,8 +352,8 @@ def extract_block() -> str:
     return "\n".join(rows) + "\n\n" + text + machine_note(states) + " " + _src("extract.json")
 
 
-def threads_block() -> str:
-    r = _load("threads.json")
+def _threads_table(name: str) -> list[str]:
+    r = _load(name)
     configs = r["configs"]
     policies = ["unset", "PASSIVE"]
     threads = list(dict.fromkeys(c["kernel_threads"] for c in configs.values()))
@@ -364,13 +364,21 @@ def threads_block() -> str:
         label = f"auto (= {resolved} here)" if t == "auto" else t
         lines.append(f"| {label} | " + " | ".join(f"{configs[f'{p}/{t}']['wall_s']:.2f} s"
                                                  for p in policies) + " |")
+    loads = [x for c in configs.values() for x in c["load_before"] + c["load_after"]]
     states = [x.get("machine_state") for c in configs.values() for x in c["runs"]]
+    note = (machine_note(states) if any(states) else
+            f"1-minute load average {_range(loads, '{:.1f}')} around the runs (from the JSON).")
     lines += ["", f"Merge of the {r['checkpoint_bytes'] / 1e9:.2f} GB bf16 checkpoint with a "
                   f"{r['adapter']}, page cache {r['page_cache']}, one process per configuration, "
-                  f"median of {r['rounds']} (`python benchmarks/bench_threads.py`). "
-              + machine_note(states) + " " + _src("threads.json")]
-    return "\n".join(lines)
+                  f"median of {r['rounds']}. " + note + " " + _src(name)]
+    return lines
 
+
+def threads_block() -> str:
+    """The quiet run (``threads.json``), then the same script on the loaded machine."""
+    return "\n".join(["On a quiet machine:", ""] + _threads_table("threads.json")
+                     + ["", "The same benchmark while other jobs loaded the machine:", ""]
+                     + _threads_table("threads-loaded.json"))
 
 def onnx_int8_classifier_block() -> str:
     e = _load("int8.json")
