@@ -129,20 +129,6 @@ def probe_inputs(vocab_size: int = 128, batch: int = 2, seq: int = 7, *, seed: i
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def pytest_collection_modifyitems(config, items):
-    """Longest work first: the tests that share the trained MiniLM adapter (with xdist the
-    worker that trains it starts at once, the other one meanwhile runs everything else),
-    then the other xdist groups, then the rest in file order (`make test` passes
-    --no-loadscope-reorder so that xdist keeps this order)."""
-    def rank(item) -> int:
-        group = item.get_closest_marker("xdist_group")
-        if group is None:
-            return 2
-        return 0 if (group.args or [group.kwargs.get("name")])[0] == "minilm" else 1
-
-    items.sort(key=rank)
-
-
 # --------------------------------------------------------------------------- README tour
 
 def readme_tour() -> list[tuple[str, list[str]]]:
