@@ -160,49 +160,50 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(self.nbytes(k) for k in self._weight_map)
 
+    def _span(self, key: str) -> tuple[str, int, int]:
+        """``(shard, file offset, byte count)`` of ``key``'s data."""
+        shard = self._weight_map.get(key)
+        if shard is None:
+            raise KeyError(f"{self.model_dir} has no tensor {key!r}")
+        start, end = (int(x) for x in self._headers[shard][key]["data_offsets"])
+        return shard, 8 + self._header_len[shard] + start, end - start
+
+    def _read(self, key: str, shard: str, fd: int, offset: int, view: memoryview, done: int,
+              total: int) -> int:
+        """One positioned read into ``view`` (a read returns at most ~2 GB on Linux)."""
+        got = os.preadv(fd, [view], offset + done)
+        if got <= 0:
+            raise FormatError(f"{self.model_dir / shard}: short read of {key!r} "
+                              f"({done} of {total} bytes); the file changed or is "
+                              f"truncated: re-download or re-save it")
+        return got
+
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key`` as a new CPU tensor. Reads its bytes with positioned reads
         (no memory map: mapped pages would stay resident and count against the merge's
         memory bound until the shard is closed)."""
-        shard = self._weight_map.get(key)
-        if shard is None:
-            raise KeyError(f"{self.model_dir} has no tensor {key!r}")
-        if shard != self._open_name:
+        shard, offset, total = self._span(key)
+        if shard != self._open_name:  # the shard's file stays open until another is read
             self.close()
             self._open = open(self._paths[shard], "rb")  # noqa: SIM115 - closed in close()
             self._open_name = shard
-        start, end = (int(x) for x in self._headers[shard][key]["data_offsets"])
-        base = 8 + self._header_len[shard]
-        buf = torch.empty(end - start, dtype=torch.uint8)
+        buf = torch.empty(total, dtype=torch.uint8)
         view, done = memoryview(buf.numpy()), 0
-        while done < end - start:  # one read returns at most ~2 GB on Linux
-            got = os.preadv(self._open.fileno(), [view[done:]], base + start + done)
-            if got <= 0:
-                raise FormatError(f"{self.model_dir / shard}: short read of {key!r} "
-                                  f"({done} of {end - start} bytes); the file changed or is "
-                                  f"truncated: re-download or re-save it")
-            done += got
+        while done < total:
+            done += self._read(key, shard, self._open.fileno(), offset, view[done:], done, total)
         return buf.view(self.dtype(key)).reshape(self.shape(key))
 
     def iter_bytes(self, key: str, chunk: int = 16 * 2**20):
         """The stored bytes of ``key`` in pieces of at most ``chunk`` bytes, read into one
         reused buffer (each piece is valid until the next is read): compare or hash a big
         tensor without holding it."""
-        shard = self._weight_map.get(key)
-        if shard is None:
-            raise KeyError(f"{self.model_dir} has no tensor {key!r}")
-        start, end = (int(x) for x in self._headers[shard][key]["data_offsets"])
-        base = 8 + self._header_len[shard]
-        buf = torch.empty(min(chunk, max(end - start, 1)), dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        with open(self._paths[shard], "rb") as f:
-            done = 0
-            while done < end - start:
-                n = min(len(view), end - start - done)
-                got = os.preadv(f.fileno(), [view[:n]], base + start + done)
-                if got <= 0:
-                    raise FormatError(f"{self.model_dir / shard}: short read of {key!r}; the file "
-                                      f"changed or is truncated: re-download or re-save it")
+        shard, offset, total = self._span(key)
+        buf = torch.empty(min(chunk, max(total, 1)), dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        with open(self._paths[shard], "rb") as f:  # its own file: get() may run in between
+            while done < total:
+                got = self._read(key, shard, f.fileno(), offset,
+                                 view[:min(len(view), total - done)], done, total)
                 yield buf[:got]
                 done += got
 
