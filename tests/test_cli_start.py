@@ -19,6 +19,7 @@ import click
 import pytest
 
 from loretta_merge import __version__
+from fixtures.side_packages import run_with
 from loretta_merge.cli import COMMANDS, cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,15 +109,12 @@ def test_torchao_import_noise_is_filtered_and_nothing_else():
     assert f.filter(record("torchao", "Failed to load the user's own config"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
 def test_a_command_that_loads_a_model_class_prints_no_torchao_noise():
     # inspect --config builds the model on the meta device: transformers.quantizers loads,
-    # and with it torchao
+    # and with it torchao (importable here from the side folder, fixtures/side_packages.py)
     config = Path(__file__).parent / "fixtures" / "configs" / "roberta-base.json"
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "loretta_merge.cli", "inspect", "--config",
-                           str(config), "--method", "rep", "--json"], env=dict(os.environ, PYTHONPATH=path),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_with("torchao", ["-c", "import importlib.util; assert importlib.util.find_spec('torchao'); "
+                                      "from loretta_merge.cli import main; main()",
+                                "inspect", "--config", str(config), "--method", "rep", "--json"])
     assert "register_constant" not in proc.stderr and "Failed to load" not in proc.stderr, proc.stderr
 

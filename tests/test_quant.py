@@ -3,7 +3,8 @@ loretta-merge dequantizes equals the package's own dequantization; (b) merging a
 (and a LoRETTA rep adapter) through the CLI gives the logits of the adapter applied to the
 dequantized model.
 
-bitsandbytes, torchao and compressed-tensors run here (the ``test`` extra installs them);
+bitsandbytes and compressed-tensors run here (the ``test`` extra installs them), torchao in a
+child process (`make setup` keeps it beside site-packages: fixtures/side_packages.py);
 GPTQ and AWQ bases are the committed fixtures in fixtures/quant/, made by gptqmodel with
 its own dequantization saved beside them (``make_gptq_awq.py`` regenerates all of it).
 """
@@ -15,7 +16,6 @@ import json
 import os
 import sys
 import tempfile
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ import torch
 
 from conftest import perturb_trainable, probe_inputs, run_main
 from fixtures.quant.package_quantizers import QUANTIZERS
+from fixtures.side_packages import package_version, run_with
 from loretta_merge.io import CheckpointReader, read_model_config
 from loretta_merge.quant import DequantizedReader, open_base
 
@@ -41,6 +42,9 @@ LOGIT_TOL = 2e-2  # issue #18: merged vs PEFT on the dequantized model, absolute
 
 def make_quantized(fmt: str, out: Path) -> Path:
     family, kind = fmt.split("-", 1)
+    if family == "torchao":  # a side package: made in a child process (fixtures/side_packages.py)
+        run_with("torchao", [str(FIXTURES / "side_tools.py"), "torchao-quantize", str(BASE), str(out), kind])
+        return out
     pytest.importorskip(PACKAGE[family], reason=f"{PACKAGE[family]} is not installed (pip install "
                                                 f"'loretta-merge[test]')")
     QUANTIZERS[family](BASE, out, kind)
@@ -73,6 +77,13 @@ def package_dequantized(fmt: str, qdir: Path) -> dict[str, torch.Tensor]:
 
         return load_file(qdir.parent / f"{qdir.name}-reference.safetensors")
     family = fmt.split("-", 1)[0]
+    if family == "torchao":  # torchao's own dequantize(), in a child process with torchao
+        from safetensors.torch import load_file
+
+        out = qdir.parent / "torchao-dequantized.safetensors"
+        if not out.is_file():
+            run_with("torchao", [str(FIXTURES / "side_tools.py"), "torchao-dequantize", str(qdir), str(out)])
+        return load_file(out)
     kwargs = {"device_map": "cpu"}
     if family == "ct":
         kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
@@ -89,8 +100,6 @@ def package_dequantized(fmt: str, qdir: Path) -> dict[str, torch.Tensor]:
                 w = bnb.functional.int8_vectorwise_dequant(w.data, w.SCB)
             else:
                 w = bnb.functional.dequantize_4bit(w.data, w.quant_state)
-        elif family == "torchao":
-            w = w.dequantize()
         out[f"{name}.weight"] = w.detach().float()
     return out
 
@@ -194,7 +203,7 @@ def made_with(fmt: str, qdir: Path) -> str:
         quantizer = json.loads((qdir / "config.json").read_text())["quantization_config"]["meta"]["quantizer"]
         return " ".join(q.replace(":", " ") for q in quantizer)
     package = PACKAGE[fmt.split("-", 1)[0]]
-    return f"{package.replace('_', '-')} {version(package)}"
+    return f"{package.replace('_', '-')} {package_version(package)}"
 
 
 def record_error(kind: str, fmt: str, qdir: Path, worst: float, **extra: float) -> None:

@@ -13,6 +13,7 @@ import torch
 
 import test_quant
 from conftest import run_main
+from fixtures.side_packages import run_with
 from test_quant import BASE, FIXTURES, make_peft_lora
 
 quant_base = test_quant.quant_base  # the fixture, shared with test_quant.py
@@ -119,15 +120,8 @@ def test_optimum_quanto_checkpoint_is_refused(lora, tmp_path, capsys):
 
 
 def test_hqq_checkpoint_is_refused(lora, tmp_path, capsys):
-    pytest.importorskip("hqq", reason="hqq is not installed")
-    import transformers
-    from hqq.core.quantize import BaseQuantizeConfig
-    from hqq.models.hf.base import AutoHQQHFModel
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float16)
-    AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=4, group_size=32),
-                                  compute_dtype=torch.float16, device="cpu")
-    AutoHQQHFModel.save_quantized(model, str(tmp_path / "hqq"))
+    run_with("hqq", [str(FIXTURES / "side_tools.py"), "hqq", str(BASE), str(tmp_path / "hqq")])
+    assert (tmp_path / "hqq" / "qmodel.pt").is_file()
     line = refused([f"{tmp_path / 'hqq'}+{lora}"], tmp_path / "out", capsys)
     assert "HQQ" in line and "pickle" in line and "qmodel.pt" in line and "bf16" in line
 
