@@ -75,7 +75,7 @@ def recipe_alone(config: str, specs, given: dict):
     from ..merge.recipe import read_recipe
 
     if specs:
-        raise ConfigError("give either ADAPTER arguments or --config FILE, not both")
+        raise ConfigError("give either BASE/ADAPTER arguments or --config FILE, not both")
     for flag, value in given.items():
         if value is not None:
             flag = {"--normalize": "--[no-]normalize", "--rescale": "--[no-]rescale"}.get(flag, flag)
