@@ -19,10 +19,16 @@ import torch
 from ..converters.extract import output_exists_check
 from ..converters.lowrank import RankReport, RankRow
 from ..errors import ConfigError, NumericsError
-from ..formats import Adapter, LoraModule, peft_lora_config, write_adapter, write_peft_lora
+from ..formats import (
+    Adapter,
+    LoraModule,
+    peft_lora_config,
+    write_adapter,
+    write_peft_lora,
+)
 from ..formats.peft import exact_keys
-from ..methods import get_method, tensor_generator
 from ..merge.task_vectors import resolve_method
+from ..methods import get_method, tensor_generator
 from .compress import compress
 from .inputs import CombineInputs, read_inputs
 
@@ -45,7 +51,7 @@ class CombineReport(RankReport):
         params = ", ".join(f"{k} {v}" for k, v in m.get("params", {}).items())
         head = (f"method {m.get('method')}" + (f" ({params})" if params else "")
                 + (f", seed {m['seed']}" if m.get("seed") is not None else "")
-                + f"; inputs: " + ", ".join(f"{x['path']}:{x['weight']:g}" for x in self.inputs))
+                + "; inputs: " + ", ".join(f"{x['path']}:{x['weight']:g}" for x in self.inputs))
         return head + "\n" + super().table(limit=limit)
 
 

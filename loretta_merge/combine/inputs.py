@@ -53,7 +53,7 @@ class ModuleTerms:
         return max(_rank(m) for m in self.terms.values())
 
     def params_before(self) -> int:
-        return sum(_params(m) for m in self.terms.values())
+        return sum(m.num_params() for m in self.terms.values())
 
 
 @dataclass
@@ -74,10 +74,6 @@ class CombineInputs:
 
 def _rank(m) -> int:
     return int(m.a.shape[0]) if isinstance(m, LoraModule) else int(m.a.cols)
-
-
-def _params(m) -> int:
-    return m.num_params()
 
 
 def _where(a: Adapter, i: int) -> str:

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import click
 
-from .options import (METHOD_HELP, force_option, json_option, method_param_options,
-                      method_params, unsafe_pickle_option)
+from .options import (
+    METHOD_HELP,
+    force_option,
+    json_option,
+    method_param_options,
+    method_params,
+    unsafe_pickle_option,
+)
 
 
 @click.command("combine")

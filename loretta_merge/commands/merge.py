@@ -8,7 +8,13 @@ import re
 
 import click
 
-from .options import METHOD_HELP, force_option, method_param_options, method_params, unsafe_pickle_option
+from .options import (
+    METHOD_HELP,
+    force_option,
+    method_param_options,
+    method_params,
+    unsafe_pickle_option,
+)
 
 _WEIGHT_RE = re.compile(r"^(?P<path>.+):(?P<weight>[-+]?(?:[0-9]*\.)?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 
