@@ -95,24 +95,38 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- PEFT
 
 @pytest.fixture(scope="module")
-def peft_combined(job, monkeypatch_module):
-    """PEFT's own combination of the two LoRAs, every type, rank RANK, weights WEIGHTS:
-    {type: {module: delta (out, in)}}."""
+def peft_reseeded():
+    """PEFT's per-module combination, with the global RNG reseeded first, for each module,
+    with the seed our generator of that module uses (the only intervention). Returns
+    ``register(peft_model)``: the models whose module names the reseeding knows."""
     import peft.tuners.lora.model as lora_model
+
+    names: dict[int, str] = {}
+    original = lora_model.LoraModel._svd_generalized_task_arithmetic_weighted_adapter
+
+    def reseeded(self, combination_type, adapters, weights, new_rank, target, *args, **kwargs):
+        torch.manual_seed(tensor_generator(SEED, names[id(target)] + ".weight").initial_seed())
+        return original(self, combination_type, adapters, weights, new_rank, target, *args, **kwargs)
+
+    def register(pm):
+        names.update({id(m): n for n, m in pm.base_model.model.named_modules()})
+        return pm
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lora_model.LoraModel, "_svd_generalized_task_arithmetic_weighted_adapter", reseeded)
+    yield register
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def peft_combined(job, peft_reseeded):
+    """PEFT's own combination of the two LoRAs, every type, rank RANK, weights WEIGHTS:
+    {type: {module: delta as stored}}."""
     from peft import PeftModel
 
     pm = PeftModel.from_pretrained(build_tiny("llama"), job.loras[0], adapter_name="a0")
     pm.load_adapter(job.loras[1], adapter_name="a1")
-    names = {id(m): n for n, m in pm.base_model.model.named_modules()}
-    original = lora_model.LoraModel._svd_generalized_task_arithmetic_weighted_adapter
-
-    def reseeded(self, combination_type, adapters, weights, new_rank, target, *args, **kwargs):
-        # the only intervention: the global RNG, reseeded per module with our module's seed
-        torch.manual_seed(tensor_generator(SEED, names[id(target)] + ".weight").initial_seed())
-        return original(self, combination_type, adapters, weights, new_rank, target, *args, **kwargs)
-
-    monkeypatch_module.setattr(lora_model.LoraModel,
-                               "_svd_generalized_task_arithmetic_weighted_adapter", reseeded)
+    peft_reseeded(pm)
     out = {}
     for ctype, params in PEFT_TYPES.items():
         kw = {"density": params["density"]} if "density" in params else {}
@@ -126,13 +140,6 @@ def peft_combined(job, monkeypatch_module):
     return out
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
 @pytest.mark.parametrize("ctype", list(PEFT_TYPES))
 def test_combined_lora_equals_peft_add_weighted_adapter(job, peft_combined, ctype):
     adapter, report = combine(list(zip(job.loras, WEIGHTS)), method=ctype,
@@ -144,6 +151,33 @@ def test_combined_lora_equals_peft_add_weighted_adapter(job, peft_combined, ctyp
     worst = max(rel(got[n], want[n]) for n in want)
     assert worst < PEFT_RTOL, (ctype, worst)
     assert all(r.rank == RANK for r in report.modules)
+
+
+def test_conv1d_combination_equals_peft(tmp_path, peft_reseeded):
+    """GPT-2's Conv1D stores (in, out): the deltas (and DARE's masks) are formed as stored,
+    the SVD of (out, in) as PEFT takes it; c_fc is in one input only."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    paths = []
+    for i, (r, targets) in enumerate([(4, ["c_attn"]), (6, ["c_attn", "c_fc"])]):
+        pm = get_peft_model(build_tiny("gpt2"), LoraConfig(r=r, lora_alpha=r, fan_in_fan_out=True,
+                                                           target_modules=targets))
+        perturb_trainable(pm, seed=i + 7, std=0.1)
+        pm.save_pretrained(tmp_path / f"g{i}")
+        paths.append(tmp_path / f"g{i}")
+    pm = PeftModel.from_pretrained(build_tiny("gpt2"), paths[0], adapter_name="a0")
+    pm.load_adapter(paths[1], adapter_name="a1")
+    peft_reseeded(pm)
+    for ctype in ("ties_svd", "dare_ties_svd"):
+        pm.add_weighted_adapter(["a0", "a1"], list(WEIGHTS), ctype, combination_type=ctype,
+                                svd_rank=5, density=0.5)
+        adapter, _ = combine(list(zip(paths, WEIGHTS)), method=ctype, params={"density": 0.5},
+                             seed=SEED if "dare" in ctype else None, rank=5)
+        assert adapter.fan_in_fan_out == set(adapter.modules) and len(adapter.modules) == 4
+        for n, m in pm.base_model.model.named_modules():
+            if hasattr(m, "lora_A") and ctype in m.lora_A:
+                got = adapter.modules[n].delta(torch.float32)           # (in, out), as stored
+                assert rel(got, m.get_delta_weight(ctype)) < PEFT_RTOL, (ctype, n)
 
 
 def test_mergekit_definitions_equal_peft_where_they_coincide(job, peft_combined):

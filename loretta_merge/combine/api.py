@@ -103,7 +103,8 @@ def _combined(mod, inp: CombineInputs, method, params, seed) -> torch.Tensor:
     d = method.combine(full, inp.weights, params, gen)
     if not math.isfinite(float(torch.linalg.vector_norm(d))):
         raise NumericsError(f"module {mod.name}: the combined delta has NaN/Inf values (an input "
-                            f"holds non-finite or huge factors); check the adapters and weights")
+                            f"holds non-finite or huge factors); re-save the adapters with finite "
+                            f"weights, or lower the input weights")
     return d
 
 
@@ -170,8 +171,8 @@ def combine(inputs, *, method: str = "linear", params: dict[str, Any] | None = N
         rows.append(row)
     if not modules:
         raise NumericsError(f"every combined delta is zero (e.g. {zero[0]}): --method {method} "
-                            f"with these weights and parameters cancels all changes; nothing to "
-                            f"write")
+                            f"with these weights and parameters cancels all changes; raise "
+                            f"--density or choose other weights")
     report = CombineReport(command="combine", output_kind=to, modules=rows, rank=rank, eps=eps,
                            tensor_rank=tensor_rank if to == "tt" else None, method=describe,
                            inputs=[{"path": str(a.path) if a.path else f"input {i + 1}",

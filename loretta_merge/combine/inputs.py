@@ -150,12 +150,12 @@ def read_inputs(inputs, *, drop_full_tensors: bool = False,
                 raise ShapeError(f"module {name} is (out, in) = ({have.out_features}, "
                                  f"{have.in_features}) in {first} but ({out_f}, {in_f}) in "
                                  f"{_where(a, i)}: the adapters were trained on different base "
-                                 f"models; combine adapters of one base")
+                                 f"models; give adapters of one base")
             if have.fan_in_fan_out != fifo:
                 raise ShapeError(f"module {name} is a Conv1D (fan_in_fan_out) in "
                                  f"{first if have.fan_in_fan_out else _where(a, i)} but a Linear "
                                  f"in {_where(a, i) if have.fan_in_fan_out else first}: the "
-                                 f"adapters were trained on different base models; combine "
+                                 f"adapters were trained on different base models; give "
                                  f"adapters of one base")
             have.terms[i] = m
     if not modules:
