@@ -28,6 +28,7 @@ COMMANDS = {
     "train": "train:train_command",
     "inspect": "inspect:inspect_command",
     "extract": "extract:extract_command",
+    "combine": "combine:combine_command",
 }
 SHORT_HELP = {
     "merge": "Merge adapters into a base checkpoint (streaming).",
@@ -36,6 +37,7 @@ SHORT_HELP = {
     "train": "Fine-tune a model with LoRETTA_rep or LoRETTA_adp.",
     "inspect": "Describe an adapter or model, or count what an adapter would train.",
     "extract": "Extract a LoRA or TT adapter from a full fine-tune.",
+    "combine": "Combine several adapters into one LoRA or TT adapter.",
 }
 
 

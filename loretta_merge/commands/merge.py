@@ -8,12 +8,18 @@ import re
 
 import click
 
-from .options import force_option, unsafe_pickle_option
+from .options import (
+    METHOD_HELP,
+    force_option,
+    method_param_options,
+    method_params,
+    unsafe_pickle_option,
+)
 
 _WEIGHT_RE = re.compile(r"^(?P<path>.+):(?P<weight>[-+]?(?:[0-9]*\.)?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 
 
-def _split_weight(spec: str) -> tuple[str, float | None]:
+def split_weight(spec: str) -> tuple[str, float | None]:
     """``dir:0.7`` -> (dir, 0.7); an existing directory named with a colon stays whole."""
     if os.path.isdir(spec):
         return spec, None
@@ -28,7 +34,7 @@ def _group(tokens: list[str], *, weighted: bool) -> tuple[str, int]:
     containing '+' work); one token when none does."""
     for n in range(len(tokens), 0, -1):
         cand = "+".join(tokens[:n])
-        path = _split_weight(cand)[0] if weighted else cand
+        path = split_weight(cand)[0] if weighted else cand
         if os.path.isdir(path):
             return cand, n
     return tokens[0], 1
@@ -65,23 +71,30 @@ def parse_merge_spec(args: tuple[str, ...] | list[str]) -> tuple[str, list[tuple
                           f"`merge BASE ADAPTER`")
     if any(a == "" for a in adapters):
         raise ConfigError(f"empty adapter path in {' '.join(args)!r} (two '+' in a row?); remove the extra '+'")
-    return base, [_split_weight(a) for a in adapters]
+    return base, [split_weight(a) for a in adapters]
 
 
-def _from_recipe(config: str, specs, dtype: str, given: dict):
-    """BASE, adapters, method, parameters and dtype from a mergekit YAML (``--config``);
-    what the recipe sets cannot also be given on the command line."""
+def recipe_alone(config: str, specs, given: dict):
+    """The mergekit YAML of ``--config``, read; refused with BASE/ADAPTER arguments or with
+    a flag the recipe itself sets (``given``: flag -> value, None when not given)."""
     from ..errors import ConfigError
     from ..merge.recipe import read_recipe
 
     if specs:
-        raise ConfigError("give either BASE ADAPTER... or --config FILE, not both")
+        raise ConfigError("give either BASE/ADAPTER arguments or --config FILE, not both")
     for flag, value in given.items():
         if value is not None:
             flag = {"--normalize": "--[no-]normalize", "--rescale": "--[no-]rescale"}.get(flag, flag)
             raise ConfigError(f"{flag} cannot be combined with --config {config}: the recipe "
                               f"sets the method and its parameters; edit the recipe instead")
-    recipe = read_recipe(config)
+    return read_recipe(config)
+
+
+def _from_recipe(config: str, specs, dtype: str, given: dict):
+    """BASE, adapters, method, parameters and dtype from a mergekit YAML (``--config``)."""
+    from ..errors import ConfigError
+
+    recipe = recipe_alone(config, specs, given)
     if recipe.dtype is not None:
         if dtype != "auto":
             raise ConfigError(f"--dtype {dtype} and the recipe's dtype {recipe.dtype} disagree; "
@@ -115,34 +128,8 @@ def _from_recipe(config: str, specs, dtype: str, given: dict):
               help="A mergekit YAML recipe (merge_method, base_model, models as "
                    "BASE+ADAPTER with weight/density, parameters, dtype) instead of BASE "
                    "ADAPTER...; run unchanged, it gives mergekit's output.")
-@click.option("--method", default=None, metavar="METHOD",
-              help="How the adapters' deltas combine, tensor by tensor: linear (W0 + sum of "
-                   "w_i * delta_i), task_arithmetic, ties, magnitude_prune, breadcrumbs, "
-                   "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear "
-                   "(docs/merge-methods.md). Default linear.")
-@click.option("--density", type=float, default=None,
-              help="Fraction of each delta kept, in (0, 1] (ties, dare_*, della*, "
-                   "magnitude_prune, breadcrumbs*). Default 1.")
-@click.option("--lambda", "lambda_", type=float, default=None,
-              help="Scale of the combined delta, >= 0 (every method but linear). Default 1.")
-@click.option("--epsilon", type=float, default=None,
-              help="della*: keep probabilities spread density +/- epsilon by magnitude rank. "
-                   "Default 0.15.")
-@click.option("--gamma", type=float, default=None,
-              help="breadcrumbs*: fraction of largest entries dropped as outliers. Default 0.01.")
-@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
-              help="ties, dare_ties, della, breadcrumbs_ties: elect each entry's sign by the "
-                   "sum of the weighted deltas (total) or by their sign count (frequency). "
-                   "Default total.")
-@click.option("--normalize/--no-normalize", default=None,
-              help="Divide the combined delta by the sum of the (agreeing) weights. Default: "
-                   "on for ties and della, off for the others.")
-@click.option("--rescale/--no-rescale", default=None,
-              help="Scale each pruned delta back to its L1 norm before pruning. Default: on for "
-                   "dare_* and della*, off for the others.")
-@click.option("--seed", type=int, default=None,
-              help="Seed of the random masks (dare_*, della*; required there): the same seed "
-                   "gives the same bytes.")
+@click.option("--method", default=None, metavar="METHOD", help=METHOD_HELP)
+@method_param_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @unsafe_pickle_option
@@ -170,12 +157,11 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
     from ..io import parse_size
     from ..merge import merge
 
-    method_params = {"density": density, "lambda": lambda_, "epsilon": epsilon, "gamma": gamma,
-                     "majority_sign": majority_sign, "normalize": normalize, "rescale": rescale}
+    params = method_params(density, lambda_, epsilon, gamma, majority_sign, normalize, rescale)
     if config is not None:
-        base, adapters, method, method_params, dtype = _from_recipe(
+        base, adapters, method, params, dtype = _from_recipe(
             config, specs, dtype, {"--method": method, "--weights": weights,
-                                   **{f"--{k.replace('_', '-')}": v for k, v in method_params.items()}})
+                                   **{f"--{k.replace('_', '-')}": v for k, v in params.items()}})
     else:
         base, adapters = parse_merge_spec(specs)
     if weights is not None:
@@ -200,7 +186,7 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
                        max_shard_bytes=parse_size(max_shard_size), force=force, verify=verify,
                        progress=not (quiet or as_json), allow_unsafe_pickle=allow_unsafe_pickle,
                        awq_adapter_trained_on=awq_adapter_trained_on,
-                       method=method or "linear", method_params=method_params, seed=seed)
+                       method=method or "linear", method_params=params, seed=seed)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if as_json:

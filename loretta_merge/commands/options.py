@@ -17,3 +17,52 @@ def force_option(what: str = "OUTPUT"):
     """``--force``: replace ``what`` when it exists (the old one is kept until the new one is complete)."""
     return click.option("--force", is_flag=True,
                         help=f"Replace {what} if it exists (kept until the new one is complete).")
+
+
+METHOD_HELP = ("How the adapters' deltas combine, tensor by tensor: linear (sum of w_i * delta_i), "
+               "task_arithmetic, ties, magnitude_prune, breadcrumbs, breadcrumbs_ties, dare_linear, "
+               "dare_ties, della, della_linear (mergekit's definitions), or PEFT's own: svd, "
+               "ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd "
+               "(docs/merge-methods.md). Default linear.")
+
+_METHOD_PARAM_OPTIONS = (
+    click.option("--density", type=float, default=None,
+                 help="Fraction of each delta kept, in (0, 1] (ties, dare_*, della*, "
+                      "magnitude_prune, breadcrumbs*, *_svd). Default 1."),
+    click.option("--lambda", "lambda_", type=float, default=None,
+                 help="Scale of the combined delta, >= 0 (mergekit's methods but linear). "
+                      "Default 1."),
+    click.option("--epsilon", type=float, default=None,
+                 help="della*: keep probabilities spread density +/- epsilon by magnitude rank. "
+                      "Default 0.15."),
+    click.option("--gamma", type=float, default=None,
+                 help="breadcrumbs*: fraction of largest entries dropped as outliers. "
+                      "Default 0.01."),
+    click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
+                 help="ties, dare_ties, della, breadcrumbs_ties, ties_svd, dare_ties_svd: elect "
+                      "each entry's sign by the sum of the deltas (total) or by their sign count "
+                      "(frequency). Default total."),
+    click.option("--normalize/--no-normalize", default=None,
+                 help="Divide the combined delta by the sum of the (agreeing) weights. Default: "
+                      "on for ties and della, off for the others."),
+    click.option("--rescale/--no-rescale", default=None,
+                 help="Scale each pruned delta back to its L1 norm before pruning. Default: on "
+                      "for dare_* and della*, off for the others."),
+    click.option("--seed", type=int, default=None,
+                 help="Seed of the random masks (dare_*, della*, dare_*_svd; required there): "
+                      "the same seed gives the same bytes."),
+)
+
+
+def method_param_options(fn):
+    """The merge method's parameters and ``--seed``, as ``merge`` and ``combine`` take them
+    (``--method`` itself is declared by each command)."""
+    for option in reversed(_METHOD_PARAM_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def method_params(density, lambda_, epsilon, gamma, majority_sign, normalize, rescale) -> dict:
+    """The options above as ``methods.Method.resolve`` takes them (None: not given)."""
+    return {"density": density, "lambda": lambda_, "epsilon": epsilon, "gamma": gamma,
+            "majority_sign": majority_sign, "normalize": normalize, "rescale": rescale}

@@ -106,7 +106,7 @@ def _rel_factors(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: int
     return math.sqrt(sq) / n
 
 
-def _tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int, shapes: str,
+def tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int, shapes: str,
                fit_steps: int) -> tuple[RepModule, float, float | None, str]:
     """LoRETTA_rep cores for one module: TT-SVD of its factors, then cores fitted to the
     delta (alternating least squares when its linear systems are small, else ``fit_steps``
@@ -239,7 +239,7 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                           energy=kept, err=err_svd, err_svd=err_svd,
                           params=k * sum(d.shape), params_before=d.numel())
             if to == "tt":
-                mod, e_svd, e_fit, how = _tt_module(name, lora, d, tensor_rank=tensor_rank,
+                mod, e_svd, e_fit, how = tt_module(name, lora, d, tensor_rank=tensor_rank,
                                                     shapes=shapes, fit_steps=fit_steps)
                 row.err_tt_svd, row.err_tt_fit, row.tt_method = e_svd, e_fit, how
                 row.err = min(e_svd, e_fit if e_fit is not None else math.inf)

@@ -162,7 +162,7 @@ class RankRow:
 class RankReport:
     """What ``extract`` / ``convert resize`` wrote. ``to_dict()`` is the ``--json`` form."""
 
-    command: str                        # "extract" | "resize"
+    command: str                        # "extract" | "resize" | "combine"
     output_kind: str                    # "lora" | "tt"
     modules: list[RankRow]
     rank: int | None = None
@@ -208,7 +208,9 @@ class RankReport:
         """The human summary: the worst ``limit`` modules, then the totals."""
         s = self.summary()
         tt = self.output_kind == "tt"
+        stage = tt and self.command == "combine"   # combine: the SVD stage's error too
         lines = [f"{'module':<46} {'shape':>11} {'r':>4} {'energy':>8} {'err':>9} "
+                 + (f"{'svd':>9} " if stage else "")
                  + (f"{'tt-svd':>9} {'tt-fit':>9} " if tt else "") + f"{'params':>9}"]
         for m in sorted(self.modules, key=lambda m: m.err, reverse=True)[:limit]:
             name = m.name if len(m.name) <= 46 else "..." + m.name[-43:]
@@ -217,6 +219,7 @@ class RankReport:
             def f(x):
                 return f"{x:>9.2e}" if x is not None else f"{'-':>9}"
             lines.append(f"{name:<46} {shape:>11} {m.rank:>4} {m.energy:>8.4f} {m.err:>9.2e} "
+                         + (f"{f(m.err_svd)} " if stage else "")
                          + (f"{f(m.err_tt_svd)} {f(m.err_tt_fit)} " if tt else "")
                          + f"{m.params:>9,}")
         if len(self.modules) > limit:
