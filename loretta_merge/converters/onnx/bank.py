@@ -1,0 +1,393 @@
+"""Adapter banks: one ONNX graph whose batch rows each run their own low-rank adapter.
+
+Export side (``export onnx --adapter-bank SIZE``): the bank's *layout* is laid out once,
+from the adapters given to fill its first slots (``--switchable-adapter``, in order) or, with
+none, from the default LoRETTA_rep layout of the base (its default targets, r 8, TT rank 5).
+Per targeted module it holds one branch per distinct shape (:class:`.switch_layers.
+BranchLayout`), and every branch tensor gains a leading slot axis (:mod:`.bank_layers`).
+The graph takes one more input, ``adapter_slot`` (int64, one per row; -1 = the base), and
+every bank tensor is an input with a default value (the slots filled at export), so a
+server passes the whole bank (kilobytes per slot) with each run and changes a slot by
+writing into its arrays: no re-export.
+
+Both the exporter and the serving API (:mod:`loretta_merge.serving`) fit an adapter into a
+slot with :func:`slot_values`, and both read the layout from ``bank.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import ConfigError, ShapeError
+from .switch_layers import BranchLayout
+
+BANK_FILE = "bank.json"
+SLOT_INPUT = "adapter_slot"
+NO_ADAPTER = -1
+MAX_BANK_SIZE = 4096
+
+
+@dataclass
+class BankLayout:
+    """What a bank holds: per module its (in, out) and its branches; the slot names."""
+
+    size: int
+    modules: dict[str, dict]                       # module -> {"in", "out", "branches": [...]}
+    prefix: str = ""                               # the base model's base_model_prefix
+    slots: list[str | None] = field(default_factory=list)   # adapter name per slot, or None
+
+    def branches(self, module: str) -> list[BranchLayout]:
+        return [layout_from_dict(b) for b in self.modules[module]["branches"]]
+
+    def input_names(self) -> list[str]:
+        """Every bank tensor's graph input name, in graph order."""
+        names = []
+        for module in self.modules:
+            for j, lay in enumerate(self.branches(module)):
+                names += branch_names(module, j, lay)
+        return names
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "slot_input": SLOT_INPUT, "no_adapter": NO_ADAPTER,
+                "prefix": self.prefix, "slots": self.slots, "modules": self.modules}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BankLayout":
+        return cls(size=int(data["size"]), modules=data["modules"], prefix=data.get("prefix", ""),
+                   slots=list(data.get("slots") or [None] * int(data["size"])))
+
+
+def layout_to_dict(lay: BranchLayout) -> dict:
+    return {"kind": lay.kind, "rows_a": lay.rows_a, "cols_a": lay.cols_a, "rows_b": lay.rows_b,
+            "cols_b": lay.cols_b, "modes_a": list(lay.modes_a), "modes_b": list(lay.modes_b),
+            "ranks_a": list(lay.ranks_a), "ranks_b": list(lay.ranks_b)}
+
+
+def layout_from_dict(d: dict) -> BranchLayout:
+    lay = BranchLayout(d["kind"], d["rows_a"], d["cols_a"], d["rows_b"], d["cols_b"],
+                       tuple(d["modes_a"]), tuple(d["modes_b"]))
+    lay.ranks_a, lay.ranks_b = list(d["ranks_a"]), list(d["ranks_b"])
+    return lay
+
+
+def branch_names(module: str, j: int, lay: BranchLayout) -> list[str]:
+    """The graph input names of branch ``j`` of ``module`` (the parameter names of
+    :class:`.bank_layers.BankedLinear` after wrapping)."""
+    prefix = f"{module}.bank.{j}"
+    if lay.kind == "tt":
+        return ([f"{prefix}.lora_A.{k}" for k in range(len(lay.modes_a))]
+                + [f"{prefix}.lora_B.{k}" for k in range(len(lay.modes_b))] + [f"{prefix}.scale"])
+    return [f"{prefix}.lora_A", f"{prefix}.lora_B", f"{prefix}.scale"]
+
+
+# --------------------------------------------------------------------------- reading adapters
+
+def check_bankable(name: str, adapter) -> None:
+    """Refuse what a bank row cannot hold: adp, replaced dense layers, DoRA, full tensors."""
+    from ...formats import LoraModule, RepModule
+
+    where = f"adapter {name!r} ({adapter.path})"
+    if adapter.method == "adp":
+        raise ConfigError(f"{where} is LoRETTA_adp, whose bottleneck is not linear in the input, "
+                          f"so it cannot be a row of a bank of low-rank adapters; export it in "
+                          f"its own graph with --adapter {adapter.path}")
+    for module, mod in adapter.modules.items():
+        if not isinstance(mod, (RepModule, LoraModule)):
+            raise ConfigError(f"{where}: module {module} is a {type(mod).__name__} (it replaces "
+                              f"the base weight), which a bank row cannot switch; merge the "
+                              f"adapter (`loretta-merge BASE+{adapter.path} -o MERGED`) and "
+                              f"serve MERGED on its own")
+        if isinstance(mod, LoraModule) and mod.magnitude is not None:
+            raise ConfigError(f"{where}: module {module} is DoRA (it has a magnitude vector), "
+                              f"which is not a low-rank sum; merge it and serve it on its own")
+    if adapter.tensors:
+        some = ", ".join(sorted(adapter.tensors)[:3])
+        raise ConfigError(f"{where} trains {len(adapter.tensors)} full tensor(s) ({some}"
+                          f"{', ...' if len(adapter.tensors) > 3 else ''}); a bank row switches "
+                          f"only low-rank modules (rep, LoRA), not whole tensors; train it with "
+                          f"train_norms=false and no modules_to_save, or merge it and serve it "
+                          f"on its own")
+
+
+def read_bankable(name: str, path) -> object:
+    from ...formats import read_adapter
+
+    adapter = read_adapter(path)
+    adapter.path = Path(path)
+    check_bankable(name, adapter)
+    return adapter
+
+
+def align_modules(adapter, layout: BankLayout):
+    """The adapter with module names fitted to the bank's (a task model's ``bert.`` prefix
+    added or dropped, as :func:`.export.align_names` does against a live model)."""
+    import dataclasses
+
+    have, lead = set(layout.modules), (layout.prefix + "." if layout.prefix else "")
+    if not lead or all(m in have for m in adapter.modules):
+        return adapter
+    if all(m.startswith(lead) and m[len(lead):] in have for m in adapter.modules):
+        return dataclasses.replace(adapter, modules={m[len(lead):]: v for m, v in adapter.modules.items()})
+    if all(lead + m in have for m in adapter.modules):
+        return dataclasses.replace(adapter, modules={lead + m: v for m, v in adapter.modules.items()})
+    return adapter
+
+
+# --------------------------------------------------------------------------- fitting a slot
+
+def _describe(mod) -> str:
+    if hasattr(mod, "magnitude"):
+        return f"LoRA A {tuple(mod.a.shape[::-1])} B {tuple(mod.b.shape[::-1])} (rank {mod.a.shape[0]})"
+    ra = [1] + [int(c.shape[2]) for c in mod.a.cores]
+    rb = [1] + [int(c.shape[2]) for c in mod.b.cores]
+    return (f"rep A ({mod.a.rows}, {mod.a.cols}) modes {[int(c.shape[1]) for c in mod.a.cores]} "
+            f"TT ranks {ra}, B ({mod.b.rows}, {mod.b.cols}) modes "
+            f"{[int(c.shape[1]) for c in mod.b.cores]} TT ranks {rb}")
+
+
+def _describe_branch(lay: BranchLayout) -> str:
+    if lay.kind == "tt":
+        return (f"rep A ({lay.rows_a}, {lay.cols_a}) modes {list(lay.modes_a)} TT ranks <= "
+                f"{lay.ranks_a}, B ({lay.rows_b}, {lay.cols_b}) modes {list(lay.modes_b)} TT "
+                f"ranks <= {lay.ranks_b}")
+    return f"factors A ({lay.rows_a}, <= {lay.cols_a}) B (<= {lay.rows_b}, {lay.cols_b})"
+
+
+def _fits_tt(mod, lay: BranchLayout) -> bool:
+    if lay.kind != "tt" or hasattr(mod, "magnitude"):
+        return False
+    modes_a = tuple(int(c.shape[1]) for c in mod.a.cores)
+    modes_b = tuple(int(c.shape[1]) for c in mod.b.cores)
+    if (mod.a.rows, mod.a.cols, modes_a, mod.b.rows, mod.b.cols, modes_b) != (
+            lay.rows_a, lay.cols_a, lay.modes_a, lay.rows_b, lay.cols_b, lay.modes_b):
+        return False
+    return all(all(x <= y for x, y in zip(c.shape, s))
+               for cores, which in ((mod.a.cores, "a"), (mod.b.cores, "b"))
+               for c, s in zip(cores, lay.core_shapes(which)))
+
+
+def _fits_factors(mod, lay: BranchLayout, n_in: int, n_out: int, rank: int) -> bool:
+    return lay.kind == "factors" and (lay.rows_a, lay.cols_b) == (n_in, n_out) and rank <= lay.cols_a
+
+
+def slot_values(name: str, adapter, layout: BankLayout) -> dict[str, np.ndarray]:
+    """One slot's values of every bank tensor ``adapter`` uses (float32, zero-padded to the
+    branch shapes), by graph input name. Raises ShapeError naming the module and both shapes
+    when a module does not fit any branch of the bank."""
+    import torch
+
+    from .adapters import _factor_matrices, _factors_shape
+    from .switch_layers import pad_to
+
+    adapter = align_modules(adapter, layout)
+    values: dict[str, np.ndarray] = {}
+    for module, mod in adapter.modules.items():
+        if module not in layout.modules:
+            raise ShapeError(f"adapter {name!r}: module {module} is not in this bank (its "
+                             f"modules: {', '.join(list(layout.modules)[:4])}"
+                             f"{', ...' if len(layout.modules) > 4 else ''}); export a bank "
+                             f"laid out with an adapter that targets it (--switchable-adapter)")
+        n_in, rank, n_out = _factors_shape(mod)
+        spec = layout.modules[module]
+        branches = layout.branches(module)
+        j = next((i for i, lay in enumerate(branches) if _fits_tt(mod, lay)), None)
+        if j is None:
+            j = next((i for i, lay in enumerate(branches)
+                      if _fits_factors(mod, lay, n_in, n_out, rank)), None)
+        if j is None:
+            have = "; ".join(_describe_branch(b) for b in branches)
+            raise ShapeError(f"adapter {name!r}: module {module} ({spec['in']} -> {spec['out']}) "
+                             f"is {_describe(mod)}, which fits none of the bank's layouts for it "
+                             f"({have}); export a bank laid out with an adapter of this shape "
+                             f"(--switchable-adapter)")
+        lay, names = branches[j], branch_names(module, j, branches[j])
+        if lay.kind == "tt":
+            cores = list(mod.a.cores) + list(mod.b.cores)
+            shapes = lay.core_shapes("a") + lay.core_shapes("b")
+            tensors = [pad_to(c.float(), s) for c, s in zip(cores, shapes)]
+        else:
+            a, b = _factor_matrices(mod)
+            tensors = [pad_to(a, (lay.rows_a, lay.cols_a)), pad_to(b, (lay.rows_b, lay.cols_b))]
+        tensors.append(torch.tensor(float(mod.scale)))
+        for n, t in zip(names, tensors):
+            values[n] = t.detach().float().contiguous().numpy()
+    return values
+
+
+# --------------------------------------------------------------------------- export side
+
+def default_template(model):
+    """The default LoRETTA_rep layout of ``model`` (its default targets, r 8, TT rank 5) as
+    an adapter of a freshly initialised copy: only its shapes are used."""
+    from ...adapters import get_loretta_model
+    from ...adapters.config import RepConfig
+    from ...adapters.files import adapter_from_model
+
+    shell = get_loretta_model(copy.deepcopy(model), RepConfig(
+        lora_dropout=0.0, train_norms=False, replace_dense=False, task_type="FEATURE_EXTRACTION"))
+    template = adapter_from_model(shell)
+    template.tensors = {}
+    del shell
+    return template
+
+
+def check_size(size, filled: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BANK_SIZE:
+        raise ConfigError(f"--adapter-bank {size!r} must be a whole number of slots from 1 to "
+                          f"{MAX_BANK_SIZE}, e.g. --adapter-bank 8")
+    if filled > size:
+        raise ConfigError(f"the bank is full: {filled} --switchable-adapter for "
+                          f"--adapter-bank {size}; give a bank of at least {filled} slots")
+
+
+def read_all(specs) -> dict[str, object]:
+    """Parse ``NAME=DIR`` specs and read every adapter for a bank (before the model load)."""
+    from .adapters import parse_specs
+
+    return {name: read_bankable(name, path) for name, path in parse_specs(specs)}
+
+
+def plan_bank(adapters: dict[str, object], model, size: int, *, layout: str = "tt") -> BankLayout:
+    """Check the adapters, lay out the bank, fill slots 0, 1, ... with the adapters in order."""
+    from ...adapters.layers import linear_dims
+    from .adapters import plan_switchable
+
+    check_size(size, len(adapters))
+    for name, adapter in adapters.items():
+        check_bankable(name, adapter)
+    shapes = adapters or {"default": default_template(model)}
+    plan = plan_switchable(shapes, model, layout=layout)
+    modules = {}
+    for module, branches in plan.branches.items():
+        n_in, n_out = linear_dims(model.get_submodule(module))
+        modules[module] = {"in": n_in, "out": n_out,
+                           "branches": [layout_to_dict(b) for b in branches]}
+    bank = BankLayout(size=size, modules=modules,
+                      prefix=getattr(model, "base_model_prefix", "") or "",
+                      slots=list(adapters) + [None] * (size - len(adapters)))
+    bank.switch_plan = plan if adapters else None  # type: ignore[attr-defined]
+    return bank
+
+
+def inject_bank(model, bank: BankLayout, adapters: dict[str, object]):
+    """Wrap the targeted projections, fill the slots; return (bank tensors (graph input
+    name, default value) in graph order, slot buffer names)."""
+    import torch
+
+    from .bank_layers import BankedLinear
+
+    for module in bank.modules:
+        parent, _, child = module.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, BankedLinear(owner.get_submodule(child), bank.branches(module),
+                                           bank.size))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for slot, name in enumerate(bank.slots):
+            if name is None:
+                continue
+            for pname, value in slot_values(name, adapters[name], bank).items():
+                params[pname][slot].copy_(torch.from_numpy(value).to(params[pname].dtype))
+    tensors = [(n, params[n]) for n in bank.input_names()]
+    slots = tuple(f"{module}.slot" for module in bank.modules)
+    return tensors, slots
+
+
+def write_bank_file(out: Path, bank: BankLayout, *, task: str, with_past: bool,
+                    inputs: list[str], dtype: str) -> Path:
+    from ...io.writer import write_file
+
+    data = {"format_version": 1, "task": task, "with_past": with_past, "dtype": dtype,
+            "inputs": inputs, **bank.to_dict()}
+    path = out / BANK_FILE
+    write_file(path, json.dumps(data, indent=2))
+    return path
+
+
+def read_bank_file(folder: Path) -> tuple[dict, BankLayout]:
+    from ...errors import FormatError
+
+    path = Path(folder) / BANK_FILE
+    if not path.is_file():
+        raise FormatError(f"{folder} has no {BANK_FILE}: it is not an adapter-bank export; "
+                          f"export one with `loretta-merge export onnx BASE -o OUT "
+                          f"--adapter-bank SIZE`")
+    try:
+        data = json.loads(path.read_text())
+        return data, BankLayout.from_dict(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{path} is not a valid bank description ({exc}); export the bank "
+                          f"again") from exc
+
+
+def bank_report(bank: BankLayout, tensors) -> "BankReport":
+    from .reports import BankReport
+
+    nbytes = sum(t.numel() * 4 for _, t in tensors)  # served as float32 arrays
+    return BankReport(size=bank.size, slots=list(bank.slots), modules=len(bank.modules),
+                      tensors=len(tensors), bank_bytes=nbytes, bytes_per_slot=nbytes // bank.size)
+
+
+def validate_bank(session, model, bank: BankLayout, report, kw: dict, model_dir) -> None:
+    """Each filled slot (every row in it) against PyTorch with that adapter merged; then one
+    mixed batch (rows: the base, then each filled slot) row by row against each row run alone
+    with its adapter merged. Raises NumericsError on a mismatch."""
+    import torch
+
+    from ...errors import NumericsError
+    from .adapters import merged_into
+    from .validate import compare, failure_message, probe_batch, tolerances, validate_onnx
+    from .wrappers import PlainWrapper, decoder_dims, past_names
+
+    plan = bank.switch_plan  # type: ignore[attr-defined]
+    filled = [(slot, name) for slot, name in enumerate(bank.slots) if name is not None]
+    for slot, name in filled:
+        with merged_into(model, plan, name) as merged:
+            v = validate_onnx(Path(ONNX_PLACEHOLDER), merged, **{**kw, "slot": slot})
+        v.adapter = name
+        report.slot_validation.append(v)
+        if not v.passed:
+            raise NumericsError(failure_message(v, model_dir))
+    rows = [NO_ADAPTER] + [slot for slot, _ in filled]
+    rows = rows * (1 if len(rows) > 2 else 2)
+    names = kw["input_names"]
+    feed = probe_batch(model.config, names, len(rows), 9, seed=300)
+    ort_feed = {n: feed[n].numpy() for n in names}
+    ort_feed[SLOT_INPUT] = np.asarray(rows, dtype=np.int64)
+    if kw["with_past"]:
+        layers, kv, hd = decoder_dims(model.config)
+        dtype = np.float16 if next(model.parameters()).dtype == torch.float16 else np.float32
+        ort_feed |= {n: np.zeros((len(rows), kv, 0, hd), dtype) for n in past_names(layers)}
+    got = np.asarray(session.run(None, ort_feed)[0], dtype=np.float32)
+    atol, rtol = tolerances(next(model.parameters()).dtype, kw["atol"], None)
+    worst, ok = 0.0, True
+    plain = PlainWrapper(model, kw["task"]).eval()
+    for i, slot in enumerate(rows):
+        one = [feed[n][i:i + 1] for n in names]
+        with merged_into(model, plan, bank.slots[slot]) if slot >= 0 else _nothing(), \
+                torch.no_grad():
+            ref = plain(*one).float().numpy()
+        keep = None if kw["task"] == "seq-cls" else feed["attention_mask"][i:i + 1].numpy().astype(bool)
+        max_abs, _, passed = compare(got[i:i + 1], ref, keep, atol, rtol)
+        worst, ok = max(worst, max_abs), ok and passed
+    report.mixed_rows, report.mixed_max_abs_diff, report.mixed_passed = rows, worst, ok
+    if not ok:
+        raise NumericsError(f"ONNX export of {model_dir} with --adapter-bank failed the mixed-batch "
+                            f"check: rows in slots {rows} differ from each row run alone with its "
+                            f"adapter merged in PyTorch by up to {worst:.3g} (tolerance "
+                            f"atol={atol:g} + rtol={rtol:g}*|torch|); no output was written; "
+                            f"report the model architecture")
+
+
+ONNX_PLACEHOLDER = "model.onnx"  # validate_onnx opens nothing when given a session
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
