@@ -47,10 +47,12 @@ class AdapterBank:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, folder, *, providers: Sequence[str] | None = None,
-             session_options=None) -> "AdapterBank":
+    def open(cls, folder, *, providers: Sequence[str] | None = None, session_options=None,
+             slots: int | None = None) -> "AdapterBank":
         """Open an ``--adapter-bank`` export. ``providers``: ONNX Runtime execution providers
-        (default: CUDA first when this onnxruntime offers it, then CPU)."""
+        (default: CUDA first when this onnxruntime offers it, then CPU). ``slots``: serve a
+        bank of this many slots instead of the exported size (the graph's slot axis is
+        dynamic); the slots filled at export are kept."""
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -73,6 +75,8 @@ class AdapterBank:
             raise FormatError(f"{folder / ONNX_NAME} lacks the bank input {missing[0]} that "
                               f"{folder / 'bank.json'} names; the two files are from different "
                               f"exports: export the bank again")
+        if slots is not None:
+            _resize(layout, arrays, slots)
         return cls(folder, session, meta, layout, arrays)
 
     @property
@@ -249,6 +253,24 @@ class AdapterBank:
                 _, kv, _, hd = i.shape
                 past[i.name] = np.zeros((batch, kv, 0, hd), dtype=_NP.get(i.type, np.float32))
         return past
+
+
+def _resize(layout, arrays: dict[str, np.ndarray], slots) -> None:
+    from .converters.onnx.bank import MAX_BANK_SIZE
+
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_BANK_SIZE:
+        raise ConfigError(f"slots={slots!r} must be a whole number from 1 to {MAX_BANK_SIZE}")
+    held = [i for i, name in enumerate(layout.slots) if name is not None and i >= slots]
+    if held:
+        raise ConfigError(f"slots={slots} would drop slot {held[0]}, which holds adapter "
+                          f"{layout.slots[held[0]]!r} from the export; give at least {held[-1] + 1}")
+    for key, arr in arrays.items():
+        grown = np.zeros((slots, *arr.shape[1:]), dtype=arr.dtype)
+        keep = min(slots, arr.shape[0])
+        grown[:keep] = arr[:keep]
+        arrays[key] = grown
+    layout.slots = (list(layout.slots) + [None] * slots)[:slots]
+    layout.size = slots
 
 
 def _read_defaults(onnx_path: Path, names: list[str]) -> dict[str, np.ndarray]:

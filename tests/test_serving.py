@@ -340,3 +340,25 @@ def test_default_layout_when_no_adapter_fills_the_bank(tmp_path):
                               targets=["q_proj"]))
     with pytest.raises(ShapeError, match=r"q_proj \(64 -> 64\) is rep A \(64, 4\)"):
         slot_values("r4", other, layout)
+
+
+def test_bank_size_is_chosen_when_serving(cls_bank):
+    """The graph's slot axis is dynamic: the same export serves a bank of 64 slots (or 3),
+    with the same rows, and refuses to drop a slot filled at export."""
+    from loretta_merge.serving import AdapterBank
+
+    _, _, _, late, out, _ = cls_bank
+    ids, mask = _cls_batch(4, seed=18)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    six = AdapterBank.open(out, providers=["CPUExecutionProvider"])
+    six.load(late, name="late")
+    want = six.run(feed, ["small", "late", None, "lora"])
+    big = AdapterBank.open(out, providers=["CPUExecutionProvider"], slots=64)
+    assert big.size == 64 and big.slots[:3] == ["small", "wide", "lora"]
+    assert big.load(late, name="late", slot=63) == 63
+    assert all(a.shape[0] == 64 for a in big.arrays.values())
+    assert np.abs(big.run(feed, ["small", 63, None, "lora"]) - want).max() < 1e-6
+    small = AdapterBank.open(out, providers=["CPUExecutionProvider"], slots=3)
+    assert np.abs(small.run(feed, [0, None, None, 2])[[0, 3]] - want[[0, 3]]).max() < 1e-6
+    with pytest.raises(ConfigError, match="slots=2 would drop slot 2, which holds adapter 'lora'"):
+        AdapterBank.open(out, slots=2)

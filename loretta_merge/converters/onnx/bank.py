@@ -181,7 +181,7 @@ def slot_values(name: str, adapter, layout: BankLayout) -> dict[str, np.ndarray]
     when a module does not fit any branch of the bank."""
     import torch
 
-    from .adapters import _factor_matrices, _factors_shape
+    from .adapters import factor_matrices, factors_shape
     from .switch_layers import pad_to
 
     adapter = align_modules(adapter, layout)
@@ -192,7 +192,7 @@ def slot_values(name: str, adapter, layout: BankLayout) -> dict[str, np.ndarray]
                              f"modules: {', '.join(list(layout.modules)[:4])}"
                              f"{', ...' if len(layout.modules) > 4 else ''}); export a bank "
                              f"laid out with an adapter that targets it (--switchable-adapter)")
-        n_in, rank, n_out = _factors_shape(mod)
+        n_in, rank, n_out = factors_shape(mod)
         spec = layout.modules[module]
         branches = layout.branches(module)
         j = next((i for i, lay in enumerate(branches) if _fits_tt(mod, lay)), None)
@@ -211,7 +211,7 @@ def slot_values(name: str, adapter, layout: BankLayout) -> dict[str, np.ndarray]
             shapes = lay.core_shapes("a") + lay.core_shapes("b")
             tensors = [pad_to(c.float(), s) for c, s in zip(cores, shapes)]
         else:
-            a, b = _factor_matrices(mod)
+            a, b = factor_matrices(mod)
             tensors = [pad_to(a, (lay.rows_a, lay.cols_a)), pad_to(b, (lay.rows_b, lay.cols_b))]
         tensors.append(torch.tensor(float(mod.scale)))
         for n, t in zip(names, tensors):
@@ -276,7 +276,8 @@ def plan_bank(adapters: dict[str, object], model, size: int, *, layout: str = "t
 
 def inject_bank(model, bank: BankLayout, adapters: dict[str, object]):
     """Wrap the targeted projections, fill the slots; return (bank tensors (graph input
-    name, default value) in graph order, slot buffer names)."""
+    name, value) in graph order, slot buffer names). The tensors hold at least two slots
+    (the exporter makes an axis of size 1 static); :func:`defaults` cuts them to the bank."""
     import torch
 
     from .bank_layers import BankedLinear
@@ -285,7 +286,7 @@ def inject_bank(model, bank: BankLayout, adapters: dict[str, object]):
         parent, _, child = module.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, BankedLinear(owner.get_submodule(child), bank.branches(module),
-                                           bank.size))
+                                           max(bank.size, 2)))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for slot, name in enumerate(bank.slots):
@@ -296,6 +297,11 @@ def inject_bank(model, bank: BankLayout, adapters: dict[str, object]):
     tensors = [(n, params[n]) for n in bank.input_names()]
     slots = tuple(f"{module}.slot" for module in bank.modules)
     return tensors, slots
+
+
+def defaults(bank: BankLayout, tensors) -> list:
+    """The graph's default bank values: the traced tensors cut to the bank's size."""
+    return [(n, t[:bank.size]) for n, t in tensors]
 
 
 def write_bank_file(out: Path, bank: BankLayout, *, task: str, with_past: bool,
@@ -328,7 +334,7 @@ def read_bank_file(folder: Path) -> tuple[dict, BankLayout]:
 def bank_report(bank: BankLayout, tensors) -> "BankReport":
     from .reports import BankReport
 
-    nbytes = sum(t.numel() * 4 for _, t in tensors)  # served as float32 arrays
+    nbytes = sum(t[:bank.size].numel() * t.element_size() for _, t in tensors)
     return BankReport(size=bank.size, slots=list(bank.slots), modules=len(bank.modules),
                       tensors=len(tensors), bank_bytes=nbytes, bytes_per_slot=nbytes // bank.size)
 

@@ -314,7 +314,8 @@ class _Job:
                                      bank=self.bank is not None),
                 opset=self.opset, path=onnx_path, external_data=self.external)
             if switch:
-                switching.make_overridable(onnx_path, list(switch), external=self.external)
+                values = banking.defaults(self.bank, switch) if self.bank else list(switch)
+                switching.make_overridable(onnx_path, values, external=self.external)
         seconds = time.perf_counter() - t0
         opset = check_and_opset(onnx_path)
         copy_side_files(self.model_dir, tmp)  # the one side-file policy (io.model_dir)

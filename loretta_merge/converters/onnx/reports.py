@@ -106,7 +106,7 @@ class BankReport:
     slots: list[str | None]              # the adapter in each slot at export, or None
     modules: int                         # banked projections
     tensors: int                         # bank inputs of the graph
-    bank_bytes: int                      # every bank tensor, all slots (float32)
+    bank_bytes: int                      # every bank tensor, all slots (the graph's dtype)
     bytes_per_slot: int
     slot_validation: list[ValidationReport] = field(default_factory=list)  # one per filled slot
     mixed_rows: list[int] | None = None  # the slot of each row of the mixed-batch check

@@ -126,7 +126,9 @@ def dynamic_spec(names: list[str], with_past: bool, layers: int, n_switch: int =
         if not with_past and "token_type_ids" not in shapes:
             shapes["token_type_ids"] = None
         shapes["adapter_slot"] = {0: B} if bank else None
-        shapes["switch"] = [None] * n_switch  # static adapter tensors
+        # static adapter tensors; a bank's have a dynamic slot axis (any bank size at run time)
+        slots = torch.export.Dim("slots")
+        shapes["switch"] = [{0: slots} if bank else None for _ in range(n_switch)]
     if bank:
         axes["adapter_slot"] = {0: "batch"}
     return {"shapes": shapes, "axes": axes}
