@@ -75,9 +75,10 @@ class AdapterBank:
             raise FormatError(f"{folder / ONNX_NAME} lacks the bank input {missing[0]} that "
                               f"{folder / 'bank.json'} names; the two files are from different "
                               f"exports: export the bank again")
+        bank = cls(folder, session, meta, layout, arrays)
         if slots is not None:
-            _resize(layout, arrays, slots)
-        return cls(folder, session, meta, layout, arrays)
+            bank.resize(slots)
+        return bank
 
     @property
     def size(self) -> int:
@@ -137,6 +138,26 @@ class AdapterBank:
         if self.slots[slot] is None:
             raise ConfigError(f"slot {slot} holds no adapter; pass a loaded slot or name")
         return slot
+
+    def resize(self, slots: int) -> None:
+        """Serve a bank of ``slots`` slots (the graph's slot axis is dynamic): new slots are
+        empty; a slot that holds an adapter cannot be dropped (evict it first)."""
+        from .converters.onnx.bank import MAX_BANK_SIZE
+
+        if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_BANK_SIZE:
+            raise ConfigError(f"slots={slots!r} must be a whole number from 1 to {MAX_BANK_SIZE}")
+        held = [i for i, name in enumerate(self.slots) if name is not None and i >= slots]
+        if held:
+            raise ConfigError(f"slots={slots} would drop slot {held[0]}, which holds adapter "
+                              f"{self.slots[held[0]]!r}; evict it first, or give at least "
+                              f"{held[-1] + 1} slots")
+        for key, arr in self.arrays.items():
+            grown = np.zeros((slots, *arr.shape[1:]), dtype=arr.dtype)
+            keep = min(slots, arr.shape[0])
+            grown[:keep] = arr[:keep]
+            self.arrays[key] = grown
+        self.slots = (self.slots + [None] * slots)[:slots]
+        self.layout.size = slots
 
     def _check_slot_number(self, slot) -> int:
         if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) \
@@ -253,24 +274,6 @@ class AdapterBank:
                 _, kv, _, hd = i.shape
                 past[i.name] = np.zeros((batch, kv, 0, hd), dtype=_NP.get(i.type, np.float32))
         return past
-
-
-def _resize(layout, arrays: dict[str, np.ndarray], slots) -> None:
-    from .converters.onnx.bank import MAX_BANK_SIZE
-
-    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_BANK_SIZE:
-        raise ConfigError(f"slots={slots!r} must be a whole number from 1 to {MAX_BANK_SIZE}")
-    held = [i for i, name in enumerate(layout.slots) if name is not None and i >= slots]
-    if held:
-        raise ConfigError(f"slots={slots} would drop slot {held[0]}, which holds adapter "
-                          f"{layout.slots[held[0]]!r} from the export; give at least {held[-1] + 1}")
-    for key, arr in arrays.items():
-        grown = np.zeros((slots, *arr.shape[1:]), dtype=arr.dtype)
-        keep = min(slots, arr.shape[0])
-        grown[:keep] = arr[:keep]
-        arrays[key] = grown
-    layout.slots = (list(layout.slots) + [None] * slots)[:slots]
-    layout.size = slots
 
 
 def _read_defaults(onnx_path: Path, names: list[str]) -> dict[str, np.ndarray]:

@@ -360,5 +360,5 @@ def test_bank_size_is_chosen_when_serving(cls_bank):
     assert np.abs(big.run(feed, ["small", 63, None, "lora"]) - want).max() < 1e-6
     small = AdapterBank.open(out, providers=["CPUExecutionProvider"], slots=3)
     assert np.abs(small.run(feed, [0, None, None, 2])[[0, 3]] - want[[0, 3]]).max() < 1e-6
-    with pytest.raises(ConfigError, match="slots=2 would drop slot 2, which holds adapter 'lora'"):
+    with pytest.raises(ConfigError, match="slots=2 would drop slot 2, which holds adapter 'lora'; evict it first"):
         AdapterBank.open(out, slots=2)
