@@ -187,7 +187,11 @@ def main() -> None:
                                   switchable_adapters=specs, validate=not args.smoke)
         bank_export_s = time.perf_counter() - t0
         export_onnx(base_dir, tmp / "switch", switchable_adapters=specs, validate=False)
-        export_onnx(base_dir, tmp / "plain", validate=False)
+        # the merged models patch the base graph; a smoke run saves that export and patches
+        # the switchable graph (no adapter active: the base plus zero branches) instead
+        plain = tmp / "switch" if args.smoke else tmp / "plain"
+        if not args.smoke:
+            export_onnx(base_dir, plain, validate=False)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
         opts.log_severity_level = 3
@@ -196,7 +200,7 @@ def main() -> None:
         switch = session(tmp / "switch" / "model.onnx", args.threads, "cpu")
         options = [run_options_for(tmp / "switch" / "adapters" / f"{k}.onnx_adapter")
                    for k in adapters]
-        merged = merged_sessions(tmp / "plain" / "model.onnx", base_dir, adapters, args)
+        merged = merged_sessions(plain / "model.onnx", base_dir, adapters, args)
         vocab = transformers.AutoConfig.from_pretrained(base_dir).vocab_size
         feed = batch(vocab, ROWS, args.sequence)
         per = ROWS // ADAPTERS
@@ -241,7 +245,7 @@ def main() -> None:
               f"rows/s); one merged model, all rows in one run {whole_ms:7.1f} ms; mixed vs "
               f"merged max diff {diff_merged:.2g}", flush=True)
 
-        base_bytes = sum(p.stat().st_size for p in (tmp / "plain").glob("model.onnx*"))
+        base_bytes = sum(p.stat().st_size for p in plain.glob("model.onnx*"))
         one = {k: v[:1] for k, v in feed.items()}
         latency = []
         for size in BANK_SIZES:

@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError, FormatError, ShapeError
-from .converters.onnx.bank import (NO_ADAPTER, SLOT_INPUT, check_bankable, read_bank_file,
-                                   slot_values)
+from .converters.onnx.bank import (NO_ADAPTER, SLOT_INPUT, check_bankable, dense_as_tensors,
+                                   read_bank_file, slot_values)
 from .converters.onnx.reports import ONNX_NAME
 
 __all__ = ["AdapterBank"]
@@ -113,6 +113,7 @@ class AdapterBank:
         adapter = read_adapter(adapter_dir)
         adapter.path = Path(adapter_dir)
         check_bankable(name, adapter)
+        adapter = dense_as_tensors(adapter)
         values = slot_values(name, adapter, self.layout)  # every shape checked before writing
         self._clear(slot)
         for key, value in values.items():

@@ -28,22 +28,27 @@ ATOL = 1e-4
 WORST: dict[str, float] = {}  # worst row difference of each exactness test (printed)
 
 
-def _rep(arch: str, path, *, r: int, tensor_rank: int, seed: int, targets=None):
+def _rep(arch: str, path, *, r: int, tensor_rank: int, seed: int, targets=None,
+         full: bool = False):
+    """A rep adapter of its low-rank modules only, or with ``full`` as ``train`` makes them by
+    default: trained norms, and for a classifier the replaced pooler dense and the head."""
     from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
     from loretta_merge.adapters.config import RepConfig
 
     torch.manual_seed(seed)
+    only = {} if full else dict(train_norms=False, replace_dense=False,
+                                task_type="FEATURE_EXTRACTION")
     model = get_loretta_model(build_tiny(arch), RepConfig(
         r=r, lora_alpha=2 * r, tensor_rank=tensor_rank, lora_dropout=0.0, target_modules=targets,
-        train_norms=False, replace_dense=False, task_type="FEATURE_EXTRACTION"))
+        **only))
     perturb_trainable(model, seed=seed)
     return save_loretta_adapter(model, path)
 
 
-def _lora(arch: str, path, *, seed: int, targets, std: float = 0.05):
+def _lora(arch: str, path, *, seed: int, targets, std: float = 0.05, save=None):
     torch.manual_seed(seed)
-    model = peft.get_peft_model(build_tiny(arch), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                  target_modules=targets))
+    model = peft.get_peft_model(build_tiny(arch), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, modules_to_save=save))
     perturb_trainable(model, seed=seed, std=std)
     model.save_pretrained(path)
     return path
@@ -68,9 +73,10 @@ def cls_bank(tmp_path_factory):
         # rep of two shapes on `query` (r 4 / TT rank 3 and r 8 / TT rank 2): two TT branches
         "small": _rep("bert", root / "rep-small", r=4, tensor_rank=3, seed=1,
                       targets=["query", "value"]),
-        "wide": _rep("bert", root / "rep-wide", r=8, tensor_rank=2, seed=2,
+        # as `train` makes it: + every LayerNorm, the replaced pooler dense and the head
+        "wide": _rep("bert", root / "rep-wide", r=8, tensor_rank=2, seed=2, full=True,
                      targets=["query", "key", "attention.output.dense"]),
-        "lora": _lora("bert", root / "lora", seed=3, std=0.3,
+        "lora": _lora("bert", root / "lora", seed=3, std=0.3, save=["classifier"],
                       targets=["query", "value", "intermediate.dense"]),
     }
     late = _rep("bert", root / "rep-late", r=4, tensor_rank=2, seed=4, targets=["value"])
@@ -102,6 +108,10 @@ def test_export_report_and_files(cls_bank):
     # query holds two TT branches (the two rep shapes) and one factors branch (the LoRA)
     kinds = [br["kind"] for br in meta["modules"]["bert.encoder.layer.0.attention.self.query"]["branches"]]
     assert sorted(kinds) == ["factors", "tt", "tt"]
+    # full tensors switched per row: the head (both adapters), the pooler dense ("wide"'s TT
+    # layer, as the weight a merge writes) and every LayerNorm ("wide")
+    assert {"classifier", "bert.pooler.dense", "bert.embeddings.LayerNorm"} <= set(meta["tensors"])
+    assert meta["tensors"]["bert.pooler.dense"]["leaves"] == {"weight": [64, 64], "bias": [64]}
     base_bytes = sum(p.stat().st_size for p in out.glob("model.onnx*"))
     assert b.bank_bytes < base_bytes
 
@@ -200,23 +210,16 @@ def test_bad_inputs_are_one_clear_error(cls_bank, tmp_path):
         train_norms=False, replace_dense=False, task_type="FEATURE_EXTRACTION")), tmp_path / "adp")
     with pytest.raises(ConfigError, match="is LoRETTA_adp, whose bottleneck is not linear"):
         bank.load(adp)
-    with_head = tmp_path / "head"
-    _lora_with_head(with_head)
-    with pytest.raises(ConfigError, match=r"trains 2 full tensor\(s\) \(classifier\.bias, "
-                                          r"classifier\.weight\)"):
-        bank.load(with_head)
+    other_tensor = _lora("bert", tmp_path / "ffn-head", seed=10, targets=["query"],
+                         save=["layer.1.output.dense"])
+    with pytest.raises(ShapeError, match=r"trains the full tensor bert\.encoder\.layer\.1\.output"
+                                         r"\.dense\.(weight|bias), which this bank does not switch"):
+        bank.load(other_tensor)
     assert bank.slots == ["small", "wide", "lora", None, None, None]  # nothing half-loaded
     for i in range(3):
         bank.load(late, name=f"late{i}")
     with pytest.raises(ConfigError, match="the bank is full: all 6 slots hold adapters"):
         bank.load(late, name="one-more")
-
-
-def _lora_with_head(path):
-    torch.manual_seed(10)
-    model = peft.get_peft_model(build_tiny("bert"), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["query"], modules_to_save=["classifier"]))
-    model.save_pretrained(path)
 
 
 def test_cli_bank_refusals_are_one_line(cls_bank, tmp_path, capsys):
@@ -226,8 +229,11 @@ def test_cli_bank_refusals_are_one_line(cls_bank, tmp_path, capsys):
 
     adp = save_loretta_adapter(get_loretta_model(build_tiny("bert"), AdpConfig(
         train_norms=False, replace_dense=False, task_type="FEATURE_EXTRACTION")), tmp_path / "adp")
+    embed = _lora("bert", tmp_path / "embed", seed=19, targets=["query"], save=["word_embeddings"])
     out = tmp_path / "o"
     cases = [
+        (["--adapter-bank", "2", "--switchable-adapter", f"e={embed}"],
+         "trains bert.embeddings.word_embeddings.weight, a tensor of a Embedding; a bank switches"),
         (["--adapter-bank", "1", "--switchable-adapter", f"a={adapters['small']}",
           "--switchable-adapter", f"b={adapters['wide']}"], "the bank is full: 2 --switchable-adapter"),
         (["--adapter-bank", "0"], "must be a whole number of slots from 1"),
@@ -248,7 +254,8 @@ def lm_bank(tmp_path_factory):
     base = save_tiny("llama", root / "base")
     adapters = {
         "alpha": _rep("llama", root / "rep-a", r=4, tensor_rank=3, seed=11, targets=["q_proj", "v_proj"]),
-        "beta": _rep("llama", root / "rep-b", r=8, tensor_rank=2, seed=12,
+        # + every RMSNorm trained, as `train` makes it
+        "beta": _rep("llama", root / "rep-b", r=8, tensor_rank=2, seed=12, full=True,
                      targets=["q_proj", "o_proj", "gate_proj"]),
     }
     lora = _lora("llama", root / "lora", seed=13, targets=["q_proj", "v_proj", "down_proj"])

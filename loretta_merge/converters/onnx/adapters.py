@@ -21,6 +21,7 @@ import torch
 
 from ...errors import ConfigError, FormatError, ShapeError
 from .reports import ADAPTER_SUFFIX, ADAPTERS_DIR
+from .bank_layers import BankedLinear, RowParams
 from .switch_layers import BranchLayout, SwitchableLinear, pad_to
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -208,8 +209,8 @@ def _current_names(model, original: list[str]) -> dict[str, str]:
             owner = model.get_submodule(module) if module else model
         except AttributeError:
             owner = None
-        out[pname] = (f"{module}.base_layer.{leaf}" if isinstance(owner, SwitchableLinear)
-                      else pname)
+        wrapped = isinstance(owner, (SwitchableLinear, BankedLinear, RowParams))
+        out[pname] = f"{module}.base_layer.{leaf}" if wrapped else pname
     return out
 
 

@@ -4,7 +4,9 @@ Export side (``export onnx --adapter-bank SIZE``): the bank's *layout* is laid o
 from the adapters given to fill its first slots (``--switchable-adapter``, in order) or, with
 none, from the default LoRETTA_rep layout of the base (its default targets, r 8, TT rank 5).
 Per targeted module it holds one branch per distinct shape (:class:`.switch_layers.
-BranchLayout`), and every branch tensor gains a leading slot axis (:mod:`.bank_layers`).
+BranchLayout`), and every branch tensor gains a leading slot axis (:mod:`.bank_layers`);
+full tensors the adapters train (norms, heads, a replaced dense layer as its merged weight)
+are switched per row by their owner module (:class:`.bank_layers.RowParams`).
 The graph takes one more input, ``adapter_slot`` (int64, one per row; -1 = the base), and
 every bank tensor is an input with a default value (the slots filled at export), so a
 server passes the whole bank (kilobytes per slot) with each run and changes a slot by
@@ -40,6 +42,7 @@ class BankLayout:
     modules: dict[str, dict]                       # module -> {"in", "out", "branches": [...]}
     prefix: str = ""                               # the base model's base_model_prefix
     slots: list[str | None] = field(default_factory=list)   # adapter name per slot, or None
+    tensors: dict[str, dict] = field(default_factory=dict)  # owner -> {"kind", "leaves": {leaf: shape}}
 
     def branches(self, module: str) -> list[BranchLayout]:
         return [layout_from_dict(b) for b in self.modules[module]["branches"]]
@@ -50,16 +53,21 @@ class BankLayout:
         for module in self.modules:
             for j, lay in enumerate(self.branches(module)):
                 names += branch_names(module, j, lay)
+        for owner, spec in self.tensors.items():
+            for leaf in spec["leaves"]:
+                names += [f"{owner}.rows.{leaf}", f"{owner}.rows.{leaf}_on"]
         return names
 
     def to_dict(self) -> dict:
         return {"size": self.size, "slot_input": SLOT_INPUT, "no_adapter": NO_ADAPTER,
-                "prefix": self.prefix, "slots": self.slots, "modules": self.modules}
+                "prefix": self.prefix, "slots": self.slots, "modules": self.modules,
+                "tensors": self.tensors}
 
     @classmethod
     def from_dict(cls, data: dict) -> "BankLayout":
         return cls(size=int(data["size"]), modules=data["modules"], prefix=data.get("prefix", ""),
-                   slots=list(data.get("slots") or [None] * int(data["size"])))
+                   slots=list(data.get("slots") or [None] * int(data["size"])),
+                   tensors=data.get("tensors") or {})
 
 
 def layout_to_dict(lay: BranchLayout) -> dict:
@@ -88,8 +96,9 @@ def branch_names(module: str, j: int, lay: BranchLayout) -> list[str]:
 # --------------------------------------------------------------------------- reading adapters
 
 def check_bankable(name: str, adapter) -> None:
-    """Refuse what a bank row cannot hold: adp, replaced dense layers, DoRA, full tensors."""
-    from ...formats import LoraModule, RepModule
+    """Refuse what a bank row cannot hold: adp, DoRA (full tensors are checked against the
+    layout: :func:`plan_bank`, :func:`slot_values`)."""
+    from ...formats import LoraModule, RepModule, TTDenseModule
 
     where = f"adapter {name!r} ({adapter.path})"
     if adapter.method == "adp":
@@ -97,21 +106,33 @@ def check_bankable(name: str, adapter) -> None:
                           f"so it cannot be a row of a bank of low-rank adapters; export it in "
                           f"its own graph with --adapter {adapter.path}")
     for module, mod in adapter.modules.items():
-        if not isinstance(mod, (RepModule, LoraModule)):
-            raise ConfigError(f"{where}: module {module} is a {type(mod).__name__} (it replaces "
-                              f"the base weight), which a bank row cannot switch; merge the "
-                              f"adapter (`loretta-merge BASE+{adapter.path} -o MERGED`) and "
-                              f"serve MERGED on its own")
+        if not isinstance(mod, (RepModule, LoraModule, TTDenseModule)):  # dense: full tensors
+            raise ConfigError(f"{where}: module {module} is a {type(mod).__name__}, which a bank "
+                              f"row cannot switch; merge the adapter (`loretta-merge "
+                              f"BASE+{adapter.path} -o MERGED`) and serve MERGED on its own")
         if isinstance(mod, LoraModule) and mod.magnitude is not None:
             raise ConfigError(f"{where}: module {module} is DoRA (it has a magnitude vector), "
                               f"which is not a low-rank sum; merge it and serve it on its own")
-    if adapter.tensors:
-        some = ", ".join(sorted(adapter.tensors)[:3])
-        raise ConfigError(f"{where} trains {len(adapter.tensors)} full tensor(s) ({some}"
-                          f"{', ...' if len(adapter.tensors) > 3 else ''}); a bank row switches "
-                          f"only low-rank modules (rep, LoRA), not whole tensors; train it with "
-                          f"train_norms=false and no modules_to_save, or merge it and serve it "
-                          f"on its own")
+
+
+def dense_as_tensors(adapter):
+    """A dense layer the adapter replaces by a TT layer (the paper's pooler/classifier dense)
+    becomes full tensors ``<module>.weight`` (the TT matrix, transposed) and ``.bias``:
+    the value a merge writes, switched per row like a trained head."""
+    import dataclasses
+
+    from ...formats import TTDenseModule
+
+    dense = {m: mod for m, mod in adapter.modules.items() if isinstance(mod, TTDenseModule)}
+    if not dense:
+        return adapter
+    tensors = dict(adapter.tensors)
+    for module, mod in dense.items():
+        tensors[f"{module}.weight"] = mod.weight.matrix().T.contiguous()
+        if mod.bias is not None:
+            tensors[f"{module}.bias"] = mod.bias
+    return dataclasses.replace(adapter, tensors=tensors,
+                               modules={m: v for m, v in adapter.modules.items() if m not in dense})
 
 
 def read_bankable(name: str, path) -> object:
@@ -120,7 +141,7 @@ def read_bankable(name: str, path) -> object:
     adapter = read_adapter(path)
     adapter.path = Path(path)
     check_bankable(name, adapter)
-    return adapter
+    return dense_as_tensors(adapter)
 
 
 def align_modules(adapter, layout: BankLayout):
@@ -128,14 +149,19 @@ def align_modules(adapter, layout: BankLayout):
     added or dropped, as :func:`.export.align_names` does against a live model)."""
     import dataclasses
 
-    have, lead = set(layout.modules), (layout.prefix + "." if layout.prefix else "")
-    if not lead or all(m in have for m in adapter.modules):
+    have = set(layout.modules) | set(layout.tensors)
+    lead = layout.prefix + "." if layout.prefix else ""
+    names = list(adapter.modules) + [t.rpartition(".")[0] for t in adapter.tensors]
+    if not lead or all(m in have for m in names):
         return adapter
-    if all(m.startswith(lead) and m[len(lead):] in have for m in adapter.modules):
-        return dataclasses.replace(adapter, modules={m[len(lead):]: v for m, v in adapter.modules.items()})
-    if all(lead + m in have for m in adapter.modules):
-        return dataclasses.replace(adapter, modules={lead + m: v for m, v in adapter.modules.items()})
-    return adapter
+    if all(m.startswith(lead) and m[len(lead):] in have for m in names):
+        rename = lambda n: n[len(lead):]  # noqa: E731
+    elif all(lead + m in have for m in names):
+        rename = lambda n: lead + n  # noqa: E731
+    else:
+        return adapter  # the fit check names what does not fit
+    return dataclasses.replace(adapter, modules={rename(m): v for m, v in adapter.modules.items()},
+                               tensors={rename(t): v for t, v in adapter.tensors.items()})
 
 
 # --------------------------------------------------------------------------- fitting a slot
@@ -216,6 +242,22 @@ def slot_values(name: str, adapter, layout: BankLayout) -> dict[str, np.ndarray]
         tensors.append(torch.tensor(float(mod.scale)))
         for n, t in zip(names, tensors):
             values[n] = t.detach().float().contiguous().numpy()
+    for pname, tensor in adapter.tensors.items():
+        owner, _, leaf = pname.rpartition(".")
+        spec = layout.tensors.get(owner)
+        if spec is None or leaf not in spec["leaves"]:
+            held = ", ".join(f"{o}.{lf}" for o, sp in list(layout.tensors.items())[:3]
+                             for lf in sp["leaves"]) or "none"
+            raise ShapeError(f"adapter {name!r} trains the full tensor {pname}, which this bank "
+                             f"does not switch per row (it switches: {held}"
+                             f"{', ...' if len(layout.tensors) > 3 else ''}); export a bank laid "
+                             f"out with an adapter that trains it (--switchable-adapter)")
+        want = tuple(spec["leaves"][leaf])
+        if tuple(tensor.shape) != want:
+            raise ShapeError(f"adapter {name!r}: tensor {pname} has shape {tuple(tensor.shape)}, "
+                             f"the bank's {want}; is the adapter from another base?")
+        values[f"{owner}.rows.{leaf}"] = tensor.detach().float().contiguous().numpy()
+        values[f"{owner}.rows.{leaf}_on"] = np.ones((), np.float32)
     return values
 
 
@@ -228,11 +270,15 @@ def default_template(model):
     from ...adapters.config import RepConfig
     from ...adapters.files import adapter_from_model
 
-    shell = get_loretta_model(copy.deepcopy(model), RepConfig(
-        lora_dropout=0.0, train_norms=False, replace_dense=False, task_type="FEATURE_EXTRACTION"))
-    template = adapter_from_model(shell)
-    template.tensors = {}
+    from .bank_layers import row_kind
+
+    shell = get_loretta_model(copy.deepcopy(model), RepConfig(lora_dropout=0.0))
+    template = dense_as_tensors(adapter_from_model(shell))
     del shell
+    named = dict(model.named_modules())
+    # a default layout holds the per-row tensors a bank can switch, and drops the others
+    template.tensors = {t: v for t, v in template.tensors.items()
+                        if row_kind(named.get(t.rpartition(".")[0])) is not None}
     return template
 
 
@@ -267,11 +313,50 @@ def plan_bank(adapters: dict[str, object], model, size: int, *, layout: str = "t
         n_in, n_out = linear_dims(model.get_submodule(module))
         modules[module] = {"in": n_in, "out": n_out,
                            "branches": [layout_to_dict(b) for b in branches]}
+    tensors = _row_tensors(shapes, model, modules)
     bank = BankLayout(size=size, modules=modules,
                       prefix=getattr(model, "base_model_prefix", "") or "",
-                      slots=list(adapters) + [None] * (size - len(adapters)))
+                      slots=list(adapters) + [None] * (size - len(adapters)), tensors=tensors)
     bank.switch_plan = plan if adapters else None  # type: ignore[attr-defined]
     return bank
+
+
+MAX_ROW_ELEMENTS = 1 << 22  # a full tensor switched per row: at most 16 MB per slot in fp32
+
+
+def _row_tensors(adapters: dict, model, modules: dict) -> dict[str, dict]:
+    """owner module -> {"kind", "leaves": {leaf: shape}} for every full tensor the adapters
+    train; refuses a tensor no row can switch."""
+    from .bank_layers import row_kind
+
+    named = dict(model.named_modules())
+    shared: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(pname)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out: dict[str, dict] = {}
+    for name, adapter in adapters.items():
+        for pname in adapter.tensors:
+            owner, _, leaf = pname.rpartition(".")
+            module = named.get(owner)
+            kind = row_kind(module) if module is not None else None
+            why = None
+            if kind is None or leaf not in ("weight", "bias"):
+                why = (f"a tensor of a {type(module).__name__}; a bank switches the weight and "
+                       f"bias of nn.Linear, nn.LayerNorm and Llama-style RMSNorm per row")
+            elif owner in modules:
+                why = "a tensor of a projection that also holds a low-rank adapter in the bank"
+            elif len(shared.get(id(params[pname]), [])) > 1:
+                why = f"tied to {', '.join(n for n in shared[id(params[pname])] if n != pname)}"
+            elif params[pname].numel() > MAX_ROW_ELEMENTS:
+                why = (f"{params[pname].numel():,} values, above the {MAX_ROW_ELEMENTS:,} a bank "
+                       f"switches per row")
+            if why:
+                raise ConfigError(f"adapter {name!r} trains {pname}, {why}; merge the adapter "
+                                  f"and serve it on its own, or train it without that tensor")
+            spec = out.setdefault(owner, {"kind": kind, "leaves": {}})
+            spec["leaves"][leaf] = list(params[pname].shape)
+    return out
 
 
 def inject_bank(model, bank: BankLayout, adapters: dict[str, object]):
@@ -280,13 +365,18 @@ def inject_bank(model, bank: BankLayout, adapters: dict[str, object]):
     (the exporter makes an axis of size 1 static); :func:`defaults` cuts them to the bank."""
     import torch
 
-    from .bank_layers import BankedLinear
+    from .bank_layers import BankedLinear, RowParams
 
     for module in bank.modules:
         parent, _, child = module.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, BankedLinear(owner.get_submodule(child), bank.branches(module),
                                            max(bank.size, 2)))
+    for module, spec in bank.tensors.items():
+        parent, _, child = module.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, RowParams(owner.get_submodule(child), list(spec["leaves"]),
+                                        max(bank.size, 2)))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for slot, name in enumerate(bank.slots):
@@ -295,7 +385,7 @@ def inject_bank(model, bank: BankLayout, adapters: dict[str, object]):
             for pname, value in slot_values(name, adapters[name], bank).items():
                 params[pname][slot].copy_(torch.from_numpy(value).to(params[pname].dtype))
     tensors = [(n, params[n]) for n in bank.input_names()]
-    slots = tuple(f"{module}.slot" for module in bank.modules)
+    slots = tuple(f"{module}.slot" for module in [*bank.modules, *bank.tensors])
     return tensors, slots
 
 

@@ -87,3 +87,73 @@ class BankedLinear(nn.Module):
             delta = torch.matmul(torch.matmul(rows.to(a.dtype), a), b) * on[:, None, None]
             y = y + delta.reshape(y.shape).to(y.dtype)
         return y
+
+
+# --------------------------------------------------------------------------- full tensors per row
+
+# RMSNorm classes whose forward is Llama's: weight * (x / sqrt(mean(x^2) + eps)), in fp32
+LLAMA_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
+                  "OlmoRMSNorm", "Olmo2RMSNorm", "GraniteRMSNorm", "Phi3RMSNorm")
+
+
+def row_kind(module: nn.Module) -> str | None:
+    """How :class:`RowParams` runs ``module`` per row: ``linear``, ``layernorm``, ``rmsnorm``;
+    None when it cannot (the module's own forward is not one it reproduces)."""
+    if type(module) is nn.Linear:
+        return "linear"
+    if type(module) is nn.LayerNorm and module.elementwise_affine:
+        return "layernorm"
+    if type(module).__name__ in LLAMA_RMSNORMS and hasattr(module, "variance_epsilon"):
+        return "rmsnorm"
+    return None
+
+
+class RowParams(nn.Module):
+    """A Linear or norm whose trained full tensors (a head, a norm's weight and bias) may
+    differ per row: ``rows.<leaf>`` ``(S, *shape)`` holds each slot's value and
+    ``rows.<leaf>_on`` ``(S,)`` is 1 where the slot sets it; other rows use the base value."""
+
+    def __init__(self, base: nn.Module, leaves: list[str], size: int):
+        super().__init__()
+        self.base_layer, self.kind = base, row_kind(base)
+        dtype = base.weight.dtype
+        rows = {}
+        for leaf in leaves:
+            shape = tuple(getattr(base, leaf).shape)
+            rows[leaf] = nn.Parameter(torch.zeros((size, *shape), dtype=dtype), requires_grad=False)
+            rows[f"{leaf}_on"] = nn.Parameter(torch.zeros(size, dtype=dtype), requires_grad=False)
+        self.rows = nn.ParameterDict(rows)
+        self.register_buffer("slot", torch.full((1,), -1, dtype=torch.long), persistent=False)
+
+    def _value(self, leaf: str, idx: torch.Tensor, active: torch.Tensor):
+        """The leaf of each row: (batch, *shape), or (1, *shape) when every row shares it;
+        None for a missing bias."""
+        base = getattr(self.base_layer, leaf)
+        if base is None:
+            return None
+        if leaf not in self.rows:
+            return base.unsqueeze(0)
+        on = active & (_rows(self.rows[f"{leaf}_on"], idx) > 0)           # (batch,)
+        return torch.where(on.view(-1, *[1] * base.dim()), _rows(self.rows[leaf], idx), base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.slot
+        idx, active = slot.clamp(min=0), slot >= 0
+        w = self._value("weight", idx, active)
+        b = self._value("bias", idx, active) if hasattr(self.base_layer, "bias") else None
+        lead = [1] * (x.dim() - 2)                       # broadcast over the middle axes
+        if self.kind == "linear":
+            rows = x.reshape(x.shape[0], -1, x.shape[-1])    # (batch, tokens, in)
+            y = torch.matmul(rows, w.transpose(1, 2))        # (batch, tokens, out)
+            if b is not None:
+                y = y + b[:, None, :]
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        if self.kind == "layernorm":
+            base = self.base_layer
+            y = nn.functional.layer_norm(x, base.normalized_shape, None, None, base.eps)
+            y = y * w.view(w.shape[0], *lead, -1)
+            return y + b.view(b.shape[0], *lead, -1) if b is not None else y
+        dtype = x.dtype                                  # rmsnorm, as Llama computes it
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.base_layer.variance_epsilon)
+        return w.view(w.shape[0], *lead, -1) * h.to(dtype)
