@@ -223,7 +223,7 @@ def test_bad_inputs_are_one_clear_error(cls_bank, tmp_path):
 
 
 def test_cli_bank_refusals_are_one_line(cls_bank, tmp_path, capsys):
-    root, base, adapters, _, _, _ = cls_bank
+    _, base, adapters, _, _, _ = cls_bank
     from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
     from loretta_merge.adapters.config import AdpConfig
 
@@ -328,7 +328,8 @@ def test_default_layout_when_no_adapter_fills_the_bank(tmp_path):
     (TT branches, no padding), and an adapter of another rank does not."""
     from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
     from loretta_merge.adapters.config import RepConfig
-    from loretta_merge.converters.onnx.bank import plan_bank, slot_values
+    from loretta_merge.converters.onnx.bank import slot_values
+    from loretta_merge.converters.onnx.bank_export import plan_bank
     from loretta_merge.formats import read_adapter
 
     layout = plan_bank({}, build_tiny("llama"), 2)

@@ -25,8 +25,9 @@ inside the graph from the attention mask (``cumsum - 1``), so left-padded batche
 
 Modules: :mod:`.export` (options, loading, the run), :mod:`.wrappers` (what is traced),
 :mod:`.graph` (the exporters), :mod:`.validate` (ONNX Runtime vs PyTorch), :mod:`.adapters`
-and :mod:`.switch_layers` (switchable adapters), :mod:`.bank` and :mod:`.bank_layers`
-(adapter banks: a different adapter per batch row; served by :mod:`loretta_merge.serving`),
+and :mod:`.switch_layers` (switchable adapters), :mod:`.bank`, :mod:`.bank_export` and
+:mod:`.bank_layers` (adapter banks: a different adapter per batch row; served by
+:mod:`loretta_merge.serving`),
 :mod:`.quantize` (int8), :mod:`.reports`.
 """
 

@@ -15,10 +15,10 @@ from ...io import copy_side_files
 from ...pooling import apply_pooling
 from ...errors import ConfigError, FormatError, NumericsError, OutputExistsError, UnsafeInputError
 from . import adapters as switching
-from . import bank as banking
+from . import bank_export as banking
 from .graph import check_and_opset, export_graph
 from .reports import (INT8_MAX_REL_ERROR, INT8_MIN_AGREEMENT, ONNX_NAME, QUANTIZE_CHOICES, TASKS,
-                      BankReport, ExportReport, SwitchableReport)
+                      ExportReport, SwitchableReport)
 from .validate import failure_message, open_session, probe_batch, validate_onnx
 from .wrappers import build_wrapper, decoder_dims, dynamic_spec, uses_token_types
 
