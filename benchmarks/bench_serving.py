@@ -1,6 +1,6 @@
 """Benchmark: a mixed batch of many TT adapters in one ONNX Runtime run (not a test).
 
-A batch of 32 rows spread over 8 LoRETTA_rep adapters (4 rows each), served three ways, the
+A batch of 32 rows spread over 8 LoRETTA_rep adapters (4 rows each), served four ways, the
 runtimes taking turns in this one process (the machine is shared, so load hits all alike):
 
 1. **mixed**: one run of an ``--adapter-bank`` graph (:class:`loretta_merge.serving.
@@ -14,8 +14,10 @@ runtimes taking turns in this one process (the machine is shared, so load hits a
 4. and, as the bound no adapter switching can beat, all 32 rows in one run of ONE merged
    model (what the mixed run costs over a plain batch).
 
-Also: bytes of the bank (8 and 64 slots) against the base graph, and the latency of one
-request (1 row) as the bank grows (1, 8, 64 slots: the graph's slot axis is dynamic, so one
+Also: the same mixed batch with adapters as ``train`` makes them (norms, pooler and head
+switched per row too) against the low-rank-only bank, each row checked against PyTorch with
+its adapter merged; bytes of the bank (8 and 64 slots) against the base graph; and the
+latency of one request (1 row) as the bank grows (1, 8, 64 slots: the graph's slot axis is dynamic, so one
 export serves all three), against the merged model. Rows of the mixed run are checked
 against the same rows of the merged models.
 
@@ -72,26 +74,68 @@ def base_model(tmp: Path, smoke: bool) -> tuple[str, Path]:
     return name, tmp / "base"
 
 
-def rep_adapters(base_dir: Path, tmp: Path) -> dict[str, Path]:
+def rep_adapters(base_dir: Path, tmp: Path, *, full: bool = False) -> dict[str, Path]:
+    """Eight rep adapters: their low-rank modules only, or with ``full`` as ``train`` makes
+    them (+ every LayerNorm, the replaced pooler dense and the head: switched per row)."""
     import torch
     import transformers
 
     from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
     from loretta_merge.adapters.config import RepConfig
 
+    only = {} if full else dict(train_norms=False, replace_dense=False,
+                                task_type="FEATURE_EXTRACTION")
     out = {}
     for i in range(ADAPTERS):
         torch.manual_seed(100 + i)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir)
-        model = get_loretta_model(model, RepConfig(r=8, tensor_rank=5, lora_dropout=0.0,
-                                                   train_norms=False, replace_dense=False,
-                                                   task_type="FEATURE_EXTRACTION"))
+        model = get_loretta_model(model, RepConfig(r=8, tensor_rank=5, lora_dropout=0.0, **only))
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.05)
-        out[f"a{i}"] = save_loretta_adapter(model, tmp / f"rep-{i}")
+        out[f"a{i}"] = save_loretta_adapter(model, tmp / f"{'full' if full else 'rep'}-{i}")
     return out
+
+
+def full_adapters_row(base_dir: Path, tmp: Path, feed: dict, slots: list[int], opts, args,
+                      low_rank_bank) -> dict:
+    """The same mixed batch through a bank of adapters that also train norms, the pooler
+    and the head (switched per row), against the low-rank-only bank; every row checked
+    against PyTorch with that row's adapter merged."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from loretta_merge.adapters import load_loretta_model, merge_loretta_model
+    from loretta_merge.converters.onnx import export_onnx
+    from loretta_merge.serving import AdapterBank
+
+    adapters = rep_adapters(base_dir, tmp, full=True)
+    export_onnx(base_dir, tmp / "bank-full", adapter_bank=ADAPTERS, validate=False,
+                         switchable_adapters=[f"{k}={v}" for k, v in adapters.items()])
+    bank = AdapterBank.open(tmp / "bank-full", providers=["CPUExecutionProvider"],
+                            session_options=opts)
+    got = bank.run(feed, slots)
+    worst = 0.0
+    for k, path in enumerate(adapters.values()):
+        rows = [i for i, s in enumerate(slots) if s == k]
+        model = merge_loretta_model(load_loretta_model(
+            transformers.AutoModelForSequenceClassification.from_pretrained(base_dir), path)).eval()
+        with torch.no_grad():
+            want = model(**{n: torch.from_numpy(v[rows]) for n, v in feed.items()}).logits.numpy()
+        worst = max(worst, float(np.abs(got[rows] - want).max()))
+    with measuring() as machine:
+        full_ms, low_ms = median_ms([lambda: bank.run(feed, slots),
+                                     lambda: low_rank_bank.run(feed, slots)],
+                                    args.warmup, args.repeats)
+    print(f"bank of adapters with norms, pooler and head per row: {full_ms:7.1f} ms against "
+          f"{low_ms:7.1f} ms low-rank only ({bank.bank_bytes:,} bytes); rows vs PyTorch merged "
+          f"max diff {worst:.2g}", flush=True)
+    return {"mixed_ms": round(full_ms, 2), "low_rank_only_mixed_ms": round(low_ms, 2),
+            "over_low_rank_only": round(full_ms / low_ms, 3), "bank_bytes_8": bank.bank_bytes,
+            "row_tensors": sum(len(t["leaves"]) for t in bank.layout.tensors.values()),
+            "max_abs_diff_vs_torch_merged": worst, "machine_state": machine}
 
 
 def merged_sessions(base_onnx: Path, base_dir: Path, adapters: dict[str, Path], args) -> list:
@@ -267,6 +311,7 @@ def main() -> None:
                             "machine_state": machine})
             print(f"bank of {size:2d} slots ({sized.bank_bytes:,} bytes): one request "
                   f"{bank_ms:6.2f} ms, merged model {merged_one_ms:6.2f} ms", flush=True)
+        full = full_adapters_row(base_dir, tmp, feed, slots, opts, args, bank)
         b = bank_report.bank
         summary = {
             "smoke": args.smoke, "model": name, "threads": args.threads, "warmup": args.warmup,
@@ -281,6 +326,7 @@ def main() -> None:
                        "merged_models_bytes_8": ADAPTERS * base_bytes,
                        "bank_64_over_base": round(latency[-1]["bank_bytes"] / base_bytes, 5)},
             "latency": latency,
+            "full_adapters": full,
             "export": {"bank_export_seconds": round(bank_export_s, 1),
                        "validation_max_abs_diff": max((v.max_abs_diff for v in b.slot_validation),
                                                       default=None),

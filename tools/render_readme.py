@@ -210,7 +210,18 @@ def onnx_bank_block() -> str:
              "|---|---|---|---|---|"]
     lines += [f"| {r['slots']} | {r['bank_bytes']:,} | {r['request_ms']:.2f} | "
               f"{r['merged_model_ms']:.2f} | {r['over_merged']:.2f}x |" for r in e["latency"]]
-    states = [t.get("machine_state")] + [r.get("machine_state") for r in e["latency"]]
+    full = e.get("full_adapters")
+    states = [t.get("machine_state")] + [r.get("machine_state") for r in e["latency"]] + (
+        [full.get("machine_state")] if full else [])
+    if full:
+        lines += ["", (f"Adapters as `train` makes them (every LayerNorm, the replaced pooler "
+                       f"dense and the head switched per row too: {full['row_tensors']} tensors "
+                       f"per slot): the mixed batch takes {full['mixed_ms']:.1f} ms against "
+                       f"{full['low_rank_only_mixed_ms']:.1f} ms for the low-rank-only bank "
+                       f"({full['over_low_rank_only']:.2f}x), a bank of "
+                       f"{full['bank_bytes_8']:,} bytes for {t['adapters']} slots; every row "
+                       f"equals PyTorch with its adapter merged to "
+                       f"{_e(full['max_abs_diff_vs_torch_merged'])}.")]
     return "\n".join(lines + ["", (
         f"Memory: the bank holds {m['bytes_per_slot']:,} bytes per slot "
         f"({m['bank_bytes_8']:,} for {t['adapters']} slots, {m['bank_bytes_64']:,} for 64) beside "
