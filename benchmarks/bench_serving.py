@@ -195,6 +195,89 @@ def batch(vocab: int, rows: int, seq: int):
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
+def reconstruction_choice(hidden: int, args) -> list[dict]:
+    """Where a rep branch rebuilds A and B: per ROW (gather each row's cores, rebuild batch
+    many: the exported choice) or per SLOT (rebuild the whole bank, then gather): one banked
+    hidden x hidden projection (r 8, TT rank 5) in ONNX Runtime, batch 1 and 32 of 64 tokens,
+    banks of 8 and 64 slots."""
+    import io
+    import warnings
+
+    import onnxruntime as ort
+    import torch
+
+    from loretta_merge import tt
+    from loretta_merge.converters.onnx.bank_layers import BankedLinear, BankTTBranch
+    from loretta_merge.converters.onnx.switch_layers import BranchLayout
+
+    class PerSlot(BankTTBranch):
+        def factors(self, idx):
+            a = tt.reconstruct_batched(list(self.lora_A), *self.a_shape).index_select(0, idx)
+            b = tt.reconstruct_batched(list(self.lora_B), *self.b_shape).index_select(0, idx)
+            return a, b
+
+    class Probe(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, slot):
+            return torch.func.functional_call(self.layer, {"slot": slot}, (x,), strict=False)
+
+    modes_a, modes_b = tt.matrix_modes(hidden, 8), tt.matrix_modes(8, hidden)
+    lay = BranchLayout("tt", hidden, 8, 8, hidden, modes_a, modes_b)
+    lay.widen(tt.tt_ranks(modes_a, 5), tt.tt_ranks(modes_b, 5), 8)
+    rows = []
+    for slots in (8, 64):
+        torch.manual_seed(slots)
+        layer = BankedLinear(torch.nn.Linear(hidden, hidden), [lay], slots).eval()
+        with torch.no_grad():
+            for p in layer.bank.parameters():
+                p.normal_(0, 0.3)
+        sessions = {}
+        for how in ("row", "slot"):
+            layer.bank[0].__class__ = BankTTBranch if how == "row" else PerSlot
+            batch = torch.export.Dim("batch")
+            example = (torch.randn(2, 64, hidden), torch.tensor([0, 1]))
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the exporter's notes on axis names
+                program = torch.onnx.export(Probe(layer).eval(), example, dynamo=True,
+                                            dynamic_shapes=({0: batch}, {0: batch}), verbose=False)
+            buf = io.BytesIO()
+            program.save(buf)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
+            opts.log_severity_level = 3
+            sessions[how] = ort.InferenceSession(buf.getvalue(), sess_options=opts,
+                                                 providers=["CPUExecutionProvider"])
+        for b in (1, 32):
+            feed = {sessions["row"].get_inputs()[0].name: np_randn(b, 64, hidden),
+                    sessions["row"].get_inputs()[1].name: (np_arange(b) % slots)}
+            same = abs(sessions["row"].run(None, feed)[0] - sessions["slot"].run(None, feed)[0]).max()
+            with measuring() as machine:
+                row_ms, slot_ms = median_ms([lambda: sessions["row"].run(None, feed),
+                                             lambda: sessions["slot"].run(None, feed)],
+                                            args.warmup, 3 * args.repeats)
+            rows.append({"slots": slots, "batch": b, "per_row_ms": round(row_ms, 3),
+                         "per_slot_ms": round(slot_ms, 3), "max_abs_diff": float(same),
+                         "machine_state": machine})
+            print(f"rebuild per row vs per slot, bank {slots:2d}, batch {b:2d}: {row_ms:6.3f} vs "
+                  f"{slot_ms:6.3f} ms", flush=True)
+    return rows
+
+
+def np_randn(*shape):
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def np_arange(n: int):
+    import numpy as np
+
+    return np.arange(n, dtype=np.int64)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, seconds")
@@ -312,6 +395,8 @@ def main() -> None:
             print(f"bank of {size:2d} slots ({sized.bank_bytes:,} bytes): one request "
                   f"{bank_ms:6.2f} ms, merged model {merged_one_ms:6.2f} ms", flush=True)
         full = full_adapters_row(base_dir, tmp, feed, slots, opts, args, bank)
+        hidden = transformers.AutoConfig.from_pretrained(base_dir).hidden_size
+        choice = reconstruction_choice(hidden, args)
         b = bank_report.bank
         summary = {
             "smoke": args.smoke, "model": name, "threads": args.threads, "warmup": args.warmup,
@@ -327,6 +412,7 @@ def main() -> None:
                        "bank_64_over_base": round(latency[-1]["bank_bytes"] / base_bytes, 5)},
             "latency": latency,
             "full_adapters": full,
+            "reconstruction": choice,
             "export": {"bank_export_seconds": round(bank_export_s, 1),
                        "validation_max_abs_diff": max((v.max_abs_diff for v in b.slot_validation),
                                                       default=None),

@@ -222,6 +222,15 @@ def onnx_bank_block() -> str:
                        f"{full['bank_bytes_8']:,} bytes for {t['adapters']} slots; every row "
                        f"equals PyTorch with its adapter merged to "
                        f"{_e(full['max_abs_diff_vs_torch_merged'])}.")]
+    rec = e.get("reconstruction") or []
+    if rec:
+        states += [r.get("machine_state") for r in rec]
+        pairs = "; ".join(f"{r['slots']} slots, batch {r['batch']}: {r['per_row_ms']:.3f} vs "
+                          f"{r['per_slot_ms']:.3f} ms" for r in rec)
+        lines += ["", (f"Where the rep factors are rebuilt, for one banked projection of this "
+                       f"model (r 8, TT rank 5, 64 tokens per row): per row (each row's cores "
+                       f"gathered, then rebuilt: the exported choice, whose cost follows the "
+                       f"batch) against per slot (the whole bank rebuilt, then gathered): {pairs}.")]
     return "\n".join(lines + ["", (
         f"Memory: the bank holds {m['bytes_per_slot']:,} bytes per slot "
         f"({m['bank_bytes_8']:,} for {t['adapters']} slots, {m['bank_bytes_64']:,} for 64) beside "
