@@ -52,7 +52,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ADAPTERS = 8
 ROWS = 32
 BANK_SIZES = (1, 8, 64)
-SMOKE_BERT = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+SMOKE_BERT = dict(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                   intermediate_size=96, max_position_embeddings=64, num_labels=2)
 
 
@@ -228,7 +228,7 @@ def reconstruction_choice(hidden: int, args) -> list[dict]:
     lay = BranchLayout("tt", hidden, 8, 8, hidden, modes_a, modes_b)
     lay.widen(tt.tt_ranks(modes_a, 5), tt.tt_ranks(modes_b, 5), 8)
     rows = []
-    for slots in (8, 64):
+    for slots in (8,) if args.smoke else (8, 64):  # a smoke run: one bank size, two exports
         torch.manual_seed(slots)
         layer = BankedLinear(torch.nn.Linear(hidden, hidden), [lay], slots).eval()
         with torch.no_grad():
