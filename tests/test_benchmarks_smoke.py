@@ -63,7 +63,7 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_the_benchmarks_of_this_area_have_a_smoke_mode():
     names = {p.name for p in _smoke_scripts()}
     assert {"bench_convert.py", "bench_tt.py", "bench_train.py", "bench_start.py", "bench_extract.py",
-            "bench_int8.py", "bench_methods.py", "bench_threads.py"} <= names, names
+            "bench_int8.py", "bench_methods.py", "bench_threads.py", "bench_serving.py"} <= names, names
 
 
 @pytest.mark.slow

@@ -190,6 +190,62 @@ def onnx_switch_block() -> str:
                       + machine_note(states) + " " + _src("export.json")])
 
 
+def onnx_bank_block() -> str:
+    e = _load("serving.json")
+    t, m = e["throughput"], e["memory"]
+    lines = [f"Measured by `python benchmarks/bench_serving.py` on {e['model']}, adapters "
+             f"{e['adapter']}, ONNX Runtime on {e['providers'][0]}, {e['threads']} thread, median "
+             f"of {e['repeats']} interleaved runs; {t['rows']} rows of {t['sequence']} tokens, "
+             f"{t['rows'] // t['adapters']} rows per adapter:", "",
+             "| served as | runs per batch | ms per batch | rows per second |", "|---|---|---|---|",
+             f"| one mixed batch, bank of {t['adapters']} | 1 | {t['mixed_ms']:.1f} | "
+             f"{t['mixed_rows_per_s']:.0f} |",
+             f"| one `--switchable-adapter` run per adapter | {t['adapters']} | "
+             f"{t['switchable_ms']:.1f} | {t['switchable_rows_per_s']:.0f} |",
+             f"| {t['adapters']} merged models | {t['adapters']} | {t['merged_ms']:.1f} | "
+             f"{t['merged_rows_per_s']:.0f} |",
+             f"| bound, not a mixed batch: all rows through one merged model | 1 | "
+             f"{t['one_model_whole_batch_ms']:.1f} | {t['one_model_whole_batch_rows_per_s']:.0f} |", "",
+             "| bank slots | bank bytes | one request ms | merged model ms | bank / merged |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['slots']} | {r['bank_bytes']:,} | {r['request_ms']:.2f} | "
+              f"{r['merged_model_ms']:.2f} | {r['over_merged']:.2f}x |" for r in e["latency"]]
+    full = e.get("full_adapters")
+    states = [t.get("machine_state")] + [r.get("machine_state") for r in e["latency"]] + (
+        [full.get("machine_state")] if full else [])
+    if full:
+        lines += ["", (f"Adapters as `train` makes them (every LayerNorm, the replaced pooler "
+                       f"dense and the head switched per row too: {full['row_tensors']} tensors "
+                       f"per slot): the mixed batch takes {full['mixed_ms']:.1f} ms against "
+                       f"{full['low_rank_only_mixed_ms']:.1f} ms for the low-rank-only bank "
+                       f"({full['over_low_rank_only']:.2f}x), a bank of "
+                       f"{full['bank_bytes_8']:,} bytes for {t['adapters']} slots; every row "
+                       f"equals PyTorch with its adapter merged to "
+                       f"{_e(full['max_abs_diff_vs_torch_merged'])}.")]
+    rec = e.get("reconstruction") or []
+    if rec:
+        states += [r.get("machine_state") for r in rec]
+        pairs = "; ".join(f"{r['slots']} slots, batch {r['batch']}: {r['per_row_ms']:.3f} vs "
+                          f"{r['per_slot_ms']:.3f} ms" for r in rec)
+        lines += ["", (f"Where the rep factors are rebuilt, for one banked projection of this "
+                       f"model (r 8, TT rank 5, 64 tokens per row): per row (each row's cores "
+                       f"gathered, then rebuilt: the exported choice, whose cost follows the "
+                       f"batch) against per slot (the whole bank rebuilt, then gathered): {pairs}.")]
+    return "\n".join(lines + ["", (
+        f"Memory: the bank holds {m['bytes_per_slot']:,} bytes per slot "
+        f"({m['bank_bytes_8']:,} for {t['adapters']} slots, {m['bank_bytes_64']:,} for 64) beside "
+        f"a base graph of {m['base_graph_bytes'] / 1e6:.1f} MB ({100 * m['bank_64_over_base']:.2f}% "
+        f"at 64 slots); {t['adapters']} merged models take {m['merged_models_bytes_8'] / 1e6:.0f} MB. "
+        f"The mixed batch's rows equal the merged models' rows to "
+        f"{_e(t['max_abs_diff_mixed_vs_merged'])} (max abs diff). The mixed run costs "
+        f"{100 * (t['mixed_ms'] / t['one_model_whole_batch_ms'] - 1):+.1f}% against the same "
+        f"batch through one merged model: the per-row gather is cheap, but on one CPU thread a "
+        f"{t['rows']}-row batch is no faster than {t['adapters']} small ones, so one run instead "
+        f"of {t['adapters']} gains nothing here; it pays where batching does (GPUs, many "
+        f"threads: not measured on this machine). " + machine_note(states)
+        + " " + _src("serving.json"))])
+
+
 def onnx_int8_block() -> str:
     e = _load("export.json")
     lines = [f"Measured by `python benchmarks/bench_export.py --repeats {e['repeats']}` (one thread "
@@ -421,6 +477,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "quant-errors": quant_errors_block,
     "quant-bench": quant_bench_block,
     "onnx-switch": onnx_switch_block,
+    "onnx-bank": onnx_bank_block,
     "onnx-int8": onnx_int8_block,
     "onnx-int8-classifier": onnx_int8_classifier_block,
     "tt-bench": tt_block,

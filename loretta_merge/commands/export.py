@@ -24,6 +24,8 @@ def export_group():
       loretta-merge export onnx ./merged-llama -o ./onnx --task causal-lm --with-past
       loretta-merge export onnx ./base -o ./served --switchable-adapter a=./rep-a \\
           --switchable-adapter b=./peft-lora
+      loretta-merge export onnx ./base -o ./bank --adapter-bank 8 \\
+          --switchable-adapter a=./rep-a
       loretta-merge export onnx ./merged -o ./merged-int8 --quantize int8
       loretta-merge export safetensors ./merged -o ./merged-bf16 --dtype bfloat16
     """
@@ -69,6 +71,11 @@ def _size(ctx, param, value):
               help="Repeatable. Export the base with this rep or PEFT LoRA adapter switchable at "
                    "run time: OUT/adapters/NAME.onnx_adapter, activated in ONNX Runtime with "
                    "RunOptions.add_active_adapter; with none active the graph is the base.")
+@click.option("--adapter-bank", "adapter_bank", type=int, default=None, metavar="SIZE",
+              help="Serve a different adapter per batch row: a bank of SIZE slots (extra input "
+                   "adapter_slot, int64 per row, -1 = the base); --switchable-adapter fills "
+                   "slots 0, 1, ... in order. Load and evict adapters at run time with "
+                   "loretta_merge.serving.AdapterBank (docs/serving.md).")
 @click.option("--switch-layout", type=click.Choice(["tt", "factors"]), default="tt",
               show_default=True,
               help="tt: rep TT cores in the adapter files, reconstructed in the graph "
@@ -95,8 +102,9 @@ def _size(ctx, param, value):
 @json_option
 @force_option("OUT_DIR")
 def onnx_command(model_dir, out_dir, adapter, task, with_past, opset, dtype, atol, no_validate,
-                 external_data_threshold, trust_remote_code, switchable, switch_layout, quantize,
-                 int8_max_error, int8_min_agreement, eval_file, provider, as_json, force):
+                 external_data_threshold, trust_remote_code, switchable, adapter_bank,
+                 switch_layout, quantize, int8_max_error, int8_min_agreement, eval_file, provider,
+                 as_json, force):
     """Export MODEL_DIR to ONNX with dynamic batch/sequence axes, checked in ONNX Runtime.
 
     Validation runs the graph on padded probe batches of two shapes and compares it with
@@ -112,7 +120,7 @@ def onnx_command(model_dir, out_dir, adapter, task, with_past, opset, dtype, ato
                          trust_remote_code=trust_remote_code, switchable_adapters=switchable,
                          switch_layout=switch_layout, quantize=quantize, eval_file=eval_file,
                          provider=provider, int8_max_error=int8_max_error,
-                         int8_min_agreement=int8_min_agreement)
+                         int8_min_agreement=int8_min_agreement, adapter_bank=adapter_bank)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -142,6 +150,12 @@ def _print_onnx_report(report) -> None:
     for s in report.switchable:
         click.echo(f"adapter {s.name}: {s.file} ({s.file_bytes:,} bytes, {s.tensors} tensors, "
                    f"{s.method}, layout {report.switch_layout})")
+    b = report.bank
+    if b is not None:
+        filled = [f"{i}={n}" for i, n in enumerate(b.slots) if n is not None]
+        click.echo(f"adapter bank: {b.size} slots ({', '.join(filled) or 'all empty'}), "
+                   f"{b.modules} projections, {b.bank_bytes:,} bytes ({b.bytes_per_slot:,} per "
+                   f"slot); input adapter_slot (int64 per row, -1 = the base)")
     v = report.validation
     if v is None:
         click.echo("validation skipped (--no-validate)")
@@ -149,6 +163,12 @@ def _print_onnx_report(report) -> None:
     _print_validation(v, "base")
     for s in report.switchable:
         _print_validation(s.validation, f"adapter {s.name}")
+    if b is not None:
+        for slot_v in b.slot_validation:
+            _print_validation(slot_v, f"bank slot {b.slots.index(slot_v.adapter)} ({slot_v.adapter})")
+        if b.mixed_passed is not None:
+            click.echo(f"mixed batch (row slots {b.mixed_rows}) vs each row alone, merged, in "
+                       f"PyTorch: max abs diff {b.mixed_max_abs_diff:.3g}")
     q = report.quantize
     if q is not None:
         click.echo(f"int8: {q.fp32_bytes / 1e6:.1f} MB -> {q.int8_bytes / 1e6:.1f} MB ({q.recipe})")

@@ -12,6 +12,7 @@ Layout of an output directory::
     model.onnx            the graph (dynamic batch and sequence axes)
     model.onnx.data       all weights, when they exceed ``external_data_threshold_bytes``
     adapters/NAME.onnx_adapter   one per --switchable-adapter (only that adapter's tensors)
+    bank.json             with --adapter-bank: the bank's layout, slots and graph inputs
     config.json, generation_config.json, tokenizer files   copied from MODEL_DIR
 
 Inputs: ``input_ids``, ``attention_mask`` (+ ``token_type_ids`` for models with segment
@@ -24,14 +25,17 @@ inside the graph from the attention mask (``cumsum - 1``), so left-padded batche
 
 Modules: :mod:`.export` (options, loading, the run), :mod:`.wrappers` (what is traced),
 :mod:`.graph` (the exporters), :mod:`.validate` (ONNX Runtime vs PyTorch), :mod:`.adapters`
-and :mod:`.switch_layers` (switchable adapters), :mod:`.quantize` (int8), :mod:`.reports`.
+and :mod:`.switch_layers` (switchable adapters), :mod:`.bank`, :mod:`.bank_export` and
+:mod:`.bank_layers` (adapter banks: a different adapter per batch row; served by
+:mod:`loretta_merge.serving`),
+:mod:`.quantize` (int8), :mod:`.reports`.
 """
 
 from .export import export_onnx, load_model, resolve_task
-from .reports import (ONNX_NAME, PROBE_SHAPES, TASKS, ExportReport, ProbeResult, QuantizeReport,
-                      SwitchableReport, ValidationReport)
+from .reports import (ONNX_NAME, PROBE_SHAPES, TASKS, BankReport, ExportReport, ProbeResult,
+                      QuantizeReport, SwitchableReport, ValidationReport)
 from .validate import validate_onnx
 
-__all__ = ["ONNX_NAME", "PROBE_SHAPES", "TASKS", "ExportReport", "ProbeResult",
+__all__ = ["ONNX_NAME", "PROBE_SHAPES", "TASKS", "BankReport", "ExportReport", "ProbeResult",
            "QuantizeReport", "SwitchableReport", "ValidationReport", "export_onnx", "load_model",
            "resolve_task", "validate_onnx"]

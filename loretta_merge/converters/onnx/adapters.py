@@ -21,6 +21,7 @@ import torch
 
 from ...errors import ConfigError, FormatError, ShapeError
 from .reports import ADAPTER_SUFFIX, ADAPTERS_DIR
+from .bank_layers import BankedLinear, RowParams
 from .switch_layers import BranchLayout, SwitchableLinear, pad_to
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -81,7 +82,7 @@ def read_switchable(name: str, path: Path):
     return adapter
 
 
-def _factors_shape(mod) -> tuple[int, int, int]:
+def factors_shape(mod) -> tuple[int, int, int]:
     """(in, r, out) of a rep or LoRA module."""
     if hasattr(mod, "magnitude"):  # LoraModule: a (r, in), b (out, r)
         return int(mod.a.shape[1]), int(mod.a.shape[0]), int(mod.b.shape[0])
@@ -100,7 +101,7 @@ def check_fit(name: str, adapter, model) -> None:
                              f"of this {type(model).__name__}; is the adapter from another base? "
                              f"Export the base it was trained on")
         n_in, n_out = linear_dims(target)
-        got_in, _, got_out = _factors_shape(mod)
+        got_in, _, got_out = factors_shape(mod)
         if (got_in, got_out) != (n_in, n_out):
             raise ShapeError(f"switchable adapter {name!r}: module {module} maps {got_in} -> "
                              f"{got_out} features, the base's projection {n_in} -> {n_out}; "
@@ -114,7 +115,7 @@ def check_fit(name: str, adapter, model) -> None:
 
 
 def _layout_of(mod, layout: str) -> tuple[BranchLayout, list[int], list[int], int]:
-    n_in, rank, n_out = _factors_shape(mod)
+    n_in, rank, n_out = factors_shape(mod)
     if layout == "tt" and not hasattr(mod, "magnitude"):
         lay = BranchLayout("tt", mod.a.rows, mod.a.cols, mod.b.rows, mod.b.cols,
                            [int(c.shape[1]) for c in mod.a.cores],
@@ -182,7 +183,7 @@ def adapter_values(name: str, plan: SwitchPlan, model) -> dict[str, np.ndarray]:
                 for k, (core, shape) in enumerate(zip(cores, lay.core_shapes(which))):
                     values[f"{prefix}.lora_{which.upper()}.{k}"] = pad_to(core, shape)
         else:
-            a, b = _factor_matrices(mod)
+            a, b = factor_matrices(mod)
             values[f"{prefix}.lora_A"] = pad_to(a, (lay.rows_a, lay.cols_a))
             values[f"{prefix}.lora_B"] = pad_to(b, (lay.rows_b, lay.cols_b))
         values[f"{prefix}.scale"] = torch.tensor([mod.scale])
@@ -192,7 +193,7 @@ def adapter_values(name: str, plan: SwitchPlan, model) -> dict[str, np.ndarray]:
     return {k: v.detach().to(dtype).contiguous().numpy() for k, v in values.items()}
 
 
-def _factor_matrices(mod) -> tuple[torch.Tensor, torch.Tensor]:
+def factor_matrices(mod) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (in, r), B (r, out)) in fp32: LoRA's transposed factors, or rep's reconstructed TTs."""
     if hasattr(mod, "magnitude"):
         return mod.a.float().T, mod.b.float().T
@@ -208,8 +209,8 @@ def _current_names(model, original: list[str]) -> dict[str, str]:
             owner = model.get_submodule(module) if module else model
         except AttributeError:
             owner = None
-        out[pname] = (f"{module}.base_layer.{leaf}" if isinstance(owner, SwitchableLinear)
-                      else pname)
+        wrapped = isinstance(owner, (SwitchableLinear, BankedLinear, RowParams))
+        out[pname] = f"{module}.base_layer.{leaf}" if wrapped else pname
     return out
 
 

@@ -15,9 +15,10 @@ from ...io import copy_side_files
 from ...pooling import apply_pooling
 from ...errors import ConfigError, FormatError, NumericsError, OutputExistsError, UnsafeInputError
 from . import adapters as switching
+from . import bank_export as banking
 from .graph import check_and_opset, export_graph
-from .reports import (INT8_MAX_REL_ERROR, INT8_MIN_AGREEMENT, ONNX_NAME, QUANTIZE_CHOICES, TASKS, ExportReport,
-                      SwitchableReport)
+from .reports import (INT8_MAX_REL_ERROR, INT8_MIN_AGREEMENT, ONNX_NAME, QUANTIZE_CHOICES, TASKS,
+                      ExportReport, SwitchableReport)
 from .validate import failure_message, open_session, probe_batch, validate_onnx
 from .wrappers import build_wrapper, decoder_dims, dynamic_spec, uses_token_types
 
@@ -60,7 +61,7 @@ def _refuse_remote_code(config: dict, model_dir: Path, trust_remote_code: bool) 
 
 def _check_options(task: str, *, with_past: bool, opset, atol, quantize, switchable, adapter,
                    model_dir: Path, int8_max_error=None, eval_file=None,
-                   int8_min_agreement=None) -> None:
+                   int8_min_agreement=None, bank: int | None = None) -> None:
     if with_past and task != "causal-lm":
         raise ConfigError(f"--with-past exports a KV-cache decoder and needs task causal-lm; "
                           f"{model_dir} resolves to task {task!r}; drop --with-past, or pass --task causal-lm for a decoder")
@@ -93,6 +94,12 @@ def _check_options(task: str, *, with_past: bool, opset, atol, quantize, switcha
         raise ConfigError("--quantize with --switchable-adapter is not supported: the quantizer "
                           "rewrites the adapter weights the adapter files override; export the "
                           "switchable graph in float32, or merge each adapter and quantize that")
+    if bank is not None and quantize:
+        raise ConfigError("--quantize with --adapter-bank is not supported: the quantizer "
+                          "rewrites the bank tensors a server overrides; export the bank in float32")
+    if bank is not None and adapter is not None:
+        raise ConfigError("--adapter and --adapter-bank cannot be combined; merge the --adapter "
+                          "into the base first (`loretta-merge BASE+ADAPTER -o MERGED`) and bank MERGED")
     if switchable and adapter is not None:
         raise ConfigError("--adapter and --switchable-adapter cannot be combined; merge the "
                           "--adapter into the base first (`loretta-merge BASE+ADAPTER -o MERGED`)")
@@ -195,7 +202,8 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
                 switchable_adapters=(), switch_layout: str = "tt", quantize: str | None = None,
                 eval_file=None, provider: str = "auto",
                 int8_max_error: float | None = None,
-                int8_min_agreement: float | None = None) -> ExportReport:
+                int8_min_agreement: float | None = None,
+                adapter_bank: int | None = None) -> ExportReport:
     """Export MODEL_DIR (+ a LoRETTA adapter, or switchable adapters) to ``out_dir/model.onnx``.
 
     ``dtype`` (None/"auto" keeps the checkpoint's) casts the model before export. With
@@ -207,6 +215,8 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     sentences): seq-cls by class agreement (at least ``int8_min_agreement``, default
     ``INT8_MIN_AGREEMENT``; accuracy of both when labelled), other tasks by relative error (at
     most ``int8_max_error``, default ``INT8_MAX_REL_ERROR``); see ``quantize.py``.
+    ``adapter_bank``: a graph serving a different adapter per batch row from a bank of that
+    many slots, the ``switchable_adapters`` filling slots 0, 1, ... (see ``bank.py``).
     """
     from ...io import CheckpointReader, atomic_output_dir, parse_dtype
 
@@ -221,7 +231,9 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     _check_options(task, with_past=with_past, opset=opset, atol=atol, quantize=quantize,
                    switchable=switchable, adapter=adapter, model_dir=model_dir,
                    int8_max_error=int8_max_error, eval_file=eval_file,
-                   int8_min_agreement=int8_min_agreement)
+                   int8_min_agreement=int8_min_agreement, bank=adapter_bank)
+    if adapter_bank is not None:  # the size is checked before the model load
+        banking.check_size(adapter_bank, len(switchable))
     torch_dtype = parse_dtype(dtype)
     _check_output(out_dir, force)
     # transformers may load a damaged checkpoint without complaint; check the index, each
@@ -229,15 +241,23 @@ def export_onnx(model_dir, out_dir, *, adapter=None, task: str = "auto", with_pa
     # weights (.bin) are refused here, as by merge: loading them could run code.
     CheckpointReader(model_dir).close()
     adapter = _read_applied_adapter(adapter)
-    to_switch = switching.read_all(switchable, layout=switch_layout) if switchable else {}
+    if adapter_bank is not None:
+        to_switch = banking.read_all(switchable)
+    else:
+        to_switch = switching.read_all(switchable, layout=switch_layout) if switchable else {}
     model = load_model(model_dir, task, torch_dtype, trust_remote_code)
     to_switch = {name: align_names(a, model) for name, a in to_switch.items()}
-    plan = switching.plan_switchable(to_switch, model, layout=switch_layout) if switchable else None
+    plan = bank = None
+    if adapter_bank is not None:
+        bank = banking.plan_bank(to_switch, model, adapter_bank, layout=switch_layout)
+    elif switchable:
+        plan = switching.plan_switchable(to_switch, model, layout=switch_layout)
     merged = False
     if adapter is not None:
         model, merged = _apply_adapter(model, adapter)
     job = _Job(model_dir, model, task, with_past, opset, atol, validate, provider,
                external_data_threshold_bytes, plan)
+    job.bank, job.bank_adapters = bank, to_switch
     with atomic_output_dir(out_dir, force=force) as tmp:
         report = job.run(tmp, Path(out_dir))
         report.adapter = None if adapter is None else str(adapter.path or adapter)
@@ -262,6 +282,7 @@ class _Job:
         self.model_dir, self.model, self.task, self.with_past = model_dir, model, task, with_past
         self.opset, self.atol, self.validate, self.provider = opset, atol, validate, provider
         self.plan = plan
+        self.bank, self.bank_adapters = None, {}
         self.names = ["input_ids", "attention_mask"] + (
             ["token_type_ids"] if uses_token_types(model) else [])
         params = list(model.parameters()) + list(model.buffers())
@@ -275,35 +296,49 @@ class _Job:
 
         model = self.model
         switch = tuple(switching.inject(model, self.plan)) if self.plan else ()
+        slot_names: tuple[str, ...] = ()
+        if self.bank is not None:
+            tensors, slot_names = banking.inject_bank(model, self.bank, self.bank_adapters)
+            switch = tuple(tensors)
         layers = decoder_dims(model.config)[0] if self.with_past else 0
         example = probe_batch(model.config, self.names, 2, 5, seed=0)
         wrapper, args, input_names, output_names = build_wrapper(
             model, self.task, self.names, with_past=self.with_past, layers=layers,
-            example=example, switch=switch)
+            example=example, switch=switch, slot_names=slot_names)
         onnx_path = tmp / ONNX_NAME
         t0 = time.perf_counter()
         with torch.no_grad():
             exporter, note = export_graph(
                 wrapper, args, input_names=input_names, output_names=output_names,
-                dynamic=dynamic_spec(self.names, self.with_past, layers, len(switch)),
+                dynamic=dynamic_spec(self.names, self.with_past, layers, len(switch),
+                                     bank=self.bank is not None),
                 opset=self.opset, path=onnx_path, external_data=self.external)
             if switch:
-                switching.make_overridable(onnx_path, list(switch), external=self.external)
+                values = banking.defaults(self.bank, switch) if self.bank else list(switch)
+                switching.make_overridable(onnx_path, values, external=self.external)
         seconds = time.perf_counter() - t0
         opset = check_and_opset(onnx_path)
         copy_side_files(self.model_dir, tmp)  # the one side-file policy (io.model_dir)
         files = switching.write_adapter_files(tmp, self.plan, model) if self.plan else {}
+        graph_inputs = [n for n in input_names if n not in dict(switch)]
+        if self.bank is not None:
+            banking.write_bank_file(tmp, self.bank, task=self.task, with_past=self.with_past,
+                                    inputs=graph_inputs,
+                                    dtype=dtype_name(next(model.parameters()).dtype))
         report = ExportReport(
             onnx_path=str(out.absolute() / ONNX_NAME), task=self.task, exporter=exporter,
             exporter_note=note, opset=opset, dtype=dtype_name(next(model.parameters()).dtype),
             with_past=self.with_past, adapter=None, external_data=self.external,
             files=sorted(p.name for p in tmp.iterdir()),
             num_parameters=sum(p.numel() for n, p in model.named_parameters()
-                               if ".switch." not in n),
+                               if ".switch." not in n and ".bank." not in n),
             weight_bytes=self.weight_bytes, export_seconds=round(seconds, 3),
-            inputs=[n for n in input_names if n not in dict(switch)], outputs=output_names,
+            inputs=graph_inputs, outputs=output_names,
             switch_layout=self.plan.layout if self.plan else None)
         report.switchable = [self._adapter_report(name, path) for name, path in files.items()]
+        if self.bank is not None:
+            report.bank = banking.bank_report(self.bank, switch)
+            report.files = sorted(p.name for p in tmp.iterdir())
         if self.validate:
             t0 = time.perf_counter()
             self._validate(onnx_path, report)
@@ -323,9 +358,14 @@ class _Job:
         session = open_session(onnx_path, self.provider)
         kw = dict(task=self.task, with_past=self.with_past, input_names=self.names,
                   atol=self.atol, session=session)
+        if self.bank is not None:
+            kw["slot"] = banking.NO_ADAPTER
         report.validation = validate_onnx(onnx_path, self.model, **kw)
         if not report.validation.passed:
             raise NumericsError(failure_message(report.validation, self.model_dir))
+        if self.bank is not None:
+            banking.validate_bank(session, self.model, self.bank, report.bank, kw,
+                                  self.model_dir)
         for entry in report.switchable:
             options, _loaded = switching.run_options_for(onnx_path.parent / entry.file)
             with switching.merged_into(self.model, self.plan, entry.name) as merged:

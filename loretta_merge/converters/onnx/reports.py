@@ -99,6 +99,22 @@ class SwitchableReport:
 
 
 @dataclass
+class BankReport:
+    """An adapter bank: its slots, its size in bytes, and the checks run at export."""
+
+    size: int                            # slots
+    slots: list[str | None]              # the adapter in each slot at export, or None
+    modules: int                         # banked projections
+    tensors: int                         # bank inputs of the graph
+    bank_bytes: int                      # every bank tensor, all slots (the graph's dtype)
+    bytes_per_slot: int
+    slot_validation: list[ValidationReport] = field(default_factory=list)  # one per filled slot
+    mixed_rows: list[int] | None = None  # the slot of each row of the mixed-batch check
+    mixed_max_abs_diff: float | None = None   # each row vs that row alone, merged, in PyTorch
+    mixed_passed: bool | None = None
+
+
+@dataclass
 class ExportReport:
     onnx_path: str
     task: str
@@ -121,6 +137,7 @@ class ExportReport:
     switch_layout: str | None = None     # "tt" or "factors" with switchable adapters
     switchable: list[SwitchableReport] = field(default_factory=list)
     quantize: QuantizeReport | None = None
+    bank: BankReport | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

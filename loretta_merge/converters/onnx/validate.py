@@ -101,7 +101,12 @@ def _np_dtype(model):
     return np.float16 if next(model.parameters()).dtype == torch.float16 else np.float32
 
 
-def _probe(session, model, plain, names, shape, seed, with_past, run_options):
+def slot_feed(slot: int | None, batch: int) -> dict:
+    """The ``adapter_slot`` input of a bank graph: every row in ``slot`` (None: no bank)."""
+    return {} if slot is None else {"adapter_slot": np.full(batch, slot, dtype=np.int64)}
+
+
+def _probe(session, model, plain, names, shape, seed, with_past, run_options, slot=None):
     """(onnx output, torch output, kept-positions mask) of one probe batch."""
     import torch
 
@@ -109,7 +114,7 @@ def _probe(session, model, plain, names, shape, seed, with_past, run_options):
     feed = probe_batch(model.config, names, b, s, seed=seed)
     with torch.no_grad():
         ref = plain(*(feed[n] for n in names)).float().numpy()
-    ort_feed = {n: feed[n].numpy() for n in names}
+    ort_feed = {n: feed[n].numpy() for n in names} | slot_feed(slot, b)
     if with_past:
         layers, kv, hd = decoder_dims(model.config)
         for n in past_names(layers):
@@ -124,10 +129,11 @@ def _probe(session, model, plain, names, shape, seed, with_past, run_options):
 def validate_onnx(onnx_path, model, *, task: str, with_past: bool = False,
                   input_names: list[str] | None = None, atol: float | None = None,
                   rtol: float | None = None, session=None, run_options=None,
-                  provider: str = "auto") -> ValidationReport:
+                  provider: str = "auto", slot: int | None = None) -> ValidationReport:
     """Run ``onnx_path`` in ONNX Runtime on padded probes of two shapes and compare with
     ``model`` in PyTorch at kept positions; with ``with_past`` also compare greedy tokens.
-    ``session``/``run_options`` reuse an open session (e.g. with an adapter active)."""
+    ``session``/``run_options`` reuse an open session (e.g. with an adapter active);
+    ``slot``: a bank graph's slot for every row (-1: the base)."""
     atol, rtol = tolerances(next(model.parameters()).dtype, atol, rtol)
     names = input_names or ["input_ids", "attention_mask"]
     session = session or open_session(Path(onnx_path), provider)
@@ -137,7 +143,7 @@ def validate_onnx(onnx_path, model, *, task: str, with_past: bool = False,
     for i, (b, s) in enumerate(PROBE_SHAPES):
         s = min(s, max_pos)
         got, ref, keep = _probe(session, model, plain, names, (b, s), 100 + i, with_past,
-                                run_options)
+                                run_options, slot)
         max_abs, max_rel, ok = compare(got, ref, None if task == "seq-cls" else keep, atol, rtol)
         probes.append(ProbeResult(b, s, max_abs, max_rel, ok))
     ran = session.get_providers()
@@ -148,12 +154,13 @@ def validate_onnx(onnx_path, model, *, task: str, with_past: bool = False,
                               passed=all(p.passed for p in probes), requested_providers=asked,
                               fallback=asked[0] != ran[0])
     if with_past:
-        _add_generation_check(report, session, model, run_options)
+        _add_generation_check(report, session, model, run_options, slot)
     return report
 
 
-def _add_generation_check(report: ValidationReport, session, model, run_options) -> None:
-    got_tokens, ref_tokens, got, ref = greedy_check(session, model, run_options=run_options)
+def _add_generation_check(report: ValidationReport, session, model, run_options, slot) -> None:
+    got_tokens, ref_tokens, got, ref = greedy_check(session, model, run_options=run_options,
+                                                    slot=slot)
     report.generation_tokens_onnx, report.generation_tokens_torch = got_tokens, ref_tokens
     report.generation_match = got_tokens == ref_tokens
     # the logits of every cached step must agree too, not only their argmax
@@ -164,15 +171,16 @@ def _add_generation_check(report: ValidationReport, session, model, run_options)
     report.passed = report.passed and ok and report.generation_match
 
 
-def _onnx_greedy(session, prompt, mask, layers, kv, hd, np_dtype, steps, run_options):
+def _onnx_greedy(session, prompt, mask, layers, kv, hd, np_dtype, steps, run_options, slot=None):
     past = {n: np.zeros((2, kv, 0, hd), dtype=np_dtype) for n in past_names(layers)}
+    past |= slot_feed(slot, 2)
     ids, am, tokens, logits = prompt.numpy(), mask.numpy(), [], []
     for _ in range(steps):
         outs = session.run(None, {"input_ids": ids, "attention_mask": am, **past}, run_options)
         logits.append(np.asarray(outs[0])[:, -1].astype(np.float32))
         nxt = logits[-1].argmax(-1)
         tokens.append(nxt.tolist())
-        past = dict(zip(past_names(layers), outs[1:]))
+        past = dict(zip(past_names(layers), outs[1:])) | slot_feed(slot, 2)
         ids = nxt[:, None].astype(np.int64)
         am = np.concatenate([am, np.ones((2, 1), dtype=am.dtype)], axis=1)
     return tokens, logits
@@ -198,7 +206,8 @@ def _torch_greedy(model, prompt, mask, steps):
     return tokens, logits
 
 
-def greedy_check(session, model, *, steps: int = GENERATION_STEPS, run_options=None):
+def greedy_check(session, model, *, steps: int = GENERATION_STEPS, run_options=None,
+                 slot: int | None = None):
     """Greedy tokens for a left-padded batch of two prompts, step by step through the KV
     cache: ONNX Runtime (the exported graph) vs PyTorch (the model with a DynamicCache).
     Returns (onnx tokens, torch tokens, per-step last-position logits of each)."""
@@ -207,7 +216,7 @@ def greedy_check(session, model, *, steps: int = GENERATION_STEPS, run_options=N
     mask = prompt.new_ones(prompt.shape)
     mask[0, :2] = 0  # left padding on the first prompt
     onnx_tokens, onnx_logits = _onnx_greedy(session, prompt, mask, layers, kv, hd,
-                                            _np_dtype(model), steps, run_options)
+                                            _np_dtype(model), steps, run_options, slot)
     torch_tokens, torch_logits = _torch_greedy(model, prompt, mask, steps)
     transpose = lambda steps_: [list(t) for t in zip(*steps_)]  # noqa: E731 - per prompt
     return (transpose(onnx_tokens), transpose(torch_tokens), np.stack(onnx_logits),

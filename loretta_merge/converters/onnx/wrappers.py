@@ -52,37 +52,44 @@ def present_names(layers: int) -> list[str]:
     return [n.replace("past_key_values", "present") for n in past_names(layers)]
 
 
-def _call(model, switch_names: tuple[str, ...], switch: tuple, **kwargs):
-    if not switch_names:
+def _call(model, switch_names: tuple[str, ...], switch: tuple, slot_names: tuple[str, ...] = (),
+          adapter_slot=None, **kwargs):
+    if not switch_names and not slot_names:
         return model(**kwargs)
-    return torch.func.functional_call(model, dict(zip(switch_names, switch)), (), kwargs,
-                                      strict=False)
+    values = dict(zip(switch_names, switch))
+    values.update({n: adapter_slot for n in slot_names})  # every banked layer sees the rows' slots
+    return torch.func.functional_call(model, values, (), kwargs, strict=False)
 
 
 class PlainWrapper(torch.nn.Module):
     """Explicit tensors in, one plain tensor out: the signature the exporter sees."""
 
-    def __init__(self, model, task: str, switch_names: tuple[str, ...] = ()):
+    def __init__(self, model, task: str, switch_names: tuple[str, ...] = (),
+                 slot_names: tuple[str, ...] = ()):
         super().__init__()
         self.model, self.task, self.switch_names = model, task, tuple(switch_names)
+        self.slot_names = tuple(slot_names)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, switch=()):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, adapter_slot=None,
+                switch=()):
         kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         if self.task == "causal-lm":
             kw["use_cache"] = False
-        out = _call(self.model, self.switch_names, switch, input_ids=input_ids,
-                    attention_mask=attention_mask, return_dict=True, **kw)
+        out = _call(self.model, self.switch_names, switch, self.slot_names, adapter_slot,
+                    input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kw)
         return out.logits if self.task != "feature-extraction" else out.last_hidden_state
 
 
 class PastWrapper(torch.nn.Module):
     """Decoder step, KV cache as flat tensors: (ids, mask, past) -> (logits, *present)."""
 
-    def __init__(self, model, layers: int, switch_names: tuple[str, ...] = ()):
+    def __init__(self, model, layers: int, switch_names: tuple[str, ...] = (),
+                 slot_names: tuple[str, ...] = ()):
         super().__init__()
         self.model, self.layers, self.switch_names = model, layers, tuple(switch_names)
+        self.slot_names = tuple(slot_names)
 
-    def forward(self, input_ids, attention_mask, past, switch=()):
+    def forward(self, input_ids, attention_mask, past, adapter_slot=None, switch=()):
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1])
@@ -91,8 +98,9 @@ class PastWrapper(torch.nn.Module):
         seq = input_ids.shape[1]
         # positions count kept tokens only, so left padding works; (B, seq)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-        out = _call(self.model, self.switch_names, switch, input_ids=input_ids,
-                    attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+        out = _call(self.model, self.switch_names, switch, self.slot_names, adapter_slot,
+                    input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=True,
                     return_dict=True, **cache_kwargs(self.model, cache))
         present = []
         for layer in cache_of(out).layers[: self.layers]:
@@ -100,7 +108,8 @@ class PastWrapper(torch.nn.Module):
         return (out.logits, *present)
 
 
-def dynamic_spec(names: list[str], with_past: bool, layers: int, n_switch: int = 0) -> dict:
+def dynamic_spec(names: list[str], with_past: bool, layers: int, n_switch: int = 0,
+                 bank: bool = False) -> dict:
     """Dynamic axes for both exporters: batch and sequence (and past/total sequence)."""
     B, S = torch.export.Dim("batch"), torch.export.Dim("sequence")
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
@@ -116,17 +125,24 @@ def dynamic_spec(names: list[str], with_past: bool, layers: int, n_switch: int =
     if n_switch:
         if not with_past and "token_type_ids" not in shapes:
             shapes["token_type_ids"] = None
-        shapes["switch"] = [None] * n_switch  # static adapter tensors
+        shapes["adapter_slot"] = {0: B} if bank else None
+        # static adapter tensors; a bank's have a dynamic slot axis (any bank size at run time)
+        slots = torch.export.Dim("slots")
+        shapes["switch"] = [{0: slots} if bank else None for _ in range(n_switch)]
+    if bank:
+        axes["adapter_slot"] = {0: "batch"}
     return {"shapes": shapes, "axes": axes}
 
 
 def build_wrapper(model, task: str, names: list[str], *, with_past: bool, layers: int,
-                  example: dict, switch: tuple[tuple[str, torch.Tensor], ...] = ()):
-    """(wrapper, example args, input names, output names) for one export."""
+                  example: dict, switch: tuple[tuple[str, torch.Tensor], ...] = (),
+                  slot_names: tuple[str, ...] = ()):
+    """(wrapper, example args, input names, output names) for one export. ``slot_names``
+    (an adapter bank): the layers' slot buffers, fed by one ``adapter_slot`` input."""
     switch_names = tuple(n for n, _ in switch)
     switch_values = [t for _, t in switch]
     if with_past:
-        wrapper = PastWrapper(model, layers, switch_names).eval()
+        wrapper = PastWrapper(model, layers, switch_names, slot_names).eval()
         _, kv, hd = decoder_dims(model.config)
         dtype = next(model.parameters()).dtype
         past = tuple(torch.zeros(2, kv, 3, hd, dtype=dtype) for _ in range(2 * layers))
@@ -135,13 +151,15 @@ def build_wrapper(model, task: str, names: list[str], *, with_past: bool, layers
         input_names = names + past_names(layers)
         output_names = ["logits"] + present_names(layers)
     else:
-        wrapper = PlainWrapper(model, task, switch_names).eval()
+        wrapper = PlainWrapper(model, task, switch_names, slot_names).eval()
         args = tuple(example[n] for n in names)
         if switch and "token_type_ids" not in names:
             args = args + (None,)
         input_names = list(names)
         output_names = ["last_hidden_state" if task == "feature-extraction" else "logits"]
     if switch:
-        args = args + (switch_values,)  # a list: the exporter turns dynamic specs into lists
-        input_names = input_names + list(switch_names)
+        batch = example["input_ids"].shape[0]  # distinct slots per row, -1 (the base) among them
+        slots = torch.arange(-1, batch - 1, dtype=torch.long) if slot_names else None
+        args = args + (slots, switch_values)  # a list: the exporter turns specs into lists
+        input_names = input_names + (["adapter_slot"] if slot_names else []) + list(switch_names)
     return wrapper, args, input_names, output_names
