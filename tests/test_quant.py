@@ -34,6 +34,7 @@ PACKAGE_FORMATS = ["bnb-nf4", "bnb-fp4", "bnb-nf4-dq", "bnb-fp4-dq", "bnb-int8",
                    "ct-fp8", "ct-int8", "ct-w4a16", "ct-w4a16-asym"]
 FIXTURE_FORMATS = ["gptq", "gptq-actorder", "awq"]
 FORMATS = PACKAGE_FORMATS + FIXTURE_FORMATS
+TORCHAO_KINDS = ("int8", "int4", "fp8")
 PACKAGE = {"bnb": "bitsandbytes", "torchao": "torchao", "ct": "compressed_tensors"}
 LOGIT_TOL = 2e-2  # issue #18: merged vs PEFT on the dequantized model, absolute
 
@@ -42,9 +43,11 @@ LOGIT_TOL = 2e-2  # issue #18: merged vs PEFT on the dequantized model, absolute
 
 def make_quantized(fmt: str, out: Path) -> Path:
     family, kind = fmt.split("-", 1)
-    if family == "torchao":  # a side package: made in a child process (fixtures/side_packages.py)
-        run_with("torchao", [str(FIXTURES / "side_tools.py"), "torchao-quantize", str(BASE), str(out), kind])
-        return out
+    if family == "torchao":  # a side package: one child process makes every kind and its
+        # reference dequantization (fixtures/side_packages.py, fixtures/quant/side_tools.py)
+        run_with("torchao", [str(FIXTURES / "side_tools.py"), "torchao", str(BASE), str(out.parent),
+                             *TORCHAO_KINDS])
+        return out.parent / kind / "model"
     pytest.importorskip(PACKAGE[family], reason=f"{PACKAGE[family]} is not installed (pip install "
                                                 f"'loretta-merge[test]')")
     QUANTIZERS[family](BASE, out, kind)
@@ -60,7 +63,12 @@ def quant_base(tmp_path_factory):
         if fmt in FIXTURE_FORMATS:
             return FIXTURES / fmt
         if fmt not in cache:
-            cache[fmt] = make_quantized(fmt, tmp_path_factory.mktemp(fmt) / "model")
+            if fmt.startswith("torchao-"):  # all kinds at once
+                made = tmp_path_factory.mktemp("torchao") / "model"
+                make_quantized(fmt, made)
+                cache.update({f"torchao-{k}": made.parent / k / "model" for k in TORCHAO_KINDS})
+            else:
+                cache[fmt] = make_quantized(fmt, tmp_path_factory.mktemp(fmt) / "model")
         return cache[fmt]
 
     return get
@@ -77,13 +85,10 @@ def package_dequantized(fmt: str, qdir: Path) -> dict[str, torch.Tensor]:
 
         return load_file(qdir.parent / f"{qdir.name}-reference.safetensors")
     family = fmt.split("-", 1)[0]
-    if family == "torchao":  # torchao's own dequantize(), in a child process with torchao
+    if family == "torchao":  # torchao's own dequantize(), saved by the child that made qdir
         from safetensors.torch import load_file
 
-        out = qdir.parent / "torchao-dequantized.safetensors"
-        if not out.is_file():
-            run_with("torchao", [str(FIXTURES / "side_tools.py"), "torchao-dequantize", str(qdir), str(out)])
-        return load_file(out)
+        return load_file(qdir.parent / "dequantized.safetensors")
     kwargs = {"device_map": "cpu"}
     if family == "ct":
         kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
