@@ -599,3 +599,34 @@ def test_api_refusals(job, tmp_path):
         merge(job.base, [(job.adapters[0], 1.0)], tmp_path / "out", progress=False,
               method="ties", method_params={"majority_sign": "most"})
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- exact selection
+
+@pytest.mark.parametrize("shape", [(7,), (64, 33), (300, 1000)])
+def test_largest_mask_equals_topk(shape):
+    """The histogram selection keeps exactly the entries torch.topk finds (no ties here)."""
+    from loretta_merge.methods.select import largest_mask, magnitude
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+    m = magnitude(x)
+    assert torch.equal(m, x.abs())
+    n = m.numel()
+    for k in (0, 1, 5, n // 3, n - 1, n):
+        mask = largest_mask(m, k)
+        want = torch.zeros(n, dtype=torch.bool)
+        if k:
+            want[torch.topk(m.reshape(-1), k).indices] = True
+        assert int(mask.sum()) == k and torch.equal(mask.reshape(-1), want), (shape, k)
+
+
+def test_largest_mask_ties_and_special_values():
+    from loretta_merge.methods.select import largest_mask, magnitude
+
+    x = torch.tensor([0.0, 1.0, -1.0, 1.0, 2.0, 0.5, -0.0, float("inf")])
+    m = magnitude(x)
+    # inf and 2 are largest; of the three 1s the first in memory order is kept
+    assert largest_mask(m, 3).tolist() == [False, True, False, False, True, False, False, True]
+    assert int(largest_mask(m, 7).sum()) == 7 and not largest_mask(m, 7)[6]  # -0.0 after +0.0
+    # another dtype goes through topk
+    assert largest_mask(m.double(), 2).tolist() == [False] * 4 + [True, False, False, True]

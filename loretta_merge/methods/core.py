@@ -23,12 +23,17 @@ import torch
 Prune = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, input index) -> pruned delta
 
 
+def _elected_positive(weighted: torch.Tensor, majority_sign: str) -> torch.Tensor:
+    """(N, ...) weighted deltas -> (...) bool: where the elected sign is + (ties go to +)."""
+    votes = weighted.sum(dim=0) if majority_sign == "total" else weighted.sign().sum(dim=0)
+    return votes >= 0
+
+
 def elected_signs(weighted: torch.Tensor, majority_sign: str) -> torch.Tensor:
-    """(N, ...) weighted deltas -> (N, ...) bool: the entries whose sign is the elected one."""
-    signs = weighted.sign()
-    votes = weighted.sum(dim=0) if majority_sign == "total" else signs.sum(dim=0)
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
-    return signs == elected
+    """(N, ...) weighted deltas -> (N, ...) bool: the entries whose sign is the elected one
+    (a zero entry agrees with neither sign)."""
+    positive = _elected_positive(weighted, majority_sign)
+    return torch.where(positive, weighted > 0, weighted < 0)
 
 
 def combine_task_vectors(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
@@ -45,10 +50,14 @@ def combine_task_vectors(deltas: Sequence[torch.Tensor], weights: Sequence[float
     w = w.reshape(-1, *([1] * (stacked.ndim - 1)))
     stacked.mul_(w)
     if majority_sign is not None:
-        agree = elected_signs(stacked, majority_sign).to(stacked.dtype)
-        mixed = (stacked * agree).sum(dim=0)
-        norm = (w * agree).sum(dim=0)
-        norm[norm == 0] = 1
+        positive = _elected_positive(stacked, majority_sign)
+        mixed = torch.zeros_like(first)
+        norm = torch.zeros_like(first)
+        for i, weighted in enumerate(stacked):  # one input at a time: no (N, ...) temporaries
+            agree = torch.where(positive, weighted > 0, weighted < 0)
+            mixed.add_(weighted * agree)
+            norm.add_(agree, alpha=float(weights[i]))
+        norm.masked_fill_(norm == 0, 1)
     else:
         mixed = stacked.sum(dim=0)
         norm = w.sum(dim=0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import select
+
 RESCALE_EPS = 1e-7  # below this L1 norm (before or after) a pruned delta is not rescaled
 
 
@@ -23,6 +25,7 @@ def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(delta: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """``delta`` where ``kept`` (a 0/1 float or a bool mask), else 0; optionally rescaled."""
     return rescale_l1(delta, kept) if rescale else delta * kept
 
 
@@ -33,10 +36,8 @@ def largest(delta: torch.Tensor, density: float, *, rescale: bool = False) -> to
     n = delta.numel()
     if n == 0:
         return delta.clone()
-    keep = max(1, int(density * n))
-    flat_kept = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    flat_kept[torch.topk(delta.abs().reshape(-1), keep, sorted=False).indices] = 1
-    return _apply(delta, flat_kept.view_as(delta), rescale)
+    kept = select.largest_mask(select.magnitude(delta), max(1, int(density * n)))
+    return _apply(delta, kept, rescale)
 
 
 def largest_below_outliers(delta: torch.Tensor, density: float, gamma: float, *,
@@ -48,13 +49,11 @@ def largest_below_outliers(delta: torch.Tensor, density: float, gamma: float, *,
     n = delta.numel()
     keep, outliers = int(density * n), int(gamma * n)
     band = min(n, keep + outliers)  # the kept entries and the outliers above them
-    magnitude = delta.abs().reshape(-1)
-    flat_kept = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    if keep:  # two partial selections instead of a full sort
-        flat_kept[torch.topk(magnitude, band, sorted=False).indices] = 1
-        if band > keep:
-            flat_kept[torch.topk(magnitude, band - keep, sorted=False).indices] = 0
-    return _apply(delta, flat_kept.view_as(delta), rescale)
+    magnitude = select.magnitude(delta)
+    kept = select.largest_mask(magnitude, band) if keep else torch.zeros_like(delta, dtype=torch.bool)
+    if keep and band > keep:
+        kept &= ~select.largest_mask(magnitude, band - keep)
+    return _apply(delta, kept, rescale)
 
 
 def random_keep(delta: torch.Tensor, density: float, generator: torch.Generator, *,
