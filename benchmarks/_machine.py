@@ -20,6 +20,11 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+# Every benchmark runs offline and quietly; a script imports this module before transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 
 def cores_available() -> int:
     """Cores this process may run on (its CPU affinity), not the machine's count."""

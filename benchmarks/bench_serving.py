@@ -45,9 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import measuring  # noqa: E402
 from bench_export import median_ms, session  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ADAPTERS = 8
 ROWS = 32

@@ -9,7 +9,6 @@ calls :func:`loretta_merge.cli.main`, as the console script does.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys

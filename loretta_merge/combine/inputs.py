@@ -16,14 +16,12 @@ needs the base; ``drop_full_tensors`` leaves them out instead.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, FormatError, ShapeError
-from ..formats import Adapter, LoraModule, RepModule, read_adapter
+from ..formats import Adapter, LoraModule, RepModule, as_adapter
 
 
 @dataclass
@@ -80,15 +78,6 @@ def _where(a: Adapter, i: int) -> str:
     return str(a.path) if a.path is not None else f"input {i + 1}"
 
 
-def _read(source, allow_unsafe_pickle: bool) -> Adapter:
-    if isinstance(source, Adapter):
-        return source
-    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
-        raise FormatError(f"{source}: not a directory; give each input as a PEFT LoRA or "
-                          f"LoRETTA_rep adapter directory")
-    return read_adapter(source, allow_unsafe_pickle=allow_unsafe_pickle)
-
-
 def _check_kind(a: Adapter, where: str, drop_full_tensors: bool, dropped: list[str]) -> None:
     if a.method == "adp":
         raise FormatError(f"{where}: is a LoRETTA_adp adapter, a non-linear bottleneck whose "
@@ -128,7 +117,7 @@ def read_inputs(inputs, *, drop_full_tensors: bool = False,
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ConfigError(f"the weight of input {i + 1} ({source}) is {w!r}; give a finite "
                               f"number, e.g. ADAPTER:0.5")
-        a = _read(source, allow_unsafe_pickle)
+        a = as_adapter(source, allow_unsafe_pickle=allow_unsafe_pickle)
         _check_kind(a, _where(a, i), drop_full_tensors, dropped)
         adapters.append(a)
         weights.append(float(w))

@@ -18,9 +18,7 @@ Every module's delta error is MEASURED from the written factors (small Gram matr
 from __future__ import annotations
 
 import math
-import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -32,7 +30,7 @@ from ..formats import (
     RepModule,
     TTMatrix,
     peft_lora_config,
-    read_adapter,
+    as_adapter,
 )
 from .lowrank import RankReport, RankRow, check_rank_options, choose_rank, kept_energy
 from .reports import rel_delta_error
@@ -48,15 +46,6 @@ def lora_svd(a: torch.Tensor, b: torch.Tensor, scale: float):
     u, s, vh = torch.linalg.svd(rb @ ra.T)            # b a = qb (rb ra^T) qa^T
     sign = -1.0 if scale < 0 else 1.0
     return qb @ u, s * abs(scale), sign * (vh @ qa.T)
-
-
-def _read(source, allow_unsafe_pickle: bool) -> Adapter:
-    if isinstance(source, Adapter):
-        return source
-    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
-        raise FormatError(f"{source}: not a directory; give the PEFT LoRA or LoRETTA_rep adapter "
-                          f"directory (adapter_config.json and adapter_model.safetensors)")
-    return read_adapter(source, allow_unsafe_pickle=allow_unsafe_pickle)
 
 
 def _resize_lora(name: str, m: LoraModule, *, rank, energy, eps, where) -> tuple[LoraModule, RankRow]:
@@ -114,7 +103,7 @@ def resize(adapter, *, rank: int | None = None, energy: float | None = None,
     ``formats.write_adapter``. Returns ``(Adapter, RankReport)``."""
     check_rank_options(rank, energy, eps, command="convert resize")
     start = time.perf_counter()
-    src = _read(adapter, allow_unsafe_pickle)
+    src = as_adapter(adapter, allow_unsafe_pickle=allow_unsafe_pickle)
     where = src.path or "<in-memory adapter>"
     if src.method not in ("lora", "rep"):
         raise FormatError(f"{where}: is a {src.method!r} adapter; resize handles PEFT LoRA and "

@@ -18,12 +18,12 @@ from __future__ import annotations
 from ..errors import LorettaError
 from .common import (BIN_NAME, CONFIG_NAME, FORMAT_VERSION, NON_LINEARITIES, PREFIX, SAFETENSORS_NAME,
                      parse_config, rank_for, scale_for)
-from .detect import detect_adapter_kind, read_adapter
+from .detect import as_adapter, detect_adapter_kind, read_adapter
 from .ours import write_adapter
 from .peft import peft_lora_config, write_peft_lora
 from .types import Adapter, AdpModule, LoraModule, Module, RepModule, TTDenseModule, TTMatrix
 
 __all__ = ["TTMatrix", "RepModule", "LoraModule", "AdpModule", "TTDenseModule", "Adapter", "Module",
-           "read_adapter", "write_adapter", "write_peft_lora", "peft_lora_config", "detect_adapter_kind",
+           "read_adapter", "as_adapter", "write_adapter", "write_peft_lora", "peft_lora_config", "detect_adapter_kind",
            "scale_for", "rank_for", "parse_config", "LorettaError", "PREFIX", "CONFIG_NAME",
            "SAFETENSORS_NAME", "BIN_NAME", "FORMAT_VERSION", "NON_LINEARITIES"]

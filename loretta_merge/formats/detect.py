@@ -100,3 +100,14 @@ def read_adapter(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False,
     return Adapter(method=method, source=kind.split(":")[0], modules=modules, tensors=rest,
                    config=config, fan_in_fan_out=fan_in_fan_out,
                    base_model_name_or_path=base if isinstance(base, str) and base else None, path=path)
+
+
+def as_adapter(source, *, allow_unsafe_pickle: bool = False) -> Adapter:
+    """An :class:`Adapter` as it is, or the adapter directory ``source`` read; anything else
+    (a file, a missing path, another type) is refused naming what to pass instead."""
+    if isinstance(source, Adapter):
+        return source
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+        raise FormatError(f"{source}: not a directory; give a PEFT LoRA or LoRETTA_rep adapter "
+                          f"directory (adapter_config.json and adapter_model.safetensors)")
+    return read_adapter(source, allow_unsafe_pickle=allow_unsafe_pickle)
