@@ -630,3 +630,14 @@ def test_largest_mask_ties_and_special_values():
     assert int(largest_mask(m, 7).sum()) == 7 and not largest_mask(m, 7)[6]  # -0.0 after +0.0
     # another dtype goes through topk
     assert largest_mask(m.double(), 2).tolist() == [False] * 4 + [True, False, False, True]
+
+
+def test_largest_mask_strict_reports_a_cut_through_equal_magnitudes():
+    from loretta_merge.methods.select import largest_mask, magnitude
+
+    m = magnitude(torch.tensor([0.0, 1.0, -1.0, 1.0, 2.0, 0.5, -0.0, float("inf")]))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        assert largest_mask(m.to(dtype), 3, strict=True) is None  # one of three 1s
+        assert largest_mask(m.to(dtype), 4, strict=True) is None
+        assert largest_mask(m.to(dtype), 5, strict=True).tolist() == [False, True, True, True, True,
+                                                                      False, False, True]

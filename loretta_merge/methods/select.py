@@ -4,9 +4,10 @@
 returns indices a merge does not need. TIES and breadcrumbs need only *which* entries are
 kept, so this module finds the k-th largest magnitude from histograms of the float bits (a
 non-negative float32 orders like its bit pattern as an int32): one pass over the high 16 bits,
-one over the low 16 bits of the entries in the chosen bucket, one comparison. Ties at the
-threshold are broken by position (the first ones are kept), so exactly k entries are kept.
-Tensors of another dtype go through ``torch.topk``.
+one over the low 16 bits of the entries in the chosen bucket, one comparison. Exactly k
+entries are kept; when equal magnitudes straddle the cut, the first in memory order are, or
+(``strict``) the caller is told so and chooses (the merge methods then ask mergekit's sort).
+float16/bfloat16 are selected as float32 (exact); float64 goes through ``torch.topk``.
 """
 
 from __future__ import annotations
@@ -23,24 +24,36 @@ def _kth_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return bucket, k - int(at_least[bucket] - hist[bucket])
 
 
-def largest_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+def largest_mask(magnitude: torch.Tensor, k: int, *, strict: bool = False) -> torch.Tensor | None:
     """A bool mask (same shape) with exactly ``k`` True: the ``k`` largest entries of the
-    non-negative ``magnitude`` (ties at the threshold: the first in memory order)."""
+    non-negative ``magnitude``. Equal magnitudes at the cut: the first in memory order are
+    kept; with ``strict``, None is returned instead when only some of them fit (the set is
+    then not determined by the values, and the caller decides)."""
     n = magnitude.numel()
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
+    if magnitude.dtype in (torch.float16, torch.bfloat16):  # exact in float32, same order
+        magnitude = magnitude.float()
     if magnitude.dtype != torch.float32:
-        mask = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
-        mask[torch.topk(magnitude.reshape(-1), k, sorted=False).indices] = True
-        return mask.view_as(magnitude)
+        flat = magnitude.reshape(-1)
+        cut = torch.topk(flat, k, sorted=False).values.min()
+        above, equal = flat > cut, flat == cut
+        ties, present = k - int(above.sum()), int(equal.sum())
+        if strict and ties < present:
+            return None
+        above[torch.nonzero(equal).reshape(-1)[:ties]] = True
+        return above.view_as(magnitude)
     bits = magnitude.contiguous().view(torch.int32).reshape(-1)
     high = bits >> 16
     bucket, need = _kth_from_top(torch.bincount(high, minlength=_BUCKETS), k)
     low = bits[high == bucket] & 0xFFFF
-    value, ties = _kth_from_top(torch.bincount(low, minlength=_BUCKETS), need)
+    low_hist = torch.bincount(low, minlength=_BUCKETS)
+    value, ties = _kth_from_top(low_hist, need)
     threshold = (bucket << 16) | value
+    if strict and ties < int(low_hist[value]):
+        return None
     mask = bits > threshold
     if ties:
         mask[torch.nonzero(bits == threshold).reshape(-1)[:ties]] = True
