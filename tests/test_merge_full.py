@@ -441,3 +441,31 @@ def test_report_names_the_fine_tunes(job, capsys):
     assert report["adapters"][0]["tensors"] == len(read_all(job.fts[0]))
     prov = json.loads((out / "loretta_merge_provenance.json").read_text())
     assert prov["adapters"][0]["source"] == "checkpoint"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_variants_agree_on_full_ops(dtype):
+    """The CPU kernel (row blocks, an fp32 copy of W0's block) and the device kernel (whole
+    tensor, run here on the CPU) give the same bytes for FULL ops: both take every
+    difference from the upcast values and add them in the same order. (A low-rank op beside
+    them would not be bit-exact in fp32: the block size picks the BLAS kernel,
+    tests/test_merge_gpu.py.)"""
+    from loretta_merge.merge.full import FullTensor
+    from loretta_merge.merge.kernel import merge_tensor_cpu, merge_tensor_device
+    from loretta_merge.merge.plan import Op, OpKind
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 37, 64
+    w0 = (torch.randn(rows, cols, generator=g) * 0.05).to(dtype)
+    fts = [(w0.float() + torch.randn(rows, cols, generator=g) * 0.003).to(dtype) for _ in range(2)]
+    ops = [Op(OpKind.FULL, w, f"ft{i}:w", value=FullTensor(None, "w"), input=i)
+           for i, w in enumerate((1.0, -0.4))]
+    full = {id(ops[0]): fts[0], id(ops[1]): fts[1]}
+    blocked, whole = torch.empty_like(w0), torch.empty_like(w0)
+    merge_tensor_cpu("w", w0, ops, blocked, torch.empty(5 * cols), full)  # 5-row blocks
+    merge_tensor_device("w", w0, ops, whole, torch.device("cpu"), full)
+    want = w0.float().clone()  # w0 itself when fp32
+    for ft, w in zip(fts, (1.0, -0.4)):
+        want.add_(ft.float() - w0.float(), alpha=w)
+    assert not torch.equal(blocked, w0)
+    assert torch.equal(blocked, want.to(dtype)) and torch.equal(whole, want.to(dtype))
