@@ -469,3 +469,36 @@ def test_kernel_variants_agree_on_full_ops(dtype):
         want.add_(ft.float() - w0.float(), alpha=w)
     assert not torch.equal(blocked, w0)
     assert torch.equal(blocked, want.to(dtype)) and torch.equal(whole, want.to(dtype))
+
+
+def test_quantized_base_gptq(tmp_path):
+    """Into a GPTQ base (committed fixture, read dequantized) the delta is taken against the
+    dequantized weights: a fine-tune of the original model at weight 1 comes out as itself
+    (the quantization error is part of its delta), at 0.5 halfway from the dequantized base."""
+    import transformers
+
+    from loretta_merge.io import CheckpointReader, read_model_config
+    from loretta_merge.quant import open_base
+
+    fixtures = Path(__file__).parent / "fixtures" / "quant"
+    qdir = fixtures / "gptq"
+    model = transformers.LlamaForCausalLM.from_pretrained(fixtures / "base", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    model.save_pretrained(tmp_path / "ft", max_shard_size="200KB")
+    ft = read_all(tmp_path / "ft")
+    merge(qdir, [(tmp_path / "ft", 1.0)], tmp_path / "one", progress=False, dtype="float32")
+    assert max_diff(read_all(tmp_path / "one"), ft) <= ATOL
+    merge(qdir, [(tmp_path / "ft", 0.5)], tmp_path / "half", progress=False, dtype="float32")
+    got = read_all(tmp_path / "half")
+    reader = open_base(qdir, read_model_config(qdir), CheckpointReader(qdir))
+    try:
+        for name, value in got.items():
+            w0 = reader.get(name).float()
+            torch.testing.assert_close(value, w0 + 0.5 * (ft[name] - w0), rtol=0, atol=ATOL,
+                                       msg=name)
+        assert reader.is_quantized("model.layers.0.self_attn.q_proj.weight")
+    finally:
+        reader.close()
