@@ -40,12 +40,15 @@ class Job:
     fts: list[Path]  # two full fine-tunes
     lora: Path  # a PEFT LoRA r4 on q/v
     lora_full: Path  # the same LoRA merged by PEFT, for mergekit
+    base16: Path  # a bf16 base and two bf16 fine-tunes: their deltas tie in magnitude often
+    fts16: list[Path]
 
 
-def _fine_tune(path: Path, seed: int, *, keep: tuple[str, ...] = (), **config) -> Path:
+def _fine_tune(path: Path, seed: int, *, keep: tuple[str, ...] = (), std: float = 0.02,
+               dtype: torch.dtype = torch.float32, **config) -> Path:
     """A tiny Llama of the base's class with every weight moved (except ``keep``), in
     shards of another size than the base's."""
-    model = build_tiny("llama")
+    model = build_tiny("llama", dtype=dtype)
     if config:
         import transformers
 
@@ -56,7 +59,7 @@ def _fine_tune(path: Path, seed: int, *, keep: tuple[str, ...] = (), **config) -
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name not in keep:
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+                p.add_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
     model.save_pretrained(path, max_shard_size="30KB")
     return path
 
@@ -73,7 +76,10 @@ def job(tmp_path_factory) -> Job:
     perturb_trainable(pm, seed=5, std=0.1)
     pm.save_pretrained(root / "lora")
     pm.merge_and_unload().save_pretrained(root / "lora_full")
-    return Job(root, base, fts, root / "lora", root / "lora_full")
+    base16 = save_tiny("llama", root / "base16", dtype=torch.bfloat16)
+    fts16 = [_fine_tune(root / f"ft16_{i}", 10 + i, std=0.003, dtype=torch.bfloat16)
+             for i in range(2)]
+    return Job(root, base, fts, root / "lora", root / "lora_full", base16, fts16)
 
 
 def ours(job: Job, name: str, inputs, method: str, seed=None, **params) -> Path:
@@ -145,6 +151,22 @@ CASES = {
 }
 
 
+# bf16 checkpoints, computed in fp32 by both (mergekit's dtype float32; ours --dtype float32):
+# many deltas are equal in magnitude at the pruning cut, where the choice is mergekit's sort's
+BF16_CASES = {
+    "bf16_ties": ("ties", {"density": 0.5}),
+    "bf16_magnitude_prune": ("breadcrumbs", {"density": 0.3, "gamma": 0.0}),
+    "bf16_breadcrumbs": ("breadcrumbs", {"density": 0.5, "gamma": 0.05}),
+    "bf16_breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.02}),
+}
+OURS_BF16 = {"bf16_magnitude_prune": ("magnitude_prune", {"density": 0.3})}
+
+
+def _bf16_config(j: Job, name: str) -> dict:
+    method, per_model = BF16_CASES[name]
+    return _mk(list(zip(j.fts16, WEIGHTS)), method, per_model=per_model, base=j.base16)
+
+
 def recipes(job: Job) -> dict[str, str]:
     """mergekit recipes whose models are plain paths of fine-tunes, as mergekit users write."""
     b, f0, f1, lo = job.base, job.fts[0], job.fts[1], job.lora
@@ -198,6 +220,9 @@ def mergekit_runs(job):
     for name, (build, *_rest) in CASES.items():
         (work / f"{name}.yml").write_text(json.dumps(build(job), indent=1))  # JSON is YAML
         merges.append([str(work / f"{name}.yml"), str(work / name), []])
+    for name in BF16_CASES:
+        (work / f"{name}.yml").write_text(json.dumps(_bf16_config(job, name), indent=1))
+        merges.append([str(work / f"{name}.yml"), str(work / name), []])
     for name, text in recipes(job).items():
         (work / f"{name}.yml").write_text(text)
         merges.append([str(work / f"{name}.yml"), str(work / name),
@@ -210,7 +235,7 @@ def mergekit_runs(job):
     done = subprocess.run([sys.executable, "-c", _DRIVER, str(work / "spec.json")], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {name: work / name for name in [*CASES, *recipes(job)]}
+    return {name: work / name for name in [*CASES, *BF16_CASES, *recipes(job)]}
 
 
 @pytest.mark.xdist_group("mergekit")
@@ -225,6 +250,26 @@ def test_full_checkpoints_equal_mergekit(case, job, mergekit_runs):
     base = read_all(job.base)
     changed = [k for k in got if not torch.equal(got[k], base[k])]
     assert len(changed) >= len(got) - 1, case  # a full fine-tune changes (nearly) every tensor
+
+
+@pytest.mark.xdist_group("mergekit")
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_bf16_fine_tunes_equal_mergekit(case, job, mergekit_runs):
+    """Deltas of bf16 weights often tie in magnitude at the pruning cut (the test checks
+    that they do); the entries kept among them are mergekit's, so the outputs agree."""
+    method, params = OURS_BF16.get(case, BF16_CASES[case])
+    out = job.root / "ours" / case
+    merge(job.base16, list(zip(job.fts16, WEIGHTS)), out, progress=False, dtype="float32",
+          method=method, method_params=params)
+    got, want = read_all(out), read_all(mergekit_runs[case])
+    diff = max_diff(got, want)
+    print(f"{case}: max |ours - mergekit| = {diff:.3g}")
+    assert diff <= ATOL, case
+    base, ft = read_all(job.base16), read_all(job.fts16[0])
+    k = "model.layers.0.mlp.down_proj.weight"
+    magnitude = (ft[k].float() - base[k].float()).abs().reshape(-1)
+    cut = magnitude.kthvalue(magnitude.numel() - int(0.5 * magnitude.numel()) + 1).values
+    assert int((magnitude == cut).sum()) > 1  # equal magnitudes at the cut: the hard case
 
 
 @pytest.mark.xdist_group("mergekit")

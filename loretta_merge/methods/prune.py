@@ -26,35 +26,70 @@ def _apply(delta: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.Tens
     return rescale_l1(delta, kept) if rescale else delta * kept
 
 
-def largest(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
-    """Keep the ``max(1, int(density * n))`` entries of largest magnitude (TIES' trim)."""
+def _kept_mask(magnitude: torch.Tensor, start: int, stop: int, mergekit_choice) -> torch.Tensor:
+    """1 at the entries of ranks ``start..stop-1`` of ``magnitude`` (flat fp32) in ascending
+    order, as a float mask. The set is cut by order statistics (``kthvalue``, no sort) when
+    no run of equal magnitudes crosses a cut, as it then is the only possible set. When
+    equal magnitudes straddle a cut (common in deltas of bf16 weights), which of them are
+    kept is up to a sort: ``mergekit_choice(magnitude, start, stop)`` gives the entries
+    mergekit's own function keeps (its sort, its slice), so the same ones are kept here."""
+    n = magnitude.numel()
+    mask = torch.zeros(n, dtype=magnitude.dtype, device=magnitude.device)
+    if stop <= start:
+        return mask
+    kept = torch.ones(n, dtype=torch.bool, device=magnitude.device)
+    if start > 0:
+        low = magnitude.kthvalue(start + 1).values  # the smallest kept magnitude
+        if int((magnitude < low).sum()) != start:  # equal magnitudes straddle the cut
+            return mask.index_fill_(0, mergekit_choice(magnitude, start, stop), 1)
+        kept &= magnitude >= low
+    if stop < n:
+        high = magnitude.kthvalue(stop).values  # the largest kept magnitude
+        if int((magnitude <= high).sum()) != stop:
+            return mask.index_fill_(0, mergekit_choice(magnitude, start, stop), 1)
+        kept &= magnitude <= high
+    return mask.masked_fill_(kept, 1)
+
+
+def _descending_argsort(magnitude: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """mergekit's ``magnitude``: ``argsort(descending=True)[:k]`` (here ``stop`` is n)."""
+    return torch.argsort(magnitude, descending=True)[:stop - start]
+
+
+def _ascending_sort(magnitude: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """mergekit's ``magnitude_outliers``: ``sort(descending=False).indices[start:stop]``."""
+    return torch.sort(magnitude, descending=False).indices[start:stop]
+
+
+def largest(delta: torch.Tensor, density: float, *, rescale: bool = False,
+            ties_as: str = "magnitude") -> torch.Tensor:
+    """Keep the ``max(1, int(density * n))`` entries of largest magnitude (TIES' trim).
+    Among equal magnitudes at the cut, the ones mergekit keeps (:func:`_kept_mask`) in its
+    ``magnitude`` (``ties_as="magnitude"``: TIES) or in its ``magnitude_outliers`` with
+    gamma 0 (``"outliers"``: its breadcrumbs, mergekit's form of magnitude_prune)."""
     if density >= 1:
         return delta
     n = delta.numel()
     if n == 0:
         return delta.clone()
     keep = max(1, int(density * n))
-    flat_kept = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    flat_kept[torch.topk(delta.abs().reshape(-1), keep, sorted=False).indices] = 1
-    return _apply(delta, flat_kept.view_as(delta), rescale)
+    choice = _descending_argsort if ties_as == "magnitude" else _ascending_sort
+    mask = _kept_mask(delta.abs().reshape(-1), n - keep, n, choice)
+    return _apply(delta, mask.view_as(delta), rescale)
 
 
 def largest_below_outliers(delta: torch.Tensor, density: float, gamma: float, *,
                            rescale: bool = False) -> torch.Tensor:
     """Model Breadcrumbs: drop the ``int(gamma * n)`` largest magnitudes (outliers), then
-    keep the next ``int(density * n)`` (fewer outliers dropped when both cannot fit)."""
+    keep the next ``int(density * n)`` (fewer outliers dropped when both cannot fit); among
+    equal magnitudes at a cut, the ones mergekit keeps (:func:`_kept_mask`)."""
     if density >= 1:
         return delta
     n = delta.numel()
     keep, outliers = int(density * n), int(gamma * n)
-    band = min(n, keep + outliers)  # the kept entries and the outliers above them
-    magnitude = delta.abs().reshape(-1)
-    flat_kept = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    if keep:  # two partial selections instead of a full sort
-        flat_kept[torch.topk(magnitude, band, sorted=False).indices] = 1
-        if band > keep:
-            flat_kept[torch.topk(magnitude, band - keep, sorted=False).indices] = 0
-    return _apply(delta, flat_kept.view_as(delta), rescale)
+    smallest = max(0, n - keep - outliers)  # the entries dropped at the bottom
+    mask = _kept_mask(delta.abs().reshape(-1), smallest, smallest + keep, _ascending_sort)
+    return _apply(delta, mask.view_as(delta), rescale)
 
 
 def random_keep(delta: torch.Tensor, density: float, generator: torch.Generator, *,
