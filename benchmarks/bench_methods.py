@@ -61,8 +61,8 @@ def generate_fine_tunes(work: Path, size: str) -> None:
     """ft0/ and ft1/ beside bench_merge.py's base/: every tensor of the base plus seeded
     noise (std 0.002, about a tenth of the weights'), bf16, one tensor at a time, in shards
     of the base's budget (skipped when already there)."""
-    import torch
     import bench_merge
+    import torch
 
     from loretta_merge.io import CheckpointReader, StreamingShardWriter
 

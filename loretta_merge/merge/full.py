@@ -95,7 +95,9 @@ def _refuse_shapes(ft: FullCheckpoint, label: str, bad: list[tuple], base_dir, v
     """bad: (base key, fine-tune key, base shape, fine-tune shape)."""
     if not bad:
         return
-    where = lambda k: ft.reader.model_dir / ft.reader.shard_of(k)  # noqa: E731
+    def where(key: str) -> Path:  # the fine-tune's shard that holds ``key``
+        return ft.reader.model_dir / ft.reader.shard_of(key)
+
     vocab_bad = [b for b in bad if _is_vocabulary(b[0], b[2], b[3], vocab)]
     if vocab_bad:
         shown = "; ".join(f"{k} is {tuple(g)} in {where(s)}, {tuple(w)} in the base"

@@ -12,8 +12,15 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError, NumericsError
-from ..formats import (Adapter, AdpModule, LoraModule, RepModule, TTDenseModule, is_model_dir,
-                       read_adapter)
+from ..formats import (
+    Adapter,
+    AdpModule,
+    LoraModule,
+    RepModule,
+    TTDenseModule,
+    is_model_dir,
+    read_adapter,
+)
 
 
 @dataclass

@@ -27,7 +27,6 @@ from .buffers import BaseReads, BufferPool, typed_view
 from .full import FullReads
 from .plan import MergePlan, OpKind, OutputTensor
 
-
 KERNEL_THREADS_ENV = "LORETTA_KERNEL_THREADS"
 
 
