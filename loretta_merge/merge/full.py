@@ -153,8 +153,8 @@ def full_ops(item, index: int, virtual: dict[str, str], base, base_config: dict)
     if missing:
         raise ShapeError(f"fine-tuned checkpoint {label} lacks {len(missing)} tensor(s) of the "
                          f"base {base_dir}: {_names(missing)}; a task vector needs every weight "
-                         f"of the base: is it a fine-tune of BASE, saved from the same model "
-                         f"class? (nothing was written)")
+                         f"of the base: pass the base it was fine-tuned from, or re-save the "
+                         f"fine-tune from the base's model class (nothing was written)")
     extra = sorted(keys - used)
     if extra:
         raise ShapeError(f"fine-tuned checkpoint {label} has {len(extra)} tensor(s) the base "
