@@ -53,6 +53,8 @@ from _machine import measuring  # noqa: E402
 SIZES = {
     "smoke": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                   num_attention_heads=4, vocab_size=1000, shard="1MB"),
+    "100mb": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=3,
+                  num_attention_heads=8, vocab_size=8000, shard="50MB"),
     "1gb": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=7,
                 num_attention_heads=16, vocab_size=32000, shard="200MB"),
     "2gb": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,

@@ -350,6 +350,36 @@ for kind in ("lora", "rep"):
     for name, make, expect, who in _adapter_cases(kind):
         case("merge", f"{kind}-{name}", (lambda e, d: ["merge", str(e.base), str(d / "in"), "-o", OUT(d)]),
              expect, make, culprit=who)
+# a fully fine-tuned checkpoint as an input (merge/full.py): read like a base, so the same
+# damage; and the refusals of its own
+for name, make, expect, who in BASE_CASES[2:]:
+    case("merge", f"finetune-{name}", (lambda e, d: ["merge", str(e.base), str(d / "in"), "-o", OUT(d)]),
+         expect, make, culprit=who)
+
+
+def _other_vocabulary(e: Env, d: Path) -> None:
+    import transformers
+
+    cfg = transformers.LlamaConfig.from_pretrained(e.base)
+    cfg.vocab_size = 130
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d / "in", max_shard_size="40KB")
+
+
+case("merge", "finetune-vocabulary", lambda e, d: ["merge", str(e.base), str(d / "in"), "-o", OUT(d)],
+     ("another vocabulary", "(130, 64)", "resize_token_embeddings"), _other_vocabulary,
+     culprit=lambda e, d: (str(d / "in"), "model.embed_tokens.weight"))
+case("merge", "finetune-nan", lambda e, d: ["merge", str(e.base), str(d / "in"), "-o", OUT(d)],
+     ("NaN",), prep("base", lambda t: edit_tensors(_shards(t)[0], poison(float("nan")))), culprit=IN)
+def _extra_tensor(t: Path) -> None:
+    """A task head the base lacks, in the first shard and the index."""
+    edit_tensors(_shards(t)[0], lambda st_: st_.update({"score.weight": torch.zeros(2, 64)}))
+    edit_json(t / "model.safetensors.index.json",
+              lambda c: c["weight_map"].update({"score.weight": _shards(t)[0].name}))
+
+
+case("merge", "finetune-extra-tensor", lambda e, d: ["merge", str(e.base), str(d / "in"), "-o", OUT(d)],
+     ("score.weight",), prep("base", _extra_tensor),
+     culprit=lambda e, d: (str(d / "in"), "score.weight"))
 case("merge", "adapter-wrong-width", lambda e, d: ["merge", str(e.base), str(e.rep_wide), "-o", OUT(d)],
      ("model.layers.0", "48"), culprit=env_path("rep_wide"))
 case("merge", "adapter-missing-modules", lambda e, d: [f"{e.base}+{e.lora_gpt2}", "-o", OUT(d)],

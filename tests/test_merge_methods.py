@@ -300,8 +300,6 @@ BAD_RECIPES = [
      "unknown key 'foo'"),
     ("merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {b}+{l0}\n",
      "merge_method 'slerp' is not supported"),
-    ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {full}\n",
-     "is a full checkpoint"),
     ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {full}+{l0}\n",
      "every input must be base_model+ADAPTER"),
     ("slices: []\nmerge_method: ties\n", "key 'slices' is not supported"),

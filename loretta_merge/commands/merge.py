@@ -1,4 +1,5 @@
-"""``loretta-merge merge BASE ADAPTER [ADAPTER ...] -o OUT`` and ``loretta-merge BASE+A:0.7+B -o OUT``."""
+"""``loretta-merge merge BASE INPUT [INPUT ...] -o OUT`` and ``loretta-merge BASE+A:0.7+B -o OUT``
+(an input: an adapter, or a fully fine-tuned checkpoint of BASE)."""
 
 from __future__ import annotations
 
@@ -125,9 +126,9 @@ def _from_recipe(config: str, specs, dtype: str, given: dict):
                    "two fp32 copies of the model (8 bytes per parameter); refused up front, "
                    "with the estimate, when they cannot fit in the available memory.")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-              help="A mergekit YAML recipe (merge_method, base_model, models as "
-                   "BASE+ADAPTER with weight/density, parameters, dtype) instead of BASE "
-                   "ADAPTER...; run unchanged, it gives mergekit's output.")
+              help="A mergekit YAML recipe (merge_method, base_model, models as fine-tuned "
+                   "model paths or BASE+ADAPTER with weight/density, parameters, dtype) "
+                   "instead of BASE ADAPTER...; run unchanged, it gives mergekit's output.")
 @click.option("--method", default=None, metavar="METHOD", help=METHOD_HELP)
 @method_param_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
@@ -140,12 +141,14 @@ def _from_recipe(config: str, specs, dtype: str, given: dict):
 def merge_command(specs, out, weights, dtype, device, max_shard_size, force, verify, method,
                   config, density, lambda_, epsilon, gamma, majority_sign, normalize, rescale,
                   seed, as_json, quiet, allow_unsafe_pickle, awq_adapter_trained_on):
-    """Merge adapters into BASE and write a plain transformers checkpoint to OUT.
+    """Merge adapters (or fully fine-tuned checkpoints of BASE) into BASE and write a plain
+    transformers checkpoint to OUT.
 
     \b
     loretta-merge merge ./llama ./adapter -o ./merged
     loretta-merge ./llama+./a1:0.7+./a2:0.3 -o ./merged
     loretta-merge merge ./llama ./a1 ./a2 -o ./merged --method ties --density 0.5
+    loretta-merge merge ./llama ./finetune-a ./a2:0.5 -o ./merged   (a full fine-tune too)
     loretta-merge merge --config recipe.yml -o ./merged   (a mergekit YAML)
 
     Streams the base one tensor at a time (peak memory: a few tensors), checks

@@ -45,6 +45,15 @@ def _kind(config: dict, keys: list[str], source: Path) -> str:
                       f"LORA (PEFT or the authors' loretta 0.1), BOTTLENECK (loretta 0.1 tensorized); pass an adapter of one of these types")
 
 
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """A transformers model directory (``config.json``, no ``adapter_config.json``): a fully
+    fine-tuned checkpoint when given where an adapter is expected. Its weights and tensor
+    names are checked by the merge (:mod:`loretta_merge.merge.full`)."""
+    path = Path(path)
+    return (path.is_dir() and not (path / CONFIG_NAME).exists()
+            and (path / "config.json").is_file())
+
+
 def detect_adapter_kind(path: str | os.PathLike, *, allow_symlinks: bool = False) -> str:
     """``"loretta-merge:rep"``, ``"loretta-merge:adp"``, ``"loretta-0.1:rep"``,
     ``"loretta-0.1:adp"`` or ``"peft:lora"``, from the config and tensor names only (the

@@ -5,6 +5,8 @@ was trained on) and checks every shape without reading a weight; ``run`` streams
 one tensor at a time through the ``kernel`` (fp32 update, one cast, a range check) into
 output shards; ``finish`` writes config, side files and provenance; ``verify`` compares the
 result with base + adapter in memory. :func:`merge` does the three in one atomic output.
+An input may also be a fully fine-tuned checkpoint of the base (``full``: its task vector
+``W_i - W0``, read tensor by tensor beside the base).
 """
 
 from .api import MergeReport, merge

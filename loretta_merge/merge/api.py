@@ -58,7 +58,8 @@ def _report(base_dir: Path, out: Path, plan: MergePlan, device: torch.device,
         base=str(base_dir), out=str(out), device=str(device), dtype=dtype_name(plan.main_dtype),
         adapters=[{"path": a.label, "weight": a.weight, "method": a.adapter.method,
                    "source": a.adapter.source, "modules": len(a.adapter.modules),
-                   "tensors": len(a.adapter.tensors)} for a in plan.adapters],
+                   "tensors": len(a.full.reader.keys()) if a.full else len(a.adapter.tensors)}
+                  for a in plan.adapters],
         tensors=run.tensors, merged_tensors=run.merged, replaced_tensors=run.replaced,
         copied_tensors=run.copied, untied=list(plan.untied),
         task_model=plan.task.class_name if plan.task else None,
@@ -74,7 +75,8 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
           awq_adapter_trained_on: str | None = None, method: str = "linear",
           method_params: Mapping[str, Any] | None = None, seed: int | None = None) -> MergeReport:
     """Merge ``adapters`` (a list of ``(path or Adapter, weight)``) into the checkpoint at
-    ``base_dir`` and write a plain transformers checkpoint to ``out_dir``.
+    ``base_dir`` and write a plain transformers checkpoint to ``out_dir``. A path may also be
+    a fully fine-tuned checkpoint of the base: its delta is ``W_i - W0`` (:mod:`.full`).
 
     ``dtype`` None/"auto" keeps each base tensor's dtype (bf16 for a quantized base, which
     is read dequantized: see :mod:`loretta_merge.quant`; ``awq_adapter_trained_on`` says
@@ -110,6 +112,11 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
         reader, config = dequantized, quant.strip_quant_config(config)
         out_dtype = out_dtype or torch.bfloat16
     loaded = load_adapters(adapters, allow_unsafe_pickle=allow_unsafe_pickle)
+    full = [a.label for a in loaded if a.full is not None]
+    if full and verify:
+        raise ConfigError(f"--verify compares with base + adapters in memory; {full[0]} is a "
+                          f"fully fine-tuned checkpoint (a whole second model, not an adapter): "
+                          f"remove --verify (nothing was written)")
     merged_pooling(loaded)  # adapters that pool differently: refused before any work
     quant.check_adapters(reader, loaded, awq_adapter_trained_on=awq_adapter_trained_on)
     if tv is None:

@@ -20,7 +20,7 @@ import torch
 from ..errors import FormatError
 from ..io import CheckpointReader, read_safetensors_header
 
-_KEEP = 6  # free buffers kept at most
+_KEEP = 6  # free buffers kept at most (by default; more when fine-tunes are read too)
 
 
 class BufferPool:
@@ -32,9 +32,9 @@ class BufferPool:
     (the device has finished reading or writing it).
     """
 
-    def __init__(self, common_bytes: int, *, pin: bool = False) -> None:
+    def __init__(self, common_bytes: int, *, pin: bool = False, keep: int = _KEEP) -> None:
         self.common_bytes = max(1, int(common_bytes))
-        self.pin = pin
+        self.pin, self.keep = pin, keep
         self._free: list[tuple[torch.Tensor, object]] = []
         self._lock = threading.Lock()
         self.allocated = 0  # buffers ever allocated (for the benchmark's profile)
@@ -57,7 +57,7 @@ class BufferPool:
         if buf is None or buf.numel() != self.common_bytes:
             return  # an oversized one-off: freed now
         with self._lock:
-            if len(self._free) < _KEEP:
+            if len(self._free) < self.keep:
                 self._free.append((buf, event))
 
 

@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import ConfigError, NumericsError
-from ..formats import Adapter, AdpModule, LoraModule, RepModule, TTDenseModule, read_adapter
+from ..formats import (
+    Adapter,
+    AdpModule,
+    LoraModule,
+    RepModule,
+    TTDenseModule,
+    is_model_dir,
+    read_adapter,
+)
 
 
 @dataclass
@@ -22,10 +30,13 @@ class LoadedAdapter:
     adapter: Adapter
     weight: float
     label: str
+    full: Any = None  # a fully fine-tuned checkpoint (merge.full.FullCheckpoint); ``adapter``
+    # then stands in for it, with no modules: its deltas are read at run time
 
 
 def load_adapters(adapters: Sequence, *, allow_unsafe_pickle: bool) -> list[LoadedAdapter]:
-    """``adapters`` is a list of ``path``, ``Adapter`` or ``(path or Adapter, weight)``."""
+    """``adapters`` is a list of ``path``, ``Adapter`` or ``(path or Adapter, weight)``; a
+    path may also be a fully fine-tuned model directory (:mod:`.full`)."""
     if not adapters:
         raise ConfigError("no adapter given (adapters=[]); pass at least one adapter directory")
     out = []
@@ -41,6 +52,12 @@ def load_adapters(adapters: Sequence, *, allow_unsafe_pickle: bool) -> list[Load
                               f"as ADAPTER:0.7")
         if isinstance(spec, Adapter):
             adapter, label = spec, str(spec.path or "<in memory>")
+        elif is_model_dir(spec):  # a fine-tune of the base: its task vector is W_i - W0
+            from .full import open_checkpoint
+
+            full = open_checkpoint(spec)
+            out.append(LoadedAdapter(full.adapter(), weight, str(spec), full))
+            continue
         else:
             adapter = read_adapter(spec, allow_unsafe_pickle=allow_unsafe_pickle)
             label = str(spec)

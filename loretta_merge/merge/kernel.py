@@ -1,5 +1,8 @@
 """The per-tensor update: ``W = W0 + sum_i w_i * delta_i`` in fp32, cast once, checked.
 
+A delta is an adapter's low-rank product, a full tensor it replaces (``w * (new - W0)``), or
+a fine-tuned checkpoint's tensor (``w * (W_i - W0)``, the difference of the upcast values).
+
 Two variants of one arithmetic (:func:`_update`):
 
 - CPU (:func:`merge_tensor_cpu`): a 2-D tensor is processed in blocks of rows that fit in
@@ -86,10 +89,15 @@ def _full_values(ops: list[Op], device: torch.device) -> dict[int, torch.Tensor]
     return values
 
 
-def _update(acc: torch.Tensor, rows, ops: list[Op], values: dict[int, torch.Tensor]) -> None:
-    """``acc`` holds W0's ``rows`` in fp32 (any content when W0 is absent); add the ops."""
+def _update(acc: torch.Tensor, rows, ops: list[Op], values: dict[int, torch.Tensor],
+            w0_rows: torch.Tensor | None = None, full: dict[int, torch.Tensor] | None = None,
+            delta: torch.Tensor | None = None) -> None:
+    """``acc`` holds W0's ``rows`` in fp32 (any content when W0 is absent); add the ops.
+    FULL ops read the fine-tune's ``full[id(op)][rows]`` and ``w0_rows`` (W0's ``rows``, in
+    any float dtype: fp32 is fastest); ``delta`` is a scratch of ``acc``'s shape for their
+    fp32 difference (None: allocated)."""
     for op in ops:  # at most one replacement (checked in the plan), applied first
-        if op.kind is not OpKind.LOW_RANK:
+        if op.kind in (OpKind.REPLACE, OpKind.DENSE):
             new = values[id(op)][rows]
             if op.weight == 1.0:
                 acc.copy_(new)
@@ -98,6 +106,12 @@ def _update(acc: torch.Tensor, rows, ops: list[Op], values: dict[int, torch.Tens
     for op in ops:
         if op.kind is OpKind.LOW_RANK:
             acc.addmm_(op.left[rows], op.right, alpha=op.weight)
+    for op in ops:
+        if op.kind is OpKind.FULL:  # W += w * (W_i - W0): the difference of the upcast values
+            delta = torch.empty_like(acc) if delta is None else delta
+            delta.copy_(full[id(op)][rows])
+            delta.sub_(w0_rows)
+            acc.add_(delta, alpha=op.weight)
     for op in ops:
         if op.magnitude is not None:  # DoRA (PEFT's merge): W' = m * W / ||W||, per output
             if op.norm_dim == 1:
@@ -112,26 +126,39 @@ def _blockable(w0: torch.Tensor | None, ops: list[Op]) -> bool:
 
 
 def merge_tensor_cpu(name: str, w0: torch.Tensor | None, ops: list[Op], out: torch.Tensor,
-                     scratch: torch.Tensor) -> RangeCheck:
+                     scratch: torch.Tensor, full: dict[int, torch.Tensor] | None = None,
+                     delta_scratch: torch.Tensor | None = None) -> RangeCheck:
     """Write W0 + deltas into ``out`` (the output dtype); ``scratch`` is a reusable fp32
-    buffer of at least :data:`BLOCK_ELEMS` elements. ``w0`` None: the ops alone define it."""
+    buffer of at least :data:`BLOCK_ELEMS` elements. ``w0`` None: the ops alone define it.
+    ``full``: the fine-tunes' tensors of FULL ops (by ``id(op)``); ``delta_scratch``, a
+    buffer twice the size of ``scratch`` for their differences and an fp32 copy of W0's
+    block (None: allocated). The copy makes each difference an fp32-fp32 subtraction, about
+    1.6x faster on CPU than subtracting the stored bf16 block (measured on 1 MiB blocks)."""
     values = _full_values(ops, torch.device("cpu"))
     low = torch.full((), math.inf)
     high = torch.full((), -math.inf)
     if not _blockable(w0, ops):
         acc = w0.to(torch.float32, copy=True) if w0 is not None else torch.zeros(out.shape)
-        _update(acc, ..., ops, values)
+        _update(acc, ..., ops, values, w0, full)
         if acc.numel():
             low, high = torch.aminmax(acc)
         out.copy_(acc)
         return RangeCheck(name, ops, low, high, out.dtype)
     rows, cols = (int(s) for s in w0.shape)
     step = max(1, min(rows, scratch.numel() // max(1, cols)))
+    if full and delta_scratch is None:
+        delta_scratch = torch.empty(2 * step * cols, dtype=torch.float32)
     for start in range(0, rows, step):
         rs = slice(start, min(rows, start + step))
         acc = scratch[:(rs.stop - start) * cols].view(rs.stop - start, cols)
         acc.copy_(w0[rs])  # the upcast, into cache
-        _update(acc, rs, ops, values)
+        delta = w0_rows = None
+        if full:  # FULL ops: W0's block in fp32 beside the difference's scratch
+            n = acc.numel()
+            delta = delta_scratch[:n].view(acc.shape)
+            w0_rows = w0[rs] if w0.dtype == torch.float32 else \
+                delta_scratch[n:2 * n].view(acc.shape).copy_(acc)
+        _update(acc, rs, ops, values, w0_rows, full, delta)
         if acc.numel():
             lo, hi = torch.aminmax(acc)
             torch.minimum(low, lo, out=low)
@@ -141,17 +168,23 @@ def merge_tensor_cpu(name: str, w0: torch.Tensor | None, ops: list[Op], out: tor
 
 
 def merge_tensor_device(name: str, w0_pinned: torch.Tensor | None, ops: list[Op],
-                        out_pinned: torch.Tensor, device: torch.device) -> RangeCheck:
+                        out_pinned: torch.Tensor, device: torch.device,
+                        full: dict[int, torch.Tensor] | None = None) -> RangeCheck:
     """The same update on ``device``: the stored bytes go over, the result comes back into
-    ``out_pinned``; nothing waits for the device (see :func:`check_ranges`)."""
+    ``out_pinned``; nothing waits for the device (see :func:`check_ranges`). ``full``: the
+    fine-tunes' tensors of FULL ops (pinned), moved over as stored."""
     values = _full_values(ops, device)
+    full = {k: v.to(device, non_blocking=True) for k, v in (full or {}).items()}
+    moved = None
     if w0_pinned is not None:
         moved = w0_pinned.to(device, non_blocking=True)  # the stored bytes, as stored
         # upcast on the device; a copy where the move was none (an fp32 tensor already there)
         acc = moved.to(torch.float32, copy=moved.data_ptr() == w0_pinned.data_ptr())
     else:
         acc = torch.zeros(tuple(out_pinned.shape), device=device)
-    _update(acc, ..., ops, values)
+    if full and moved is not None and moved.data_ptr() == acc.data_ptr():
+        moved = moved.clone()  # an fp32 W0 is updated in place: FULL ops need it as read
+    _update(acc, ..., ops, values, moved, full)
     if acc.numel():
         low, high = torch.aminmax(acc)
     else:

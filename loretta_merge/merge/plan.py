@@ -25,6 +25,7 @@ class OpKind(Enum):
     LOW_RANK = "low-rank"  # W += weight * left @ right
     REPLACE = "replace"  # W becomes value: W = weight * value + (1 - weight) * W0
     DENSE = "dense"  # a TT matrix replaces W, weighted like REPLACE
+    FULL = "full"  # a fine-tuned checkpoint's tensor W_i: W += weight * (W_i - W0)
 
 
 @dataclass
@@ -36,7 +37,8 @@ class Op:
     source: str  # "adapter label:module" for messages
     left: torch.Tensor | None = None  # LOW_RANK (rows, r), fp32
     right: torch.Tensor | None = None  # LOW_RANK (r, cols), fp32
-    value: torch.Tensor | TTMatrix | None = None  # REPLACE tensor, DENSE TT matrix (in, out)
+    value: torch.Tensor | TTMatrix | Any = None  # REPLACE tensor, DENSE TT matrix (in, out),
+    # FULL: the fine-tune's tensor to read beside the base (a merge.full.FullTensor)
     transpose: bool = False  # DENSE: the stored weight is the TT matrix transposed
     magnitude: torch.Tensor | None = None  # DoRA: the merged weight's per-output norms
     norm_dim: int = 1  # DoRA: 1 = one norm per row (Linear), 0 = per column (Conv1D)
@@ -216,7 +218,7 @@ def _check_combinations(ops: dict[str, list[Op]]) -> None:
             raise ConfigError(f"{key}: a DoRA module ({dora[0].source}) rescales the whole merged "
                               f"weight, so it cannot be summed with other adapters or weighted; "
                               f"merge it alone with weight 1")
-        full = [op.source for op in key_ops if op.kind is not OpKind.LOW_RANK]
+        full = [op.source for op in key_ops if op.kind in (OpKind.REPLACE, OpKind.DENSE)]
         if len(full) > 1:
             raise ConfigError(f"tensor {key} is replaced by several adapters ({', '.join(full)}); "
                               f"a full replacement cannot be summed; merge these adapters one at a time")
@@ -245,8 +247,14 @@ def build_plan(reader: CheckpointReader, config: dict, adapters: list[LoadedAdap
     def shape_of(key: str) -> tuple[int, ...]:
         return reader.shape(virtual.get(key, key))
 
+    from .full import full_ops
+
     col = _Collected()
     for index, item in enumerate(adapters):
+        if item.full is not None:  # a fine-tuned checkpoint: one FULL op per tensor it holds
+            for key, op in full_ops(item, index, virtual, reader, config).items():
+                col.ops.setdefault(key, []).append(op)
+            continue
         rename = pick_renaming(item.adapter, known)
         _collect_modules(col, item, rename, known, shape_of)
         _collect_tensors(col, item, rename, known, shape_of)
@@ -275,7 +283,11 @@ def _lay_out_base(plan: MergePlan, reader: CheckpointReader, tied: dict, virtual
     """Output = the base layout; an output embedding tied to a changed input embedding is
     written untied (from the input embedding's stored values)."""
     present = set(reader.keys())
-    untie = {t: s for t, s in virtual.items() if t in ops or s in ops}
+    from .full import stays_tied
+
+    # a pair that only tied fine-tunes change (through its one stored embedding) stays tied
+    untie = {t: s for t, s in virtual.items()
+             if (t in ops or s in ops) and not stays_tied(ops.get(t), ops.get(s))}
     # both stored but tied by the config: a changed one must not be re-tied on load
     stored_twice = [t for t, s in tied.items() if t in present and s in present
                     and (t in ops or s in ops)]

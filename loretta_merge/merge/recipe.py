@@ -1,17 +1,19 @@
-"""``merge --config FILE.yml``: a mergekit YAML recipe, read as a merge of adapters into one base.
+"""``merge --config FILE.yml``: a mergekit YAML recipe, read as a merge of inputs into one base.
 
 The recipe means what it means to mergekit 0.1.5 (so a mergekit file runs unchanged and
 gives mergekit's output): ``merge_method``, ``base_model``, ``models`` whose entries are
-``BASE+ADAPTER`` (mergekit's syntax for a LoRA on a model; the string or the
-``{model: ..., lora: ...}`` form), per-model ``parameters`` (``weight``, ``density``,
-``epsilon``, ``gamma``), global ``parameters`` (those, as defaults, plus ``lambda``,
-``normalize``, ``rescale``, ``int8_mask``, and this tool's ``majority_sign``), ``dtype`` /
-``out_dtype``. Everything else (slices, modules, tokenizer settings, per-tensor parameter
-filters, full checkpoints as inputs, methods this tool lacks) is refused by name.
+fine-tuned models of the base (a plain path, as mergekit users write them: read as a full
+checkpoint, :mod:`.full`) or ``BASE+ADAPTER`` (mergekit's syntax for a LoRA on a model; the
+string or the ``{model: ..., lora: ...}`` form), per-model ``parameters`` (``weight``,
+``density``, ``epsilon``, ``gamma``), global ``parameters`` (those, as defaults, plus
+``lambda``, ``normalize``, ``rescale``, ``int8_mask``, and this tool's ``majority_sign``),
+``dtype`` / ``out_dtype``. Everything else (slices, modules, tokenizer settings, per-tensor
+parameter filters, methods this tool lacks) is refused by name.
 
 mergekit's ``linear`` averages whole models, ``Σ w_i W_i / Σ w_i`` (the base may be one of
-them); over adapters on one base that is ``W0 + Σ (w_i / Σ w) Δ_i``, this tool's linear
-merge with normalised weights. Every other method has the same name and meaning here.
+them); over fine-tunes and adapters of one base that is ``W0 + Σ (w_i / Σ w) Δ_i``, this
+tool's linear merge with normalised weights. Every other method has the same name and
+meaning here.
 """
 
 from __future__ import annotations
@@ -112,14 +114,19 @@ def _parameters(raw: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any
 
 
 def _base_model(data: dict, models: list, where: str) -> str:
-    """base_model, or (mergekit's linear ignores it) the one model every entry names."""
+    """base_model; without one (mergekit's linear needs none), the one model every entry
+    names, or for linear (an average of the listed models, whichever is taken as the base)
+    the model under the adapters, else the first model listed."""
     if data.get("base_model") is None:
-        named = {_model_ref(e["model"], where)[0] for e in models
-                 if isinstance(e, dict) and "model" in e}
-        if len(named) != 1:
-            raise ConfigError(f"{where}: base_model is required (the model every adapter was "
-                              f"trained on); add `base_model: BASE`")
-        return _local_dir(named.pop(), where, "model")
+        refs = [_model_ref(e["model"], where) for e in models if isinstance(e, dict) and "model" in e]
+        named = list(dict.fromkeys(m for m, _ in refs))
+        under = list(dict.fromkeys(m for m, lora in refs if lora is not None))
+        if len(named) == 1:
+            return _local_dir(named[0], where, "model")
+        if data.get("merge_method") == "linear" and named and len(under) <= 1:
+            return _local_dir(under[0] if under else named[0], where, "model")
+        raise ConfigError(f"{where}: base_model is required (the model every input was "
+                          f"fine-tuned or trained from); add `base_model: BASE`")
     base, base_lora = _model_ref(data["base_model"], f"{where}: base_model")
     if base_lora is not None:
         raise ConfigError(f"{where}: base_model {data['base_model']!r} carries an adapter; "
@@ -159,7 +166,7 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{where}: models must be a non-empty list; list each input as "
-                          f"`- model: BASE+ADAPTER`")
+                          f"`- model: FINE_TUNED` or `- model: BASE+ADAPTER`")
     base = _base_model(data, models, where)
     defaults = _parameters(data.get("parameters"), GLOBAL_PARAMS, f"{where}: parameters")
     adapters: list[tuple[str, dict]] = []
@@ -167,7 +174,8 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     for i, entry in enumerate(models):
         at = f"{where}: models[{i}]"
         if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"{at}: each entry needs a model; add `model: BASE+ADAPTER`")
+            raise ConfigError(f"{at}: each entry needs a model; add `model: FINE_TUNED` or "
+                          f"`model: BASE+ADAPTER`")
         unknown = sorted(set(entry) - {"model", "parameters"})
         if unknown:
             raise ConfigError(f"{at}: unknown key(s) {', '.join(unknown)}; remove them "
@@ -179,18 +187,17 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
         if lora is None:
             if same_base:
                 base_weights.append(float(params.get("weight", 1.0)))
-                continue
-            raise ConfigError(f"{at}: {model!r} is a full checkpoint; this tool merges "
-                              f"adapters into base_model: give BASE+ADAPTER (full-checkpoint "
-                              f"inputs are not supported yet)")
+            else:  # a fine-tune of base_model: its task vector is its weights minus the base's
+                adapters.append((_local_dir(model, at, "model"), params))
+            continue
         if not same_base:
             raise ConfigError(f"{at}: adapter {lora!r} is applied to {model!r}, not to "
                               f"base_model {base!r}; every input must be base_model+ADAPTER: "
                               f"write {base}+{lora}")
         adapters.append((_local_dir(lora, at, "adapter"), params))
     if not adapters:
-        raise ConfigError(f"{where}: models lists no BASE+ADAPTER entry, so there is nothing "
-                          f"to merge; add one")
+        raise ConfigError(f"{where}: models lists only the base, so there is nothing to "
+                          f"merge; add a fine-tuned model or BASE+ADAPTER")
     return _resolve(path, method, base, adapters, base_weights, defaults,
                     data.get("out_dtype") or data.get("dtype"))
 

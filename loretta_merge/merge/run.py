@@ -5,7 +5,8 @@ merges the current one (:mod:`.kernel`) and a writer thread puts the previous re
 disk. The output shards are laid out from the plan before the first write, so each tensor
 goes to disk as soon as it is computed: peak memory is a few tensors, whatever the model.
 On a GPU the merged tensors' ranges are checked once per input shard, so the device is not
-synchronised per tensor.
+synchronised per tensor. Fully fine-tuned inputs (:mod:`.full`) are read in the same reader
+thread, tensor beside tensor, into the same pool of buffers.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from ..errors import ConfigError
 from ..io import CheckpointReader, StreamingShardWriter
 from . import kernel, task_vectors
 from .buffers import BaseReads, BufferPool, typed_view
+from .full import FullReads
 from .plan import MergePlan, OpKind, OutputTensor
-
 
 KERNEL_THREADS_ENV = "LORETTA_KERNEL_THREADS"
 
@@ -113,9 +114,14 @@ class _Pipeline:
                  device: torch.device) -> None:
         self.plan, self.reader, self.writer, self.device = plan, reader, writer, device
         self.cuda = device.type == "cuda"
-        self.pool = BufferPool(_common_bytes(plan, reader), pin=self.cuda)
+        n_full = sum(a.full is not None for a in plan.adapters)
+        # in flight: one set of inputs being read, one being merged; an output being written
+        self.pool = BufferPool(_common_bytes(plan, reader), pin=self.cuda, keep=6 + 2 * n_full)
         self.reads = BaseReads(reader, self.pool)
+        self.full_reads = FullReads(self.pool)
         self.scratch = torch.empty(kernel.BLOCK_ELEMS, dtype=torch.float32)
+        self.delta_scratch = torch.empty(2 * kernel.BLOCK_ELEMS if n_full else 0,
+                                         dtype=torch.float32)
         self.checks: list[kernel.RangeCheck] = []
         self.result = RunResult()
         self._pending: Future | None = None
@@ -137,9 +143,16 @@ class _Pipeline:
             self._pending.result()
             self._pending = None
 
+    def read(self, key: str, outs: list[OutputTensor]):
+        """(the base tensor, its buffer, {id(op): (fine-tune tensor, buffer)}): the reader
+        thread's work for one base tensor."""
+        w0, buf = self.reads.read(key)
+        return w0, buf, self.full_reads.read(outs)
+
     def compute(self, wpool: ThreadPoolExecutor, out: OutputTensor, w0: torch.Tensor | None,
-                in_buf: torch.Tensor | None) -> None:
-        """Merge (or cast, or copy) one output tensor and hand it to the writer."""
+                in_buf: torch.Tensor | None, full: dict[int, torch.Tensor] | None = None) -> None:
+        """Merge (or cast, or copy) one output tensor and hand it to the writer (``full``:
+        the fine-tunes' tensors of its FULL ops)."""
         r = self.result
         r.tensors += 1
         if not out.ops and w0 is not None and w0.dtype == out.dtype:
@@ -158,31 +171,33 @@ class _Pipeline:
         if self.plan.task_vectors is not None and out.ops and w0 is not None:
             # a method other than linear: whole tensors, on the CPU (the same bytes anywhere)
             check = task_vectors.merge_tensor_task_vectors(
-                out.name, w0, out.ops, result, self.plan.task_vectors, torch.device("cpu"))
+                out.name, w0, out.ops, result, self.plan.task_vectors, torch.device("cpu"), full)
             self.pool.give(in_buf)
             kernel.check_ranges([check])
             self.put(wpool, out.name, result, out_buf)
         elif self.cuda and out.ops:
-            self.checks.append(kernel.merge_tensor_device(out.name, w0, out.ops, result, self.device))
+            self.checks.append(kernel.merge_tensor_device(out.name, w0, out.ops, result,
+                                                          self.device, full))
             event = torch.cuda.Event()
             event.record()
             self.pool.give(in_buf, event)
             self.put(wpool, out.name, result, out_buf, event)
         else:
-            check = kernel.merge_tensor_cpu(out.name, w0, out.ops, result, self.scratch)
+            check = kernel.merge_tensor_cpu(out.name, w0, out.ops, result, self.scratch, full,
+                                            self.delta_scratch if full else None)
             self.pool.give(in_buf)
             kernel.check_ranges([check])  # CPU values: no cost to look now (device ones wait)
             self.put(wpool, out.name, result, out_buf)
 
 
-def _prefetch(reads: BaseReads, keys: list[str], rpool: ThreadPoolExecutor):
-    """Yield (key, tensor, buffer) while the next tensor is read in the reader thread."""
-    future = rpool.submit(reads.read, keys[0]) if keys else None
+def _prefetch(read, keys: list[str], rpool: ThreadPoolExecutor):
+    """Yield (key, read(key)) while the next key is read in the reader thread."""
+    future = rpool.submit(read, keys[0]) if keys else None
     for i, key in enumerate(keys):
-        tensor, buf = future.result()
-        future = rpool.submit(reads.read, keys[i + 1]) if i + 1 < len(keys) else None
+        got = future.result()
+        future = rpool.submit(read, keys[i + 1]) if i + 1 < len(keys) else None
         try:
-            yield key, tensor, buf
+            yield key, got
         except GeneratorExit:
             if future is not None:
                 future.cancel()
@@ -210,14 +225,14 @@ def run_plan(plan: MergePlan, reader: CheckpointReader, out_dir: Path, *, device
         with _intra_op_threads(threads), \
                 ThreadPoolExecutor(1, thread_name_prefix="loretta-read") as rpool, \
                 ThreadPoolExecutor(1, thread_name_prefix="loretta-write") as wpool:
-            stream = _prefetch(run.reads, keys, rpool)
+            stream = _prefetch(lambda k: run.read(k, by_source[k]), keys, rpool)
             try:
-                for key, w0, buf in stream:
+                for key, (w0, buf, full) in stream:
                     if reader.shard_of(key) != shard:  # one device sync per input shard
                         kernel.check_ranges(run.checks)
                         run.checks.clear()
                         shard = reader.shard_of(key)
-                    _compute_from(run, wpool, by_source[key], w0, buf)
+                    _compute_from(run, wpool, by_source[key], w0, buf, full)
                     if bar is not None:
                         bar.update(reader.nbytes(key))
                 for out in by_source.get(None, []):
@@ -227,6 +242,7 @@ def run_plan(plan: MergePlan, reader: CheckpointReader, out_dir: Path, *, device
             finally:
                 stream.close()
                 run.reads.close()
+                run.full_reads.close()
     finally:
         if bar is not None:
             bar.close()
@@ -238,14 +254,23 @@ def run_plan(plan: MergePlan, reader: CheckpointReader, out_dir: Path, *, device
 
 
 def _compute_from(run: _Pipeline, wpool, outs: list[OutputTensor], w0: torch.Tensor,
-                  buf: torch.Tensor | None) -> None:
-    """All outputs computed from one base tensor (two when an embedding is untied)."""
+                  buf: torch.Tensor | None, full: dict[int, tuple]) -> None:
+    """All outputs computed from one base tensor (two when an embedding is untied), then
+    the fine-tunes' buffers go back to the pool (after the device has read them)."""
+    values = {k: t for k, (t, _) in full.items()}
     for i, out in enumerate(outs):
         last = i == len(outs) - 1
         if last:
-            run.compute(wpool, out, w0, buf)
+            run.compute(wpool, out, w0, buf, values)
         else:  # the buffer must outlive this output: it is released with the last one
-            run.compute(wpool, out, w0 if out.ops or w0.dtype != out.dtype else w0.clone(), None)
+            run.compute(wpool, out, w0 if out.ops or w0.dtype != out.dtype else w0.clone(), None,
+                        values)
+    event = None
+    if full and run.cuda:
+        event = torch.cuda.Event()
+        event.record()
+    for _, ft_buf in full.values():
+        run.pool.give(ft_buf, event)
 
 
 def _progress_bar(reader: CheckpointReader):

@@ -1,7 +1,8 @@
 """Merges by a task-vector method other than ``linear`` (``--method ties``, ``dare_ties``...).
 
 Per base tensor: each input's dense delta in fp32 (an adapter's low-rank product, as the
-linear merge adds it; a full tensor the adapter replaces: its value minus W0), zeros for
+linear merge adds it; a full tensor the adapter replaces, or a fine-tuned checkpoint's
+tensor: its value minus W0, both upcast first), zeros for
 an input that does not touch the tensor; the method (:mod:`loretta_merge.methods`)
 combines them; ``W0 + combined`` is cast once. A method needs the whole tensor (a top-k,
 per-row ranks), so this path works on whole tensors, not the linear kernel's row blocks:
@@ -78,11 +79,14 @@ def check_plan(plan: MergePlan, tv: TaskVectorMerge) -> None:
                                   f"it: merge it alone with --method linear")
 
 
-def _op_delta(op: Op, w0: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One op's change of the tensor in fp32, in the stored orientation."""
+def _op_delta(op: Op, w0: torch.Tensor, device: torch.device,
+              full: dict[int, torch.Tensor]) -> torch.Tensor:
+    """One op's change of the tensor in fp32, in the stored orientation (``w0``: fp32)."""
     if op.kind is OpKind.LOW_RANK:
         return torch.mm(op.left.to(device), op.right.to(device)).mul_(op.weight)
-    if op.kind is OpKind.REPLACE:
+    if op.kind is OpKind.FULL:  # a fine-tuned checkpoint's tensor, read beside W0
+        new = full[id(op)].to(device, torch.float32)
+    elif op.kind is OpKind.REPLACE:
         new = op.value.to(device, torch.float32)
     else:  # DENSE: a TT matrix (in, out)
         mat = op.value.matrix(dtype=torch.float32).to(device)
@@ -91,12 +95,14 @@ def _op_delta(op: Op, w0: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def merge_tensor_task_vectors(name: str, w0: torch.Tensor, ops: list[Op], out: torch.Tensor,
-                              tv: TaskVectorMerge, device: torch.device) -> RangeCheck:
-    """Write ``W0 + method(deltas)`` into ``out`` (the output dtype): one cast, its range."""
+                              tv: TaskVectorMerge, device: torch.device,
+                              full: dict[int, torch.Tensor] | None = None) -> RangeCheck:
+    """Write ``W0 + method(deltas)`` into ``out`` (the output dtype): one cast, its range.
+    ``full``: the fine-tunes' tensors of FULL ops, by ``id(op)``."""
     base = w0.to(device, torch.float32, copy=True)
     deltas: list[torch.Tensor | None] = [None] * len(tv.weights)
     for op in ops:
-        d = _op_delta(op, base, device)
+        d = _op_delta(op, base, device, full or {})
         deltas[op.input] = d if deltas[op.input] is None else deltas[op.input].add_(d)
     full = [torch.zeros_like(base) if d is None else d for d in deltas]
     combined = tv.method.combine(full, tv.weights, tv.params, tv.generator(name))

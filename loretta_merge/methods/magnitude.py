@@ -8,8 +8,9 @@ from .base import Method, at, register
 from .core import combine_task_vectors
 
 
-def _largest(params):
-    return lambda d, i: prune.largest(d, at(params["density"], i), rescale=params["rescale"])
+def _largest(params, ties_as="magnitude"):
+    return lambda d, i: prune.largest(d, at(params["density"], i), rescale=params["rescale"],
+                                      ties_as=ties_as)
 
 
 def _breadcrumbs(params):
@@ -24,7 +25,8 @@ def ties(deltas, weights, params, generator=None):
 
 
 def magnitude_prune(deltas, weights, params, generator=None):
-    return combine_task_vectors(deltas, weights, prune=_largest(params),
+    # equal magnitudes at the cut: kept as mergekit's breadcrumbs (gamma 0) keeps them
+    return combine_task_vectors(deltas, weights, prune=_largest(params, "outliers"),
                                 normalize=params["normalize"], lam=params["lambda"])
 
 

@@ -29,31 +29,65 @@ def _apply(delta: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.Tens
     return rescale_l1(delta, kept) if rescale else delta * kept
 
 
-def largest(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
-    """Keep the ``max(1, int(density * n))`` entries of largest magnitude (TIES' trim)."""
+def _kept_mask(magnitude: torch.Tensor, start: int, stop: int, mergekit_choice) -> torch.Tensor:
+    """True at the entries of ranks ``start..stop-1`` of ``magnitude`` (flat fp32) in
+    ascending order. The set is cut by value (:mod:`.select`, no sort) when no run of equal
+    magnitudes crosses a cut, as it then is the only possible set. When equal magnitudes
+    straddle a cut (common in deltas of bf16 weights), which of them are kept is up to a
+    sort: ``mergekit_choice(magnitude, start, stop)`` gives the entries mergekit's own
+    function keeps (its sort, its slice), so the same ones are kept here."""
+    n = magnitude.numel()
+    if stop <= start:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    kept = select.largest_mask(magnitude, n - start, strict=True)  # ranks start..n-1
+    if kept is not None and stop < n:
+        above = select.largest_mask(magnitude, n - stop, strict=True)  # ranks stop..n-1
+        kept = None if above is None else kept & ~above
+    if kept is None:
+        kept = torch.zeros_like(magnitude, dtype=torch.bool)
+        kept[mergekit_choice(magnitude, start, stop)] = True
+    return kept
+
+
+def _descending_argsort(magnitude: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """mergekit's ``magnitude``: ``argsort(descending=True)[:k]`` (here ``stop`` is n)."""
+    return torch.argsort(magnitude, descending=True)[:stop - start]
+
+
+def _ascending_sort(magnitude: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """mergekit's ``magnitude_outliers``: ``sort(descending=False).indices[start:stop]``."""
+    return torch.sort(magnitude, descending=False).indices[start:stop]
+
+
+def largest(delta: torch.Tensor, density: float, *, rescale: bool = False,
+            ties_as: str = "magnitude") -> torch.Tensor:
+    """Keep the ``max(1, int(density * n))`` entries of largest magnitude (TIES' trim).
+    Among equal magnitudes at the cut, the ones mergekit keeps (:func:`_kept_mask`) in its
+    ``magnitude`` (``ties_as="magnitude"``: TIES) or in its ``magnitude_outliers`` with
+    gamma 0 (``"outliers"``: its breadcrumbs, mergekit's form of magnitude_prune)."""
     if density >= 1:
         return delta
     n = delta.numel()
     if n == 0:
         return delta.clone()
-    kept = select.largest_mask(select.magnitude(delta), max(1, int(density * n)))
-    return _apply(delta, kept, rescale)
+    keep = max(1, int(density * n))
+    choice = _descending_argsort if ties_as == "magnitude" else _ascending_sort
+    mask = _kept_mask(select.magnitude(delta).reshape(-1), n - keep, n, choice)
+    return _apply(delta, mask.view_as(delta), rescale)
 
 
 def largest_below_outliers(delta: torch.Tensor, density: float, gamma: float, *,
                            rescale: bool = False) -> torch.Tensor:
     """Model Breadcrumbs: drop the ``int(gamma * n)`` largest magnitudes (outliers), then
-    keep the next ``int(density * n)`` (fewer outliers dropped when both cannot fit)."""
+    keep the next ``int(density * n)`` (fewer outliers dropped when both cannot fit); among
+    equal magnitudes at a cut, the ones mergekit keeps (:func:`_kept_mask`)."""
     if density >= 1:
         return delta
     n = delta.numel()
     keep, outliers = int(density * n), int(gamma * n)
-    band = min(n, keep + outliers)  # the kept entries and the outliers above them
-    magnitude = select.magnitude(delta)
-    kept = select.largest_mask(magnitude, band) if keep else torch.zeros_like(delta, dtype=torch.bool)
-    if keep and band > keep:
-        kept &= ~select.largest_mask(magnitude, band - keep)
-    return _apply(delta, kept, rescale)
+    smallest = max(0, n - keep - outliers)  # the entries dropped at the bottom
+    mask = _kept_mask(select.magnitude(delta).reshape(-1), smallest, smallest + keep, _ascending_sort)
+    return _apply(delta, mask.view_as(delta), rescale)
 
 
 def random_keep(delta: torch.Tensor, density: float, generator: torch.Generator, *,
