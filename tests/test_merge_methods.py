@@ -639,3 +639,5 @@ def test_largest_mask_strict_reports_a_cut_through_equal_magnitudes():
         assert largest_mask(m.to(dtype), 4, strict=True) is None
         assert largest_mask(m.to(dtype), 5, strict=True).tolist() == [False, True, True, True, True,
                                                                       False, False, True]
+        # a cut through zeros is not reported: which zeros are kept changes no pruned delta
+        assert int(largest_mask(m.to(dtype), 7, strict=True).sum()) == 7

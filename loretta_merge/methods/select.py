@@ -27,8 +27,9 @@ def _kth_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
 def largest_mask(magnitude: torch.Tensor, k: int, *, strict: bool = False) -> torch.Tensor | None:
     """A bool mask (same shape) with exactly ``k`` True: the ``k`` largest entries of the
     non-negative ``magnitude``. Equal magnitudes at the cut: the first in memory order are
-    kept; with ``strict``, None is returned instead when only some of them fit (the set is
-    then not determined by the values, and the caller decides)."""
+    kept; with ``strict``, None is returned instead when only some of them fit and they are
+    not zeros (the set is then not determined by the values, and the caller decides; which
+    zeros are kept never changes a pruned delta)."""
     n = magnitude.numel()
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
@@ -41,7 +42,7 @@ def largest_mask(magnitude: torch.Tensor, k: int, *, strict: bool = False) -> to
         cut = torch.topk(flat, k, sorted=False).values.min()
         above, equal = flat > cut, flat == cut
         ties, present = k - int(above.sum()), int(equal.sum())
-        if strict and ties < present:
+        if strict and ties < present and cut != 0:
             return None
         above[torch.nonzero(equal).reshape(-1)[:ties]] = True
         return above.view_as(magnitude)
@@ -52,7 +53,7 @@ def largest_mask(magnitude: torch.Tensor, k: int, *, strict: bool = False) -> to
     low_hist = torch.bincount(low, minlength=_BUCKETS)
     value, ties = _kth_from_top(low_hist, need)
     threshold = (bucket << 16) | value
-    if strict and ties < int(low_hist[value]):
+    if strict and ties < int(low_hist[value]) and threshold != 0:
         return None
     mask = bits > threshold
     if ties:
