@@ -213,7 +213,7 @@ def made_with(fmt: str, qdir: Path) -> str:
 
 def record_error(kind: str, fmt: str, qdir: Path, worst: float, **extra: float) -> None:
     """With LORETTA_RECORD_RESULTS=1, put this measured error into
-    benchmarks/results/quant-errors.json (the README's table is rendered from it); otherwise
+    benchmarks/results/quant-errors.json (docs/quantized.md's table is rendered from it); otherwise
     nothing is written. Safe under pytest-xdist: the file is locked while it is updated."""
     if os.environ.get("LORETTA_RECORD_RESULTS") != "1":
         return

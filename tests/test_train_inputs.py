@@ -200,7 +200,7 @@ def test_progress_line_shows_steps_loss_and_time_left():
 
 
 def test_fsdp_memory_example_counts_llama2_7b():
-    """The README's per-process memory comes from examples/fsdp_memory.py: the model it
+    """The per-process memory in docs/training.md comes from examples/fsdp_memory.py: the model it
     builds on the meta device has LLaMA-2-7B's published 6,738,415,616 base parameters."""
     import importlib.util
     from pathlib import Path

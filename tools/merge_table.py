@@ -1,13 +1,13 @@
-"""Write the README's merge benchmark table from ``benchmarks/bench_merge.py``'s JSON files.
+"""Write the merge benchmark table (docs/benchmarks.md) from ``benchmarks/bench_merge.py``'s JSON files.
 
-    python tools/merge_table.py benchmarks/results/merge-1gb.json benchmarks/results/merge-7b.json --readme README.md
+    python tools/merge_table.py benchmarks/results/merge-1gb.json benchmarks/results/merge-7b.json --readme docs/benchmarks.md
 
 Every figure comes from the JSON (medians of the run's rounds and the ratios measured round by
 round in that run); nothing is typed by hand. The section between
 ``<!-- merge-bench:begin -->`` and ``<!-- merge-bench:end -->`` is replaced.
 
 ``tools/render_readme.py`` renders this block (merge-bench) with every other one, and
-``tests/test_rendered_blocks.py`` fails when the README's copy is stale.
+``tests/test_rendered_blocks.py`` fails when the page's copy is stale.
 """
 
 from __future__ import annotations

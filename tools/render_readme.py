@@ -1,14 +1,17 @@
-"""Render every generated block of README.md from the JSON it comes from (issue 24).
+"""Render every generated block of README.md and the docs pages from the JSON it comes from (issue 24).
 
-    python tools/render_readme.py            # rewrite README.md's generated blocks in place
-    python tools/render_readme.py --check    # exit 1 and name each stale block; write nothing
+    python tools/render_readme.py            # rewrite the generated blocks of every file in FILES in place
+    python tools/render_readme.py --check    # exit 1 and name each stale block and its file; write nothing
 
-A generated block sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``. Each block
-has one small function below that reads its JSON (``benchmarks/results/*.json``, or
-``docs/supported_models.json``) and returns the Markdown; nothing in a block is typed by hand,
-and a figure outside the blocks is refused by ``tests/test_readme_figures.py``. Where a JSON
-records the machine's state (``machine_state``: load average before and after, cores
-available, torch threads; ``benchmarks/_machine.py``), the block prints it beside the figures.
+A generated block sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``, in one of the
+files of ``FILES`` (README.md and the docs pages that carry figures; a block name is unique
+across them). Each block has one small function below that reads its JSON
+(``benchmarks/results/*.json``, or ``docs/supported_models.json``) and returns the Markdown;
+nothing in a block is typed by hand, and a figure outside the blocks is refused by
+``tests/test_readme_figures.py``. Where a JSON records the machine's state (``machine_state``:
+load average before and after, cores available, torch threads; ``benchmarks/_machine.py``),
+the block prints it beside the figures. ``docs/supported_models.md`` is not in ``FILES``: it
+is the whole output of ``tools/supported_models.py``, which writes it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import train_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
+# the files whose blocks are rendered here, relative to the repository root
+FILES = ("README.md", "docs/benchmarks.md", "docs/quantized.md", "docs/onnx.md")
 
 
 def _load(name: str) -> dict:
@@ -522,32 +527,53 @@ def stale_blocks(text: str) -> list[str]:
 def render_all(text: str) -> str:
     for name in block_names(text):
         if name not in BLOCKS:
-            raise SystemExit(f"README block {name!r} has no renderer in tools/render_readme.py")
+            raise SystemExit(f"block {name!r} has no renderer in tools/render_readme.py")
         begin, end = markers(name)
         start, stop = text.index(begin) + len(begin), text.index(end)
         text = text[:start] + rendered(name) + text[stop:]
     return text
 
 
+def files_blocks(root: Path = ROOT) -> dict[Path, list[str]]:
+    """Each file of ``FILES`` under ``root`` (those that exist) and the blocks it marks."""
+    return {root / f: block_names((root / f).read_text()) for f in FILES if (root / f).is_file()}
+
+
+def placement_errors(found: dict[Path, list[str]]) -> list[str]:
+    """What is wrong with where the blocks sit: a renderer whose block no file marks, a block
+    marked more than once (in one file or across files)."""
+    where: dict[str, list[str]] = {}
+    for path, names in found.items():
+        for n in names:
+            where.setdefault(n, []).append(path.name if path.parent.name != "docs" else f"docs/{path.name}")
+    errors = [f"no markers for block {n} in any of {', '.join(FILES)}" for n in BLOCKS if n not in where]
+    errors += [f"block {n} is marked more than once: {', '.join(w)}" for n, w in where.items() if len(w) > 1]
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="report stale blocks, write nothing")
-    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--root", type=Path, default=ROOT,
+                    help="the tree whose FILES are rendered (default: this repository)")
     args = ap.parse_args(argv)
-    text = args.readme.read_text()
-    missing = sorted(set(BLOCKS) - set(block_names(text)))
-    if missing:
-        print(f"{args.readme}: no markers for block(s) {', '.join(missing)}", file=sys.stderr)
+    found = files_blocks(args.root)
+    errors = placement_errors(found)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if errors:
         return 1
     if args.check:
-        stale = stale_blocks(text)
-        for name in stale:
-            print(f"stale: {name} (run python tools/render_readme.py)", file=sys.stderr)
+        stale = [(path, name) for path in found for name in stale_blocks(path.read_text())]
+        for path, name in stale:
+            print(f"stale: {name} in {path} (run python tools/render_readme.py)", file=sys.stderr)
         return 1 if stale else 0
-    new = render_all(text)
-    if new != text:
-        args.readme.write_text(new)
-    print(f"rendered {len(block_names(text))} blocks into {args.readme}")
+    for path in found:
+        text = path.read_text()
+        new = render_all(text)
+        if new != text:
+            path.write_text(new)
+    print(f"rendered {sum(map(len, found.values()))} blocks into {len(found)} files")
     return 0
 
 

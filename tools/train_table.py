@@ -1,13 +1,13 @@
-"""Render the README's training-benchmark tables from the JSON that bench_train.py writes.
+"""Render the training-benchmark tables (docs/benchmarks.md) from the JSON that bench_train.py writes.
 
     python tools/train_table.py benchmarks/results/train_demo.json benchmarks/results/train_full.json \\
-        --readme README.md
+        --readme docs/benchmarks.md
 
 Replaces the text between ``<!-- train-bench:begin -->`` and ``<!-- train-bench:end -->``
 (without --readme: prints it). Every figure comes from the JSON files; nothing is typed in.
 
 ``tools/render_readme.py`` renders this block (train-bench) with every other one, and
-``tests/test_rendered_blocks.py`` fails when the README's copy is stale.
+``tests/test_rendered_blocks.py`` fails when the page's copy is stale.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def _graph_bytes(path: Path) -> int:
 # Chosen by benchmarks/bench_int8.py on the quickstart's fine-tuned MiniLM classifier: per-tensor
 # scales, reduce_range, static QDQ and keeping the embeddings, the FFN-down MatMuls or the
 # first/last layer in fp32 gave no better class agreement with fp32 on real sentences (see
-# the README's int8 section); ORT never quantizes a MatMul of two activations (attention).
+# docs/onnx.md's int8 section); ORT never quantizes a MatMul of two activations (attention).
 RECIPE = ("dynamic int8 (ONNX Runtime quantize_dynamic): weights of every MatMul with a "
           "constant input and the embedding Gathers int8, per-channel scales; activations "
           "quantized per batch at run time")
