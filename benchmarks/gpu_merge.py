@@ -3,7 +3,7 @@
 One short prepared script for a GPU machine: generates the LLaMA-shaped bf16 checkpoint and
 the rep and LoRA adapters of ``bench_merge.py``, then times, in this process, the floor
 (safetensors ``load_file`` + ``save_file``), the CPU merge and (when CUDA is present) the
-GPU merge of each adapter, and compares the GPU output with the CPU output tensor by
+GPU merge of each adapter and of both by ``--method ties``, and compares the GPU output with the CPU output tensor by
 tensor (bf16 ulps). Throughput is checkpoint bytes / wall seconds. JSON to ``--output``.
 
     python benchmarks/gpu_merge.py --smoke             # CPU only where no GPU: seconds
@@ -91,6 +91,20 @@ def main() -> None:
                 case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
                 print(f"{adapter:4s} cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
             result["cases"][adapter] = case
+        # a task-vector method (issue 25): TIES of both adapters, its kernels on each device
+        outs, case = {}, {}
+        for device in devices:
+            outs[device] = work / f"out-ties-{device}"
+            shutil.rmtree(outs[device], ignore_errors=True)
+            secs = _timed(lambda: merge(base, [(work / "lora", 1.0), (work / "rep", 0.7)], outs[device],
+                                        device=device, progress=False, method="ties",
+                                        method_params={"density": 0.5}))
+            case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
+            print(f"ties {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s ({secs / floor:.2f}x the floor)")
+        if "cuda" in outs:
+            case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
+            print(f"ties cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
+        result["cases"]["ties"] = case
     finally:
         for p in work.glob("out-*"):
             shutil.rmtree(p, ignore_errors=True)

@@ -134,3 +134,48 @@ def test_cuda_merge_equals_cpu_merge_tensor_by_tensor(dtype, tiny_model_dir, tmp
         assert cpu.keys() == gpu.keys()
         for key in cpu.keys():
             assert_within_one_ulp(gpu.get(key), cpu.get(key), f"{name} {key}")
+
+
+def test_random_masks_are_drawn_on_the_generators_device():
+    """A GPU merge draws DARE/DELLA masks with the CPU generator and moves them over, so a
+    seed keeps the same entries on every device; on the CPU it is torch.bernoulli itself (the
+    draws mergekit's tests compare). The CUDA side runs in the test below, where a GPU is."""
+    from loretta_merge.methods.base import tensor_generator
+    from loretta_merge.methods.prune import draw_bernoulli
+
+    probs = torch.full((64, 32), 0.3)
+    same = draw_bernoulli(probs, tensor_generator(7, "w"))
+    want = torch.bernoulli(probs, generator=tensor_generator(7, "w"))
+    assert torch.equal(same, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this torch sees none)")
+@pytest.mark.parametrize("method,params,seed", [("task_arithmetic", {"lambda": 0.8}, None),
+                                                ("dare_linear", {"density": 0.5}, 3),
+                                                ("ties", {"density": 0.5}, None)])
+def test_cuda_method_merge_equals_cpu_merge(method, params, seed, tiny_model_dir, tmp_path):
+    """--device cuda runs the task-vector methods on the GPU: within one bf16 ulp of the CPU
+    merge, except (ties) the few entries where equal magnitudes at the cut or a sign vote of
+    ~0 fall the other way under another summation order: at most 1 in 10^4."""
+    from loretta_merge.adapters.config import RepConfig
+    from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model_dir("llama", torch.bfloat16)
+    rep = perturb_trainable(get_loretta_model(build_tiny("llama"), RepConfig(r=4, tensor_rank=3)), seed=1)
+    save_loretta_adapter(rep, tmp_path / "rep")
+    pm = perturb_trainable(get_peft_model(build_tiny("llama"), LoraConfig(r=4, target_modules=["q_proj", "down_proj"])), seed=2)
+    pm.save_pretrained(tmp_path / "lora")
+    outs = {}
+    for device in ("cpu", "cuda"):
+        outs[device] = tmp_path / f"out-{device}"
+        merge(base, [(tmp_path / "rep", 1.0), (tmp_path / "lora", 0.7)], outs[device], device=device,
+              progress=False, method=method, method_params=params, seed=seed)
+    cpu, gpu = CheckpointReader(outs["cpu"]), CheckpointReader(outs["cuda"])
+    assert cpu.keys() == gpu.keys()
+    for key in cpu.keys():
+        a, b = gpu.get(key).double(), cpu.get(key).double()
+        ulp = torch.exp2(torch.floor(torch.log2(torch.maximum(a.abs(), b.abs()).clamp_min(1e-30))) - 7)
+        off = int(((a - b).abs() > ulp).sum())
+        allowed = max(1, a.numel() // 10**4) if method == "ties" else 0
+        assert off <= allowed, f"{method} {key}: {off} entries more than 1 ulp apart"

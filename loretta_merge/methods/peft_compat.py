@@ -22,6 +22,7 @@ import torch
 
 from .base import Method, at, register
 from .core import elected_signs
+from .prune import draw_bernoulli
 
 
 def _live(deltas, weights):
@@ -42,7 +43,7 @@ def _dropped(delta: torch.Tensor, density: float, generator) -> torch.Tensor:
     """PEFT's random pruning: each entry kept with probability ``density``, then / density."""
     if density >= 1:
         return delta
-    kept = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    kept = draw_bernoulli(torch.full_like(delta, density), generator)
     return delta * kept / density
 
 

@@ -90,12 +90,21 @@ def largest_below_outliers(delta: torch.Tensor, density: float, gamma: float, *,
     return _apply(delta, mask.view_as(delta), rescale)
 
 
+def draw_bernoulli(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Bernoulli draws with ``probs``, made on the generator's device (the merge's seeded
+    generators are CPU ones: a GPU merge draws on the CPU and moves the mask over, so the same
+    seed keeps the same entries on every device)."""
+    if probs.device == generator.device:
+        return torch.bernoulli(probs, generator=generator)
+    return torch.bernoulli(probs.to(generator.device), generator=generator).to(probs.device)
+
+
 def random_keep(delta: torch.Tensor, density: float, generator: torch.Generator, *,
                 rescale: bool = True) -> torch.Tensor:
     """DARE: keep each entry independently with probability ``density``."""
     if density >= 1:
         return delta
-    kept = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    kept = draw_bernoulli(torch.full_like(delta, density), generator)
     return _apply(delta, kept, rescale)
 
 
@@ -113,5 +122,5 @@ def magnitude_ranked_keep(delta: torch.Tensor, density: float, epsilon: float,
     cols = rows.shape[1]
     position = ranks / (cols - 1) if cols > 1 else torch.full_like(ranks, 0.5)
     probs = (density - epsilon) + position * (2 * epsilon)
-    kept = torch.bernoulli(probs, generator=generator).reshape(delta.shape)
+    kept = draw_bernoulli(probs, generator).reshape(delta.shape)
     return _apply(delta, kept, rescale)
