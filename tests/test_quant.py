@@ -316,3 +316,20 @@ def test_errors_are_recorded_only_when_asked(monkeypatch, tmp_path):
     data = json.loads((tmp_path / "quant-errors.json").read_text())
     assert data["errors"]["lora/gptq"]["max_abs_logit_diff"] == 1e-3
     assert data["errors"]["lora/gptq"]["made_with"].startswith("gptqmodel ")
+
+
+def test_nibble_lookup_equals_shift_and_mask_unpacking():
+    """The byte-table decoder reads the same codes as the shift/mask unpacker, in both nibble
+    orders, including rows whose count is not a multiple of 8 (compressed-tensors' padding)."""
+    from loretta_merge.quant.base import nibble_lookup, unpack_bits
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(-2**31, 2**31 - 1, (5, 3), dtype=torch.int64, generator=g).to(torch.int32)
+    table = torch.randn(16, generator=g)
+    for count in (24, 21, 17):
+        want = table[unpack_bits(words, 4, count).long()]
+        got = nibble_lookup(words, table, high_first=False).view(5, -1)[:, :count]
+        assert torch.equal(got, want), count
+    raw = torch.randint(0, 256, (40,), dtype=torch.uint8, generator=g)
+    want = table[torch.stack([raw >> 4, raw & 0xF], dim=-1).reshape(-1).long()]
+    assert torch.equal(nibble_lookup(raw, table, high_first=True), want)

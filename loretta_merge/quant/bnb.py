@@ -18,7 +18,7 @@ import json
 import torch
 
 from .base import (QuantLayout, QuantWeight, TensorView, ceil_div, disagree, expect_shape,
-                   modules_with, numel)
+                   modules_with, nibble_lookup, numel)
 
 FMT = "bitsandbytes"
 _STATE = ".weight.quant_state.bitsandbytes__"
@@ -79,16 +79,14 @@ def _decode_4bit(w: QuantWeight, t: dict[str, torch.Tensor]) -> torch.Tensor:
     p = w.params
     n = numel(p["shape"])
     block = p["blocksize"]
-    raw = t["packed"].contiguous().view(torch.uint8).reshape(-1)
-    codes = torch.stack([raw >> 4, raw & 0xF], dim=-1).reshape(-1)[:n].long()
+    values = nibble_lookup(t["packed"], t["quant_map"].float(), high_first=True)[:n]
     absmax = t["absmax"].reshape(-1)
     if p["double_quant"]:
         outer = t["nested_absmax"].float().reshape(-1)
         idx = torch.arange(absmax.numel()) // p["nested_blocksize"]
         absmax = t["nested_quant_map"].float()[absmax.long()] * outer[idx] + p["nested_offset"]
-    values = t["quant_map"].float()[codes]
     if n % block == 0:  # the usual case: one broadcast multiply per block
-        return (values.view(-1, block) * absmax.float().view(-1, 1)).reshape(p["shape"])
+        return values.view(-1, block).mul_(absmax.float().view(-1, 1)).reshape(p["shape"])
     return (values * absmax.float().repeat_interleave(block)[:n]).reshape(p["shape"])
 
 

@@ -12,10 +12,12 @@ its tensors and checked against ``config_groups``.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .base import (QuantLayout, QuantWeight, TensorView, ceil_div, disagree, expect_group,
-                   modules_with, unpack_bits)
+                   modules_with, nibble_lookup, unpack_bits)
 
 FMT = "compressed-tensors"
 _FORMATS = {"float-quantized", "int-quantized", "naive-quantized", "pack-quantized"}
@@ -111,7 +113,14 @@ def _decode(w: QuantWeight, t: dict[str, torch.Tensor]) -> torch.Tensor:
     out, inp = w.shape
     bits, args = w.params["bits"], w.params["args"]
     offset = 1 << (bits - 1)
-    q = (unpack_bits(t["q"], bits, inp) - offset).float() if w.params["packed"] else t["q"].float()
+    if w.params["packed"] and bits == 4 and sys.byteorder == "little" and t["q"].shape[-1] * 8 >= inp:
+        # two codes per byte of the little-endian words: one table gather (base.nibble_lookup)
+        table = torch.arange(16, dtype=torch.float32) - offset
+        q = nibble_lookup(t["q"], table, high_first=False).view(out, -1)[:, :inp].contiguous()
+    elif w.params["packed"]:
+        q = (unpack_bits(t["q"], bits, inp) - offset).float()
+    else:
+        q = t["q"].to(torch.float32, copy=True)  # its own copy: scaled in place below
     g_idx = t.get("g_idx")
     scale = t["scale"]
     if (args.get("strategy") == "group" and g_idx is None and scale.ndim == 2
@@ -123,7 +132,7 @@ def _decode(w: QuantWeight, t: dict[str, torch.Tensor]) -> torch.Tensor:
             if w.params["packed"]:
                 zp = (unpack_bits(zp.T.contiguous(), bits, out) - offset).T
             q = q - zp.float().unsqueeze(-1)
-        return (q * scale.float().unsqueeze(-1)).view(out, inp)
+        return q.mul_(scale.float().unsqueeze(-1)).view(out, inp)  # q is this call's own
     if "zero_point" in t:
         zp = t["zero_point"]
         if w.params["packed"]:  # packed along dim 0: one bit stream per column of groups
