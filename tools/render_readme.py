@@ -146,7 +146,8 @@ def quant_errors_block() -> str:
 
 
 def quant_bench_block() -> str:
-    q = _load("quant-small.json")
+    name = "quant.json" if (RESULTS / "quant.json").is_file() else "quant-small.json"
+    q = _load(name)
     mb = q["cases"]["merge_nf4"]["output_bytes"] / 1e6
     interp = q["interpreter_rss_bytes"] / 1e9
     peaks = [q["cases"][f"merge_{f}"]["peak_rss_bytes"] / 1e9 for f in ("nf4", "w4a16")]
@@ -157,12 +158,15 @@ def quant_bench_block() -> str:
     states = [s for c in q["cases"].values() for s in c.get("machine_states", [])]
     merges = [_load(n) for n in MERGE_FILES[:2]]
     bf16 = [m["ratios"][c]["wall_over_floor"] for m in merges for c in ("lora", "rep")]
+    other = ("" if q["size"] == "full" else
+             "The ~1 GB preset (`--size full`, ~0.55B parameters) is to be run on a quiet machine: "
+             "`python benchmarks/bench_quant.py --size full`. ")
     return (
         f"Benchmark (`benchmarks/bench_quant.py`, one torch thread, fastest of {q['repeat']} runs): "
         f"NF4 and compressed-tensors W4A16 (group 128) bases merged with an r-16 LoRA. "
-        f"`--size {q['size']}` ({mb:.0f} MB bf16 output): NF4 {r['nf4']['vs_io_floor']:.1f}x the "
+        f"`--size {q['size']}` ({mb:.0f} MB bf16 output): NF4 {r['nf4']['vs_io_floor']:.2f}x the "
         f"I/O floor (read the quantized input, write the bf16 output), W4A16 "
-        f"{r['w4a16']['vs_io_floor']:.1f}x; peak RSS {_range(peaks)} GB of which {interp:.2f} GB "
+        f"{r['w4a16']['vs_io_floor']:.2f}x; peak RSS {_range(peaks)} GB of which {interp:.2f} GB "
         f"is the interpreter ({r['nf4']['peak_rss_above_interpreter_over_largest_shard']:.1f}x / "
         f"{r['w4a16']['peak_rss_above_interpreter_over_largest_shard']:.1f}x the {mb:.0f} MB output "
         f"shard above it). "
@@ -170,9 +174,8 @@ def quant_bench_block() -> str:
            "The JSON evaluates no targets. ")
         + machine_note(states)
         + f" For comparison, the bf16 merges of `bench_merge.py` (1 GB and 2 GB checkpoints) run at "
-        f"{_range(bf16)}x their floor. The ~1 GB preset (`--size full`, ~0.55B parameters) is to "
-        f"be run on a quiet machine: `python benchmarks/bench_quant.py --size full`. "
-        + _src("quant-small.json", *MERGE_FILES[:2]))
+        f"{_range(bf16)}x their floor. " + other
+        + _src(name, *MERGE_FILES[:2]))
 
 
 def onnx_switch_block() -> str:
