@@ -33,7 +33,7 @@ import train_table  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 # the files whose blocks are rendered here, relative to the repository root
-FILES = ("README.md", "docs/benchmarks.md", "docs/quantized.md", "docs/onnx.md")
+FILES = ("README.md", "docs/benchmarks.md", "docs/quantized.md", "docs/onnx.md", "docs/merge-methods.md")
 
 
 def _load(name: str) -> dict:
@@ -480,6 +480,45 @@ def onnx_int8_classifier_block() -> str:
     return "\n".join(lines)
 
 
+def _methods_rows(methods: dict, *, floor: bool) -> list[str]:
+    rows = []
+    for name, m in methods.items():
+        label = "floor (read every input, write one output, fsync)" if name == "floor" else name
+        ratio = f" | {m['over_floor']:.1f}x" if floor else ""
+        rows.append(f"| {label} | {m['median_seconds']:.2f}{ratio} | {m['peak_rss_bytes'] / 2**30:.2f} GiB |")
+    return rows
+
+
+def _methods_states(runs: dict) -> list:
+    return [r.get("machine_state") for rs in runs.values() for r in rs]
+
+
+def methods_block() -> str:
+    q = _load("methods-1gb.json")
+    lines = [f"`python benchmarks/bench_methods.py --size {q['size']}`: bench_merge.py's ~1 GB bf16 "
+             f"LLaMA-shaped checkpoint, {' and '.join(q['adapters'])} on all seven linears of every "
+             f"layer; each method in its own process, median of {q['repeat']} round(s); peak RSS "
+             f"includes the interpreter and imports.", "",
+             "| method | seconds | peak RSS |", "|---|---|---|"]
+    lines += _methods_rows(q["methods"], floor=False)
+    lines += ["", machine_note(_methods_states(q["runs"])) + " " + _src("methods-1gb.json")]
+    return "\n".join(lines)
+
+
+def methods_full_block() -> str:
+    name = next(n for n in ("methods-full-1gb.json", "methods-full-100mb.json")
+                if (RESULTS / n).is_file())
+    q = _load(name)
+    f = q["full"]
+    lines = [f"`--size {q['size']} --inputs full` ({f['checkpoint_bytes'] / 1e9:.2f} GB bf16 base; "
+             f"{'; '.join(f['inputs'])}), median of {q['repeat']} round(s), each case over the "
+             f"floor of its own round:", "",
+             "| case | seconds | over the floor | peak RSS |", "|---|---|---|---|"]
+    lines += _methods_rows(f["methods"], floor=True)
+    lines += ["", machine_note(_methods_states(f["runs"])) + " " + _src(name)]
+    return "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "supported-models": supported_models_block,
     "quant-errors": quant_errors_block,
@@ -495,6 +534,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "convert-bench": convert_block,
     "onnx-export": onnx_export_block,
     "train-bench": train_block,
+    "methods-bench": methods_block,
+    "methods-full-bench": methods_full_block,
 }
 
 
