@@ -107,10 +107,12 @@ def _rel_factors(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: int
 
 
 def tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int, shapes: str,
-               fit_steps: int) -> tuple[RepModule, float, float | None, str]:
+               fit_steps: int, fit_to: str = "svd") -> tuple[RepModule, float, float | None, str]:
     """LoRETTA_rep cores for one module: TT-SVD of its factors, then cores fitted to the
     delta (alternating least squares when its linear systems are small, else ``fit_steps``
-    Adam steps); the better of the two by the measured delta error.
+    Adam steps); the better of the two by the measured delta error. ``fit_to``: "svd"
+    fits the product of the cores to the rank-k truncated SVD ``lora`` holds; "delta" to
+    ``d`` itself (through its full thin SVD, so no ``(out, in)`` residual is formed).
     Returns (module, err TT-SVD, err fit, "tt-svd" | "als" | "adam": the one kept)."""
     from .lora import lora_to_tt
     from .ttfit import als_budget_ok, als_rep_cores, fit_rep_cores
@@ -122,7 +124,14 @@ def tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int,
     err_svd = _rel(d, m0.delta().T)
     if fit_steps <= 0:
         return m0, err_svd, None, "tt-svd"
-    p, q = lora.a.T.contiguous(), lora.b.T.contiguous()
+    if fit_to not in ("svd", "delta"):
+        raise ConfigError(f"fit_to must be 'svd' or 'delta', got {fit_to!r}")
+    if fit_to == "delta":
+        u, s, vh = torch.linalg.svd(d.float(), full_matrices=False)
+        root = s.clamp_min(0).sqrt()
+        p, q = (root[:, None] * vh).T.contiguous(), (u * root).T.contiguous()
+    else:
+        p, q = lora.a.T.contiguous(), lora.b.T.contiguous()
     if als_budget_ok(p.shape[0], k, q.shape[1], m0.a.cores, m0.b.cores):
         ca, cb, _, _ = als_rep_cores(p, q, m0.a.cores, m0.b.cores)
         how = "als"
