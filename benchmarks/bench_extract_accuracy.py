@@ -10,7 +10,10 @@ scored once on the test movies:
 - ``lora_svd``: the truncated SVD of each delta at rank r (what ``extract --to lora`` computes);
 - ``tt_svd``: TT cores by TT-SVD of those factors (``extract --to tt --fit-steps 0``);
 - ``tt_fit``: the same cores, then fitted by alternating least squares to the delta itself
-  (``tt_module(..., fit_to="delta")``), kept only where the measured delta error is lower.
+  (``tt_module(..., fit_to="delta")``), kept only where the measured delta error is lower;
+- ``tt_refined``: the ``tt_fit`` cores of every module distilled together towards the
+  fine-tune's logits on the training texts, labels unused
+  (``converters.refine.distill_rep_modules``: KL, Adam, a time budget per budget).
 
 Each TT budget uses the largest TT rank whose parameters stay at or under the LoRA's at
 rank r (the same inner width r): equal parameters, the budget's x value. Every Linear weight
@@ -47,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_DEMO = ROOT / "benchmarks" / "results" / "train_demo.json"
 LR_GRID = [2e-5, 5e-5, 1e-4]
 RANKS = [1, 2, 4, 8]
-STAGES = ("lora_svd", "tt_svd", "tt_fit")
+STAGES = ("lora_svd", "tt_svd", "tt_fit", "tt_refined")
 
 
 # ----------------------------------------------------------------------- fine-tuning
@@ -96,6 +99,11 @@ class Scorer:
                       padding=True, return_tensors="pt")
             self.batches.append((enc, torch.tensor([r["label"] for r in part])))
         self.ft_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.tok = tok
+
+    def tokenized(self, texts: list[str], *, batch: int, max_length: int) -> list[dict]:
+        return [dict(self.tok(texts[i:i + batch], truncation=True, max_length=max_length,
+                              padding=True, return_tensors="pt")) for i in range(0, len(texts), batch)]
 
     def accuracy(self, changes: dict | None = None) -> float:
         """Test accuracy of the fine-tune with ``changes`` (key -> tensor) written over it."""
@@ -193,6 +201,7 @@ def tt_at_budget(key: str, lora, d, *, fit: bool) -> tuple:
 def extract_stage(stage: str, r: int, ft: dict, base: dict, targets: list[str], log) -> tuple[dict, dict]:
     """(changes over the fine-tune, record) for one stage at LoRA rank ``r``."""
     changes, params, errs, trs, secs = {}, 0, [], [], time.perf_counter()
+    modules = {}
     for key in targets:
         d = ft[key].float() - base[key].float()
         lora = lora_factors(d, min(r, *d.shape))
@@ -203,6 +212,7 @@ def extract_stage(stage: str, r: int, ft: dict, base: dict, targets: list[str], 
             m, tr, e_svd, e_fit, how = tt_at_budget(key, lora, d, fit=stage == "tt_fit")
             approx = m.delta().T
             params += m.num_params()
+            modules[key.removesuffix(".weight")] = m
             trs.append(tr)
         errs.append(float((d - approx).norm() / d.norm()))
         changes[key] = base[key] + approx.to(base[key].dtype)
@@ -212,6 +222,42 @@ def extract_stage(stage: str, r: int, ft: dict, base: dict, targets: list[str], 
         rec["tensor_ranks"] = sorted(set(trs))
     log(f"  {stage} r={r}: {params:,} module params, mean delta error {rec['delta_rel_error_mean']:.3f}, "
         f"{rec['seconds']} s")
+    return changes, rec, modules
+
+
+def refine_stage(r: int, modules: dict, base: dict, scorer, emb_reset: dict, unlabelled: list,
+                 *, seconds: float, max_steps: int, log) -> tuple[dict, dict]:
+    """The ``tt_fit`` modules distilled towards the fine-tune's logits on unlabelled training
+    texts (labels never read), the student with the base's embeddings as scored."""
+    from loretta_merge.converters.refine import distill_rep_modules
+
+    model = scorer.model
+    model.load_state_dict(scorer.ft_state)            # the teacher: the fine-tune itself
+    import torch
+
+    with torch.no_grad():
+        teacher = [model(**b).logits for b in unlabelled]
+    model.load_state_dict({**scorer.ft_state, **emb_reset})
+    t = time.perf_counter()
+    refined, rep = distill_rep_modules(
+        model, modules, {n: base[n + ".weight"] for n in modules}, unlabelled,
+        teacher_outputs=teacher, seconds=seconds, max_steps=max_steps, lr=1e-3, progress=True)
+    changes, params, errs = {}, 0, []
+    for name, m in refined.items():
+        key = name + ".weight"
+        d = scorer.ft_state[key].float() - base[key].float()
+        approx = m.delta().T
+        params += m.num_params()
+        errs.append(float((d - approx).norm() / d.norm()))
+        changes[key] = base[key] + approx.to(base[key].dtype)
+    rec = {"stage": "tt_refined", "rank": r, "module_params": params,
+           "delta_rel_error_mean": sum(errs) / len(errs), "seconds": round(time.perf_counter() - t, 1),
+           "distill": {"steps": rep.steps, "seconds": round(rep.seconds, 1), "stopped_by": rep.stopped_by,
+                       "kl_first": rep.loss_first, "kl_last": rep.loss_last, "lr": 1e-3,
+                       "batch_size": unlabelled[0]["input_ids"].shape[0] if unlabelled else None,
+                       "texts": "the training rows' texts, labels unused"}}
+    log(f"  tt_refined r={r}: {rep.steps} steps in {rep.seconds:.0f} s, KL {rep.loss_first:.4f} -> "
+        f"{rep.loss_last:.4f}")
     return changes, rec
 
 
@@ -306,6 +352,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, nargs="+", default=LR_GRID)
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--distill-seconds", type=float, default=60.0,
+                    help="tt_refined: time budget of each distillation")
+    ap.add_argument("--distill-steps", type=int, default=250,
+                    help="tt_refined: at most this many steps (batch 16 unlabelled texts)")
     ap.add_argument("--work", type=Path, default=None,
                     help="keep the fine-tunes here and reuse them on a later run (default: a "
                          "temporary directory)")
@@ -317,6 +367,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--ranks and --lr take positive values")
     if args.smoke:
         args.ranks, args.lr = args.ranks[:1], args.lr[-1:]
+        args.distill_steps, args.distill_seconds = 1, 5.0
     args.output = args.output or ROOT / "benchmarks" / "results" / (
         "extract_accuracy_smoke.json" if args.smoke else "extract_accuracy.json")
     if args.output.exists() and not args.force:
@@ -379,10 +430,22 @@ def main(argv=None) -> int:
         f"{refs['full_base_embeddings']['test_accuracy']:.4f}; no Linear delta "
         f"{refs['no_linear_delta']['test_accuracy']:.4f}")
     # 3. extraction at each budget and stage, each scored once on the test movies
+    unlabelled = scorer.tokenized([r["text"] for r in split["train"]], batch=16,
+                                  max_length=budget["max_length"])
+    fitted = {}
     for r in args.ranks:
         for stage in args.stages:
             with measuring() as machine:
-                changes, rec = extract_stage(stage, r, ft, base, targets, log)
+                if stage == "tt_refined":
+                    if r not in fitted:
+                        _, _, fitted[r] = extract_stage("tt_fit", r, ft, base, targets, log)
+                    changes, rec = refine_stage(r, fitted[r], base, scorer, emb_reset, unlabelled,
+                                                seconds=args.distill_seconds,
+                                                max_steps=args.distill_steps, log=log)
+                else:
+                    changes, rec, mods = extract_stage(stage, r, ft, base, targets, log)
+                    if stage == "tt_fit":
+                        fitted[r] = mods
                 rec["test_accuracy"] = scorer.accuracy({**emb_reset, **changes})
             rec["params"] = rec["module_params"] + carried_params
             rec["machine"] = machine
