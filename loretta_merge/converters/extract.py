@@ -107,12 +107,15 @@ def _rel_factors(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: int
 
 
 def tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int, shapes: str,
-               fit_steps: int, fit_to: str = "svd") -> tuple[RepModule, float, float | None, str]:
+               fit_steps: int, fit_to: str = "svd", als_max_entries: int = 20_000_000
+               ) -> tuple[RepModule, float, float | None, str]:
     """LoRETTA_rep cores for one module: TT-SVD of its factors, then cores fitted to the
     delta (alternating least squares when its linear systems are small, else ``fit_steps``
     Adam steps); the better of the two by the measured delta error. ``fit_to``: "svd"
     fits the product of the cores to the rank-k truncated SVD ``lora`` holds; "delta" to
     ``d`` itself (through its full thin SVD, so no ``(out, in)`` residual is formed).
+    ``als_max_entries``: ALS only where one core's explicit map has at most this many entries
+    (its linear systems grow with the core: a lower cap trades ALS for Adam, faster).
     Returns (module, err TT-SVD, err fit, "tt-svd" | "als" | "adam": the one kept)."""
     from .lora import lora_to_tt
     from .ttfit import als_budget_ok, als_rep_cores, fit_rep_cores
@@ -132,7 +135,7 @@ def tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int,
         p, q = (root[:, None] * vh).T.contiguous(), (u * root).T.contiguous()
     else:
         p, q = lora.a.T.contiguous(), lora.b.T.contiguous()
-    if als_budget_ok(p.shape[0], k, q.shape[1], m0.a.cores, m0.b.cores):
+    if als_budget_ok(p.shape[0], k, q.shape[1], m0.a.cores, m0.b.cores, max_entries=als_max_entries):
         ca, cb, _, _ = als_rep_cores(p, q, m0.a.cores, m0.b.cores)
         how = "als"
     else:
