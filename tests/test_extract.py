@@ -493,3 +493,17 @@ def test_randomized_svd_matches_the_exact_truncation():
     assert not _use_randomized("exact", (2048, 2048), 16, None, None)
     with pytest.raises(ConfigError):
         extract("a", "b", rank=4, energy=0.9, svd="randomized")
+
+
+def test_extract_fit_to_delta_is_never_worse_against_the_delta(tmp_path):
+    """``extract(fit_to="delta")``: each module's measured delta error is at most the one of
+    the fit to the truncation (both start from the same TT-SVD cores); a bad value is refused."""
+    base, ft, _ = make_pair("bert", tmp_path)
+    _, rep_svd = extract(base, ft, to="tt", rank=2, tensor_rank=3)
+    adapter, rep_delta = extract(base, ft, to="tt", rank=2, tensor_rank=3, fit_to="delta")
+    assert adapter.modules
+    by_name = {r.name: r for r in rep_svd.modules}
+    for r in rep_delta.modules:
+        assert r.err <= by_name[r.name].err + 1e-6
+    with pytest.raises(ConfigError, match="--fit-to"):
+        extract(base, ft, to="tt", rank=2, fit_to="full")

@@ -169,14 +169,16 @@ def _config(plan: ExtractPlan, modules: dict, to: str, *, rank, energy, eps, ten
 def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
             energy: float | None = None, eps: float | None = None, target_modules=None,
             tensor_rank: int = 5, shapes: str = "paper", fit_steps: int = 300,
-            svd: str = "auto", progress=None) -> tuple[Adapter, RankReport]:
+            svd: str = "auto", progress=None, fit_to: str = "svd") -> tuple[Adapter, RankReport]:
     """The adapter that turns checkpoint ``base`` into (an approximation of) ``finetuned``.
 
     ``to``: ``"lora"`` (PEFT LoRA, write with ``formats.write_peft_lora``) or ``"tt"``
     (LoRETTA_rep, write with ``formats.write_adapter``). Rank rule: ``rank`` / ``energy`` /
     ``eps`` (:mod:`.lowrank`). ``target_modules``: PEFT-style keys, ``"all-linear"``, or
     None for the architecture's defaults (all Linear weights when it has none).
-    ``tensor_rank`` / ``shapes`` / ``fit_steps``: the TT form (``to="tt"``).
+    ``tensor_rank`` / ``shapes`` / ``fit_steps``: the TT form (``to="tt"``); ``fit_to``:
+    what the cores are fitted to, the rank-k truncated SVD (``"svd"``) or the delta itself
+    (``"delta"``, through its full SVD: the lower error against the delta).
     ``svd``: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (a fixed ``rank`` only:
     :func:`.lowrank.randomized_svd`) or ``"auto"`` (randomized for a fixed rank at most a
     quarter of a module's smaller side less the oversampling, else exact); each module's
@@ -195,6 +197,9 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
         raise ConfigError(f"--to must be 'lora' or 'tt', got {to!r}; pass --to lora or --to tt")
     if to == "tt" and (isinstance(tensor_rank, bool) or not isinstance(tensor_rank, int) or tensor_rank < 1):
         raise ConfigError(f"--tensor-rank must be an integer >= 1, got {tensor_rank!r}; pass e.g. --tensor-rank 5")
+    if fit_to not in ("svd", "delta"):
+        raise ConfigError(f"--fit-to must be 'svd' or 'delta', got {fit_to!r}; pass --fit-to svd "
+                          f"or --fit-to delta")
     if to == "tt" and shapes not in ("paper", "auto"):
         raise ConfigError(f"--shapes must be 'paper' or 'auto', got {shapes!r}; pass --shapes paper or --shapes auto")
     start = time.perf_counter()
@@ -252,7 +257,8 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                           params=k * sum(d.shape), params_before=d.numel())
             if to == "tt":
                 mod, e_svd, e_fit, how = tt_module(name, lora, d, tensor_rank=tensor_rank,
-                                                    shapes=shapes, fit_steps=fit_steps)
+                                                    shapes=shapes, fit_steps=fit_steps,
+                                                    fit_to=fit_to)
                 row.err_tt_svd, row.err_tt_fit, row.tt_method = e_svd, e_fit, how
                 row.err = min(e_svd, e_fit if e_fit is not None else math.inf)
                 row.params = mod.num_params()
