@@ -318,7 +318,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("parameters of the adapter (modules + carried norms, biases, head; log scale)")
     ax.set_ylabel("test accuracy (test movies)")
     ax.set_title("MiniLM full fine-tune extracted, Rotten Tomatoes, budget demo", fontsize=9)
-    ax.legend(fontsize=6.5, loc="lower right")
+    ax.legend(fontsize=6.5, loc="lower center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -399,7 +399,8 @@ def main(argv=None) -> int:
     files = {p: write_jsonl(rows, work / f"{p}.jsonl") for p, rows in split.items() if p != "test"}
     results = {"benchmark": "extract_accuracy", "command": " ".join(["python", *sys.argv]),
                "budget": budget, "split": describe_split(split), "lr_grid": args.lr,
-               "ranks": args.ranks, "smoke": args.smoke, "extracted": [], "complete": False}
+               "ranks": args.ranks, "smoke": args.smoke, "distill_seconds": args.distill_seconds,
+               "distill_max_steps": args.distill_steps, "extracted": [], "complete": False}
     # 1. full fine-tunes, learning rate chosen on validation
     with measuring() as machine:
         sweep = []

@@ -70,11 +70,10 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
     lines += [f"| {n} | {_pct(a)} | {'-' if p is None else f'{p:,}'} |" for n, a, p in ref_rows]
     gaps = []
     for k, row in sorted(r.get("summary", {}).items(), key=lambda kv: int(kv[0])):
-        best = [(row[f"{s}_minus_lora_points"], s) for s in ("tt_svd", "tt_fit", "tt_refined")
-                if f"{s}_minus_lora_points" in row]
-        if best:
-            g, s = max(best)
-            gaps.append(f"rank {k}: {g:+.1f} ({STAGES[s]})")
+        parts = [f"{row[f'{s}_minus_lora_points']:+.1f}" for s in ("tt_svd", "tt_fit", "tt_refined")
+                 if f"{s}_minus_lora_points" in row]
+        if parts:
+            gaps.append(f"rank {k}: {' / '.join(parts)}")
     states = [r.get("finetune", {}).get("machine"), refs.get("machine")]
     states += [e.get("machine") for e in r["extracted"]]
     lr = r.get("finetune", {}).get("chosen_lr")
@@ -82,7 +81,15 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
              f"full fine-tune at learning rate {lr:g} (chosen on validation from "
              f"{', '.join(f'{x:g}' for x in r['lr_grid'])})."]
     if gaps:
-        notes.append("Best TT stage minus LoRA at equal parameters, in points: " + "; ".join(gaps) + ".")
+        shown = [STAGES[s].split(": ")[1] for s in ("tt_svd", "tt_fit", "tt_refined") if s in stages]
+        notes.append(f"TT minus LoRA at equal parameters, in points ({' / '.join(shown)}): "
+                     + "; ".join(gaps) + ".")
+    refined = [e for e in r["extracted"] if e["stage"] == "tt_refined" and "distill" in e]
+    if refined:
+        steps = [e["distill"]["steps"] for e in refined]
+        notes.append(f"Distillation: {min(steps)}-{max(steps)} steps of batch "
+                     f"{refined[0]['distill']['batch_size']} (a time budget of "
+                     f"{r.get('distill_seconds', '?')} s each); LoRA was not distilled.")
     notes.append(_machine(states))
     return "\n".join(lines) + "\n\n" + " ".join(notes) + " Source: `benchmarks/results/extract_accuracy.json`.\n"
 
