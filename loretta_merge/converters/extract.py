@@ -128,7 +128,8 @@ def tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int,
     if fit_steps <= 0:
         return m0, err_svd, None, "tt-svd"
     if fit_to not in ("svd", "delta"):
-        raise ConfigError(f"fit_to must be 'svd' or 'delta', got {fit_to!r}")
+        raise ConfigError(f"fit_to must be 'svd' or 'delta', got {fit_to!r}; pass fit_to='svd' "
+                          f"or fit_to='delta'")
     if fit_to == "delta":
         u, s, vh = torch.linalg.svd(d.float(), full_matrices=False)
         root = s.clamp_min(0).sqrt()
