@@ -410,7 +410,7 @@ def main(argv=None) -> int:
             log(f"full lr {lr:g}: validation accuracy {res['val_accuracy']:.4f}")
     best = max(sweep, key=lambda r: r["val_accuracy"])
     ft_dir = work / f"full-lr{best['lr']:g}"
-    results["finetune"] = {"sweep": sweep, "chosen_lr": best["lr"], "machine": machine}
+    results["finetune"] = {"sweep": sweep, "chosen_lr": best["lr"], "machine_state": machine}
     # 2. the pieces: fine-tune, base, what changed
     scorer = Scorer(ft_dir, split["test"], max_length=budget["max_length"])
     ft = scorer.ft_state
@@ -430,7 +430,7 @@ def main(argv=None) -> int:
         refs["no_linear_delta"] = {"test_accuracy": scorer.accuracy(
             {**emb_reset, **{k: base[k] for k in targets}}), "params": carried_params,
             "what": "base Linear weights and embeddings; the changed norms, biases and head"}
-    refs["machine"] = machine
+    refs["machine_state"] = machine
     results["references"] = refs
     log(f"full fine-tune: test {refs['full']['test_accuracy']:.4f}; base embeddings "
         f"{refs['full_base_embeddings']['test_accuracy']:.4f}; no Linear delta "
@@ -454,7 +454,7 @@ def main(argv=None) -> int:
                         fitted[r] = mods
                 rec["test_accuracy"] = scorer.accuracy({**emb_reset, **changes})
             rec["params"] = rec["module_params"] + carried_params
-            rec["machine"] = machine
+            rec["machine_state"] = machine
             results["extracted"].append(rec)
             log(f"  -> test accuracy {rec['test_accuracy']:.4f} at {rec['params']:,} parameters")
             results["summary"] = summary(results)

@@ -74,8 +74,8 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
                  if f"{s}_minus_lora_points" in row]
         if parts:
             gaps.append(f"rank {k}: {' / '.join(parts)}")
-    states = [r.get("finetune", {}).get("machine"), refs.get("machine")]
-    states += [e.get("machine") for e in r["extracted"]]
+    states = [r.get("finetune", {}).get("machine_state"), refs.get("machine_state")]
+    states += [e.get("machine_state") for e in r["extracted"]]
     lr = r.get("finetune", {}).get("chosen_lr")
     notes = [f"Test accuracy in % on the test movies ({r['split']['test']['rows']:,} rows); "
              f"full fine-tune at learning rate {lr:g} (chosen on validation from "
