@@ -345,6 +345,30 @@ def test_als_and_adam_fits_agree_and_never_lose():
     assert als == pytest.approx(adam, rel=2e-3)
 
 
+def test_tt_fit_to_the_delta_beats_the_fit_to_its_truncation():
+    """A full-rank delta (a full fine-tune's): cores fitted to the delta itself reach a lower
+    delta error than cores fitted to its rank-k truncated SVD, and both beat TT-SVD."""
+    from loretta_merge.converters.extract import tt_module
+    from loretta_merge.errors import ConfigError
+    from loretta_merge.formats import LoraModule
+
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(64, 32, generator=g))
+    d = (u * torch.arange(1, 33).float() ** -0.5) @ v.T          # (32, 64), decaying spectrum
+    uu, s, vh = torch.linalg.svd(d, full_matrices=False)
+    root = s[:4].sqrt()
+    lora = LoraModule(a=root[:, None] * vh[:4], b=uu[:, :4] * root, scale=1.0)
+    _, e0, e_svd, _ = tt_module("m", lora, d, tensor_rank=2, shapes="paper", fit_steps=300)
+    m, e0b, e_delta, how = tt_module("m", lora, d, tensor_rank=2, shapes="paper", fit_steps=300,
+                                     fit_to="delta")
+    assert e0 == e0b and e_svd < e0 and how == "als"
+    assert e_delta < e_svd - 1e-4
+    assert float((d - m.delta().T).norm() / d.norm()) == pytest.approx(e_delta, rel=1e-5)
+    with pytest.raises(ConfigError, match="fit_to"):
+        tt_module("m", lora, d, tensor_rank=2, shapes="paper", fit_steps=1, fit_to="x")
+
+
 def test_changed_bias_of_a_target(tmp_path):
     """A targeted module whose bias changed too: the LoRA carries its weight whole (PEFT
     cannot hold both) and PEFT still merges to the fine-tune; the TT form keeps the module
@@ -469,3 +493,17 @@ def test_randomized_svd_matches_the_exact_truncation():
     assert not _use_randomized("exact", (2048, 2048), 16, None, None)
     with pytest.raises(ConfigError):
         extract("a", "b", rank=4, energy=0.9, svd="randomized")
+
+
+def test_extract_fit_to_delta_is_never_worse_against_the_delta(tmp_path):
+    """``extract(fit_to="delta")``: each module's measured delta error is at most the one of
+    the fit to the truncation (both start from the same TT-SVD cores); a bad value is refused."""
+    base, ft, _ = make_pair("bert", tmp_path)
+    _, rep_svd = extract(base, ft, to="tt", rank=2, tensor_rank=3)
+    adapter, rep_delta = extract(base, ft, to="tt", rank=2, tensor_rank=3, fit_to="delta")
+    assert adapter.modules
+    by_name = {r.name: r for r in rep_svd.modules}
+    for r in rep_delta.modules:
+        assert r.err <= by_name[r.name].err + 1e-6
+    with pytest.raises(ConfigError, match="--fit-to"):
+        extract(base, ft, to="tt", rank=2, fit_to="full")

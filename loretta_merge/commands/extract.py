@@ -38,6 +38,9 @@ def _targets(values: tuple[str, ...]) -> list[str] | str | None:
 @click.option("--fit-steps", type=int, default=300, show_default=True,
               help="--to tt: fit the cores to the delta after TT-SVD (alternating least squares "
                    "for small cores, else this many Adam steps); 0: TT-SVD only.")
+@click.option("--fit-to", type=click.Choice(["svd", "delta"]), default="svd", show_default=True,
+              help="--to tt: fit the cores to the rank-k truncated SVD, or to the delta itself "
+                   "(its full SVD: a lower error against the delta, a slower fit).")
 @click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto",
               show_default=True,
               help="auto: a randomized SVD for a fixed --rank well below a module's size (its "
@@ -45,7 +48,7 @@ def _targets(values: tuple[str, ...]) -> list[str] | str | None:
 @json_option
 @force_option()
 def extract_command(base, finetuned, out, to, rank, energy, eps, target_modules, tensor_rank,
-                    shapes, fit_steps, svd, as_json, force):
+                    shapes, fit_steps, fit_to, svd, as_json, force):
     """Extract the difference FINETUNED - BASE as a low-rank adapter (truncated SVD per module).
 
     Both checkpoints are streamed tensor by tensor. Changed tensors that are not targets
@@ -64,6 +67,6 @@ def extract_command(base, finetuned, out, to, rank, energy, eps, target_modules,
     output_exists_check(out, force)
     adapter, report = extract(base, finetuned, to=to, rank=rank, energy=energy, eps=eps,
                               target_modules=_targets(target_modules), tensor_rank=tensor_rank,
-                              shapes=shapes, fit_steps=fit_steps, svd=svd)
+                              shapes=shapes, fit_steps=fit_steps, svd=svd, fit_to=fit_to)
     (write_adapter if to == "tt" else write_peft_lora)(adapter, out, force=force)
     echo_report(report, out, as_json=as_json)

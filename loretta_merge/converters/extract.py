@@ -107,10 +107,15 @@ def _rel_factors(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: int
 
 
 def tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int, shapes: str,
-               fit_steps: int) -> tuple[RepModule, float, float | None, str]:
+               fit_steps: int, fit_to: str = "svd", als_max_entries: int = 20_000_000
+               ) -> tuple[RepModule, float, float | None, str]:
     """LoRETTA_rep cores for one module: TT-SVD of its factors, then cores fitted to the
     delta (alternating least squares when its linear systems are small, else ``fit_steps``
-    Adam steps); the better of the two by the measured delta error.
+    Adam steps); the better of the two by the measured delta error. ``fit_to``: "svd"
+    fits the product of the cores to the rank-k truncated SVD ``lora`` holds; "delta" to
+    ``d`` itself (through its full thin SVD, so no ``(out, in)`` residual is formed).
+    ``als_max_entries``: ALS only where one core's explicit map has at most this many entries
+    (its linear systems grow with the core: a lower cap trades ALS for Adam, faster).
     Returns (module, err TT-SVD, err fit, "tt-svd" | "als" | "adam": the one kept)."""
     from .lora import lora_to_tt
     from .ttfit import als_budget_ok, als_rep_cores, fit_rep_cores
@@ -122,8 +127,16 @@ def tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int,
     err_svd = _rel(d, m0.delta().T)
     if fit_steps <= 0:
         return m0, err_svd, None, "tt-svd"
-    p, q = lora.a.T.contiguous(), lora.b.T.contiguous()
-    if als_budget_ok(p.shape[0], k, q.shape[1], m0.a.cores, m0.b.cores):
+    if fit_to not in ("svd", "delta"):
+        raise ConfigError(f"fit_to must be 'svd' or 'delta', got {fit_to!r}; pass fit_to='svd' "
+                          f"or fit_to='delta'")
+    if fit_to == "delta":
+        u, s, vh = torch.linalg.svd(d.float(), full_matrices=False)
+        root = s.clamp_min(0).sqrt()
+        p, q = (root[:, None] * vh).T.contiguous(), (u * root).T.contiguous()
+    else:
+        p, q = lora.a.T.contiguous(), lora.b.T.contiguous()
+    if als_budget_ok(p.shape[0], k, q.shape[1], m0.a.cores, m0.b.cores, max_entries=als_max_entries):
         ca, cb, _, _ = als_rep_cores(p, q, m0.a.cores, m0.b.cores)
         how = "als"
     else:
@@ -157,14 +170,16 @@ def _config(plan: ExtractPlan, modules: dict, to: str, *, rank, energy, eps, ten
 def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
             energy: float | None = None, eps: float | None = None, target_modules=None,
             tensor_rank: int = 5, shapes: str = "paper", fit_steps: int = 300,
-            svd: str = "auto", progress=None) -> tuple[Adapter, RankReport]:
+            svd: str = "auto", progress=None, fit_to: str = "svd") -> tuple[Adapter, RankReport]:
     """The adapter that turns checkpoint ``base`` into (an approximation of) ``finetuned``.
 
     ``to``: ``"lora"`` (PEFT LoRA, write with ``formats.write_peft_lora``) or ``"tt"``
     (LoRETTA_rep, write with ``formats.write_adapter``). Rank rule: ``rank`` / ``energy`` /
     ``eps`` (:mod:`.lowrank`). ``target_modules``: PEFT-style keys, ``"all-linear"``, or
     None for the architecture's defaults (all Linear weights when it has none).
-    ``tensor_rank`` / ``shapes`` / ``fit_steps``: the TT form (``to="tt"``).
+    ``tensor_rank`` / ``shapes`` / ``fit_steps``: the TT form (``to="tt"``); ``fit_to``:
+    what the cores are fitted to, the rank-k truncated SVD (``"svd"``) or the delta itself
+    (``"delta"``, through its full SVD: the lower error against the delta).
     ``svd``: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (a fixed ``rank`` only:
     :func:`.lowrank.randomized_svd`) or ``"auto"`` (randomized for a fixed rank at most a
     quarter of a module's smaller side less the oversampling, else exact); each module's
@@ -183,6 +198,9 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
         raise ConfigError(f"--to must be 'lora' or 'tt', got {to!r}; pass --to lora or --to tt")
     if to == "tt" and (isinstance(tensor_rank, bool) or not isinstance(tensor_rank, int) or tensor_rank < 1):
         raise ConfigError(f"--tensor-rank must be an integer >= 1, got {tensor_rank!r}; pass e.g. --tensor-rank 5")
+    if fit_to not in ("svd", "delta"):
+        raise ConfigError(f"--fit-to must be 'svd' or 'delta', got {fit_to!r}; pass --fit-to svd "
+                          f"or --fit-to delta")
     if to == "tt" and shapes not in ("paper", "auto"):
         raise ConfigError(f"--shapes must be 'paper' or 'auto', got {shapes!r}; pass --shapes paper or --shapes auto")
     start = time.perf_counter()
@@ -240,7 +258,8 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                           params=k * sum(d.shape), params_before=d.numel())
             if to == "tt":
                 mod, e_svd, e_fit, how = tt_module(name, lora, d, tensor_rank=tensor_rank,
-                                                    shapes=shapes, fit_steps=fit_steps)
+                                                    shapes=shapes, fit_steps=fit_steps,
+                                                    fit_to=fit_to)
                 row.err_tt_svd, row.err_tt_fit, row.tt_method = e_svd, e_fit, how
                 row.err = min(e_svd, e_fit if e_fit is not None else math.inf)
                 row.params = mod.num_params()

@@ -26,6 +26,12 @@ def _full(cores: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
     return out.reshape(rows, cols)
 
 
+def _inner(cores_a, rows_a: int) -> int:
+    """The inner width ``k`` of the TT factor ``A (rows_a, k)`` from its cores' mode sizes;
+    it may differ from the target's ``p.shape[1]`` (a target given by its full SVD)."""
+    return math.prod(int(c.shape[1]) for c in cores_a) // rows_a
+
+
 def _loss(p, q, ca, cb, den, rows_a, k, cols_b):
     a = _full(ca, rows_a, k)
     b = _full(cb, k, cols_b)
@@ -44,8 +50,8 @@ def fit_rep_cores(p: torch.Tensor, q: torch.Tensor, cores_a: list[torch.Tensor],
     cores when no step improved on them). Runs in float64 on the CPU (small problems) or in
     float32 (large ones), on ``p``'s device; the cores come back in fp32."""
     del seed  # deterministic: no randomness is used
-    rows_a, k = p.shape
-    cols_b = q.shape[1]
+    rows_a, cols_b = p.shape[0], q.shape[1]
+    k = _inner(cores_a, rows_a)
     big = rows_a * k + k * cols_b > 4_000_000 or p.device.type != "cpu"
     dtype = torch.float32 if big else torch.float64
     na = float(p.norm()) or 1.0
@@ -129,9 +135,11 @@ def als_rep_cores(p: torch.Tensor, q: torch.Tensor, cores_a: list[torch.Tensor],
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], float, float]:
     """Alternating least squares on the cores: each core in turn gets the exact minimiser of
     ``||p q - A B||_F`` with the other cores fixed (a ``(size, size)`` linear system built from
-    the core's explicit linear map). Same contract as :func:`fit_rep_cores`. Float64."""
-    rows_a, k = p.shape
-    cols_b = q.shape[1]
+    the core's explicit linear map). Same contract as :func:`fit_rep_cores`. Float64.
+    ``p``/``q`` may be wider than the TT's inner width (e.g. the delta's full SVD factors,
+    to fit the delta itself rather than its rank-k truncation)."""
+    rows_a, cols_b = p.shape[0], q.shape[1]
+    k = _inner(cores_a, rows_a)
     dt = torch.float64
     na = float(p.norm()) or 1.0
     nb = float(q.norm()) or 1.0

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError
 
-METHODS = ("rep", "adp", "lora", "head")
+METHODS = ("rep", "adp", "lora", "head", "full")
 TASKS = ("seq-cls", "causal-lm")
 
 # The embedded default's budget (used only where the caller leaves the value at None):
@@ -175,7 +175,10 @@ class TrainArgs:
 def _check_choices(a: TrainArgs) -> None:
     if a.method not in METHODS:
         raise ConfigError(f"--method must be one of {list(METHODS[:2])} (or the baselines "
-                          f"'lora', 'head'), got {a.method!r}; pass --method rep or --method adp")
+                          f"'lora', 'head', 'full'), got {a.method!r}; pass --method rep or "
+                          f"--method adp")
+    if a.method == "full":
+        _check_full(a)
     if a.task not in TASKS:
         raise ConfigError(f"--task must be 'seq-cls' or 'causal-lm', got {a.task!r}; pass --task seq-cls or --task causal-lm")
     if a.default_data and a.task != "seq-cls":
@@ -196,6 +199,21 @@ def _check_choices(a: TrainArgs) -> None:
     if a.target_modules is not None and a.method == "adp":
         raise ConfigError("--target-modules applies to --method rep; adp places its adapters "
                           "by architecture (drop --target-modules or use --method rep)")
+
+
+def _check_full(a: TrainArgs) -> None:
+    """``full`` trains every weight and writes a whole checkpoint: the options that shape an
+    adapter mean nothing for it, and are refused rather than ignored."""
+    adapter_only = [flag for flag, set_ in (
+        ("--target-modules", a.target_modules is not None),
+        ("--r", a.r != 8), ("--lora-alpha", a.lora_alpha != 16.0),
+        ("--tensor-rank", a.tensor_rank != 5), ("--bottleneck", a.bottleneck != 64),
+        ("--no-train-norms", not a.train_norms), ("--replace-dense", bool(a.replace_dense)),
+        ("--pooling mean", a.pooling == "mean")) if set_]
+    if adapter_only:
+        raise ConfigError(f"--method full trains every weight of the model and writes a whole "
+                          f"checkpoint, so {', '.join(adapter_only)} (adapter options) mean "
+                          f"nothing for it; drop them, or pass --method rep, adp or lora")
 
 
 _POSITIVE = {"epochs": "--epochs", "batch_size": "--batch-size", "learning_rate": "--lr",
@@ -227,7 +245,7 @@ def _check_precision(a: TrainArgs) -> None:
     if a.fsdp and a.fp16:
         raise ConfigError("--fsdp runs mixed precision through FSDP, which has no float16 loss "
                           "scaling here; pass --bf16 with --fsdp instead of --fp16")
-    if a.method in ("lora", "head") and (a.bf16 or a.fp16 or a.fsdp):
+    if a.method in ("lora", "head", "full") and (a.bf16 or a.fp16 or a.fsdp):
         raise ConfigError(f"--bf16/--fp16/--fsdp are for --method rep or adp, not the "
                           f"{a.method!r} baseline; drop them, or pass --method rep or --method adp")
     import torch

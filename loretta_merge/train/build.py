@@ -158,6 +158,10 @@ def apply_method(model: nn.Module, a: TrainArgs) -> tuple[nn.Module, int, int]:
         return model, lora_eq, adapter
     if a.method == "lora":
         return _apply_lora(model, a, targets, task_type), lora_eq, 0
+    if a.method == "full":  # every weight trained: a fine-tuned checkpoint, not an adapter
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, lora_eq, 0
     for p in model.parameters():  # head: everything frozen except the classifier
         p.requires_grad_(False)
     for p in _head_module(model).parameters():

@@ -4,6 +4,7 @@ Layout of ``OUTPUT``::
 
     OUTPUT/adapter_config.json, adapter_model.safetensors   the adapter (rep/adp), or
     OUTPUT/head.safetensors / PEFT files                     the baselines
+    OUTPUT/config.json, model.safetensors, tokenizer files   --method full (a checkpoint)
     OUTPUT/train_summary.json                                :class:`TrainReport`
     OUTPUT/checkpoints/run_config.json                       what a resume must match
     OUTPUT/checkpoints/checkpoint-N/                         trained tensors + Trainer state

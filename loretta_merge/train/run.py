@@ -71,6 +71,7 @@ class _Run:
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
         net, tok, info = self._model(ex, tok)
+        self.tok = tok
         trainer, datasets = self._trainer(net, tok, ex, info["autocast"])
         return self._train_and_write(trainer, datasets, info, ex, last_ckpt)
 
@@ -193,6 +194,9 @@ class _Run:
             write_adapter(adapter, tmp / "adapter", force=True)
         elif self.a.method == "lora":
             net.save_pretrained(str(tmp / "adapter"))
+        elif self.a.method == "full":  # a whole checkpoint (safetensors) + its tokenizer
+            net.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+            self.tok.save_pretrained(str(tmp / "adapter"))
         else:
             (tmp / "adapter").mkdir()
             write_tensors({n: t for n, t in tensors.items()}, tmp / "adapter" / "head.safetensors")
