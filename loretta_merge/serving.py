@@ -146,7 +146,8 @@ class AdapterBank:
         from .converters.onnx.bank import MAX_BANK_SIZE
 
         if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_BANK_SIZE:
-            raise ConfigError(f"slots={slots!r} must be a whole number from 1 to {MAX_BANK_SIZE}")
+            raise ConfigError(f"slots={slots!r} must be a whole number from 1 to {MAX_BANK_SIZE}; "
+                              f"pass e.g. slots=8")
         held = [i for i, name in enumerate(self.slots) if name is not None and i >= slots]
         if held:
             raise ConfigError(f"slots={slots} would drop slot {held[0]}, which holds adapter "
@@ -164,7 +165,7 @@ class AdapterBank:
         if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) \
                 or not 0 <= int(slot) < self.size:
             raise ConfigError(f"slot {slot!r} is out of range: this bank has {self.size} slots, "
-                              f"0 to {self.size - 1}")
+                              f"0 to {self.size - 1}; pass one of them, or resize() the bank")
         return int(slot)
 
     def _clear(self, slot: int) -> None:
@@ -198,7 +199,7 @@ class AdapterBank:
         if isinstance(entry, str):
             if entry not in self.slots:
                 raise ConfigError(f"row {row}: no adapter named {entry!r} is loaded (loaded: "
-                                  f"{', '.join(s for s in self.slots if s) or 'none'})")
+                                  f"{', '.join(s for s in self.slots if s) or 'none'}); load it first, or pass a loaded name")
             return self.slots.index(entry)
         if isinstance(entry, bool) or not isinstance(entry, (int, np.integer)):
             raise ConfigError(f"row {row}: adapter slot {entry!r} is a {type(entry).__name__}; "
@@ -207,7 +208,7 @@ class AdapterBank:
             return NO_ADAPTER
         if not 0 <= entry < self.size:
             raise ConfigError(f"row {row}: adapter slot {entry} is out of range: this bank has "
-                              f"{self.size} slots, 0 to {self.size - 1} (-1 or None: the base)")
+                              f"{self.size} slots, 0 to {self.size - 1}; pass one of them, or -1 (None) for the base")
         if self.slots[entry] is None:
             raise ConfigError(f"row {row}: slot {entry} holds no adapter; load one into it, or "
                               f"pass -1 / None for the base")
@@ -216,7 +217,8 @@ class AdapterBank:
     def _feed(self, inputs: dict, slots) -> dict:
         ids = np.asarray(inputs["input_ids"])
         if ids.ndim != 2:
-            raise ShapeError(f"input_ids must be (batch, sequence), got shape {ids.shape}")
+            raise ShapeError(f"input_ids must be (batch, sequence), got shape {ids.shape}; pass a 2-D "
+                             f"array, e.g. ids[None, :] for one sequence")
         batch = ids.shape[0]
         feed = {"input_ids": ids.astype(np.int64, copy=False)}
         mask = inputs.get("attention_mask")
@@ -249,7 +251,8 @@ class AdapterBank:
                               f"{self.folder} is {self.task} without a KV cache; use run()")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}; "
+                              f"pass e.g. max_new_tokens=16")
         feed = self._feed({"input_ids": input_ids, "attention_mask": attention_mask}, slots)
         batch = feed["input_ids"].shape[0]
         feed.update(self._empty_past(batch))

@@ -27,13 +27,15 @@ ROOT = TOOLS.parent
 sys.path[:0] = [str(TOOLS), str(ROOT)]
 
 import merge_table  # noqa: E402
+import render_extract_accuracy  # noqa: E402
 import supported_models  # noqa: E402
 import train_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 # the files whose blocks are rendered here, relative to the repository root
-FILES = ("README.md", "docs/benchmarks.md", "docs/quantized.md", "docs/onnx.md", "docs/merge-methods.md")
+FILES = ("README.md", "docs/benchmarks.md", "docs/quantized.md", "docs/onnx.md", "docs/merge-methods.md",
+         "docs/extract.md")
 
 
 def _load(name: str) -> dict:
@@ -536,6 +538,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "train-bench": train_block,
     "methods-bench": methods_block,
     "methods-full-bench": methods_full_block,
+    "extract-accuracy": render_extract_accuracy.extract_accuracy_block,
 }
 
 

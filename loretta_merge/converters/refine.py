@@ -95,8 +95,8 @@ def distill_rep_modules(model: nn.Module, modules: dict[str, RepModule], base_we
         raise ConfigError(f"seconds must be > 0, got {seconds}; pass a time budget in seconds or None")
     batches = [{k: v for k, v in b.items() if k not in ("labels", "label")} for b in batches]
     if not batches:
-        raise ConfigError("distillation needs at least one batch of unlabelled inputs; pass a "
-                          "non-empty list of tokenized batches")
+        raise ConfigError("distill_rep_modules(batches=[]): distillation needs at least one batch of "
+                          "unlabelled inputs; pass a non-empty list of tokenized batches")
     owners = dict(model.named_modules())
     missing = [n for n in modules if not isinstance(owners.get(n), nn.Linear)]
     if missing:

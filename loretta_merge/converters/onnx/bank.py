@@ -254,7 +254,8 @@ def slot_values(name: str, adapter, layout: BankLayout) -> dict[str, np.ndarray]
         want = tuple(spec["leaves"][leaf])
         if tuple(tensor.shape) != want:
             raise ShapeError(f"adapter {name!r}: tensor {pname} has shape {tuple(tensor.shape)}, "
-                             f"the bank's {want}; is the adapter from another base?")
+                             f"the bank's {want}; load an adapter trained on the bank's base, or re-export the "
+                             f"bank with this adapter among --switchable-adapter")
         values[f"{owner}.rows.{leaf}"] = tensor.detach().float().contiguous().numpy()
         values[f"{owner}.rows.{leaf}_on"] = np.ones((), np.float32)
     return values

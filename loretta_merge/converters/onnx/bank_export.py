@@ -49,7 +49,7 @@ def default_template(model):
 def check_size(size, filled: int) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BANK_SIZE:
         raise ConfigError(f"--adapter-bank {size!r} must be a whole number of slots from 1 to "
-                          f"{MAX_BANK_SIZE}, e.g. --adapter-bank 8")
+                          f"{MAX_BANK_SIZE}; pass e.g. --adapter-bank 8")
     if filled > size:
         raise ConfigError(f"the bank is full: {filled} --switchable-adapter for "
                           f"--adapter-bank {size}; give a bank of at least {filled} slots")
