@@ -23,21 +23,6 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _machine(states: list[dict]) -> str:
-    states = [s for s in states if s]
-    if not states:
-        return "The JSON records no machine state."
-    loads = [s["load_1min_before"] for s in states] + [s["load_1min_after"] for s in states]
-    cores = sorted({s["cores_available"] for s in states})
-    threads = sorted({s["torch_threads"] for s in states if s.get("torch_threads") is not None})
-    busy = max(loads) > max(cores)
-    return (f"Machine state during the measurements: 1-minute load average {min(loads):.1f}-"
-            f"{max(loads):.1f} on {'/'.join(map(str, cores))} cores available"
-            + (f", {'/'.join(map(str, threads))} torch thread(s)" if threads else "")
-            + (" (busier than its cores; accuracies do not depend on it, times would)."
-               if busy else "."))
-
-
 def extract_accuracy_block(path: Path = RESULT) -> str:
     """Markdown: test accuracy (%) of each extraction stage at each budget, with the
     parameters of each adapter, the references, and the machine note."""
@@ -90,7 +75,11 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
         notes.append(f"Distillation: {min(steps)}-{max(steps)} steps of batch "
                      f"{refined[0]['distill']['batch_size']} (a time budget of "
                      f"{r.get('distill_seconds', '?')} s each); LoRA was not distilled.")
-    notes.append(_machine(states))
+    # every block's one wording of the machine state; imported here, at call time, because
+    # render_readme imports this module
+    from render_readme import machine_note
+
+    notes.append(machine_note(states) + " Accuracies do not depend on the load.")
     return "\n".join(lines) + "\n\n" + " ".join(notes) + " Source: `benchmarks/results/extract_accuracy.json`.\n"
 
 
