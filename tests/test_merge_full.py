@@ -13,10 +13,7 @@ bytes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import pytest
 import torch
 from conftest import build_tiny, perturb_trainable, run_main, save_tiny
 from safetensors.torch import save_file
-from test_merge_methods import _DRIVER, ATOL, _mergekit_available, max_diff, read_all
+from test_merge_methods import ATOL, max_diff, read_all, run_mergekit
 
 from loretta_merge.errors import ConfigError, ShapeError
 from loretta_merge.merge import merge
@@ -210,32 +207,11 @@ dtype: float32
 
 @pytest.fixture(scope="module")
 def mergekit_runs(job):
-    """Every CASES config and recipe through mergekit-yaml, in one subprocess."""
-    if not _mergekit_available():
-        pytest.fail("mergekit is not installed: `pip install -e '.[test]'` brings mergekit==0.1.5; "
-                    "the comparisons need it, the package does not")
-    work = job.root / "mergekit"
-    work.mkdir()
-    merges = []
-    for name, (build, *_rest) in CASES.items():
-        (work / f"{name}.yml").write_text(json.dumps(build(job), indent=1))  # JSON is YAML
-        merges.append([str(work / f"{name}.yml"), str(work / name), []])
-    for name in BF16_CASES:
-        (work / f"{name}.yml").write_text(json.dumps(_bf16_config(job, name), indent=1))
-        merges.append([str(work / f"{name}.yml"), str(work / name), []])
-    for name, text in recipes(job).items():
-        (work / f"{name}.yml").write_text(text)
-        merges.append([str(work / f"{name}.yml"), str(work / name),
-                       ["--lora-merge-cache", str(work / "lora-cache")]])
-    save_file({"t": torch.randn(8, 8)}, work / "probe.safetensors")  # the driver's probe
-    spec = {"merges": merges, "probe": str(work / "probe.safetensors"),
-            "out": str(work / "sparsify.safetensors")}
-    (work / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, "-c", _DRIVER, str(work / "spec.json")], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {name: work / name for name in [*CASES, *BF16_CASES, *recipes(job)]}
+    """Every CASES config, the bf16 cases and the recipes through mergekit-yaml."""
+    configs = {name: build(job) for name, (build, *_rest) in CASES.items()}
+    configs.update({name: _bf16_config(job, name) for name in BF16_CASES})
+    work = run_mergekit(job.root / "mergekit", configs, recipes(job), torch.randn(8, 8))
+    return {name: work / name for name in [*configs, *recipes(job)]}
 
 
 @pytest.mark.xdist_group("mergekit")

@@ -163,23 +163,23 @@ def _mergekit_available() -> bool:
     return importlib.util.find_spec("mergekit") is not None
 
 
-@pytest.fixture(scope="module")
-def mergekit_runs(job):
-    """Every CASES config and the pruning probe through mergekit, in one subprocess."""
+def run_mergekit(work: Path, configs: dict[str, dict], recipe_texts: dict[str, str],
+                 probe: torch.Tensor) -> Path:
+    """Every config (written as JSON, which is YAML) and recipe text (``BASE+LORA`` entries:
+    mergekit needs a LoRA cache) through mergekit-yaml into ``work/NAME``, and mergekit's own
+    pruning functions on ``probe`` into ``work/sparsify.safetensors``, in one subprocess."""
     if not _mergekit_available():
         pytest.fail("mergekit is not installed: `pip install -e '.[test]'` brings mergekit==0.1.5; "
                     "the comparisons need it, the package does not")
-    work = job.root / "mergekit"
     work.mkdir()
     merges = []
-    for name, (build, *_rest) in CASES.items():
-        (work / f"{name}.yml").write_text(json.dumps(build(job), indent=1))  # JSON is YAML
+    for name, config in configs.items():
+        (work / f"{name}.yml").write_text(json.dumps(config, indent=1))
         merges.append([str(work / f"{name}.yml"), str(work / name), []])
-    for name, text in recipes(job).items():  # BASE+LORA entries: mergekit needs a cache
+    for name, text in recipe_texts.items():
         (work / f"{name}.yml").write_text(text)
         merges.append([str(work / f"{name}.yml"), str(work / name),
                        ["--lora-merge-cache", str(work / "lora-cache")]])
-    probe = torch.randn(48, 80, generator=torch.Generator().manual_seed(5))
     save_file({"t": probe}, work / "probe.safetensors")
     spec = {"merges": merges, "probe": str(work / "probe.safetensors"),
             "out": str(work / "sparsify.safetensors")}
@@ -188,6 +188,15 @@ def mergekit_runs(job):
     done = subprocess.run([sys.executable, "-c", _DRIVER, str(work / "spec.json")], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+@pytest.fixture(scope="module")
+def mergekit_runs(job):
+    """Every CASES config, the recipes and the pruning probe through mergekit."""
+    probe = torch.randn(48, 80, generator=torch.Generator().manual_seed(5))
+    work = run_mergekit(job.root / "mergekit", {name: build(job) for name, (build, *_r) in CASES.items()},
+                        recipes(job), probe)
     return {"dirs": {name: work / name for name in [*CASES, *recipes(job)]}, "probe": probe,
             "sparsify": load_file(work / "sparsify.safetensors")}
 
