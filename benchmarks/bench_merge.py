@@ -145,11 +145,14 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _floor(base: Path, out: Path, budget: int, *, sync: bool = True) -> None:
-    from safetensors.torch import load_file, save_file
+def write_shards(tensors, out: Path, budget: int, *, sync: bool = True) -> None:
+    """Write ``(name, tensor)`` pairs into ``out/model-NNNNN.safetensors`` files of at most
+    ``budget`` bytes each (a tensor larger than that gets a file of its own), each fsynced
+    when ``sync``: the writing half of every I/O floor."""
+    from safetensors.torch import save_file
 
-    def save(tensors: dict, path: Path) -> None:
-        save_file(tensors, path)
+    def save(buffer: dict, path: Path) -> None:
+        save_file(buffer, path)
         if sync:
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -159,15 +162,21 @@ def _floor(base: Path, out: Path, budget: int, *, sync: bool = True) -> None:
 
     buffer, size, n = {}, 0, 0
     out.mkdir()
-    for shard in sorted(base.glob("*.safetensors")):
-        for k, t in load_file(shard).items():
-            if buffer and size + t.nbytes > budget:
-                n += 1
-                save(buffer, out / f"model-{n:05d}.safetensors")
-                buffer, size = {}, 0
-            buffer[k] = t
-            size += t.nbytes
+    for k, t in tensors:
+        if buffer and size + t.nbytes > budget:
+            n += 1
+            save(buffer, out / f"model-{n:05d}.safetensors")
+            buffer, size = {}, 0
+        buffer[k] = t
+        size += t.nbytes
     save(buffer, out / f"model-{n + 1:05d}.safetensors")
+
+
+def _floor(base: Path, out: Path, budget: int, *, sync: bool = True) -> None:
+    from safetensors.torch import load_file
+
+    write_shards((kv for shard in sorted(base.glob("*.safetensors")) for kv in load_file(shard).items()),
+                 out, budget, sync=sync)
 
 
 def _copy_direct(base: Path, out: Path) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -84,39 +83,24 @@ def generate_fine_tunes(work: Path, size: str) -> None:
         (work / name / "done").write_text("ok")
 
 
-def _fsynced_save(tensors: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def full_floor(work: Path, out: Path, budget: int) -> None:
     """Read every shard of the base and of both fine-tunes (``load_file``), write the base's
     tensors once under ``budget`` bytes per shard, each file fsynced."""
     from safetensors.torch import load_file
 
-    out.mkdir()
+    from bench_merge import write_shards
+
     inputs = [sorted((work / d).glob("*.safetensors")) for d in ("base", *dict(FINE_TUNES))]
-    buffer, size, n = {}, 0, 0
-    for i in range(max(len(shards) for shards in inputs)):
-        for shards in inputs[1:]:  # the fine-tunes: read, as a merge must
-            if i < len(shards):
-                load_file(shards[i])
-        if i >= len(inputs[0]):
-            continue
-        for k, t in load_file(inputs[0][i]).items():
-            if buffer and size + t.nbytes > budget:
-                n += 1
-                _fsynced_save(buffer, out / f"model-{n:05d}.safetensors")
-                buffer, size = {}, 0
-            buffer[k] = t
-            size += t.nbytes
-    _fsynced_save(buffer, out / f"model-{n + 1:05d}.safetensors")
+
+    def base_tensors():
+        for i in range(max(len(shards) for shards in inputs)):
+            for shards in inputs[1:]:  # the fine-tunes: read, as a merge must
+                if i < len(shards):
+                    load_file(shards[i])
+            if i < len(inputs[0]):
+                yield from load_file(inputs[0][i]).items()
+
+    write_shards(base_tensors(), out, budget)
 
 
 def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
