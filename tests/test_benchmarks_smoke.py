@@ -63,7 +63,11 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_the_benchmarks_of_this_area_have_a_smoke_mode():
     names = {p.name for p in _smoke_scripts()}
     assert {"bench_convert.py", "bench_tt.py", "bench_train.py", "bench_start.py", "bench_extract.py",
-            "bench_int8.py", "bench_methods.py", "bench_threads.py", "bench_serving.py"} <= names, names
+            "bench_int8.py", "bench_methods.py", "bench_threads.py", "bench_serving.py",
+            "bench_extract_accuracy.py"} <= names, names
+    # and each of these is run by test_benchmark_smoke_run below (no dedicated test takes it)
+    generic = {p.name for p in _generic()}
+    assert {"bench_serving.py", "bench_extract_accuracy.py"} <= generic, generic
 
 
 @pytest.mark.slow
