@@ -24,6 +24,10 @@ from loretta_merge.errors import ConfigError, ShapeError
 ort = pytest.importorskip("onnxruntime")
 peft = pytest.importorskip("peft")
 
+# the two banks are module fixtures (an export each): all of this file's tests run on one
+# xdist worker, so neither bank is exported twice (`make test`'s --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("serving")
+
 ATOL = 1e-4
 WORST: dict[str, float] = {}  # worst row difference of each exactness test (printed)
 

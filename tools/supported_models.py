@@ -34,6 +34,7 @@ COLUMNS = {  # flow -> column header
     "merge_causal": "merge causal-lm", "peft_tt_to_lora": "tt-to-lora = PEFT",
     "lora_to_tt": "lora-to-tt", "onnx_merged": "ONNX merged", "onnx_adp": "ONNX base+adp",
     "onnx_with_past": "ONNX with past", "tied": "tied embeddings",
+    "extract": "extract (LoRA, TT)", "resize": "resize (LoRA, TT)",
 }
 BEGIN, END = "<!-- supported-models:begin -->", "<!-- supported-models:end -->"
 

@@ -15,6 +15,13 @@ Flows (columns of the README table):
 - ``onnx_merged`` / ``onnx_adp`` / ``onnx_with_past``: ``export onnx`` of the merged task
   model, of base + adp adapter (unmerged), and of the merged causal LM with its KV cache.
 - ``tied``: tied embeddings: training, the in-memory model and the merged checkpoint agree.
+- ``extract``: the merged task model (``merge_task``) is a fine-tune of the task checkpoint
+  whose deltas have the adapter's rank: ``extract --to lora`` at that rank, loaded by PEFT,
+  gives the merged model's logits; the Python API's ``extract(to="tt")`` gives them through
+  the in-memory TT adapter.
+- ``resize``: ``convert resize --rank 2`` of that LoRA equals each delta's best rank-2
+  approximation and loads in PEFT; the API's ``resize`` of the trained rep adapter keeps
+  its deltas within the error target.
 """
 
 from __future__ import annotations
@@ -169,6 +176,62 @@ def tied(ws: Workspace) -> None:
     assert_close(logits(merge_loretta_model(model), family), want, "in-memory merge vs trained model")
 
 
+def _extracted_lora(ws: Workspace, flow: str) -> tuple[Path, Path]:
+    """The merged task model and the LoRA ``extract`` takes from it (rank: the adapter's)."""
+    merged = ws.merge("task", ws.train("seq-cls", "rep", flow=flow), "merge-task", flow=flow)
+    out = ws.out("extract-lora")
+    ws.require(ws.run("extract-lora", ["extract", ws.paths["task"], merged, "-o", out,
+                                       "--to", "lora", "--rank", ADAPTER_RANK, "-q"]), flow)
+    return merged, out
+
+
+def extract(ws: Workspace) -> None:
+    from peft import PeftModel
+
+    from loretta_merge.converters.extract import extract as extract_api
+    from loretta_merge.formats import write_adapter
+
+    merged, lora_dir = _extracted_lora(ws, "extract")
+    want = logits(load_task_model(merged, "seq-cls"), ws.family)
+    peft_model = PeftModel.from_pretrained(load_task_model(ws.paths["task"], "seq-cls"), str(lora_dir))
+    assert_close(logits(peft_model.eval(), ws.family), want, "base + extracted LoRA (PEFT) vs merged")
+    adapter, report = extract_api(ws.paths["task"], merged, to="tt", rank=ADAPTER_RANK,
+                                  tensor_rank=ADAPTER_RANK * 4)
+    assert report.modules, "extract found no module"
+    tt_dir = write_adapter(adapter, ws.out("extract-tt"), force=True)
+    assert_close(logits(in_memory(ws.paths["task"], tt_dir, "seq-cls"), ws.family), want,
+                 "base + extracted TT adapter vs merged")
+
+
+def resize(ws: Workspace) -> None:
+    from peft import PeftModel
+
+    from loretta_merge.converters.resize import resize as resize_api
+    from loretta_merge.formats import read_adapter
+
+    _, lora_dir = _extracted_lora(ws, "resize")
+    out = ws.out("resize-lora")
+    ws.require(ws.run("resize-lora", ["convert", "resize", lora_dir, "-o", out, "--rank", 2, "-q"]),
+               "resize")
+    before, after = read_adapter(lora_dir), read_adapter(out)
+    assert set(before.modules) == set(after.modules) and before.modules, sorted(after.modules)
+    for name, mod in before.modules.items():
+        d = mod.delta().double()
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        best = (u[:, :2] * s[:2]) @ vh[:2]
+        err = float((after.modules[name].delta().double() - best).norm() / max(float(d.norm()), 1e-30))
+        assert err <= 1e-5, f"{name}: resized delta vs the best rank-2 approximation: {err:.2e}"
+    PeftModel.from_pretrained(load_task_model(ws.paths["task"], "seq-cls"), str(out))
+    rep = read_adapter(ws.train("seq-cls", "rep", flow="resize"))
+    rounded, _ = resize_api(rep, eps=1e-2)
+    for name, mod in rep.modules.items():
+        if not hasattr(mod, "delta"):
+            continue
+        d = mod.delta()
+        err = float((rounded.modules[name].delta() - d).norm() / max(float(d.norm()), 1e-30))
+        assert err <= 2e-2, f"{name}: rounded rep delta error {err:.2e} above the target"
+
+
 FLOWS: dict[str, FlowFn] = {
     "train_seqcls_rep": _train_cell("seq-cls", "rep"),
     "train_seqcls_adp": _train_cell("seq-cls", "adp"),
@@ -183,7 +246,10 @@ FLOWS: dict[str, FlowFn] = {
     "onnx_adp": onnx_adp,
     "onnx_with_past": onnx_with_past,
     "tied": tied,
+    "extract": extract,
+    "resize": resize,
 }
+ADAPTER_RANK = 4  # the trained adapters' LoRA rank (``--r`` in Workspace.train)
 DECODER_ONLY = {"train_causal_rep", "train_causal_adp", "merge_causal", "onnx_with_past"}
 
 
