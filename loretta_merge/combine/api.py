@@ -179,15 +179,13 @@ def combine(inputs, *, method: str = "linear", params: dict[str, Any] | None = N
                                     "kind": a.method, "weight": w}
                                    for i, (a, w) in enumerate(zip(inp.adapters, inp.weights))])
     report.notes.extend(inp.notes)
-    if default_rank is not None:
-        report.notes.append(f"no --rank or --eps: rank {default_rank}, the largest input rank "
-                            f"(PEFT's default svd_rank)")
-    if zero:
-        report.notes.append(f"{len(zero)} module(s) whose combined delta is zero are not "
-                            f"written (e.g. {zero[0]})")
-    if inp.dropped:
-        report.notes.append(f"--drop-full-tensors: {len(inp.dropped)} full tensor(s) left out, "
-                            f"e.g. {inp.dropped[0]}")
+    said = [default_rank is not None and f"no --rank or --eps: rank {default_rank}, the "
+            f"largest input rank (PEFT's default svd_rank)",
+            zero and f"{len(zero)} module(s) whose combined delta is zero are not written "
+            f"(e.g. {zero[0]})",
+            inp.dropped and f"--drop-full-tensors: {len(inp.dropped)} full tensor(s) left out, "
+            f"e.g. {inp.dropped[0]}"]
+    report.notes.extend(note for note in said if note)
     fifo = {n for n in modules if inp.modules[n].fan_in_fan_out}
     if to == "lora":
         out = Adapter(method="lora", source="peft", modules=modules, tensors={},

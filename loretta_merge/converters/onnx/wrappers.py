@@ -61,14 +61,21 @@ def _call(model, switch_names: tuple[str, ...], switch: tuple, slot_names: tuple
     return torch.func.functional_call(model, values, (), kwargs, strict=False)
 
 
-class PlainWrapper(torch.nn.Module):
+class _Wrapper(torch.nn.Module):
+    """The model, and the names of its switchable tensors and of its banked layers."""
+
+    def __init__(self, model, switch_names: tuple[str, ...] = (), slot_names: tuple[str, ...] = ()):
+        super().__init__()
+        self.model, self.switch_names, self.slot_names = model, tuple(switch_names), tuple(slot_names)
+
+
+class PlainWrapper(_Wrapper):
     """Explicit tensors in, one plain tensor out: the signature the exporter sees."""
 
     def __init__(self, model, task: str, switch_names: tuple[str, ...] = (),
                  slot_names: tuple[str, ...] = ()):
-        super().__init__()
-        self.model, self.task, self.switch_names = model, task, tuple(switch_names)
-        self.slot_names = tuple(slot_names)
+        super().__init__(model, switch_names, slot_names)
+        self.task = task
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, adapter_slot=None,
                 switch=()):
@@ -80,14 +87,13 @@ class PlainWrapper(torch.nn.Module):
         return out.logits if self.task != "feature-extraction" else out.last_hidden_state
 
 
-class PastWrapper(torch.nn.Module):
+class PastWrapper(_Wrapper):
     """Decoder step, KV cache as flat tensors: (ids, mask, past) -> (logits, *present)."""
 
     def __init__(self, model, layers: int, switch_names: tuple[str, ...] = (),
                  slot_names: tuple[str, ...] = ()):
-        super().__init__()
-        self.model, self.layers, self.switch_names = model, layers, tuple(switch_names)
-        self.slot_names = tuple(slot_names)
+        super().__init__(model, switch_names, slot_names)
+        self.layers = layers
 
     def forward(self, input_ids, attention_mask, past, adapter_slot=None, switch=()):
         from transformers import DynamicCache
