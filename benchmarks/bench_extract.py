@@ -47,10 +47,8 @@ from bench_merge import SIZES, TARGETS  # noqa: E402
 DELTA_RANK, DECAY, DELTA_RMS = 32, 0.8, 2e-3
 CASES = ("floor", "ours", "mergekit")
 # the interpreter of each command: Python with the code it loads before reading any tensor
-# (ours builds the checkpoint's class on the meta device to find its Linear modules, so the
-# Llama modeling code is part of it: about 180 MiB of RSS, code not data)
-STARTUP = {"ours": "import torch, transformers, loretta_merge.cli, loretta_merge.converters.extract, "
-                   "loretta_merge.formats; from transformers import LlamaForCausalLM",
+# (ours plans a LLaMA pair from its key names: no transformers import)
+STARTUP = {"ours": "import torch, loretta_merge.cli, loretta_merge.converters.extract, loretta_merge.formats",
            "mergekit": "import mergekit.scripts.extract_lora"}
 
 
