@@ -114,22 +114,32 @@ def _rel_factors(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: int
 
 
 class _Prefetch:
-    """The pair's tensors in checkpoint order, read on a thread one tensor ahead of the work:
-    reading the next pair overlaps decomposing this one (positioned reads and torch ops
-    release the GIL). Each item is ``(kind, key, w1, w0, buffers)``: ``"same"`` (unchanged,
-    not targeted), ``"carry"`` (``w1`` is kept whole), ``"target"`` (``w1``, ``w0`` views of
-    one of two reused buffer pairs, handed back with :meth:`release` once the delta is
-    formed: no fresh pages are faulted in per tensor, and memory holds at most two pairs).
+    """The pair's tensors in checkpoint order, prepared on a thread one tensor ahead of the
+    work: while the caller decomposes one delta, the thread reads the next pair, forms its
+    fp32 delta and ``||delta||^2`` (positioned reads and torch ops release the GIL, so both
+    cores work). Items are ``(kind, key, payload, norm_sq)``:
+
+    * ``"same"``: unchanged; ``"carry"``: changed or only in the fine-tune, not targeted
+      (``payload`` the fine-tune's tensor, kept whole); ``"nonfinite"``: a targeted delta
+      with NaN/Inf values;
+    * ``"target"``: ``payload = (delta, token)``, the delta on ``device`` in one of two
+      reused fp32 buffers (on the CPU: no fresh pages faulted in per tensor), handed back
+      with :meth:`release` once decomposed; memory holds at most two deltas.
+
     An error on the thread is raised by the iteration; :meth:`close` stops the thread."""
 
     def __init__(self, plan: ExtractPlan, base_r: CheckpointReader, ft_r: CheckpointReader,
-                 keys: list[str]) -> None:
-        self.plan, self.base_r, self.ft_r, self.keys = plan, base_r, ft_r, keys
+                 keys: list[str], device: torch.device) -> None:
+        self.plan, self.base_r, self.ft_r, self.keys, self.device = plan, base_r, ft_r, keys, device
         self.added = set(plan.added)
         size = max((max(base_r.nbytes(k), ft_r.nbytes(k)) for k in plan.targets), default=0)
+        numel = max((math.prod(ft_r.shape(k)) for k in plan.targets), default=0)
+        self._raw = (torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8))
+        cpu = device.type == "cpu"
+        self._wide = torch.empty(numel if cpu else 0, dtype=torch.float32)   # w0 in fp32
         self._free: queue.Queue = queue.Queue()
-        for _ in range(2):
-            self._free.put((torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)))
+        for _ in range(2):   # on a GPU the allocator reuses memory itself: tokens bound it
+            self._free.put(torch.empty(numel, dtype=torch.float32) if cpu else None)
         self._ready: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="extract-reader", daemon=True)
@@ -143,10 +153,23 @@ class _Prefetch:
                 continue
         raise _Stopped
 
+    def _delta(self, w1: torch.Tensor, w0: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+        """``w1 - w0`` in fp32 on the device, exactly as ``w1.float() - w0.float()``."""
+        if buf is None:
+            d = w1.to(self.device).float()        # stored dtype over the bus, widened there
+            return d.sub_(w0.to(self.device).float())
+        d = buf[:w1.numel()].view(w1.shape)
+        if w1.dtype == torch.float32 and w0.dtype == torch.float32:
+            return torch.sub(w1, w0, out=d)
+        d.copy_(w1)                               # widen each (one pass), then a same-dtype
+        t = self._wide[:w0.numel()].view(w0.shape)  # subtraction (a mixed-dtype one is
+        t.copy_(w0)                               # several times slower)
+        return d.sub_(t)
+
     def _read(self, key: str):
         ft_r, base_r = self.ft_r, self.base_r
         if key in self.added:
-            return "carry", key, ft_r.get(key), None, None
+            return "carry", key, ft_r.get(key), None
         if key not in self.plan.targets:
             w1 = ft_r.get(key)
             if w1.nbytes >= _STREAM_COMPARE and base_r.dtype(key) == w1.dtype:
@@ -155,9 +178,21 @@ class _Prefetch:
                 same = _same_bytes(base_r, key, w1)
             else:
                 same = torch.equal(base_r.get(key), w1)
-            return ("same" if same else "carry"), key, w1, None, None
-        bufs = self._wait(self._free.get)
-        return "target", key, ft_r.get(key, out=bufs[1]), base_r.get(key, out=bufs[0]), bufs
+            return ("same" if same else "carry"), key, w1, None
+        buf = self._wait(self._free.get)
+        w1, w0 = ft_r.get(key, out=self._raw[1]), base_r.get(key, out=self._raw[0])
+        d = self._delta(w1, w0, buf)
+        # zero: unchanged (a difference of two floats is 0 only where they are equal); a
+        # finite norm proves every element finite (far cheaper than isfinite(d).all())
+        norm_sq = frobenius_sq(d)
+        finite = math.isfinite(norm_sq) or bool(torch.isfinite(d).all())
+        if norm_sq == 0 or (not finite and torch.equal(w0, w1)):
+            self._free.put(buf)
+            return "same", key, None, None
+        if not finite:
+            self._free.put(buf)
+            return "nonfinite", key, None, None
+        return "target", key, (d, buf), norm_sq
 
     def _run(self) -> None:
         try:
@@ -181,8 +216,8 @@ class _Prefetch:
                 raise item
             yield item
 
-    def release(self, bufs) -> None:
-        self._free.put(bufs)
+    def release(self, token) -> None:
+        self._free.put(token)
 
     def close(self) -> None:
         self._stop.set()
@@ -191,35 +226,6 @@ class _Prefetch:
 
 class _Stopped(Exception):
     """The consumer stopped reading (an error): the reader thread ends."""
-
-
-class _Scratch:
-    """fp32 work buffers reused from module to module on the CPU (a fresh tensor of this
-    size is a fresh memory map, every page of it faulted in again)."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape) -> torch.Tensor:
-        n = math.prod(shape)
-        buf = self._bufs.get(name)
-        if buf is None or buf.numel() < n:
-            buf = self._bufs[name] = torch.empty(n, dtype=torch.float32)
-        return buf[:n].view(shape)
-
-
-def _delta(w1: torch.Tensor, w0: torch.Tensor, device: torch.device, scratch: _Scratch) -> torch.Tensor:
-    """``w1 - w0`` in fp32 on ``device`` (exactly as ``w1.float() - w0.float()``)."""
-    if device.type != "cpu":
-        d = w1.to(device).float()                 # stored dtype over the bus, widened there
-        return d.sub_(w0.to(device).float())     # a new tensor on the device: in place
-    d = scratch.get("d", w1.shape)
-    if w1.dtype == torch.float32 and w0.dtype == torch.float32:
-        return torch.sub(w1, w0, out=d)
-    d.copy_(w1)                                   # bf16 -> fp32: one pass each, then a
-    t = scratch.get("t", w0.shape)                # same-dtype subtraction (a mixed-dtype
-    t.copy_(w0)                                   # one is several times slower)
-    return d.sub_(t)
 
 
 def tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int, shapes: str,
@@ -334,35 +340,26 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
     report = RankReport(command="extract", output_kind=to, modules=rows, rank=rank, energy=energy,
                         eps=eps, tensor_rank=tensor_rank if to == "tt" else None,
                         added=list(plan.added), dropped=list(plan.dropped))
-    scratch = _Scratch()
     with CheckpointReader(plan.base_dir) as base_r, CheckpointReader(plan.ft_dir) as ft_r:
         keys = plan.common + plan.added
-        reader = _Prefetch(plan, base_r, ft_r, keys)
+        reader = _Prefetch(plan, base_r, ft_r, keys, dev)
         try:
-            for i, (kind, key, w1, w0, bufs) in enumerate(reader):
+            for i, (kind, key, payload, norm_sq) in enumerate(reader):
                 if progress is not None:
                     progress(i, len(keys), key)
                 if kind == "same":
                     report.unchanged += 1
+                    if key in plan.targets:
+                        report.unchanged_targets.append(plan.targets[key])
                     continue
                 if kind == "carry":
-                    tensors[key] = w1
+                    tensors[key] = payload
                     continue
-                name = plan.targets[key]
-                d = _delta(w1, w0, dev, scratch)          # fp32, on the device
-                # ||d||^2 in float64; zero means unchanged (a difference of two floats is 0
-                # only where they are equal), a finite one that every element is finite
-                norm_sq = frobenius_sq(d)
-                same = norm_sq == 0 or (not math.isfinite(norm_sq) and torch.equal(w0, w1))
-                reader.release(bufs)
-                del w0, w1
-                if same:
-                    report.unchanged += 1
-                    report.unchanged_targets.append(name)
-                    continue
-                if not math.isfinite(norm_sq) and not bool(torch.isfinite(d).all()):
+                if kind == "nonfinite":
                     raise FormatError(f"{key}: the delta has NaN/Inf values (one of the checkpoints "
                                       f"holds non-finite weights); re-save the checkpoints")
+                name = plan.targets[key]
+                d, token = payload                        # fp32, on the device
                 if name in plan.conv1d:
                     d = d.T                               # Conv1D stores (in, out)
                 how = "randomized" if _use_randomized(svd, d.shape, rank, energy, eps) else "exact"
@@ -391,6 +388,7 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                 else:
                     modules[name] = lora
                 del d
+                reader.release(token)
                 rows.append(row)
         finally:
             reader.close()
