@@ -178,10 +178,12 @@ def exact_errors(work: Path, lora_dir: Path, rank: int, modules: list[str]) -> d
     rows = {}
     with CheckpointReader(work / "base") as b, CheckpointReader(work / "ft") as f:
         for m in modules:
-            d = f.get(m + ".weight").float() - b.get(m + ".weight").float()
-            a = factors[f"base_model.model.{m}.lora_A.weight"].float()
-            bb = factors[f"base_model.model.{m}.lora_B.weight"].float()
-            s = torch.linalg.svdvals(d).double()
+            # float64 throughout: an fp32 norm over millions of elements is off by ~1e-4,
+            # as large as the differences measured here
+            d = f.get(m + ".weight").double() - b.get(m + ".weight").double()
+            a = factors[f"base_model.model.{m}.lora_A.weight"].double()
+            bb = factors[f"base_model.model.{m}.lora_B.weight"].double()
+            s = torch.linalg.svdvals(d)
             best = float((s[rank:] ** 2).sum().sqrt() / s.norm())
             got = float(torch.linalg.matrix_norm(d - bb @ a) / torch.linalg.matrix_norm(d))
             rows[m] = {"shape": list(d.shape), "err": got, "err_exact_svd": best,

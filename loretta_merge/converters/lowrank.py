@@ -16,7 +16,7 @@ with one of the others it is a cap):
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -146,9 +146,9 @@ def sketch_svd(d: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE,
     projected matrix, whose SVD gives the triplets. Its rank-``k`` truncation ``P d``
     (``P = U_k U_k^T``, an orthogonal projection) has the exact error
     ``||d - P d||^2 = ||d||^2 - sum_{i<=k} s_i^2``, read from the norms with no pass over
-    ``d`` (below ``FORMULA_MIN_ERR`` the residual is formed explicitly instead: the difference
-    of two near-equal squares loses digits there: ``err`` is None, and the caller measures
-    the residual, :func:`residual_error`).
+    ``d``, good to about 1e-6 of ``||d||^2`` (fp32 products). Below ``FORMULA_MIN_ERR`` that
+    difference of two near-equal squares loses too many digits: ``err`` is None there, and
+    the caller measures the residual (:func:`residual_error`).
 
     ``power_iters`` None: as many iterations as needed, at most ``POWER_ITERS``: the first
     ``q - NESTED`` columns of every ``Q`` are exactly the same algorithm run with ``NESTED``
@@ -164,19 +164,11 @@ def sketch_svd(d: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE,
     total = frobenius_sq(d) if norm_sq is None else norm_sq
     g = torch.Generator(device="cpu").manual_seed(seed)
     w = torch.randn(n, q, generator=g, dtype=torch.float32).to(d.device, d.dtype)
-    cpu = d.device.type == "cpu"
+    lapack = _one_thread if d.device.type == "cpu" else nullcontext
 
     def orth(y: torch.Tensor) -> torch.Tensor:
-        if not cpu:
+        with lapack():
             return torch.linalg.qr(y).Q
-        with _one_thread():
-            return torch.linalg.qr(y).Q
-
-    def svd(x: torch.Tensor):
-        if not cpu:
-            return torch.linalg.svd(x, full_matrices=False)
-        with _one_thread():
-            return torch.linalg.svd(x, full_matrices=False)
 
     def err_sq(s: torch.Tensor) -> float:
         kept = float(s[:rank].double().square().sum())
@@ -190,23 +182,19 @@ def sketch_svd(d: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE,
         if iters >= most:
             break
         if power_iters is None and small_q is not None:
-            with _one_thread() if cpu else _nothing():
+            with lapack():
                 e_small = err_sq(torch.linalg.svdvals(z[:, :small_q]))
                 e_full = err_sq(torch.linalg.svdvals(z))
             if math.sqrt(e_small) - math.sqrt(e_full) <= CONVERGED * math.sqrt(e_small):
                 break
         w = orth(z)
         iters += 1
-    ub, s, vh = svd(z.T)                                       # (q, q), (q,), (q, n)
+    with lapack():
+        ub, s, vh = torch.linalg.svd(z.T, full_matrices=False)  # (q, q), (q,), (q, n)
     u, s, vh = (basis @ ub[:, :rank]), s[:rank], vh[:rank]
     e2 = err_sq(s)
     err = math.sqrt(e2) if e2 >= FORMULA_MIN_ERR ** 2 or total == 0 else None
     return Sketch(u=u, s=s, vh=vh, err=err, iters=iters)
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def residual_error(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: int = 512,
