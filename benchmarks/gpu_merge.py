@@ -88,13 +88,13 @@ def extract_case(work: Path, size: str, devices: list[str], rounds: int) -> dict
     import statistics
 
     import torch
-
     from bench_extract import _floor as extract_floor
     from bench_extract import exact_errors, make_finetune
     from bench_merge import TARGETS
+    from safetensors.torch import load_file
+
     from loretta_merge.converters.extract import extract
     from loretta_merge.formats import write_peft_lora
-    from safetensors.torch import load_file
 
     (work / "size").write_text(json.dumps(size))
     make_finetune(work)
@@ -125,7 +125,7 @@ def extract_case(work: Path, size: str, devices: list[str], rounds: int) -> dict
     floors = []
     for _ in range(rounds):
         out = work / "out-extract-floor"
-        floors.append(_timed(lambda: extract_floor(work, out, adapter_bytes)))
+        floors.append(_timed(lambda out=out: extract_floor(work, out, adapter_bytes)))
         out.unlink()
     floor = statistics.median(floors)
     case.update({"adapter_bytes": adapter_bytes, "floor_s": floor, "floor_runs_s": floors})

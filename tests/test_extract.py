@@ -518,9 +518,9 @@ def test_known_model_types_plan_from_names_as_the_class_would(kind, tmp_path):
     from loretta_merge.converters.extract_plan import _known_modules, _linear_modules
     from loretta_merge.io import CheckpointReader
 
-    small = dict(vocab_size=64, num_attention_heads=4)
-    llama_like = dict(small, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_key_value_heads=2, tie_word_embeddings=False)
+    small = {"vocab_size": 64, "num_attention_heads": 4}
+    llama_like = {**small, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                  "num_key_value_heads": 2, "tie_word_embeddings": False}
     cfg, cls = {
         "llama": (transformers.LlamaConfig(**llama_like), transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig(**llama_like), transformers.MistralForCausalLM),
@@ -534,7 +534,8 @@ def test_known_model_types_plan_from_names_as_the_class_would(kind, tmp_path):
     reader = CheckpointReader(tmp_path / kind)
     got = _known_modules(kind, reader.keys(), reader)
     want = _linear_modules(tmp_path / kind, json.loads((tmp_path / kind / "config.json").read_text()))
-    stored = {k[: -len(".weight")] for k in reader.keys() if k.endswith(".weight") and len(reader.shape(k)) == 2}
+    keys = reader.keys()
+    stored = {k[: -len(".weight")] for k in keys if k.endswith(".weight") and len(reader.shape(k)) == 2}
     assert got == (want[0] & stored, want[1] & stored)
     assert got[0] != stored                                       # the embeddings are not Linear
     assert bool(got[1]) == (kind == "gpt2")
@@ -545,7 +546,12 @@ def test_sketch_error_from_the_norms_is_the_residual():
     """The randomized SVD's error from ||D||^2 - sum s_k^2 is the written factors' residual;
     the subspace iterations stop once 5 fewer sketch columns give the same error, stay below
     the cap, and a fixed count is honoured; a near-exact delta leaves the residual to measure."""
-    from loretta_merge.converters.lowrank import POWER_ITERS, frobenius_sq, residual_error, sketch_svd
+    from loretta_merge.converters.lowrank import (
+        POWER_ITERS,
+        frobenius_sq,
+        residual_error,
+        sketch_svd,
+    )
 
     g = torch.Generator().manual_seed(3)
     m, n, r = 400, 300, 8
