@@ -47,10 +47,8 @@ from bench_merge import SIZES, TARGETS  # noqa: E402
 DELTA_RANK, DECAY, DELTA_RMS = 32, 0.8, 2e-3
 CASES = ("floor", "ours", "mergekit")
 # the interpreter of each command: Python with the code it loads before reading any tensor
-# (ours builds the checkpoint's class on the meta device to find its Linear modules, so the
-# Llama modeling code is part of it: about 180 MiB of RSS, code not data)
-STARTUP = {"ours": "import torch, transformers, loretta_merge.cli, loretta_merge.converters.extract, "
-                   "loretta_merge.formats; from transformers import LlamaForCausalLM",
+# (ours plans a LLaMA pair from its key names: no transformers import)
+STARTUP = {"ours": "import torch, loretta_merge.cli, loretta_merge.converters.extract, loretta_merge.formats",
            "mergekit": "import mergekit.scripts.extract_lora"}
 
 
@@ -180,10 +178,12 @@ def exact_errors(work: Path, lora_dir: Path, rank: int, modules: list[str]) -> d
     rows = {}
     with CheckpointReader(work / "base") as b, CheckpointReader(work / "ft") as f:
         for m in modules:
-            d = f.get(m + ".weight").float() - b.get(m + ".weight").float()
-            a = factors[f"base_model.model.{m}.lora_A.weight"].float()
-            bb = factors[f"base_model.model.{m}.lora_B.weight"].float()
-            s = torch.linalg.svdvals(d).double()
+            # float64 throughout: an fp32 norm over millions of elements is off by ~1e-4,
+            # as large as the differences measured here
+            d = f.get(m + ".weight").double() - b.get(m + ".weight").double()
+            a = factors[f"base_model.model.{m}.lora_A.weight"].double()
+            bb = factors[f"base_model.model.{m}.lora_B.weight"].double()
+            s = torch.linalg.svdvals(d)
             best = float((s[rank:] ** 2).sum().sqrt() / s.norm())
             got = float(torch.linalg.matrix_norm(d - bb @ a) / torch.linalg.matrix_norm(d))
             rows[m] = {"shape": list(d.shape), "err": got, "err_exact_svd": best,

@@ -6,8 +6,15 @@ the rep and LoRA adapters of ``bench_merge.py``, then times, in this process, th
 GPU merge of each adapter and of both by ``--method ties``, and compares the GPU output with the CPU output tensor by
 tensor (bf16 ulps). Throughput is checkpoint bytes / wall seconds. JSON to ``--output``.
 
+The ``extract`` case (issue 26): the fine-tune of ``bench_extract.py`` beside the base, then
+``extract(..., rank=16)`` plus writing the LoRA, on the CPU and (when CUDA is present) with
+``device="cuda"``, against that pair's I/O floor (read both checkpoints, write the adapter's
+bytes, fsync); the CUDA adapter's deltas and errors against the CPU's, and both errors at
+three modules against the exact truncated SVD's.
+
     python benchmarks/gpu_merge.py --smoke             # CPU only where no GPU: seconds
     python benchmarks/gpu_merge.py --size 2gb --output benchmarks/results/gpu_merge.json
+    python benchmarks/gpu_merge.py --size 1gb --cases extract --output /tmp/gpu_extract.json
 """
 
 from __future__ import annotations
@@ -45,6 +52,106 @@ def worst_ulps(a_dir: Path, b_dir: Path) -> float:
     return worst
 
 
+def _merge_cases(work, base, gb, floor, devices, merge, result) -> None:
+    for adapter in ("lora", "rep"):
+        outs, case = {}, {}
+        for device in devices:
+            outs[device] = work / f"out-{adapter}-{device}"
+            shutil.rmtree(outs[device], ignore_errors=True)
+            secs = _timed(lambda: merge(base, [(work / adapter, 1.0)], outs[device],
+                                        device=device, progress=False))
+            case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
+            print(f"{adapter:4s} {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s "
+                  f"({secs / floor:.2f}x the floor)")
+        if "cuda" in outs:
+            case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
+            print(f"{adapter:4s} cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
+        result["cases"][adapter] = case
+    # a task-vector method (issue 25): TIES of both adapters, its kernels on each device
+    outs, case = {}, {}
+    for device in devices:
+        outs[device] = work / f"out-ties-{device}"
+        shutil.rmtree(outs[device], ignore_errors=True)
+        secs = _timed(lambda: merge(base, [(work / "lora", 1.0), (work / "rep", 0.7)], outs[device],
+                                    device=device, progress=False, method="ties",
+                                    method_params={"density": 0.5}))
+        case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
+        print(f"ties {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s ({secs / floor:.2f}x the floor)")
+    if "cuda" in outs:
+        case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
+        print(f"ties cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
+    result["cases"]["ties"] = case
+
+
+def extract_case(work: Path, size: str, devices: list[str], rounds: int) -> dict:
+    """``extract`` + ``write_peft_lora`` on each device against the pair's I/O floor."""
+    import statistics
+
+    import torch
+    from bench_extract import _floor as extract_floor
+    from bench_extract import exact_errors, make_finetune
+    from bench_merge import TARGETS
+    from safetensors.torch import load_file
+
+    from loretta_merge.converters.extract import extract
+    from loretta_merge.formats import write_peft_lora
+
+    (work / "size").write_text(json.dumps(size))
+    make_finetune(work)
+    rank = 8 if size == "smoke" else 16
+    targets = [n for ns in TARGETS.values() for n in ns]
+    pair_gb = sum(p.stat().st_size for d in ("base", "ft") for p in (work / d).glob("*.safetensors")) / 1e9
+    for d in ("base", "ft"):                     # warm page cache, as bench_extract does
+        for p in (work / d).glob("*.safetensors"):
+            p.read_bytes()
+    case: dict = {"pair_gb": pair_gb, "rank": rank, "devices": {}}
+    reports = {}
+    for device in devices:
+        out = work / f"out-extract-{device}"
+        runs = case["devices"].setdefault(device, {"seconds": []})
+        for i in range(rounds + 1):               # the first: a warm-up (CUDA libraries, buffers)
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
+            adapter, report = extract(work / "base", work / "ft", rank=rank, target_modules=targets,
+                                      device=device)
+            write_peft_lora(adapter, out)
+            if i:
+                runs["seconds"].append(time.perf_counter() - start)
+            reports[device] = report
+        runs["median_s"] = statistics.median(runs["seconds"])
+        runs["max_err"] = report.summary()["max_err"]
+        print(f"extract {device:4s} {runs['median_s']:7.2f}s (runs {', '.join(f'{x:.2f}' for x in runs['seconds'])})")
+    adapter_bytes = sum(p.stat().st_size for p in (work / f"out-extract-{devices[0]}").rglob("*") if p.is_file())
+    floors = []
+    for _ in range(rounds):
+        out = work / "out-extract-floor"
+        floors.append(_timed(lambda out=out: extract_floor(work, out, adapter_bytes)))
+        out.unlink()
+    floor = statistics.median(floors)
+    case.update({"adapter_bytes": adapter_bytes, "floor_s": floor, "floor_runs_s": floors})
+    for device, runs in case["devices"].items():
+        runs["over_floor"] = runs["median_s"] / floor
+        print(f"extract {device:4s} {runs['over_floor']:.2f}x the floor ({floor:.2f}s)")
+    names = [f"model.layers.0.{p}.{n}" for p, n in (("self_attn", "q_proj"), ("mlp", "gate_proj"),
+                                                     ("mlp", "down_proj"))]
+    case["sampled_module_errors"] = {d: exact_errors(work, work / f"out-extract-{d}", rank, names)
+                                     for d in devices}
+    if "cuda" in devices:
+        cpu, gpu = (load_file(work / f"out-extract-{d}" / "adapter_model.safetensors") for d in ("cpu", "cuda"))
+        worst = 0.0
+        for key in (k for k in cpu if ".lora_A." in k):
+            ref = cpu[key.replace("lora_A", "lora_B")].float() @ cpu[key].float()
+            got = gpu[key.replace("lora_A", "lora_B")].float() @ gpu[key].float()
+            worst = max(worst, float(torch.linalg.matrix_norm(got - ref) / torch.linalg.matrix_norm(ref)))
+        errs = {r.name: r.err for r in reports["cpu"].modules}
+        case["cuda_vs_cpu"] = {
+            "max_rel_delta_diff": worst,
+            "max_rel_err_diff": max(abs(r.err - errs[r.name]) / errs[r.name] for r in reports["cuda"].modules)}
+        print(f"extract cuda vs cpu: deltas within {worst:.1e}, errors within "
+              f"{case['cuda_vs_cpu']['max_rel_err_diff']:.1e} (relative)")
+    return case
+
+
 def main() -> None:
     from bench_merge import SIZES, _floor, generate
 
@@ -53,7 +160,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny checkpoint (CI; CPU where no GPU)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--output", type=Path, default=None)
+    ap.add_argument("--cases", default="merge,extract", help="merge, extract or both (comma-separated)")
+    ap.add_argument("--extract-rounds", type=int, default=2, help="runs of each extract device (the median)")
     args = ap.parse_args()
+    cases = {c for c in args.cases.split(",") if c}
     import torch
 
     from loretta_merge.merge import merge
@@ -77,34 +187,10 @@ def main() -> None:
     result["floor"] = {"seconds": floor, "gb_per_s": gb / floor}
     print(f"checkpoint {gb:.2f} GB; floor {floor:.2f}s = {gb / floor:.2f} GB/s")
     try:
-        for adapter in ("lora", "rep"):
-            outs, case = {}, {}
-            for device in devices:
-                outs[device] = work / f"out-{adapter}-{device}"
-                shutil.rmtree(outs[device], ignore_errors=True)
-                secs = _timed(lambda: merge(base, [(work / adapter, 1.0)], outs[device],
-                                            device=device, progress=False))
-                case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
-                print(f"{adapter:4s} {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s "
-                      f"({secs / floor:.2f}x the floor)")
-            if "cuda" in outs:
-                case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
-                print(f"{adapter:4s} cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
-            result["cases"][adapter] = case
-        # a task-vector method (issue 25): TIES of both adapters, its kernels on each device
-        outs, case = {}, {}
-        for device in devices:
-            outs[device] = work / f"out-ties-{device}"
-            shutil.rmtree(outs[device], ignore_errors=True)
-            secs = _timed(lambda: merge(base, [(work / "lora", 1.0), (work / "rep", 0.7)], outs[device],
-                                        device=device, progress=False, method="ties",
-                                        method_params={"density": 0.5}))
-            case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
-            print(f"ties {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s ({secs / floor:.2f}x the floor)")
-        if "cuda" in outs:
-            case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
-            print(f"ties cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
-        result["cases"]["ties"] = case
+        if "merge" in cases:
+            _merge_cases(work, base, gb, floor, devices, merge, result)
+        if "extract" in cases:
+            result["cases"]["extract"] = extract_case(work, size, devices, args.extract_rounds)
     finally:
         for p in work.glob("out-*"):
             shutil.rmtree(p, ignore_errors=True)

@@ -280,6 +280,7 @@ def test_refusals_write_nothing(pairs, tmp_path, capsys):
         ([str(base), str(ft)], "needs --rank"),
         ([str(base), str(ft), "--rank", "33"], "larger than min\\(dims\\) = 32"),
         ([str(base), str(bert_base), "--rank", "2"], ""),
+        ([str(base), str(ft), "--rank", "4", "--device", "tpu"], "unknown device 'tpu'"),
     ]
     for args, match in cases:
         _fails(args, tmp_path, match)
@@ -507,3 +508,101 @@ def test_extract_fit_to_delta_is_never_worse_against_the_delta(tmp_path):
         assert r.err <= by_name[r.name].err + 1e-6
     with pytest.raises(ConfigError, match="--fit-to"):
         extract(base, ft, to="tt", rank=2, fit_to="full")
+
+
+# --------------------------------------------------------------------------- speed paths
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gpt2", "bert"])
+def test_known_model_types_plan_from_names_as_the_class_would(kind, tmp_path):
+    """The plan of a known model type comes from the key names (no modeling code imported):
+    the same Linear and Conv1D modules as the transformers class built on the meta device."""
+    from loretta_merge.converters.extract_plan import _known_modules, _linear_modules
+    from loretta_merge.io import CheckpointReader
+
+    small = {"vocab_size": 64, "num_attention_heads": 4}
+    llama_like = {**small, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                  "num_key_value_heads": 2, "tie_word_embeddings": False}
+    cfg, cls = {
+        "llama": (transformers.LlamaConfig(**llama_like), transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig(**llama_like), transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config(**llama_like), transformers.Qwen2ForCausalLM),
+        "gpt2": (transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16,
+                                         bos_token_id=0, eos_token_id=0), transformers.GPT2LMHeadModel),
+        "bert": (transformers.BertConfig(**small, hidden_size=32, num_hidden_layers=1, intermediate_size=48,
+                                         max_position_embeddings=16), transformers.BertForSequenceClassification),
+    }[kind]
+    cls(cfg).save_pretrained(tmp_path / kind)
+    reader = CheckpointReader(tmp_path / kind)
+    got = _known_modules(kind, reader.keys(), reader)
+    want = _linear_modules(tmp_path / kind, json.loads((tmp_path / kind / "config.json").read_text()))
+    keys = reader.keys()
+    stored = {k[: -len(".weight")] for k in keys if k.endswith(".weight") and len(reader.shape(k)) == 2}
+    assert got == (want[0] & stored, want[1] & stored)
+    assert got[0] != stored                                       # the embeddings are not Linear
+    assert bool(got[1]) == (kind == "gpt2")
+    assert _known_modules("t5", reader.keys(), reader) is None   # unknown: the class is built
+
+
+def test_sketch_error_from_the_norms_is_the_residual():
+    """The randomized SVD's error from ||D||^2 - sum s_k^2 is the written factors' residual;
+    the subspace iterations stop once 5 fewer sketch columns give the same error, stay below
+    the cap, and a fixed count is honoured; a near-exact delta leaves the residual to measure."""
+    from loretta_merge.converters.lowrank import (
+        POWER_ITERS,
+        frobenius_sq,
+        residual_error,
+        sketch_svd,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    m, n, r = 400, 300, 8
+    u = torch.linalg.qr(torch.randn(m, 40, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(n, 40, generator=g))[0]
+    d = (u * 0.8 ** torch.arange(40.0)) @ v.T + 1e-4 * torch.randn(m, n, generator=g)
+    assert frobenius_sq(d) == pytest.approx(float(d.double().square().sum()), rel=1e-7)
+    assert frobenius_sq(d.T) == pytest.approx(frobenius_sq(d), rel=1e-7)
+    s = torch.linalg.svdvals(d).double()
+    best = float((s[r:] ** 2).sum().sqrt() / s.norm())
+    sk = sketch_svd(d, r)
+    assert 1 <= sk.iters <= POWER_ITERS
+    explicit = residual_error(d, sk.u * sk.s, sk.vh)
+    assert sk.err == pytest.approx(explicit, rel=1e-3)
+    assert sk.err == pytest.approx(best, rel=1e-3)
+    assert sketch_svd(d, r, power_iters=0).iters == 0
+    assert sketch_svd(d, r, power_iters=0).err > 1.02 * best       # no iteration: 4.6% worse here
+    exact = (u[:, :r] * 0.8 ** torch.arange(float(r))) @ v[:, :r].T
+    near = sketch_svd(exact, r)
+    assert near.err is None                                          # cancellation: measure it
+    assert residual_error(exact, near.u * near.s, near.vh) < 1e-5
+
+
+def test_device_cpu_explicit_and_bad_device(pairs):
+    """--device cpu is the default path (same factors); an unknown device is one line."""
+    base, ft, _ = pairs["llama"]
+    a1, _ = extract(base, ft, rank=4)
+    a2, _ = extract(base, ft, rank=4, device="cpu", svd="randomized")
+    a3, _ = extract(base, ft, rank=4, svd="randomized")
+    for name, m in a1.modules.items():
+        assert torch.equal(a2.modules[name].a, a3.modules[name].a)
+        assert rel(a2.modules[name].b @ a2.modules[name].a, m.b @ m.a) < 1e-4
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):   # the CLI: test_refusals_write_nothing
+        extract(base, ft, rank=4, device="tpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this torch sees none)")
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_cuda_extract_equals_cpu_extract(svd, pairs, tmp_path):
+    """--device cuda decomposes on the GPU: the same modules, ranks, carried tensors, deltas
+    within fp32 rounding and errors within 1e-3 of the CPU's."""
+    base, ft, _ = pairs["llama"]
+    cpu, rep_cpu = extract(base, ft, rank=4, svd=svd, device="cpu")
+    gpu, rep_gpu = extract(base, ft, rank=4, svd=svd, device="cuda")
+    assert sorted(cpu.modules) == sorted(gpu.modules) and sorted(cpu.tensors) == sorted(gpu.tensors)
+    for name, m in cpu.modules.items():
+        g = gpu.modules[name]
+        assert g.a.device.type == "cpu" and g.a.shape == m.a.shape
+        assert rel(g.b @ g.a, m.b @ m.a) < 1e-4, name
+    errs = {r.name: r.err for r in rep_cpu.modules}
+    for r in rep_gpu.modules:
+        assert r.err == pytest.approx(errs[r.name], rel=1e-3, abs=1e-6)
+    for key, t in cpu.tensors.items():
+        assert torch.equal(gpu.tensors[key], t)

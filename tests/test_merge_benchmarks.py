@@ -46,3 +46,7 @@ def test_gpu_merge_smoke_runs_on_cpu(tmp_path):
     for adapter in ("lora", "rep"):
         assert result["cases"][adapter]["cpu"]["gb_per_s"] > 0
         assert ("cuda" in result["cases"][adapter]) == (result["cuda_skipped"] is None)
+    extract = result["cases"]["extract"]          # issue 26: extract on each device
+    assert extract["devices"]["cpu"]["median_s"] > 0 and extract["floor_s"] > 0
+    assert extract["devices"]["cpu"]["max_err"] < 0.5
+    assert ("cuda" in extract["devices"]) == (result["cuda_skipped"] is None) == ("cuda_vs_cpu" in extract)

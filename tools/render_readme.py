@@ -397,7 +397,8 @@ def extract_block() -> str:
             f"with its interpreter startup subtracted)"
             + (": within the 2x-of-floor goal. " if o["work_over_floor"] <= 2 else
                ": the floor reads cached bytes at memory speed, while every module's delta is "
-               "formed in fp32 and factored, so the 2x-of-floor goal is not met on this machine. ")
+               "formed in fp32 and passed over several times by the sketch's matrix products, so "
+               "the 2x-of-floor goal is not met on this machine. ")
             + f"Peak RSS above the interpreter is "
             f"{o['peak_rss_above_interpreter_over_two_shards']:.2f}x two shards (goal: 1.5x"
             + ("; met). " if o["peak_rss_above_interpreter_over_two_shards"] <= 1.5 else "; missed). "))
@@ -413,8 +414,10 @@ def extract_block() -> str:
                  f"all {summ['modules']}"
                  + (" (mergekit measured in an earlier run on the same pair, at the load below)"
                     if "mergekit" in (r.get("reused_cases") or {}).get("cases", []) else "") + ". ")
-    text += ("Interpreter: Python with what each command loads before reading a tensor (ours includes "
-             "the Llama modeling code it uses to find the Linear modules). ")
+    text += ("Interpreter: Python with what each command loads before reading a tensor"
+             + (" (ours includes the Llama modeling code it uses to find the Linear modules). "
+                if "transformers" in r["interpreter"]["ours"] else
+                " (ours finds a Llama's Linear modules from its key names: no transformers import). "))
     return "\n".join(rows) + "\n\n" + text + machine_note(states) + " " + _src("extract.json")
 
 

@@ -45,10 +45,13 @@ def _targets(values: tuple[str, ...]) -> list[str] | str | None:
               show_default=True,
               help="auto: a randomized SVD for a fixed --rank well below a module's size (its "
                    "error is measured and reported), else the exact SVD.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the deltas are formed and decomposed: cpu, cuda, cuda:N or auto "
+                   "(the checkpoints are read on the CPU; --to tt fits its cores there).")
 @json_option
 @force_option()
 def extract_command(base, finetuned, out, to, rank, energy, eps, target_modules, tensor_rank,
-                    shapes, fit_steps, fit_to, svd, as_json, force):
+                    shapes, fit_steps, fit_to, svd, device, as_json, force):
     """Extract the difference FINETUNED - BASE as a low-rank adapter (truncated SVD per module).
 
     Both checkpoints are streamed tensor by tensor. Changed tensors that are not targets
@@ -67,6 +70,7 @@ def extract_command(base, finetuned, out, to, rank, energy, eps, target_modules,
     output_exists_check(out, force)
     adapter, report = extract(base, finetuned, to=to, rank=rank, energy=energy, eps=eps,
                               target_modules=_targets(target_modules), tensor_rank=tensor_rank,
-                              shapes=shapes, fit_steps=fit_steps, svd=svd, fit_to=fit_to)
+                              shapes=shapes, fit_steps=fit_steps, svd=svd, fit_to=fit_to,
+                              device=device)
     (write_adapter if to == "tt" else write_peft_lora)(adapter, out, force=force)
     echo_report(report, out, as_json=as_json)

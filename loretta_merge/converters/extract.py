@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 import time
 
 import torch
@@ -32,26 +34,30 @@ import torch
 from ..errors import ConfigError, FormatError, ShapeError
 from ..formats import Adapter, LoraModule, RepModule, TTMatrix
 from ..formats.peft import exact_keys
-from ..io import CheckpointReader
+from ..io import CheckpointReader, resolve_device
 from .extract_plan import ALL_LINEAR, ExtractPlan, looks_like_embedding, plan_extract
-from .lowrank import (OVERSAMPLE, POWER_ITERS, RankReport, RankRow, check_rank_options, choose_rank, kept_energy,
-                      randomized_svd)
+from .lowrank import (CONVERGED, NESTED, OVERSAMPLE, POWER_ITERS, RankReport, RankRow, check_rank_options,
+                      choose_rank, frobenius_sq, kept_energy, residual_error, sketch_svd)
 
 __all__ = ["ALL_LINEAR", "ExtractPlan", "extract", "plan_extract"]  # planning: .extract_plan
 
 # --------------------------------------------------------------------------- the work
 
-def _svd_lora(d: torch.Tensor, *, rank, energy, eps,
-              svd: str = "exact") -> tuple[LoraModule, float, int]:
-    """Truncated SVD of ``d (out, in)`` as LoRA factors (scale 1), the energy kept and k.
+def _decompose(d: torch.Tensor, *, rank, energy, eps, svd: str = "exact",
+               norm_sq: float | None = None) -> tuple[LoraModule, float, int, float | None, int | None]:
+    """Truncated SVD of ``d (out, in)`` as LoRA factors (scale 1): ``(lora, energy kept, k,
+    err, subspace iterations)``, on ``d``'s device.
 
-    ``svd="randomized"`` (a fixed rank only): :func:`.lowrank.randomized_svd`, the top
-    ``rank`` singular triplets from a sketch; the energy is then the kept singular values'
-    against ``||d||_F^2``, and the caller measures the factors' error as for the exact one."""
+    ``svd="exact"``: ``torch.linalg.svd`` and the rank rule; ``err`` None (the caller
+    measures the residual) and iterations None. ``svd="randomized"`` (a fixed rank only):
+    :func:`.lowrank.sketch_svd`, the top ``rank`` triplets from a sketch; the energy is the
+    kept singular values' against ``||d||_F^2`` and ``err`` the factors' exact error from the
+    norms (None where that loses digits: the caller measures the residual)."""
+    err = iters = None
     if svd == "randomized":
-        u, s, vh = randomized_svd(d, rank)
-        k = rank
-        total = float(torch.linalg.matrix_norm(d).double() ** 2)
+        total = frobenius_sq(d) if norm_sq is None else norm_sq
+        sk = sketch_svd(d, rank, norm_sq=total)
+        u, s, vh, k, err, iters = sk.u, sk.s, sk.vh, rank, sk.err, sk.iters
         kept = float((s[:k].double() ** 2).sum()) / total if total > 0 else 1.0
     else:
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
@@ -60,7 +66,14 @@ def _svd_lora(d: torch.Tensor, *, rank, energy, eps,
     root = s[:k].clamp_min(0).sqrt()
     b = (u[:, :k] * root).contiguous()                  # (out, k)
     a = (root[:, None] * vh[:k]).contiguous()           # (k, in)
-    return LoraModule(a=a, b=b, scale=1.0), min(kept, 1.0), k
+    return LoraModule(a=a, b=b, scale=1.0), min(kept, 1.0), k, err, iters
+
+
+def _svd_lora(d: torch.Tensor, *, rank, energy, eps,
+              svd: str = "exact") -> tuple[LoraModule, float, int]:
+    """``(lora, energy kept, k)`` of :func:`_decompose`."""
+    lora, kept, k, _, _ = _decompose(d, rank=rank, energy=energy, eps=eps, svd=svd)
+    return lora, kept, k
 
 
 def _use_randomized(svd: str, shape, rank, energy, eps) -> bool:
@@ -93,17 +106,126 @@ def _rel(d: torch.Tensor, approx: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(d - approx)) / n if n > 0 else 0.0
 
 
-def _rel_factors(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: int = 512) -> float:
+def _rel_factors(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: int = 512,
+                 norm_sq: float | None = None) -> float:
     """``_rel(d, b @ a)`` by blocks of ``rows`` rows: the residual is formed a block at a
     time (two ``(rows, in)`` temporaries instead of two of ``d``'s size), still exactly."""
-    n = float(torch.linalg.matrix_norm(d))
-    if n == 0:
-        return 0.0
-    sq = 0.0
-    for i in range(0, d.shape[0], rows):
-        r = torch.addmm(d[i:i + rows], b[i:i + rows], a, alpha=-1)
-        sq += float(torch.linalg.vector_norm(r)) ** 2
-    return math.sqrt(sq) / n
+    return residual_error(d, b, a, rows=rows, norm_sq=norm_sq)
+
+
+class _Prefetch:
+    """The pair's tensors in checkpoint order, prepared on a thread one tensor ahead of the
+    work: while the caller decomposes one delta, the thread reads the next pair, forms its
+    fp32 delta and ``||delta||^2`` (positioned reads and torch ops release the GIL, so both
+    cores work). Items are ``(kind, key, payload, norm_sq)``:
+
+    * ``"same"``: unchanged; ``"carry"``: changed or only in the fine-tune, not targeted
+      (``payload`` the fine-tune's tensor, kept whole); ``"nonfinite"``: a targeted delta
+      with NaN/Inf values;
+    * ``"target"``: ``payload = (delta, token)``, the delta on ``device`` in one of two
+      reused fp32 buffers (on the CPU: no fresh pages faulted in per tensor), handed back
+      with :meth:`release` once decomposed; memory holds at most two deltas.
+
+    An error on the thread is raised by the iteration; :meth:`close` stops the thread."""
+
+    def __init__(self, plan: ExtractPlan, base_r: CheckpointReader, ft_r: CheckpointReader,
+                 keys: list[str], device: torch.device) -> None:
+        self.plan, self.base_r, self.ft_r, self.keys, self.device = plan, base_r, ft_r, keys, device
+        self.added = set(plan.added)
+        size = max((max(base_r.nbytes(k), ft_r.nbytes(k)) for k in plan.targets), default=0)
+        numel = max((math.prod(ft_r.shape(k)) for k in plan.targets), default=0)
+        self._raw = (torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8))
+        cpu = device.type == "cpu"
+        self._wide = torch.empty(numel if cpu else 0, dtype=torch.float32)   # w0 in fp32
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(2):   # on a GPU the allocator reuses memory itself: tokens bound it
+            self._free.put(torch.empty(numel, dtype=torch.float32) if cpu else None)
+        self._ready: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="extract-reader", daemon=True)
+        self._thread.start()
+
+    def _wait(self, call, *args):
+        while not self._stop.is_set():
+            try:
+                return call(*args, timeout=0.1)
+            except (queue.Full, queue.Empty):
+                continue
+        raise _Stopped
+
+    def _delta(self, w1: torch.Tensor, w0: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+        """``w1 - w0`` in fp32 on the device, exactly as ``w1.float() - w0.float()``."""
+        if buf is None:
+            d = w1.to(self.device).float()        # stored dtype over the bus, widened there
+            return d.sub_(w0.to(self.device).float())
+        d = buf[:w1.numel()].view(w1.shape)
+        if w1.dtype == torch.float32 and w0.dtype == torch.float32:
+            return torch.sub(w1, w0, out=d)
+        d.copy_(w1)                               # widen each (one pass), then a same-dtype
+        t = self._wide[:w0.numel()].view(w0.shape)  # subtraction (a mixed-dtype one is
+        t.copy_(w0)                               # several times slower)
+        return d.sub_(t)
+
+    def _read(self, key: str):
+        ft_r, base_r = self.ft_r, self.base_r
+        if key in self.added:
+            return "carry", key, ft_r.get(key), None
+        if key not in self.plan.targets:
+            w1 = ft_r.get(key)
+            if w1.nbytes >= _STREAM_COMPARE and base_r.dtype(key) == w1.dtype:
+                # a big untargeted tensor (embeddings, a head): compared piece by piece, so
+                # the base's copy is never held beside the fine-tune's
+                same = _same_bytes(base_r, key, w1)
+            else:
+                same = torch.equal(base_r.get(key), w1)
+            return ("same" if same else "carry"), key, w1, None
+        buf = self._wait(self._free.get)
+        w1, w0 = ft_r.get(key, out=self._raw[1]), base_r.get(key, out=self._raw[0])
+        d = self._delta(w1, w0, buf)
+        # zero: unchanged (a difference of two floats is 0 only where they are equal); a
+        # finite norm proves every element finite (far cheaper than isfinite(d).all())
+        norm_sq = frobenius_sq(d)
+        finite = math.isfinite(norm_sq) or bool(torch.isfinite(d).all())
+        if norm_sq == 0 or (not finite and torch.equal(w0, w1)):
+            self._free.put(buf)
+            return "same", key, None, None
+        if not finite:
+            self._free.put(buf)
+            return "nonfinite", key, None, None
+        return "target", key, (d, buf), norm_sq
+
+    def _run(self) -> None:
+        try:
+            for key in self.keys:
+                self._wait(self._ready.put, self._read(key))
+            self._wait(self._ready.put, None)
+        except _Stopped:
+            return
+        except BaseException as exc:  # noqa: BLE001 - raised again by the consumer
+            try:
+                self._wait(self._ready.put, exc)
+            except _Stopped:
+                return
+
+    def __iter__(self):
+        while True:
+            item = self._ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def release(self, token) -> None:
+        self._free.put(token)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Stopped(Exception):
+    """The consumer stopped reading (an error): the reader thread ends."""
 
 
 def tt_module(name: str, lora: LoraModule, d: torch.Tensor, *, tensor_rank: int, shapes: str,
@@ -170,7 +292,8 @@ def _config(plan: ExtractPlan, modules: dict, to: str, *, rank, energy, eps, ten
 def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
             energy: float | None = None, eps: float | None = None, target_modules=None,
             tensor_rank: int = 5, shapes: str = "paper", fit_steps: int = 300,
-            svd: str = "auto", progress=None, fit_to: str = "svd") -> tuple[Adapter, RankReport]:
+            svd: str = "auto", progress=None, fit_to: str = "svd",
+            device: str = "cpu") -> tuple[Adapter, RankReport]:
     """The adapter that turns checkpoint ``base`` into (an approximation of) ``finetuned``.
 
     ``to``: ``"lora"`` (PEFT LoRA, write with ``formats.write_peft_lora``) or ``"tt"``
@@ -183,7 +306,10 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
     ``svd``: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (a fixed ``rank`` only:
     :func:`.lowrank.randomized_svd`) or ``"auto"`` (randomized for a fixed rank at most a
     quarter of a module's smaller side less the oversampling, else exact); each module's
-    error is measured from its written factors either way.
+    error is measured either way (from the written factors, or exactly from the norms).
+    ``device``: where the deltas are formed and decomposed (``cpu``, ``cuda``, ``cuda:N``,
+    ``auto``); the tensors are read on the CPU, the factors come back to it, and ``to="tt"``
+    fits the cores on the CPU.
     ``progress(i, n, key)`` is called before each tensor. Returns ``(Adapter, RankReport)``.
     """
     check_rank_options(rank, energy, eps, command="extract")
@@ -193,7 +319,8 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
     if svd == "randomized" and (energy is not None or eps is not None):
         raise ConfigError("--svd randomized needs a fixed --rank (--energy / --eps choose the "
                           "rank from all singular values); pass --svd exact or auto")
-    n_randomized = 0
+    n_randomized, iter_counts = 0, {}
+    dev = resolve_device(device)
     if to not in ("lora", "tt"):
         raise ConfigError(f"--to must be 'lora' or 'tt', got {to!r}; pass --to lora or --to tt")
     if to == "tt" and (isinstance(tensor_rank, bool) or not isinstance(tensor_rank, int) or tensor_rank < 1):
@@ -214,62 +341,57 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                         eps=eps, tensor_rank=tensor_rank if to == "tt" else None,
                         added=list(plan.added), dropped=list(plan.dropped))
     with CheckpointReader(plan.base_dir) as base_r, CheckpointReader(plan.ft_dir) as ft_r:
-        keys, added = plan.common + plan.added, set(plan.added)
-        for i, key in enumerate(keys):
-            if progress is not None:
-                progress(i, len(keys), key)
-            w1 = ft_r.get(key)
-            if key in added:
-                tensors[key] = w1
-                continue
-            if key not in plan.targets and w1.nbytes >= _STREAM_COMPARE and base_r.dtype(key) == w1.dtype:
-                # a big untargeted tensor (embeddings, a head): compared piece by piece, so the
-                # base's copy is never held beside the fine-tune's
-                if _same_bytes(base_r, key, w1):
+        keys = plan.common + plan.added
+        reader = _Prefetch(plan, base_r, ft_r, keys, dev)
+        try:
+            for i, (kind, key, payload, norm_sq) in enumerate(reader):
+                if progress is not None:
+                    progress(i, len(keys), key)
+                if kind == "same":
                     report.unchanged += 1
+                    if key in plan.targets:
+                        report.unchanged_targets.append(plan.targets[key])
+                    continue
+                if kind == "carry":
+                    tensors[key] = payload
+                    continue
+                if kind == "nonfinite":
+                    raise FormatError(f"{key}: the delta has NaN/Inf values (one of the checkpoints "
+                                      f"holds non-finite weights); re-save the checkpoints")
+                name = plan.targets[key]
+                d, token = payload                        # fp32, on the device
+                if name in plan.conv1d:
+                    d = d.T                               # Conv1D stores (in, out)
+                how = "randomized" if _use_randomized(svd, d.shape, rank, energy, eps) else "exact"
+                n_randomized += how == "randomized"
+                lora, kept, k, err_svd, iters = _decompose(d, rank=rank, energy=energy, eps=eps,
+                                                           svd=how, norm_sq=norm_sq)
+                if err_svd is None:
+                    err_svd = _rel_factors(d, lora.b, lora.a, norm_sq=norm_sq)
+                if iters is not None:
+                    iter_counts[iters] = iter_counts.get(iters, 0) + 1
+                if dev.type != "cpu":
+                    lora = LoraModule(a=lora.a.cpu(), b=lora.b.cpu(), scale=lora.scale)
+                row = RankRow(name=name, out_features=d.shape[0], in_features=d.shape[1], rank=k,
+                              energy=kept, err=err_svd, err_svd=err_svd,
+                              params=k * sum(d.shape), params_before=d.numel())
+                if to == "tt":
+                    mod, e_svd, e_fit, how = tt_module(name, lora, d.cpu(), tensor_rank=tensor_rank,
+                                                        shapes=shapes, fit_steps=fit_steps,
+                                                        fit_to=fit_to)
+                    row.err_tt_svd, row.err_tt_fit, row.tt_method = e_svd, e_fit, how
+                    row.err = min(e_svd, e_fit if e_fit is not None else math.inf)
+                    row.params = mod.num_params()
+                    row.ranks_a = [1] + [int(c.shape[-1]) for c in mod.a.cores]
+                    row.ranks_b = [1] + [int(c.shape[-1]) for c in mod.b.cores]
+                    modules[name] = mod
                 else:
-                    tensors[key] = w1
-                continue
-            w0 = base_r.get(key)
-            if torch.equal(w0, w1):
-                report.unchanged += 1
-                if key in plan.targets:
-                    report.unchanged_targets.append(plan.targets[key])
-                continue
-            name = plan.targets.get(key)
-            if name is None:
-                tensors[key] = w1
-                continue
-            d = w1.float()
-            d.sub_(w0)                                    # in fp32, one pass, one allocation
-            del w0, w1
-            if name in plan.conv1d:
-                d = d.T                                   # Conv1D stores (in, out)
-            # a finite norm proves every element finite (10-20x cheaper than isfinite(d).all())
-            if not math.isfinite(float(torch.linalg.vector_norm(d))) and not bool(torch.isfinite(d).all()):
-                raise FormatError(f"{key}: the delta has NaN/Inf values (one of the checkpoints "
-                                  f"holds non-finite weights); re-save the checkpoints")
-            how = "randomized" if _use_randomized(svd, d.shape, rank, energy, eps) else "exact"
-            n_randomized += how == "randomized"
-            lora, kept, k = _svd_lora(d, rank=rank, energy=energy, eps=eps, svd=how)
-            err_svd = _rel_factors(d, lora.b, lora.a)
-            row = RankRow(name=name, out_features=d.shape[0], in_features=d.shape[1], rank=k,
-                          energy=kept, err=err_svd, err_svd=err_svd,
-                          params=k * sum(d.shape), params_before=d.numel())
-            if to == "tt":
-                mod, e_svd, e_fit, how = tt_module(name, lora, d, tensor_rank=tensor_rank,
-                                                    shapes=shapes, fit_steps=fit_steps,
-                                                    fit_to=fit_to)
-                row.err_tt_svd, row.err_tt_fit, row.tt_method = e_svd, e_fit, how
-                row.err = min(e_svd, e_fit if e_fit is not None else math.inf)
-                row.params = mod.num_params()
-                row.ranks_a = [1] + [int(c.shape[-1]) for c in mod.a.cores]
-                row.ranks_b = [1] + [int(c.shape[-1]) for c in mod.b.cores]
-                modules[name] = mod
-            else:
-                modules[name] = lora
-            del d
-            rows.append(row)
+                    modules[name] = lora
+                del d
+                reader.release(token)
+                rows.append(row)
+        finally:
+            reader.close()
         if to == "lora":
             _whole_modules_for_peft(plan, ft_r, modules, rows, tensors, report)
     if not modules:
@@ -280,10 +402,13 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
     report.carried_params = sum(v.numel() for v in tensors.values())
     _notes(report, plan)
     if n_randomized:
+        its = ", ".join(f"{n} with {i}" for i, n in sorted(iter_counts.items()))
         report.notes.append(f"{n_randomized} module(s) by a randomized SVD (rank {rank}, "
-                            f"{OVERSAMPLE} extra sketch columns, {POWER_ITERS} power iterations); "
-                            f"their errors are measured from the written factors; --svd exact for "
-                            f"the exact SVD")
+                            f"{OVERSAMPLE} extra sketch columns; subspace iterations until the "
+                            f"sketch with {NESTED} columns fewer gives the same error within "
+                            f"{CONVERGED:.1%}, at most {POWER_ITERS}: {its}); their errors are "
+                            f"exact (||D||^2 - ||U_k^T D||^2, the written factors being the "
+                            f"projection U_k U_k^T D); --svd exact for the exact SVD")
     method = "rep" if to == "tt" else "lora"
     adapter = Adapter(method=method, source="loretta-merge" if to == "tt" else "peft",
                       modules=modules, tensors=tensors,

@@ -60,6 +60,33 @@ def _linear_modules(model_dir: Path, config: dict) -> tuple[set[str], set[str]] 
     return linear | conv, conv
 
 
+# model types whose Linear modules the key names alone tell (no modeling code imported, no
+# model built): every 2-D ``.weight`` is a Linear (or GPT-2 ``Conv1D``) weight except the
+# listed ``nn.Embedding`` modules; ``Conv1D`` modules by their last name. Checked against the
+# classes built on the meta device by tests/test_extract.py; other types build the class.
+_KNOWN_MODULES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "llama": (frozenset({"embed_tokens"}), frozenset()),
+    "mistral": (frozenset({"embed_tokens"}), frozenset()),
+    "qwen2": (frozenset({"embed_tokens"}), frozenset()),
+    "gpt2": (frozenset({"wte", "wpe"}), frozenset({"c_attn", "c_proj", "c_fc"})),
+    "bert": (frozenset({"word_embeddings", "position_embeddings", "token_type_embeddings"}),
+             frozenset()),
+}
+
+
+def _known_modules(model_type: str | None, keys: list[str], reader: CheckpointReader
+                   ) -> tuple[set[str], set[str]] | None:
+    """``(Linear modules, Conv1D modules)`` from the names of ``keys`` for a model type in
+    ``_KNOWN_MODULES``; None for any other."""
+    known = _KNOWN_MODULES.get(model_type or "")
+    if known is None:
+        return None
+    embeddings, conv1d = known
+    linear = {k[: -len(".weight")] for k in keys if k.endswith(".weight") and len(reader.shape(k)) == 2}
+    linear = {m for m in linear if m.rsplit(".", 1)[-1] not in embeddings}
+    return linear, {m for m in linear if m.rsplit(".", 1)[-1] in conv1d}
+
+
 def looks_like_embedding(key: str) -> bool:
     return any(h in key for h in _VOCAB_HINTS)
 
@@ -143,7 +170,7 @@ def plan_extract(base_dir, ft_dir, *, target_modules=None, rank: int | None = No
         common = [k for k in ft.keys() if k in base_keys]
         ft_keys = set(ft.keys())
         model_type = ft_cfg.get("model_type") or base_cfg.get("model_type")
-        info = _linear_modules(ft_dir, ft_cfg) if ft_cfg else None
+        info = (_known_modules(model_type, common, ft) or _linear_modules(ft_dir, ft_cfg)) if ft_cfg else None
         modules, conv = (info if info is not None else (None, set()))
         targets, source = _targets(common, ft, modules, target_modules, model_type)
         if rank is not None:

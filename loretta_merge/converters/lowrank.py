@@ -16,7 +16,7 @@ with one of the others it is a cap):
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,7 +90,10 @@ def tail_error(s: torch.Tensor, k: int) -> float:
 
 
 OVERSAMPLE = 10        # sketch columns beyond the rank (randomized SVD)
-POWER_ITERS = 2        # subspace iterations (randomized SVD)
+POWER_ITERS = 2        # most subspace iterations (randomized SVD)
+NESTED = 5             # the convergence check's smaller sketch: this many columns fewer
+CONVERGED = 5e-3       # ... whose rank-k error within this (relative) of the full sketch's stops
+FORMULA_MIN_ERR = 1e-2  # below this error, measure the residual explicitly (cancellation)
 
 
 @contextmanager
@@ -110,29 +113,109 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def randomized_svd(d: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE,
-                   power_iters: int = POWER_ITERS, seed: int = 0):
-    """The top ``rank`` singular triplets of ``d (m, n)`` from a Gaussian sketch (randomized
-    range finder with subspace iteration, re-orthonormalised at each step; a fixed seed, so
-    a run is reproducible). Returns ``(U (m, rank), S (rank,), Vh (rank, n))``. Cost:
-    ``O(m n q)`` with ``q = rank + oversample``, against ``O(m n min(m, n))`` exact."""
+def frobenius_sq(d: torch.Tensor) -> float:
+    """``||d||_F^2`` to about 1e-8 relative: fp32 norms of the rows (short sums) added in
+    float64 (one fp32 norm over millions of elements is off by ~1e-4, too coarse for
+    :func:`sketch_svd`'s error, which is a difference of two such squares). ``d`` is taken
+    along its contiguous dimension. Non-finite values give a non-finite result."""
+    dim = -1 if d.ndim < 2 or d.stride(-1) == 1 else 0
+    return float(torch.linalg.vector_norm(d, dim=dim).double().square().sum())
+
+
+@dataclass
+class Sketch:
+    """:func:`sketch_svd`'s result: the top ``rank`` triplets and what they leave out."""
+
+    u: torch.Tensor             # (m, rank)
+    s: torch.Tensor             # (rank,)
+    vh: torch.Tensor            # (rank, n)
+    err: float | None           # relative Frobenius error of u s vh against d, from the
+                                # norms; None below FORMULA_MIN_ERR (measure the residual)
+    iters: int                  # subspace iterations run
+
+
+def sketch_svd(d: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE,
+               power_iters: int | None = None, seed: int = 0,
+               norm_sq: float | None = None) -> Sketch:
+    """The top ``rank`` singular triplets of ``d (m, n)`` from a Gaussian sketch: randomized
+    range finder with subspace iteration, re-orthonormalised at each step; a fixed seed (drawn
+    on the CPU, so every device starts from the same sketch), reproducible.
+
+    Each iteration costs two passes over ``d``: ``Y = d W`` (``W`` the sketch, then the
+    previous ``d^T Q`` orthonormalised), ``Q = qr(Y)``, ``Z = d^T Q``; ``Z^T = Q^T d`` is the
+    projected matrix, whose SVD gives the triplets. Its rank-``k`` truncation ``P d``
+    (``P = U_k U_k^T``, an orthogonal projection) has the exact error
+    ``||d - P d||^2 = ||d||^2 - sum_{i<=k} s_i^2``, read from the norms with no pass over
+    ``d``, good to about 1e-6 of ``||d||^2`` (fp32 products). Below ``FORMULA_MIN_ERR`` that
+    difference of two near-equal squares loses too many digits: ``err`` is None there, and
+    the caller measures the residual (:func:`residual_error`).
+
+    ``power_iters`` None: as many iterations as needed, at most ``POWER_ITERS``: the first
+    ``q - NESTED`` columns of every ``Q`` are exactly the same algorithm run with ``NESTED``
+    fewer sketch columns (a QR keeps nested column spans), so both errors come from one
+    ``Z``; when they agree within ``CONVERGED`` (relative), more columns or iterations would
+    change the error little, and the loop stops. An int: exactly that many iterations.
+    ``norm_sq``: ``||d||_F^2`` when the caller has it (:func:`frobenius_sq`).
+    Cost: ``O(m n q)`` per pass with ``q = rank + oversample``, against ``O(m n min(m, n))``
+    for the exact SVD."""
     m, n = d.shape
     q = min(rank + oversample, m, n)
+    small_q = q - NESTED if q - NESTED >= rank else None
+    total = frobenius_sq(d) if norm_sq is None else norm_sq
     g = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(n, q, generator=g, dtype=torch.float32).to(d.device, d.dtype)
+    w = torch.randn(n, q, generator=g, dtype=torch.float32).to(d.device, d.dtype)
+    lapack = _one_thread if d.device.type == "cpu" else nullcontext
 
     def orth(y: torch.Tensor) -> torch.Tensor:
-        with _one_thread():
+        with lapack():
             return torch.linalg.qr(y).Q
 
-    basis = orth(d @ omega)                                    # (m, q)
-    for _ in range(power_iters):
-        basis = orth(d.T @ basis)                              # (n, q)
-        basis = orth(d @ basis)                                # (m, q)
-    small = basis.T @ d                                        # (q, n)
-    with _one_thread():
-        ub, s, vh = torch.linalg.svd(small, full_matrices=False)
-    return (basis @ ub)[:, :rank], s[:rank], vh[:rank]
+    def err_sq(s: torch.Tensor) -> float:
+        kept = float(s[:rank].double().square().sum())
+        return max(total - kept, 0.0) / total if total > 0 else 0.0
+
+    most = POWER_ITERS if power_iters is None else power_iters
+    iters = 0
+    while True:
+        basis = orth(d @ w)                                    # (m, q)
+        z = d.T @ basis                                        # (n, q) = (Q^T d)^T
+        if iters >= most:
+            break
+        if power_iters is None and small_q is not None:
+            with lapack():
+                e_small = err_sq(torch.linalg.svdvals(z[:, :small_q]))
+                e_full = err_sq(torch.linalg.svdvals(z))
+            if math.sqrt(e_small) - math.sqrt(e_full) <= CONVERGED * math.sqrt(e_small):
+                break
+        w = orth(z)
+        iters += 1
+    with lapack():
+        ub, s, vh = torch.linalg.svd(z.T, full_matrices=False)  # (q, q), (q,), (q, n)
+    u, s, vh = (basis @ ub[:, :rank]), s[:rank], vh[:rank]
+    e2 = err_sq(s)
+    err = math.sqrt(e2) if e2 >= FORMULA_MIN_ERR ** 2 or total == 0 else None
+    return Sketch(u=u, s=s, vh=vh, err=err, iters=iters)
+
+
+def residual_error(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: int = 512,
+                   norm_sq: float | None = None) -> float:
+    """``||d - b a||_F / ||d||_F`` with the residual formed ``rows`` rows at a time (two
+    ``(rows, in)`` temporaries instead of two of ``d``'s size), exactly."""
+    total = frobenius_sq(d) if norm_sq is None else norm_sq
+    if total == 0:
+        return 0.0
+    sq = 0.0
+    for i in range(0, d.shape[0], rows):
+        r = torch.addmm(d[i:i + rows], b[i:i + rows], a, alpha=-1)
+        sq += float(torch.linalg.vector_norm(r, dim=-1).double().square().sum())
+    return math.sqrt(sq / total)
+
+
+def randomized_svd(d: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE,
+                   power_iters: int | None = None, seed: int = 0):
+    """``(U (m, rank), S (rank,), Vh (rank, n))`` of :func:`sketch_svd`."""
+    r = sketch_svd(d, rank, oversample=oversample, power_iters=power_iters, seed=seed)
+    return r.u, r.s, r.vh
 
 
 # --------------------------------------------------------------------------- report

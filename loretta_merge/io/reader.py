@@ -178,16 +178,22 @@ class CheckpointReader:
                               f"truncated: re-download or re-save it")
         return got
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``key`` as a new CPU tensor. Reads its bytes with positioned reads
         (no memory map: mapped pages would stay resident and count against the merge's
-        memory bound until the shard is closed)."""
+        memory bound until the shard is closed). ``out``: a contiguous uint8 CPU tensor of
+        at least ``nbytes(key)`` bytes to read into instead (a reused buffer: no fresh pages
+        to fault in); the result is a view of it."""
         shard, offset, total = self._span(key)
+        if out is not None and (out.dtype != torch.uint8 or not out.is_contiguous()
+                                or out.device.type != "cpu" or out.numel() < total):
+            raise ValueError(f"get({key!r}, out=...): out must be a contiguous uint8 CPU tensor "
+                             f"of at least {total} bytes, got {out.dtype} {tuple(out.shape)}")
         if shard != self._open_name:  # the shard's file stays open until another is read
             self.close()
             self._open = open(self._paths[shard], "rb")  # noqa: SIM115 - closed in close()
             self._open_name = shard
-        buf = torch.empty(total, dtype=torch.uint8)
+        buf = torch.empty(total, dtype=torch.uint8) if out is None else out[:total]
         view, done = memoryview(buf.numpy()), 0
         while done < total:
             done += self._read(key, shard, self._open.fileno(), offset, view[done:], done, total)
