@@ -77,7 +77,7 @@ def machine_note(states: list[dict | None]) -> str:
 
 def supported_models_block() -> str:
     results = json.loads((ROOT / "docs" / "supported_models.json").read_text())
-    section = supported_models.table(results, seconds=results.get("wall_seconds"))
+    section = supported_models.table(results)
     begin, end = supported_models.BEGIN, supported_models.END
     return section[section.index(begin) + len(begin):section.index(end)]
 
