@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..methods import Method, get_method, tensor_generator
+from ..methods import Method, OwnedDeltas, get_method, tensor_generator
 from .kernel import RangeCheck
 from .plan import MergePlan, Op, OpKind
 
@@ -101,11 +101,14 @@ def merge_tensor_task_vectors(name: str, w0: torch.Tensor, ops: list[Op], out: t
     ``full``: the fine-tunes' tensors of FULL ops, by ``id(op)``."""
     base = w0.to(device, torch.float32, copy=True)
     deltas: list[torch.Tensor | None] = [None] * len(tv.weights)
+    d = None
     for op in ops:
         d = _op_delta(op, base, device, full or {})
         deltas[op.input] = d if deltas[op.input] is None else deltas[op.input].add_(d)
-    full = [torch.zeros_like(base) if d is None else d for d in deltas]
-    combined = tv.method.combine(full, tv.weights, tv.params, tv.generator(name))
+    # handed over: the method drops each delta once it is pruned (its memory returns early)
+    given = OwnedDeltas(torch.zeros_like(base) if d is None else d for d in deltas)
+    del deltas, d
+    combined = tv.method.combine(given, tv.weights, tv.params, tv.generator(name))
     base.add_(combined.reshape(base.shape))
     if base.numel():
         low, high = torch.aminmax(base)
