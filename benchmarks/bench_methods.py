@@ -22,8 +22,9 @@ Then ``mergekit-yaml`` runs the method (ties: density 0.5, the same weights; lin
 mergekit's task_arithmetic, which is this tool's linear over a base) in its own process,
 fp32 arithmetic, bf16 output, as ours. Wall time is taken around each command (mergekit's
 imports included: a user waits for them), peak RSS is the command's ``ru_maxrss`` read by a
-small launcher. The outputs (bf16) are compared tensor by tensor with ours from the last
-round: the largest absolute difference, where it is, and the count of entries that differ.
+small launcher. Our command line runs the same merge measured the same way (``ours_cli``:
+imports included), and the two outputs (bf16) are compared tensor by tensor: the largest
+absolute difference, where it is, and the count of entries that differ.
 
 ``--inputs full``: the inputs are two fully fine-tuned checkpoints of the base instead (every
 weight of the base moved by seeded noise, bf16, laid out in shards as the base is), merged
@@ -192,12 +193,10 @@ def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
             "peak_rss_above_imports_bytes": peak - after_imports}
 
 
-def _rounds(methods: list[str], inputs: str, work: Path, repeat: int,
-            keep: frozenset = frozenset()) -> dict[str, list[dict]]:
-    """Every case once per round, each in its own process; the last round's outputs of the
-    methods in ``keep`` stay in ``work/out-INPUTS-METHOD`` (compared with mergekit's)."""
+def _rounds(methods: list[str], inputs: str, work: Path, repeat: int) -> dict[str, list[dict]]:
+    """Every case once per round, each in its own process."""
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for round_ in range(repeat):
+    for _ in range(repeat):
         for m in methods:
             out = work / f"out-{inputs}-{m}"
             shutil.rmtree(out, ignore_errors=True)
@@ -205,8 +204,7 @@ def _rounds(methods: list[str], inputs: str, work: Path, repeat: int,
                 done = subprocess.run(
                     [sys.executable, __file__, "--child", m, "--inputs", inputs, "--work",
                      str(work), "--out", str(out)], capture_output=True, text=True, check=False)
-            if not (m in keep and round_ == repeat - 1):
-                shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
             if done.returncode != 0:
                 sys.exit(f"{m} ({inputs}) failed:\n{done.stderr[-2000:]}")
             runs[m].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -302,6 +300,20 @@ def run_mergekit(work: Path, method: str) -> dict:
     return r
 
 
+def run_ours_cli(work: Path, method: str) -> dict:
+    """The same merge through our command line, measured as mergekit's is (imports
+    included): the command-level figure beside mergekit's, and the output compared."""
+    out = work / f"ours-out-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    params = {k: v for k, v in MERGEKIT[method].items() if k != "merge_method"}
+    flags = [x for k, v in params.items() for x in (f"--{k}", str(v))]
+    r = _launch([sys.executable, "-m", "loretta_merge.cli", "merge", str(work / "base"),
+                 *[str(work / name) for name, _, _ in ADAPTERS], "--weights",
+                 ",".join(str(w) for _, w, _ in ADAPTERS), "--method", method, *flags,
+                 "-o", str(out)], f"loretta-merge merge --method {method}")
+    return r
+
+
 def compare_outputs(ours: Path, theirs: Path, base: Path) -> dict:
     """Tensor by tensor: the largest |ours - mergekit| (and the tensor), beside the largest
     change either makes to the base (the scale of the merged deltas)."""
@@ -336,10 +348,12 @@ def mergekit_cases(work: Path, methods: list[str], dtype: str) -> dict:
         run["total_wall_s"] = round(run["wall_s"] + prep["wall_s"], 3)
         run["total_peak_rss_bytes"] = max(run["peak_rss_bytes"], prep["peak_rss_bytes"])
         run["config"] = mergekit_config(work, m)
-        run["vs_ours"] = compare_outputs(work / f"out-adapters-{m}", work / f"mk-out-{m}",
+        run["ours_cli"] = run_ours_cli(work, m)
+        run["vs_ours"] = compare_outputs(work / f"ours-out-{m}", work / f"mk-out-{m}",
                                          work / "base")
         result["methods"][m] = run
         shutil.rmtree(work / f"mk-out-{m}", ignore_errors=True)
+        shutil.rmtree(work / f"ours-out-{m}", ignore_errors=True)
     for name, _, _ in ADAPTERS:
         shutil.rmtree(work / f"mk-full-{name}", ignore_errors=True)
     return result
@@ -399,7 +413,7 @@ def main() -> None:
         bench_merge.generate(work, args.size)
         if plans["adapters"]:
             generate_third_adapter(work, args.size)
-            runs = _rounds(plans["adapters"], "adapters", work, args.repeat, frozenset(mk))
+            runs = _rounds(plans["adapters"], "adapters", work, args.repeat)
             shard = largest_shard(work / "base")
             summary.update({"adapters": [f"{label} (w {w})" for _, w, label in ADAPTERS],
                             "largest_input_shard_bytes": shard,
@@ -431,6 +445,8 @@ def main() -> None:
         print(f"mergekit preparation ({len(ADAPTERS)} full models): {prep['wall_s']:.2f} s, peak RSS "
               f"{prep['peak_rss_bytes'] / 2**30:.2f} GiB")
         for m, r in summary["mergekit"]["methods"].items():
+            print(f"ours (CLI) {m:8s} {r['ours_cli']['wall_s']:8.2f} s, peak RSS "
+                  f"{r['ours_cli']['peak_rss_bytes'] / 2**30:.2f} GiB")
             print(f"mergekit {m:10s} {r['wall_s']:8.2f} s (total {r['total_wall_s']:.2f} s), peak "
                   f"RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB; max |ours - mergekit| "
                   f"{r['vs_ours']['max_abs_diff']:.3g} at {r['vs_ours']['entries_differing']} of "
