@@ -6,8 +6,10 @@ tensor: its value minus W0, both upcast first), zeros for
 an input that does not touch the tensor; the method (:mod:`loretta_merge.methods`)
 combines them; ``W0 + combined`` is cast once. A method needs the whole tensor (a top-k,
 per-row ranks), so this path works on whole tensors, not the linear kernel's row blocks:
-peak memory per tensor is about 2 x inputs + 3 fp32 copies of it (the deltas, their
-weighted stack, W0 and the result).
+peak memory per tensor is about inputs + 4 fp32 copies of it (the deltas, which the method
+replaces one by one with their pruned copies, as they are handed over in
+:class:`~loretta_merge.methods.OwnedDeltas`; W0; the pruning's temporaries, a sort where
+equal magnitudes straddle the cut; the sign vote and the sums).
 
 The plan is built with every adapter at weight 1 (so an op's delta is the adapter's own),
 and the user's weights go to the method, as mergekit passes them.
