@@ -373,8 +373,8 @@ def main() -> None:
                              f"{','.join(FULL_METHODS)} by default, any method or floor)")
     parser.add_argument("--mergekit", default=None,
                         help="comma-separated methods also run through mergekit on the adapter "
-                             f"case ({','.join(MERGEKIT)}; default: all of them, none with "
-                             "--smoke; '' for none)")
+                             f"case ({','.join(MERGEKIT)}; default: those of them the adapter "
+                             "case runs, none with --smoke or --inputs full; '' for none)")
     parser.add_argument("--mergekit-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the full base+adapter models mergekit merges")
     parser.add_argument("--work", default=None, help="where the checkpoint is generated/kept")
@@ -400,7 +400,8 @@ def main() -> None:
                          f"{', '.join(sorted(allowed))}")
         plans[kind] = methods
     if args.mergekit is None:
-        args.mergekit = "" if args.smoke else ",".join(MERGEKIT)
+        args.mergekit = "" if args.smoke or not plans["adapters"] else ",".join(
+            m for m in MERGEKIT if m in plans["adapters"])
     mk = [m for m in args.mergekit.split(",") if m]
     bad = [m for m in mk if m not in MERGEKIT or m not in plans["adapters"]]
     if bad:
