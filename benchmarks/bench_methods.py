@@ -2,10 +2,29 @@
 
 The checkpoint and adapters are bench_merge.py's (a LLaMA-shaped bf16 base with random
 weights, a PEFT LoRA r16 and a LoRETTA rep adapter on q, k, v, o, gate, up and down of every
-layer). Each method merges the two adapters (weights 1 and 0.7) in its own subprocess, run
-round by round; a child reports the wall time of the merge (imports excluded) and its peak
-RSS (``ru_maxrss``, imports included). ``linear`` is the fused streaming kernel; every other
-method works on whole tensors (docs/merge-methods.md).
+layer) and a third, a PEFT LoRA r8 on the same modules generated here (another seed). Each
+method merges the three adapters (weights 1, 0.7 and 0.5) in its own subprocess, run round
+by round; a child reports the wall time of the merge (imports excluded), its peak RSS
+(``ru_maxrss``, imports included) and that peak above the RSS it had after its imports,
+beside the largest input shard (the issue's memory bound: 1.5x that shard).
+``linear`` is the fused streaming kernel; every other method works on whole tensors
+(docs/merge-methods.md).
+
+``mergekit`` (adapters, ``--mergekit ties,linear``; not in ``--smoke`` unless asked): the
+same job through mergekit 0.1.5. mergekit merges adapters only as full models, so each
+``base+adapter`` is first written as a full checkpoint (``loretta-merge merge BASE ADAPTER
+--dtype float32``, the fastest writer at hand; mergekit cannot read the rep adapter at all):
+that preparation's wall time and peak RSS are reported apart and counted in mergekit's
+total. The full models are fp32 (``--mergekit-dtype``) so that mergekit's task vector
+``full - base`` is the adapter's delta: in bf16, ``W0 + Δ`` rounds Δ (~1e-3 here) by up to
+half a bf16 step of W0 (~6e-5 at |W0| ~0.02), which moves TIES' magnitude cut and signs.
+Then ``mergekit-yaml`` runs the method (ties: density 0.5, the same weights; linear as
+mergekit's task_arithmetic, which is this tool's linear over a base) in its own process,
+fp32 arithmetic, bf16 output, as ours. Wall time is taken around each command (mergekit's
+imports included: a user waits for them), peak RSS is the command's ``ru_maxrss`` read by a
+small launcher. Our command line runs the same merge measured the same way (``ours_cli``:
+imports included), and the two outputs (bf16) are compared tensor by tensor: the largest
+absolute difference, where it is, and the count of entries that differ.
 
 ``--inputs full``: the inputs are two fully fine-tuned checkpoints of the base instead (every
 weight of the base moved by seeded noise, bf16, laid out in shards as the base is), merged
@@ -26,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -51,6 +71,9 @@ METHODS = {  # method -> (parameters, seed)
 }
 
 
+ADAPTERS = (("lora", 1.0, "lora r16"), ("rep", 0.7, "rep"), ("lora8", 0.5, "lora r8"))
+MERGEKIT = {"ties": {"merge_method": "ties", "density": 0.5},  # our method -> mergekit's
+            "linear": {"merge_method": "task_arithmetic"}}
 FULL_METHODS = ("floor", "linear", "ties")  # the cases of --inputs full
 FINE_TUNES = (("ft0", 1.0), ("ft1", 0.7))  # fine-tune directory, weight
 MAX_SHARD = "5GB"  # the output shard budget of the merges and the floor (the merge's default)
@@ -83,6 +106,47 @@ def generate_fine_tunes(work: Path, size: str) -> None:
         (work / name / "done").write_text("ok")
 
 
+def generate_third_adapter(work: Path, size: str) -> None:
+    """lora8/: a PEFT LoRA r8 (alpha 16) on bench_merge.py's targets, drawn as its LoRA r16
+    is (another generator seed), so the adapter case merges three distinct adapters."""
+    import bench_merge
+    import torch
+    from safetensors.torch import save_file
+
+    out = work / "lora8"
+    if (out / "done").exists():
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    cfg = bench_merge.SIZES[size]
+    shapes = bench_merge._linear_shapes(cfg)
+    g = torch.Generator().manual_seed(8)
+    lora = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for part, names in bench_merge.TARGETS.items():
+            for n in names:
+                out_f, in_f = shapes[n]
+                name = f"base_model.model.model.layers.{layer}.{part}.{n}"
+                lora[f"{name}.lora_A.weight"] = torch.randn(8, in_f, generator=g) * 0.01
+                lora[f"{name}.lora_B.weight"] = torch.randn(out_f, 8, generator=g) * 0.01
+    save_file(lora, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    targets = [n for names in bench_merge.TARGETS.values() for n in names]
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
+        "lora_dropout": 0.0, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": str(work / "base"), "inference_mode": True}))
+    (out / "done").write_text("ok")
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def largest_shard(*dirs: Path) -> int:
+    return max(p.stat().st_size for d in dirs for p in d.glob("*.safetensors"))
+
+
 def full_floor(work: Path, out: Path, budget: int) -> None:
     """Read every shard of the base and of both fine-tunes (``load_file``), write the base's
     tensors once under ``budget`` bytes per shard, each file fsynced."""
@@ -111,8 +175,9 @@ def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
         given = [(work / name, w) for name, w in FINE_TUNES]
         params, seed = METHODS.get(method, ({}, None))
     else:
-        given = [(work / "lora", 1.0), (work / "rep", 0.7)]
+        given = [(work / name, w) for name, w, _ in ADAPTERS]
         params, seed = METHODS[method]
+    after_imports = _rss_now()
     start = time.perf_counter()
     if method == "floor":
         full_floor(work, out, parse_size(MAX_SHARD))
@@ -122,9 +187,10 @@ def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
                        method_params=params, seed=seed, max_shard_bytes=MAX_SHARD)
         merged, total = report.merged_tensors, report.total_bytes
     seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"method": method, "seconds": round(seconds, 3), "merged_tensors": merged,
-            "total_bytes": total,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "total_bytes": total, "peak_rss_bytes": peak,
+            "peak_rss_above_imports_bytes": peak - after_imports}
 
 
 def _rounds(methods: list[str], inputs: str, work: Path, repeat: int) -> dict[str, list[dict]]:
@@ -146,15 +212,151 @@ def _rounds(methods: list[str], inputs: str, work: Path, repeat: int) -> dict[st
     return runs
 
 
-def _summary(runs: dict[str, list[dict]]) -> dict:
-    out = {m: {"median_seconds": statistics.median(r["seconds"] for r in rs),
-               "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
-               "merged_tensors": rs[0]["merged_tensors"]} for m, rs in runs.items()}
+def _summary(runs: dict[str, list[dict]], shard: int) -> dict:
+    """Per case: median seconds, peak RSS (the largest of the rounds), that peak above the
+    RSS after imports and its ratio to the largest input shard ``shard``."""
+    out = {}
+    for m, rs in runs.items():
+        out[m] = {"median_seconds": statistics.median(r["seconds"] for r in rs),
+                  "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
+                  "merged_tensors": rs[0]["merged_tensors"]}
+        if all("peak_rss_above_imports_bytes" in r for r in rs):
+            above = max(r["peak_rss_above_imports_bytes"] for r in rs)
+            out[m]["peak_rss_above_imports_bytes"] = above
+            out[m]["rss_over_largest_shard"] = round(above / shard, 2)
     if "floor" in runs:
         for m, rs in runs.items():  # per round: this case over that round's floor
             out[m]["over_floor"] = round(statistics.median(
                 r["seconds"] / f["seconds"] for r, f in zip(rs, runs["floor"])), 3)
     return out
+
+
+# --------------------------------------------------------------------------- mergekit
+
+_LAUNCH = ("import json, resource, subprocess, sys, time\n"
+           "t = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+           "wall = time.perf_counter() - t; r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+           "print(json.dumps({'rc': p.returncode, 'wall_s': round(wall, 3), "
+           "'cpu_s': round(r.ru_utime + r.ru_stime, 3),\n"
+           "  'peak_rss_bytes': r.ru_maxrss * 1024, 'stderr': p.stderr[-3000:]}))\n")
+
+
+def _launch(command: list[str], label: str) -> dict:
+    """Run ``command`` under the launcher: its wall, CPU time and peak RSS (its own)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    with measuring() as machine:
+        proc = subprocess.run([sys.executable, "-c", _LAUNCH, *command], capture_output=True,
+                              text=True, env=env, check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        sys.exit(f"{label}: the launcher failed:\n{proc.stderr[-2000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    if r["rc"] != 0:
+        sys.exit(f"{label} failed:\n{r['stderr']}")
+    r.pop("stderr")
+    r.pop("rc")
+    r["machine_state"] = machine
+    return r
+
+
+def prepare_full_models(work: Path, dtype: str) -> dict:
+    """Each ``base+adapter`` written as a full model in ``dtype`` (``mk-full-NAME``), what
+    mergekit needs before it can merge adapters; one command per adapter, timed and measured."""
+    steps = {}
+    for name, _, _ in ADAPTERS:
+        out = work / f"mk-full-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        steps[name] = _launch([sys.executable, "-m", "loretta_merge.cli", "merge",
+                               str(work / "base"), str(work / name), "-o", str(out),
+                               "--dtype", dtype], f"preparing {out.name}")
+    return {"command": f"loretta-merge merge BASE ADAPTER -o FULL --dtype {dtype} (per adapter)",
+            "dtype": dtype,
+            "wall_s": round(sum(s["wall_s"] for s in steps.values()), 3),
+            "peak_rss_bytes": max(s["peak_rss_bytes"] for s in steps.values()),
+            "output_bytes": sum(p.stat().st_size for name, _, _ in ADAPTERS
+                                for p in (work / f"mk-full-{name}").glob("*.safetensors")),
+            "steps": steps}
+
+
+def mergekit_config(work: Path, method: str) -> dict:
+    spec = dict(MERGEKIT[method])
+    mk_method = spec.pop("merge_method")
+    return {"merge_method": mk_method, "base_model": str(work / "base"),
+            "models": [{"model": str(work / f"mk-full-{name}"),
+                        "parameters": {"weight": w, **spec}} for name, w, _ in ADAPTERS],
+            "dtype": "float32", "out_dtype": "bfloat16"}
+
+
+def run_mergekit(work: Path, method: str) -> dict:
+    """``mergekit-yaml`` on the prepared full models, in its own process (JSON is YAML)."""
+    config = work / f"mk-{method}.yml"
+    config.write_text(json.dumps(mergekit_config(work, method), indent=1))
+    out = work / f"mk-out-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    r = _launch([str(exe), str(config), str(out), "--no-copy-tokenizer", "--quiet"],
+                f"mergekit-yaml ({method})")
+    r["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return r
+
+
+def run_ours_cli(work: Path, method: str) -> dict:
+    """The same merge through our command line, measured as mergekit's is (imports
+    included): the command-level figure beside mergekit's, and the output compared."""
+    out = work / f"ours-out-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    params = {k: v for k, v in MERGEKIT[method].items() if k != "merge_method"}
+    flags = [x for k, v in params.items() for x in (f"--{k}", str(v))]
+    r = _launch([sys.executable, "-m", "loretta_merge.cli", "merge", str(work / "base"),
+                 *[str(work / name) for name, _, _ in ADAPTERS], "--weights",
+                 ",".join(str(w) for _, w, _ in ADAPTERS), "--method", method, *flags,
+                 "-o", str(out)], f"loretta-merge merge --method {method}")
+    return r
+
+
+def compare_outputs(ours: Path, theirs: Path, base: Path) -> dict:
+    """Tensor by tensor: the largest |ours - mergekit| (and the tensor), beside the largest
+    change either makes to the base (the scale of the merged deltas)."""
+    from loretta_merge.io import CheckpointReader
+
+    worst, where, change, differ, total = 0.0, None, 0.0, 0, 0
+    with CheckpointReader(ours) as a, CheckpointReader(theirs) as b, CheckpointReader(base) as w:
+        if set(a.keys()) != set(b.keys()):
+            only = sorted(set(a.keys()) ^ set(b.keys()))
+            sys.exit(f"ours {ours} and mergekit's {theirs} hold other tensors: {only[:5]}")
+        for key in a.keys():
+            x, y = a.get(key).float(), b.get(key).float()
+            d = (x - y).abs()
+            diff = float(d.max()) if x.numel() else 0.0
+            differ += int((d > 0).sum())
+            total += d.numel()
+            if diff > worst:
+                worst, where = diff, key
+            if x.numel():
+                change = max(change, float((x - w.get(key).float()).abs().max()))
+            del x, y, d
+    return {"max_abs_diff": worst, "max_abs_diff_tensor": where, "entries_differing": differ,
+            "entries": total, "max_abs_merged_change": change}
+
+
+def mergekit_cases(work: Path, methods: list[str], dtype: str) -> dict:
+    """Preparation once, then each method through mergekit, compared with our output."""
+    prep = prepare_full_models(work, dtype)
+    result = {"preparation": prep, "methods": {}}
+    for m in methods:
+        run = run_mergekit(work, m)
+        run["total_wall_s"] = round(run["wall_s"] + prep["wall_s"], 3)
+        run["total_peak_rss_bytes"] = max(run["peak_rss_bytes"], prep["peak_rss_bytes"])
+        run["config"] = mergekit_config(work, m)
+        run["ours_cli"] = run_ours_cli(work, m)
+        run["vs_ours"] = compare_outputs(work / f"ours-out-{m}", work / f"mk-out-{m}",
+                                         work / "base")
+        result["methods"][m] = run
+        shutil.rmtree(work / f"mk-out-{m}", ignore_errors=True)
+        shutil.rmtree(work / f"ours-out-{m}", ignore_errors=True)
+    for name, _, _ in ADAPTERS:
+        shutil.rmtree(work / f"mk-full-{name}", ignore_errors=True)
+    return result
 
 
 def main() -> None:
@@ -169,6 +371,12 @@ def main() -> None:
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated (adapters: {','.join(METHODS)}; full: "
                              f"{','.join(FULL_METHODS)} by default, any method or floor)")
+    parser.add_argument("--mergekit", default=None,
+                        help="comma-separated methods also run through mergekit on the adapter "
+                             f"case ({','.join(MERGEKIT)}; default: those of them the adapter "
+                             "case runs, none with --smoke or --inputs full; '' for none)")
+    parser.add_argument("--mergekit-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype of the full base+adapter models mergekit merges")
     parser.add_argument("--work", default=None, help="where the checkpoint is generated/kept")
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -191,22 +399,37 @@ def main() -> None:
             parser.error(f"unknown method(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(sorted(allowed))}")
         plans[kind] = methods
+    if args.mergekit is None:
+        args.mergekit = "" if args.smoke or not plans["adapters"] else ",".join(
+            m for m in MERGEKIT if m in plans["adapters"])
+    mk = [m for m in args.mergekit.split(",") if m]
+    bad = [m for m in mk if m not in MERGEKIT or m not in plans["adapters"]]
+    if bad:
+        parser.error(f"--mergekit {','.join(bad)}: choose among {', '.join(MERGEKIT)}, each also "
+                     f"among the adapter case's --methods")
     keep = args.work is not None
     work = Path(args.work) if keep else Path(tempfile.mkdtemp(prefix="bench-methods-"))
     summary = {"size": args.size, "repeat": args.repeat}
     try:
         bench_merge.generate(work, args.size)
         if plans["adapters"]:
+            generate_third_adapter(work, args.size)
             runs = _rounds(plans["adapters"], "adapters", work, args.repeat)
-            summary.update({"adapters": ["lora r16 (w 1.0)", "rep (w 0.7)"],
-                            "methods": _summary(runs), "runs": runs})
+            shard = largest_shard(work / "base")
+            summary.update({"adapters": [f"{label} (w {w})" for _, w, label in ADAPTERS],
+                            "largest_input_shard_bytes": shard,
+                            "methods": _summary(runs, shard), "runs": runs})
+            if mk:
+                summary["mergekit"] = mergekit_cases(work, mk, args.mergekit_dtype)
         if plans["full"]:
             generate_fine_tunes(work, args.size)
             runs = _rounds(plans["full"], "full", work, args.repeat)
+            shard = largest_shard(work / "base", *(work / n for n, _ in FINE_TUNES))
             summary["full"] = {
                 "inputs": [f"{name}: full fine-tune, bf16 (w {w})" for name, w in FINE_TUNES],
                 "checkpoint_bytes": sum(p.stat().st_size for p in (work / "base").glob("*.safetensors")),
-                "max_shard_size": MAX_SHARD, "methods": _summary(runs), "runs": runs}
+                "max_shard_size": MAX_SHARD, "largest_input_shard_bytes": shard,
+                "methods": _summary(runs, shard), "runs": runs}
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -214,8 +437,22 @@ def main() -> None:
                            ("full fine-tunes", summary.get("full", {}).get("methods"))):
         for m, s in (section or {}).items():
             ratio = f"  {s['over_floor']:5.2f}x floor" if "over_floor" in s else ""
+            rss = (f" ({s['rss_over_largest_shard']:.2f}x shard above imports)"
+                   if "rss_over_largest_shard" in s else "")
             print(f"{title:15s} {m:16s} {s['median_seconds']:8.2f} s  peak RSS "
-                  f"{s['peak_rss_bytes'] / 2**30:5.2f} GiB{ratio}")
+                  f"{s['peak_rss_bytes'] / 2**30:5.2f} GiB{rss}{ratio}")
+    if "mergekit" in summary:
+        prep = summary["mergekit"]["preparation"]
+        print(f"mergekit preparation ({len(ADAPTERS)} full models): {prep['wall_s']:.2f} s, peak RSS "
+              f"{prep['peak_rss_bytes'] / 2**30:.2f} GiB")
+        for m, r in summary["mergekit"]["methods"].items():
+            print(f"ours (CLI) {m:8s} {r['ours_cli']['wall_s']:8.2f} s, peak RSS "
+                  f"{r['ours_cli']['peak_rss_bytes'] / 2**30:.2f} GiB")
+            print(f"mergekit {m:10s} {r['wall_s']:8.2f} s (total {r['total_wall_s']:.2f} s), peak "
+                  f"RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB; max |ours - mergekit| "
+                  f"{r['vs_ours']['max_abs_diff']:.3g} at {r['vs_ours']['entries_differing']} of "
+                  f"{r['vs_ours']['entries']} entries (largest change "
+                  f"{r['vs_ours']['max_abs_merged_change']:.3g})")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")

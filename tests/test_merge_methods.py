@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from loretta_merge.errors import ConfigError
 from loretta_merge.io import CheckpointReader
 from loretta_merge.merge import merge
-from loretta_merge.methods import get_method, method_names, prune, tensor_generator
+from loretta_merge.methods import OwnedDeltas, get_method, method_names, prune, tensor_generator
 
 WEIGHTS = (1.0, 0.7, 0.3)
 ATOL = 1e-6  # fp32 rounding of W0 + Δ (weights ~0.02-0.5): observed differences are ~3e-8
@@ -360,6 +360,27 @@ def test_ties_equals_peft_with_unit_weights(majority):
                                             n_inputs=3), None)
     want = ties(d, torch.ones(3), 0.4, majority)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("ties", {"density": 0.4}), ("ties", {"density": 1.0, "majority_sign": "frequency"}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.05}), ("task_arithmetic", {"lambda": 0.6}),
+    ("dare_ties", {"density": 0.3}), ("linear", {})])
+def test_handed_over_deltas_give_the_same_result_and_a_plain_list_is_untouched(name, params):
+    """The merge hands its deltas over (OwnedDeltas): the method may prune them in place and
+    drops each once used. The result is the same bits as from a plain list, which is never
+    changed (density 1 returns the delta itself: it must not be scaled in place)."""
+    m = get_method(name)
+    resolved = m.resolve(params, n_inputs=3)
+    plain = _deltas()
+    before = [d.clone() for d in plain]
+    seeded = (lambda: torch.Generator().manual_seed(4)) if m.random else (lambda: None)
+    want = m.combine(plain, [1.0, 0.7, 0.5], resolved, seeded())
+    assert all(torch.equal(a, b) for a, b in zip(plain, before))
+    given = OwnedDeltas(d.clone() for d in before)
+    got = m.combine(given, [1.0, 0.7, 0.5], resolved, seeded())
+    assert torch.equal(got, want)
+    assert list(given) == [None, None, None]  # each let go of once used
 
 
 def test_dare_differs_from_peft_only_in_the_rescale():

@@ -6,8 +6,10 @@ tensor: its value minus W0, both upcast first), zeros for
 an input that does not touch the tensor; the method (:mod:`loretta_merge.methods`)
 combines them; ``W0 + combined`` is cast once. A method needs the whole tensor (a top-k,
 per-row ranks), so this path works on whole tensors, not the linear kernel's row blocks:
-peak memory per tensor is about 2 x inputs + 3 fp32 copies of it (the deltas, their
-weighted stack, W0 and the result).
+peak memory per tensor is about inputs + 4 fp32 copies of it (the deltas, which the method
+replaces one by one with their pruned copies, as they are handed over in
+:class:`~loretta_merge.methods.OwnedDeltas`; W0; the pruning's temporaries, a sort where
+equal magnitudes straddle the cut; the sign vote and the sums).
 
 The plan is built with every adapter at weight 1 (so an op's delta is the adapter's own),
 and the user's weights go to the method, as mergekit passes them.
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..methods import Method, get_method, tensor_generator
+from ..methods import Method, OwnedDeltas, get_method, tensor_generator
 from .kernel import RangeCheck
 from .plan import MergePlan, Op, OpKind
 
@@ -101,11 +103,14 @@ def merge_tensor_task_vectors(name: str, w0: torch.Tensor, ops: list[Op], out: t
     ``full``: the fine-tunes' tensors of FULL ops, by ``id(op)``."""
     base = w0.to(device, torch.float32, copy=True)
     deltas: list[torch.Tensor | None] = [None] * len(tv.weights)
+    d = None
     for op in ops:
         d = _op_delta(op, base, device, full or {})
         deltas[op.input] = d if deltas[op.input] is None else deltas[op.input].add_(d)
-    full = [torch.zeros_like(base) if d is None else d for d in deltas]
-    combined = tv.method.combine(full, tv.weights, tv.params, tv.generator(name))
+    # handed over: the method drops each delta once it is pruned (its memory returns early)
+    given = OwnedDeltas(torch.zeros_like(base) if d is None else d for d in deltas)
+    del deltas, d
+    combined = tv.method.combine(given, tv.weights, tv.params, tv.generator(name))
     base.add_(combined.reshape(base.shape))
     if base.numel():
         low, high = torch.aminmax(base)

@@ -23,10 +23,10 @@ from . import della  # noqa: F401
 from . import peft_compat  # noqa: F401
 from .base import (MAJORITY_SIGNS, PARAMS, Method, ParamSpec, get_method, method_names,
                    register, tensor_generator)
-from .core import combine_task_vectors
+from .core import OwnedDeltas, combine_task_vectors
 
 DEFAULT_METHOD = "linear"
 
-__all__ = ["DEFAULT_METHOD", "MAJORITY_SIGNS", "PARAMS", "Method", "ParamSpec",
+__all__ = ["DEFAULT_METHOD", "MAJORITY_SIGNS", "PARAMS", "Method", "OwnedDeltas", "ParamSpec",
            "combine_task_vectors", "get_method", "method_names", "register",
            "tensor_generator"]

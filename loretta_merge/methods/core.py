@@ -22,10 +22,50 @@ import torch
 
 Prune = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, input index) -> pruned delta
 
+class OwnedDeltas(list):
+    """A list of deltas handed over to a method: it may change them in place and drops each
+    entry (sets it to None) once it is done with it, so their memory returns while the
+    tensor is still being combined. The streaming merge hands its deltas over this way; a
+    plain list is never changed."""
+
+
+def _weighted_pruned(deltas: Sequence[torch.Tensor], weights: Sequence[float],
+                     prune: Prune | None) -> list[torch.Tensor]:
+    """``w_i * prune_i(Δ_i)`` for every input, one input at a time, each a tensor of ours:
+    computed in place where the pruned delta is a new tensor or a delta handed over in
+    :class:`OwnedDeltas` (dropped from it as soon as it is pruned)."""
+    owned = isinstance(deltas, OwnedDeltas)
+    out = []
+    for i in range(len(deltas)):
+        d = deltas[i]
+        p = prune(d, i) if prune is not None else d
+        w = float(weights[i])
+        mine = owned or p.data_ptr() != d.data_ptr() or p.numel() == 0
+        if owned:
+            deltas[i] = None
+        del d
+        out.append(p.mul_(w) if mine else p * w)
+    return out
+
 
 def _elected_positive(weighted: torch.Tensor, majority_sign: str) -> torch.Tensor:
     """(N, ...) weighted deltas -> (...) bool: where the elected sign is + (ties go to +)."""
     votes = weighted.sum(dim=0) if majority_sign == "total" else weighted.sign().sum(dim=0)
+    return votes >= 0
+
+
+def _votes_positive(weighted: list[torch.Tensor], majority_sign: str) -> torch.Tensor:
+    """:func:`_elected_positive` over a list, without stacking it: ``(a + b) + c`` is what
+    ``stack(...).sum(dim=0)`` computes, bit for bit (the reduction runs over the inputs in
+    order), and sign counts are exact in any order."""
+    if majority_sign == "total":
+        votes = weighted[0].clone()
+        for w in weighted[1:]:
+            votes.add_(w)
+    else:
+        votes = weighted[0].sign()
+        for w in weighted[1:]:
+            votes.add_(w.sign())
     return votes >= 0
 
 
@@ -42,26 +82,29 @@ def combine_task_vectors(deltas: Sequence[torch.Tensor], weights: Sequence[float
     """The combined delta of one tensor (see the module docstring)."""
     if not deltas:
         raise ValueError("combine_task_vectors needs at least one delta")
-    first = deltas[0]
-    stacked = first.new_empty((len(deltas), *first.shape))  # (N, *shape)
-    for i, d in enumerate(deltas):  # one pruned delta alive at a time
-        stacked[i] = prune(d, i) if prune is not None else d
-    w = torch.tensor([float(x) for x in weights], dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape(-1, *([1] * (stacked.ndim - 1)))
-    stacked.mul_(w)
+    dtype, device = deltas[0].dtype, deltas[0].device
+    # the pruned deltas are weighted in place and consumed one at a time: no (N, ...) stack,
+    # no zero-filled accumulators (a sum over a list in order is the stack's sum over dim 0)
+    weighted = _weighted_pruned(deltas, weights, prune)
     if majority_sign is not None:
-        positive = _elected_positive(stacked, majority_sign)
-        mixed = torch.zeros_like(first)
-        norm = torch.zeros_like(first)
-        for i, weighted in enumerate(stacked):  # one input at a time: no (N, ...) temporaries
-            agree = torch.where(positive, weighted > 0, weighted < 0)
-            mixed.add_(weighted * agree)
-            norm.add_(agree, alpha=float(weights[i]))
+        positive = _votes_positive(weighted, majority_sign)
+        mixed = norm = None
+        for i in range(len(weighted)):
+            w, weighted[i] = weighted[i], None
+            agree = torch.where(positive, w > 0, w < 0)
+            kept = w.mul_(agree)  # w is ours (a pruned copy or a weighted one)
+            mixed = kept if mixed is None else mixed.add_(kept)
+            share = agree.to(dtype).mul_(float(weights[i]))
+            norm = share if norm is None else norm.add_(share)
         norm.masked_fill_(norm == 0, 1)
     else:
-        mixed = stacked.sum(dim=0)
-        norm = w.sum(dim=0)
-        norm[norm.abs() < 1e-8] = 1
+        mixed = weighted[0]
+        for i in range(1, len(weighted)):
+            w, weighted[i] = weighted[i], None
+            mixed.add_(w)
+        norm = torch.tensor([float(x) for x in weights], dtype=dtype, device=device).sum()
+        if norm.abs() < 1e-8:
+            norm.fill_(1)
     if normalize:
         mixed /= norm
     if lam != 1:
