@@ -50,7 +50,8 @@ def load_adapters(adapters: Sequence, *, allow_unsafe_pickle: bool) -> list[Load
         if not math.isfinite(weight):
             raise ConfigError(f"adapter weight {weight!r} must be finite; give a number such "
                               f"as ADAPTER:0.7")
-        if isinstance(spec, Adapter):
+        in_memory = isinstance(spec, Adapter)
+        if in_memory:
             adapter, label = spec, str(spec.path or "<in memory>")
         elif is_model_dir(spec):  # a fine-tune of the base: its task vector is W_i - W0
             from .full import open_checkpoint
@@ -62,7 +63,8 @@ def load_adapters(adapters: Sequence, *, allow_unsafe_pickle: bool) -> list[Load
             adapter = read_adapter(spec, allow_unsafe_pickle=allow_unsafe_pickle)
             label = str(spec)
         refuse_unmergeable(adapter, label)
-        check_finite_adapter(adapter, label)
+        # read_adapter has already checked every tensor of the file it read
+        check_finite_adapter(adapter, label, tensors=in_memory)
         out.append(LoadedAdapter(adapter, weight, label))
     return out
 
@@ -92,18 +94,19 @@ def _parts(mod) -> dict[str, list[torch.Tensor]]:
     return {"tt_dense": mod.weight.cores, "bias": [mod.bias] if mod.bias is not None else []}
 
 
-def check_finite_adapter(adapter: Adapter, label: str) -> None:
-    """NaN/Inf anywhere in the adapter is refused before any base weight is read."""
+def check_finite_adapter(adapter: Adapter, label: str, *, tensors: bool = True) -> None:
+    """NaN/Inf anywhere in the adapter is refused before any base weight is read;
+    ``tensors=False``: the scales only (the tensors were checked when the file was read)."""
     for m, mod in adapter.modules.items():
-        for part, tensors in _parts(mod).items():
-            if any(_not_finite(t) for t in tensors):
+        for part, parts in (_parts(mod).items() if tensors else ()):
+            if any(_not_finite(t) for t in parts):
                 raise NumericsError(f"adapter {label}: module {m} ({part}) holds NaN or Inf "
                                     f"values; the adapter is corrupt or its training diverged; "
                                     f"retrain it or pass another adapter (nothing was written)")
         if not math.isfinite(float(getattr(mod, "scale", 1.0))):
             raise NumericsError(f"adapter {label}: module {m} has a non-finite scale {mod.scale}; "
                                 f"fix lora_alpha/r in its adapter_config.json")
-    for name, t in adapter.tensors.items():
+    for name, t in (adapter.tensors.items() if tensors else ()):
         if _not_finite(t):
             raise NumericsError(f"adapter {label}: tensor {name} holds NaN or Inf values; the "
                                 f"adapter is corrupt or its training diverged; retrain it or "
