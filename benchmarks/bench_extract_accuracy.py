@@ -13,7 +13,7 @@ scored once on the test movies:
   (``tt_module(..., fit_to="delta")``), kept only where the measured delta error is lower;
 - ``tt_refined``: the ``tt_fit`` cores of every module distilled together towards the
   fine-tune's logits on the training texts, labels unused
-  (``converters.refine.distill_rep_modules``: KL, Adam, a time budget per budget).
+  (``converters.refine.distill_modules``: KL, Adam, a time budget per budget).
 
 Each TT budget uses the largest TT rank whose parameters stay at or under the LoRA's at
 rank r (the same inner width r): equal parameters, the budget's x value. Every Linear weight
@@ -234,7 +234,7 @@ def refine_stage(r: int, modules: dict, base: dict, scorer, emb_reset: dict, unl
                  *, seconds: float, max_steps: int, log) -> tuple[dict, dict]:
     """The ``tt_fit`` modules distilled towards the fine-tune's logits on unlabelled training
     texts (labels never read), the student with the base's embeddings as scored."""
-    from loretta_merge.converters.refine import distill_rep_modules
+    from loretta_merge.converters.refine import distill_modules
 
     model = scorer.model
     model.load_state_dict(scorer.ft_state)            # the teacher: the fine-tune itself
@@ -244,7 +244,7 @@ def refine_stage(r: int, modules: dict, base: dict, scorer, emb_reset: dict, unl
         teacher = [model(**b).logits for b in unlabelled]
     model.load_state_dict({**scorer.ft_state, **emb_reset})
     t = time.perf_counter()
-    refined, rep = distill_rep_modules(
+    refined, rep = distill_modules(
         model, modules, {n: base[n + ".weight"] for n in modules}, unlabelled,
         teacher_outputs=teacher, seconds=seconds, max_steps=max_steps, lr=1e-3, progress=True)
     changes, params, errs = {}, 0, []
