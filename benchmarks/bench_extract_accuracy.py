@@ -8,12 +8,17 @@ The chosen fine-tune is then extracted at several budgets and every extracted mo
 scored once on the test movies:
 
 - ``lora_svd``: the truncated SVD of each delta at rank r (what ``extract --to lora`` computes);
+- ``mergekit``: ``mergekit-extract-lora --max-rank r`` on the same fine-tune (the base saved as
+  the same classifier architecture): its deltas of the same Linear weights, compared with ours
+  (both are the exact SVD at rank r, so they must agree) and scored the same way;
+- ``lora_refined``: the ``lora_svd`` factors distilled (as ``tt_refined``, the same budget);
 - ``tt_svd``: TT cores by TT-SVD of those factors (``extract --to tt --fit-steps 0``);
 - ``tt_fit``: the same cores, then fitted by alternating least squares to the delta itself
   (``tt_module(..., fit_to="delta")``), kept only where the measured delta error is lower;
 - ``tt_refined``: the ``tt_fit`` cores of every module distilled together towards the
   fine-tune's logits on the training texts, labels unused
-  (``converters.refine.distill_modules``: KL, Adam, a time budget per budget).
+  (``converters.refine.distill_modules``, what ``extract --refine-data`` runs: KL, Adam, a
+  time budget and a step cap per budget).
 
 Each TT budget uses the largest TT rank whose parameters stay at or under the LoRA's at
 rank r (the same inner width r): equal parameters, the budget's x value. Every Linear weight
@@ -24,8 +29,16 @@ embedding would dwarf every adapter), and the reference ``full_base_embeddings``
 that alone costs. Directly trained references (``head``, ``lora``, ``rep``) and TF-IDF + LR
 are read from ``benchmarks/results/train_demo.json`` (that file's run, not re-run here).
 
+Resize (``--no-resize`` skips it): a PEFT LoRA trained at rank 32 (``lora_alpha`` 64, the
+default targets query and value, the same budget; its learning rate chosen on validation),
+scored, then resized by rank and by energy with ``convert resize``
+(``converters.resize.resize``) and with PEFT's ``convert_to_lora`` at the same ranks and
+thresholds (it accepts a LoRA); every copy is scored, and PEFT's ranks and deltas are
+compared with ours. The LoRA trained directly at rank 8 comes from train_demo.json.
+
     python benchmarks/bench_extract_accuracy.py            # benchmarks/results/extract_accuracy.json + .png
-    python benchmarks/bench_extract_accuracy.py --smoke --out /tmp/ea.json   # seconds, for CI
+    python benchmarks/bench_extract_accuracy.py --smoke --out /tmp/ea.json   # for CI (no mergekit)
+    python benchmarks/bench_extract_accuracy.py --replot benchmarks/results/extract_accuracy.json
 """
 
 from __future__ import annotations
