@@ -84,6 +84,12 @@ def test_time_budget_and_refusals():
         distill_modules(ft, {"bert.encoder": tt[NAMES[0]]}, base_w, batches, progress=False)
     with pytest.raises(ConfigError, match="max_steps"):
         distill_modules(ft, tt, base_w, batches, max_steps=0, progress=False)
+    before = {k: v.clone() for k, v in ft.state_dict().items()}
+    wrong = {**base_w, NAMES[-1]: torch.zeros(16, 32)}   # the last module's base: wrong shape
+    with pytest.raises(ConfigError, match=r"the base's weight has shape \(16, 32\), the model's \(32, 32\)"):
+        distill_modules(ft, tt, wrong, batches, progress=False)
+    assert all(torch.equal(ft.state_dict()[k], v) for k, v in before.items())   # untouched
+    assert all(isinstance(dict(ft.named_modules())[n], torch.nn.Linear) for n in NAMES)
     with pytest.raises(ConfigError, match="teacher_outputs"):
         distill_modules(ft, tt, base_w, batches, teacher_outputs=[torch.zeros(8, 3)],
                             progress=False)

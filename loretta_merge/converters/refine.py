@@ -131,11 +131,12 @@ def distill_modules(model: nn.Module, modules: dict, base_weights: dict[str, tor
 
     ``model``: the fine-tuned model (the teacher; it is modified in place while this runs and
     restored before it returns). ``base_weights``: the base's weight of each module, by module
-    name, stored as the module stores its weight. Classifier outputs (2-D) are matched by the
-    KL divergence of their class distributions, token logits (3-D) by the KL per token over
-    the tokens the attention mask keeps, anything else by the mean squared error. ``batches``: model inputs (dicts of tensors), cycled; their labels, if any, are
-    dropped. ``teacher_outputs``: the outputs to match, one per batch (default: ``model``'s
-    own, computed once here). Returns ``(refined modules, DistillReport)``."""
+    name, stored as the module stores its weight. ``batches``: model inputs (dicts of
+    tensors), cycled; their labels, if any, are dropped. ``teacher_outputs``: the outputs to
+    match, one per batch (default: ``model``'s own, computed once here). Classifier outputs (2-D) are matched by the KL divergence of
+    their class distributions, token logits (3-D) by the KL per token over the tokens the
+    attention mask keeps, anything else by the mean squared error.
+    Returns ``(refined modules, DistillReport)``."""
     if max_steps < 1:
         raise ConfigError(f"max_steps must be >= 1, got {max_steps}; pass a positive step count")
     if seconds is not None and not seconds > 0:
@@ -149,6 +150,11 @@ def distill_modules(model: nn.Module, modules: dict, base_weights: dict[str, tor
     if missing:
         raise ConfigError(f"{missing[0]} is not a Linear module of the model; pass the modules "
                           f"by their names in the model")
+    for name in modules:   # all checked before the model is touched
+        want, got = tuple(owners[name].weight.shape), tuple(base_weights[name].shape)
+        if want != got:
+            raise ConfigError(f"{name}: the base's weight has shape {got}, the model's {want}; "
+                              f"pass the base of this fine-tune")
     was_training = model.training
     model.eval()
     if teacher_outputs is not None and len(teacher_outputs) != len(batches):
@@ -165,9 +171,6 @@ def distill_modules(model: nn.Module, modules: dict, base_weights: dict[str, tor
     for name, m in modules.items():
         lin = owners[name]
         saved_w[name] = lin.weight.data
-        if tuple(base_weights[name].shape) != tuple(lin.weight.shape):
-            raise ConfigError(f"{name}: the base's weight has shape {tuple(base_weights[name].shape)}, "
-                              f"the model's {tuple(lin.weight.shape)}; pass the base of this fine-tune")
         lin.weight.data = base_weights[name].to(lin.weight.dtype)
         wrapped[name] = _wrap(lin, m)
         parent, _, child = name.rpartition(".")
