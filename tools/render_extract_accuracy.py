@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "extract_accuracy.json"
+RESIZE = ROOT / "benchmarks" / "results" / "extract_resize.json"
 STAGES = {"lora_svd": "LoRA: truncated SVD", "mergekit": "mergekit-extract-lora",
           "lora_refined": "LoRA: SVD + distillation", "tt_svd": "TT: TT-SVD of the factors",
           "tt_fit": "TT: ALS fit to the delta", "tt_refined": "TT: fit + distillation"}
@@ -96,16 +97,7 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
                      f"over {len(mk)} ranks).")
     rs = r.get("resize")
     if rs:
-        peft_rows = [e for e in rs["rows"] if "vs_ours" in e]
-        if peft_rows:
-            worst = max(e["vs_ours"]["max_rel_diff"] for e in peft_rows)
-            same = all(e["same_ranks_as_ours"] for e in peft_rows)
-            notes.append(f"Resize: {peft_rows[0]['tool']} at the same ranks and thresholds "
-                         f"{'chose the same rank for every module' if same else 'chose other ranks for some modules'}"
-                         f" and its deltas differ from convert resize's by at most {worst:.1e} "
-                         f"(relative); the trained LoRA's learning rate "
-                         f"{rs['trained']['chosen_lr']:g} was chosen on validation from "
-                         f"{', '.join(f'{x:g}' for x in rs['trained']['lr_grid'])}.")
+        notes += _resize_notes(rs)
         states += [rs["trained"].get("machine_state")] + [e.get("machine_state") for e in rs["rows"]]
     # every block's one wording of the machine state; imported here, at call time, because
     # render_readme imports this module
@@ -113,6 +105,39 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
 
     notes.append(machine_note(states) + " Accuracies do not depend on the load.")
     return "\n".join(lines) + "\n\n" + " ".join(notes) + " Source: `benchmarks/results/extract_accuracy.json`.\n"
+
+
+def _resize_notes(rs: dict) -> list[str]:
+    notes = []
+    peft_rows = [e for e in rs["rows"] if "vs_ours" in e]
+    if peft_rows:
+        worst = max(e["vs_ours"]["max_rel_diff"] for e in peft_rows)
+        same = all(e["same_ranks_as_ours"] for e in peft_rows)
+        notes.append(f"{peft_rows[0]['tool']} at the same ranks and thresholds "
+                     f"{'chose the same rank for every module' if same else 'chose other ranks for some modules'}"
+                     f" and its deltas differ from convert resize's by at most {worst:.1e} (relative).")
+    grid = rs["trained"]["lr_grid"]
+    notes.append(f"The trained LoRA's learning rate: {rs['trained']['chosen_lr']:g}"
+                 + (f", chosen on validation from {', '.join(f'{x:g}' for x in grid)}." if len(grid) > 1
+                    else " (one value, not a choice on validation: bench_train's rank-8 LoRA chose it "
+                         "on validation at the same scale, lora_alpha = 2 r)."))
+    return notes
+
+
+def extract_resize_block(path: Path = RESIZE) -> str:
+    """Markdown: the large LoRA and its resized copies (``bench_extract_accuracy.py
+    --only-resize``), with the machine note."""
+    r = json.loads(Path(path).read_text())
+    rs = r["resize"]
+    lines = _resize_table(rs, r["references"].get("direct", {}).get("lora"))
+    notes = [f"Test accuracy in % on the test movies ({r['split']['test']['rows']:,} rows); parameters: "
+             f"the LoRA factors plus the classifier head each copy carries."] + _resize_notes(rs)
+    from render_readme import machine_note
+
+    states = [rs["trained"].get("machine_state")] + [e.get("machine_state") for e in rs["rows"]]
+    notes.append(machine_note(states) + " Accuracies do not depend on the load.")
+    return ("\n".join(lines) + "\n\n" + " ".join(notes)
+            + f" Source: `benchmarks/results/{Path(path).name}`.\n")
 
 
 def _resize_table(rs: dict, direct_lora: dict | None) -> list[str]:
@@ -137,4 +162,5 @@ def _resize_table(rs: dict, direct_lora: dict | None) -> list[str]:
 
 
 if __name__ == "__main__":
-    print(extract_accuracy_block(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULT))
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULT
+    print((extract_resize_block if "resize" in path.name else extract_accuracy_block)(path))
