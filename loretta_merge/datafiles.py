@@ -187,8 +187,9 @@ def classification_rows(rows: list[dict], *, text_column: str, label_column: str
     return [r[text_column] for r in rows], labels
 
 
-def pair_texts(rows: list[dict], *, column: str, source: str) -> list[str]:
-    """The second sentence of each pair (``--text-pair-column``), every row checked."""
+def column_texts(rows: list[dict], *, column: str, source: str) -> list[str]:
+    """The text of ``column`` in every row, each row checked (the second sentence of pairs,
+    ``--text-pair-column``; the unlabelled texts of ``extract --refine-data``)."""
     _check_columns(rows, [column], source)
     _check_text(rows, column, source)
     return [r[column] for r in rows]

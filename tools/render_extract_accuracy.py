@@ -15,8 +15,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "extract_accuracy.json"
-STAGES = {"lora_svd": "LoRA: truncated SVD", "tt_svd": "TT: TT-SVD of the factors",
+RESIZE = ROOT / "benchmarks" / "results" / "extract_resize.json"
+STAGES = {"lora_svd": "LoRA: truncated SVD", "mergekit": "mergekit-extract-lora",
+          "lora_refined": "LoRA: SVD + distillation", "tt_svd": "TT: TT-SVD of the factors",
           "tt_fit": "TT: ALS fit to the delta", "tt_refined": "TT: fit + distillation"}
+TT_STAGES = ("tt_svd", "tt_fit", "tt_refined")
 
 
 def _pct(x: float) -> str:
@@ -53,12 +56,16 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
                              direct[m].get("trainable_params")))
     lines += ["", "| reference | test accuracy (%) | parameters |", "|---|---|---|"]
     lines += [f"| {n} | {_pct(a)} | {'-' if p is None else f'{p:,}'} |" for n, a, p in ref_rows]
-    gaps = []
+    if "resize" in r:
+        lines += ["", *_resize_table(r["resize"], direct.get("lora"))]
+    gaps, fair = [], []
     for k, row in sorted(r.get("summary", {}).items(), key=lambda kv: int(kv[0])):
-        parts = [f"{row[f'{s}_minus_lora_points']:+.1f}" for s in ("tt_svd", "tt_fit", "tt_refined")
+        parts = [f"{row[f'{s}_minus_lora_points']:+.1f}" for s in TT_STAGES
                  if f"{s}_minus_lora_points" in row]
         if parts:
             gaps.append(f"rank {k}: {' / '.join(parts)}")
+        if "tt_refined_minus_lora_refined_points" in row:
+            fair.append(f"rank {k}: {row['tt_refined_minus_lora_refined_points']:+.1f}")
     states = [r.get("finetune", {}).get("machine_state"), refs.get("machine_state")]
     states += [e.get("machine_state") for e in r["extracted"]]
     lr = r.get("finetune", {}).get("chosen_lr")
@@ -66,15 +73,32 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
              f"full fine-tune at learning rate {lr:g} (chosen on validation from "
              f"{', '.join(f'{x:g}' for x in r['lr_grid'])})."]
     if gaps:
-        shown = [STAGES[s].split(": ")[1] for s in ("tt_svd", "tt_fit", "tt_refined") if s in stages]
-        notes.append(f"TT minus LoRA at equal parameters, in points ({' / '.join(shown)}): "
+        shown = [STAGES[s].split(": ")[1] for s in TT_STAGES if s in stages]
+        notes.append(f"TT minus LoRA SVD at equal parameters, in points ({' / '.join(shown)}): "
                      + "; ".join(gaps) + ".")
-    refined = [e for e in r["extracted"] if e["stage"] == "tt_refined" and "distill" in e]
-    if refined:
-        steps = [e["distill"]["steps"] for e in refined]
-        notes.append(f"Distillation: {min(steps)}-{max(steps)} steps of batch "
-                     f"{refined[0]['distill']['batch_size']} (a time budget of "
-                     f"{r.get('distill_seconds', '?')} s each); LoRA was not distilled.")
+    if fair:
+        notes.append("Like for like, TT + distillation minus LoRA + distillation (the same "
+                     "time budget and steps cap): " + "; ".join(fair) + " points.")
+    for stage in ("lora_refined", "tt_refined"):
+        refined = [e for e in r["extracted"] if e["stage"] == stage and "distill" in e]
+        if refined:
+            steps = [e["distill"]["steps"] for e in refined]
+            notes.append(f"Distillation of {STAGES[stage].split(':')[0]}: {min(steps)}-{max(steps)} "
+                         f"steps of batch {refined[0]['distill']['batch_size']} (a time budget of "
+                         f"{r.get('distill_seconds', '?')} s, at most {r.get('distill_max_steps', '?')} "
+                         f"steps, each).")
+    if not any(e["stage"] == "lora_refined" for e in r["extracted"]):
+        notes.append("LoRA was not distilled.")
+    mk = [e for e in r["extracted"] if e["stage"] == "mergekit" and "vs_lora_svd" in e]
+    if mk:
+        worst = max(e["vs_lora_svd"]["max_rel_diff"] for e in mk)
+        notes.append(f"mergekit-extract-lora on the same fine-tune at the same ranks: its deltas "
+                     f"differ from our exact-SVD LoRA's by at most {worst:.1e} (relative, per module, "
+                     f"over {len(mk)} ranks).")
+    rs = r.get("resize")
+    if rs:
+        notes += _resize_notes(rs)
+        states += [rs["trained"].get("machine_state")] + [e.get("machine_state") for e in rs["rows"]]
     # every block's one wording of the machine state; imported here, at call time, because
     # render_readme imports this module
     from render_readme import machine_note
@@ -83,5 +107,60 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
     return "\n".join(lines) + "\n\n" + " ".join(notes) + " Source: `benchmarks/results/extract_accuracy.json`.\n"
 
 
+def _resize_notes(rs: dict) -> list[str]:
+    notes = []
+    peft_rows = [e for e in rs["rows"] if "vs_ours" in e]
+    if peft_rows:
+        worst = max(e["vs_ours"]["max_rel_diff"] for e in peft_rows)
+        same = all(e["same_ranks_as_ours"] for e in peft_rows)
+        notes.append(f"{peft_rows[0]['tool']} at the same ranks and thresholds "
+                     f"{'chose the same rank for every module' if same else 'chose other ranks for some modules'}"
+                     f" and its deltas differ from convert resize's by at most {worst:.1e} (relative).")
+    grid = rs["trained"]["lr_grid"]
+    notes.append(f"The trained LoRA's learning rate: {rs['trained']['chosen_lr']:g}"
+                 + (f", chosen on validation from {', '.join(f'{x:g}' for x in grid)}." if len(grid) > 1
+                    else " (one value, not a choice on validation: bench_train's rank-8 LoRA chose it "
+                         "on validation at the same scale, lora_alpha = 2 r)."))
+    return notes
+
+
+def extract_resize_block(path: Path = RESIZE) -> str:
+    """Markdown: the large LoRA and its resized copies (``bench_extract_accuracy.py
+    --only-resize``), with the machine note."""
+    r = json.loads(Path(path).read_text())
+    rs = r["resize"]
+    lines = _resize_table(rs, r["references"].get("direct", {}).get("lora"))
+    notes = [f"Test accuracy in % on the test movies ({r['split']['test']['rows']:,} rows); parameters: "
+             f"the LoRA factors plus the classifier head each copy carries."] + _resize_notes(rs)
+    from render_readme import machine_note
+
+    states = [rs["trained"].get("machine_state")] + [e.get("machine_state") for e in rs["rows"]]
+    notes.append(machine_note(states) + " Accuracies do not depend on the load.")
+    return ("\n".join(lines) + "\n\n" + " ".join(notes)
+            + f" Source: `benchmarks/results/{Path(path).name}`.\n")
+
+
+def _resize_table(rs: dict, direct_lora: dict | None) -> list[str]:
+    """The resize part: the large LoRA, each resized copy (ours and PEFT's), and the LoRA
+    trained directly at rank 8 (train_demo.json) for comparison."""
+    t = rs["trained"]
+    lines = [f"| LoRA trained at rank {t['rank']}, resized | tool | ranks (min-max) | test accuracy (%) | parameters |",
+             "|---|---|---|---|---|",
+             f"| trained at rank {t['rank']} (alpha {t['lora_alpha']}) | - | {t['rank']} | "
+             f"{_pct(t['test_accuracy'])} | {t['params']:,} |"]
+    for e in rs["rows"]:
+        what = f"--rank {e['value']}" if e["by"] == "rank" else f"--energy {e['value']}"
+        tool = "convert resize" if e["tool"].startswith("loretta") else "PEFT convert_to_lora"
+        k = e["ranks"]
+        ks = f"{k['min']}" if k["min"] == k["max"] else f"{k['min']}-{k['max']} (mean {k['mean']})"
+        lines.append(f"| {what} | {tool} | {ks} | {_pct(e['test_accuracy'])} | {e['params']:,} |")
+    if direct_lora:
+        lines.append(f"| LoRA trained directly at rank 8 (train_demo.json, mean of "
+                     f"{len(direct_lora.get('seeds') or [])} seeds) | - | 8 | "
+                     f"{_pct(direct_lora['test_accuracy'])} | {direct_lora['trainable_params']:,} |")
+    return lines
+
+
 if __name__ == "__main__":
-    print(extract_accuracy_block(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULT))
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULT
+    print((extract_resize_block if "resize" in path.name else extract_accuracy_block)(path))

@@ -600,6 +600,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "methods-bench": methods_block,
     "methods-full-bench": methods_full_block,
     "extract-accuracy": render_extract_accuracy.extract_accuracy_block,
+    "extract-resize": render_extract_accuracy.extract_resize_block,
 }
 
 

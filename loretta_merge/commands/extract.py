@@ -48,10 +48,31 @@ def _targets(values: tuple[str, ...]) -> list[str] | str | None:
 @click.option("--device", default="cpu", show_default=True,
               help="Where the deltas are formed and decomposed: cpu, cuda, cuda:N or auto "
                    "(the checkpoints are read on the CPU; --to tt fits its cores there).")
+@click.option("--refine-data", default=None, metavar="FILE|embedded",
+              help="After extraction, distil the adapter (LoRA or TT) towards FINETUNED's outputs "
+                   "on these unlabelled texts (a .csv/.tsv/.jsonl/.json/.parquet file's text "
+                   "column, labels ignored; 'embedded': the embedded Rotten Tomatoes training "
+                   "snippets). Needs a tokenizer saved with FINETUNED or BASE.")
+@click.option("--refine-seconds", type=float, default=None,
+              help="--refine-data: time budget of the distillation  [default: 60]")
+@click.option("--refine-steps", type=int, default=None,
+              help="--refine-data: at most this many Adam steps  [default: 200]")
+@click.option("--refine-lr", type=float, default=None,
+              help="--refine-data: learning rate  [default: 1e-3]")
+@click.option("--refine-batch-size", type=int, default=None,
+              help="--refine-data: texts per step  [default: 16]")
+@click.option("--refine-max-length", type=int, default=None,
+              help="--refine-data: tokens per text  [default: 128]")
+@click.option("--refine-text-column", default=None,
+              help="--refine-data FILE: the column holding the text  [default: text]")
+@click.option("--refine-max-texts", type=int, default=None,
+              help="--refine-data: use only the first N texts  [default: all]")
 @json_option
 @force_option()
 def extract_command(base, finetuned, out, to, rank, energy, eps, target_modules, tensor_rank,
-                    shapes, fit_steps, fit_to, svd, device, as_json, force):
+                    shapes, fit_steps, fit_to, svd, device, refine_data, refine_seconds,
+                    refine_steps, refine_lr, refine_batch_size, refine_max_length,
+                    refine_text_column, refine_max_texts, as_json, force):
     """Extract the difference FINETUNED - BASE as a low-rank adapter (truncated SVD per module).
 
     Both checkpoints are streamed tensor by tensor. Changed tensors that are not targets
@@ -62,15 +83,26 @@ def extract_command(base, finetuned, out, to, rank, energy, eps, target_modules,
     Examples:
       loretta-merge extract ./base ./finetuned -o ./lora --rank 16
       loretta-merge extract ./base ./finetuned -o ./tt --to tt --energy 0.99 --json
+      loretta-merge extract ./base ./ft -o ./tt --to tt --rank 4 --refine-data texts.jsonl --refine-seconds 120
     """
     from ..converters.extract import extract, output_exists_check
+    from ..converters.refine import RefineOptions, refine_options_without_data
     from ..formats import write_adapter, write_peft_lora
     from .resize import echo_report
 
+    given = {flag: value for flag, value in (
+        ("seconds", refine_seconds), ("max_steps", refine_steps), ("lr", refine_lr),
+        ("batch_size", refine_batch_size), ("max_length", refine_max_length),
+        ("text_column", refine_text_column), ("max_texts", refine_max_texts)) if value is not None}
+    refine = None
+    if refine_data is None:
+        refine_options_without_data(given)
+    else:
+        refine = RefineOptions(data=refine_data, progress=not as_json, **given)
     output_exists_check(out, force)
     adapter, report = extract(base, finetuned, to=to, rank=rank, energy=energy, eps=eps,
                               target_modules=_targets(target_modules), tensor_rank=tensor_rank,
                               shapes=shapes, fit_steps=fit_steps, svd=svd, fit_to=fit_to,
-                              device=device)
+                              device=device, refine=refine)
     (write_adapter if to == "tt" else write_peft_lora)(adapter, out, force=force)
     echo_report(report, out, as_json=as_json)

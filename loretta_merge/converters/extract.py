@@ -293,7 +293,7 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
             energy: float | None = None, eps: float | None = None, target_modules=None,
             tensor_rank: int = 5, shapes: str = "paper", fit_steps: int = 300,
             svd: str = "auto", progress=None, fit_to: str = "svd",
-            device: str = "cpu") -> tuple[Adapter, RankReport]:
+            device: str = "cpu", refine=None) -> tuple[Adapter, RankReport]:
     """The adapter that turns checkpoint ``base`` into (an approximation of) ``finetuned``.
 
     ``to``: ``"lora"`` (PEFT LoRA, write with ``formats.write_peft_lora``) or ``"tt"``
@@ -310,7 +310,11 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
     ``device``: where the deltas are formed and decomposed (``cpu``, ``cuda``, ``cuda:N``,
     ``auto``); the tensors are read on the CPU, the factors come back to it, and ``to="tt"``
     fits the cores on the CPU.
-    ``progress(i, n, key)`` is called before each tensor. Returns ``(Adapter, RankReport)``.
+    ``progress(i, n, key)`` is called before each tensor.
+    ``refine``: a :class:`.refine.RefineOptions` to distil the extracted modules towards the
+    fine-tune's outputs on unlabelled text afterwards (:func:`.refine.refine_adapter`; each
+    module's error is then measured again, the report's ``refine`` says what it did).
+    Returns ``(Adapter, RankReport)``.
     """
     check_rank_options(rank, energy, eps, command="extract")
     if svd not in ("auto", "exact", "randomized"):
@@ -330,6 +334,7 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                           f"or --fit-to delta")
     if to == "tt" and shapes not in ("paper", "auto"):
         raise ConfigError(f"--shapes must be 'paper' or 'auto', got {shapes!r}; pass --shapes paper or --shapes auto")
+    texts = refine.texts() if refine is not None else None     # bad data fails before the work
     start = time.perf_counter()
     # a fixed rank must fit every module; as a cap (with --energy/--eps) it is clamped per module
     fixed = rank if energy is None and eps is None else None
@@ -416,6 +421,21 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
                                      tensor_rank=tensor_rank, shapes=shapes, fit_steps=fit_steps),
                       fan_in_fan_out=set(plan.conv1d) & set(modules),
                       base_model_name_or_path=str(plan.base_dir), path=None)
+    if refine is not None:
+        from .refine import refine_adapter
+
+        record, _ = refine_adapter(adapter, plan.base_dir, plan.ft_dir, texts, seconds=refine.seconds,
+                                   max_steps=refine.max_steps, lr=refine.lr,
+                                   batch_size=refine.batch_size, max_length=refine.max_length,
+                                   progress=refine.progress)
+        for row in rows:
+            row.err_before_refine, row.err = row.err, record["delta_errors"].get(row.name, row.err)
+        record["data"] = refine.data
+        report.refine = record
+        report.notes.append(f"refined on {record['texts']} unlabelled texts of {refine.data}: "
+                            f"{record['steps']} steps in {record['seconds']:.0f} s (stopped by "
+                            f"{record['stopped_by']}), loss {record['loss_first']:.4g} -> "
+                            f"{record['loss_last']:.4g}; err is the refined delta's")
     report.seconds = time.perf_counter() - start
     return adapter, report
 

@@ -237,6 +237,7 @@ class RankRow:
     err_tt_svd: float | None = None     # --to tt: TT-SVD of the factors
     err_tt_fit: float | None = None     # --to tt: cores fitted to the delta
     tt_method: str | None = None        # which of the two was kept
+    err_before_refine: float | None = None  # extract --refine-data: the error before distillation
     ranks_a: list[int] = field(default_factory=list)
     ranks_b: list[int] = field(default_factory=list)
 
@@ -260,6 +261,7 @@ class RankReport:
     dropped: list[str] = field(default_factory=list)     # in the base only (not written)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    refine: dict[str, Any] | None = None   # extract --refine-data: what the distillation did
 
     def summary(self) -> dict[str, Any]:
         mods = self.modules
@@ -285,7 +287,8 @@ class RankReport:
                 "summary": self.summary(), "carried": self.carried,
                 "unchanged": self.unchanged, "unchanged_targets": self.unchanged_targets,
                 "added": self.added, "dropped": self.dropped, "seconds": self.seconds,
-                "notes": self.notes, "modules": [asdict(m) for m in self.modules]}
+                "notes": self.notes, "refine": self.refine,
+                "modules": [asdict(m) for m in self.modules]}
 
     def table(self, *, limit: int = 12) -> str:
         """The human summary: the worst ``limit`` modules, then the totals."""

@@ -7,7 +7,7 @@ output directories atomically and durably, and the model directory around the we
 | ``reader``    | :class:`CheckpointReader`: one tensor at a time from a (sharded) checkpoint |
 | ``writer``    | THE safetensors writer (:class:`StreamingShardWriter`, :func:`write_safetensors`), alignment, fsync, the one disk-error mapper |
 | ``atomic``    | :func:`atomic_output_dir`: temp dir beside OUT, fsync, rename, stale-temp cleanup |
-| ``model_dir`` | :func:`read_model_config`, :func:`copy_side_files` (the one side-file policy) |
+| ``model_dir`` | :func:`read_model_config`, :func:`copy_side_files` (the one side-file policy), :func:`has_tokenizer` |
 | ``options``   | :func:`parse_size`, :func:`parse_dtype`, :func:`dtype_name`, :func:`resolve_device` |
 """
 
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from .atomic import atomic_output_dir, fsync_path, fsync_tree, remove_stale_temps
 from .header import DTYPE_BITS, ST_DTYPES, ST_NAMES, read_safetensors_header, validate_header
-from .model_dir import CONFIG_NAME, WEIGHT_SUFFIXES, copy_side_files, read_model_config
+from .model_dir import (CONFIG_NAME, TOKENIZER_FILES, WEIGHT_SUFFIXES, copy_side_files, has_tokenizer,
+                        read_model_config)
 from .options import dtype_name, parse_dtype, parse_size, resolve_device
 from .reader import INDEX_NAME, SINGLE_NAME, CheckpointReader
 from .writer import (DiskFullError, StreamingShardWriter, TensorSlot, layout_file, output_error,
@@ -23,7 +24,7 @@ from .writer import (DiskFullError, StreamingShardWriter, TensorSlot, layout_fil
 
 __all__ = [
     "CheckpointReader", "StreamingShardWriter", "write_safetensors", "write_file", "atomic_output_dir",
-    "read_model_config", "copy_side_files", "read_safetensors_header", "validate_header",
+    "read_model_config", "copy_side_files", "has_tokenizer", "TOKENIZER_FILES", "read_safetensors_header", "validate_header",
     "parse_size", "parse_dtype", "dtype_name", "resolve_device", "output_error", "DiskFullError",
     "remove_stale_temps", "fsync_path", "fsync_tree", "layout_file", "TensorSlot",
     "INDEX_NAME", "SINGLE_NAME", "CONFIG_NAME", "WEIGHT_SUFFIXES", "ST_DTYPES", "ST_NAMES", "DTYPE_BITS",

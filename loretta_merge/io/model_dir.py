@@ -28,7 +28,15 @@ CONFIG_NAME = "config.json"
 # files whose bytes are (or may be) model weights: the output writes its own
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
                    ".onnx", ".onnx_data", ".npz", ".pkl", ".pickle")
+# files of which at least one is in a directory that holds a tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "merges.txt")
 _MODULE_DIR = re.compile(r"^[0-9]+_[A-Za-z][A-Za-z0-9]*$")
+
+
+def has_tokenizer(model_dir: str | os.PathLike) -> bool:
+    """Whether ``model_dir`` holds a saved tokenizer (one of :data:`TOKENIZER_FILES`)."""
+    return any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
 
 
 def read_model_config(model_dir: str | os.PathLike, *, required: bool = False) -> dict:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, FormatError, UnsafeInputError
+from ..io import TOKENIZER_FILES, has_tokenizer
 from .args import TrainArgs
 
 FRESH = "loretta_fresh_tensors"  # model attribute: parameters the checkpoint lacked
@@ -62,17 +63,13 @@ def head_labels(config, num_labels: int | None) -> tuple[int | None, dict | None
     return num_labels, None
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
-                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "merges.txt")
-
-
 def load_tokenizer(a: TrainArgs, model_path: Path):
     from transformers import AutoTokenizer
 
     source = Path(a.tokenizer or model_path)
-    if source.is_dir() and not any((source / f).is_file() for f in _TOKENIZER_FILES):
+    if source.is_dir() and not has_tokenizer(source):
         # transformers 5 would build an empty tokenizer here and train on unknown tokens
-        raise FormatError(f"{source} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES[:3])}"
+        raise FormatError(f"{source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}"
                           f", ...); save the model's tokenizer into it or pass --tokenizer DIR")
     try:
         return AutoTokenizer.from_pretrained(str(source))

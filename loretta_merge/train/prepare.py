@@ -80,7 +80,7 @@ def _validate(a: TrainArgs, rows: list, source: str) -> None:
         tcol, lcol = ("text", "label") if a.default_data else (a.text_column, a.label_column)
         F.classification_rows(rows, text_column=tcol, label_column=lcol, source=source)
         if a.text_pair_column:
-            F.pair_texts(rows, column=a.text_pair_column, source=source)
+            F.column_texts(rows, column=a.text_pair_column, source=source)
     else:
         F.lm_rows(rows, text_column=a.text_column, prompt_column=a.prompt_column,
                   response_column=a.response_column, source=source)
@@ -109,7 +109,7 @@ def load_examples(a: TrainArgs, *, head_labels: tuple[int | None, dict | None]) 
         texts, labels = (F.classification_rows(rows, text_column=tcol, label_column=lcol,
                                                source=src) if rows else ([], []))
         ex.texts[part], raw[src] = texts, labels
-        ex.pairs[part] = (F.pair_texts(rows, column=a.text_pair_column, source=src)
+        ex.pairs[part] = (F.column_texts(rows, column=a.text_pair_column, source=src)
                           if a.text_pair_column and rows else None)
     ids, ex.label2id, ex.num_labels = F.encode_labels(raw, num_labels=head_labels[0],
                                                       label2id=head_labels[1])
