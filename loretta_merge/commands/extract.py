@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import force_option, json_option
+from .options import force_option, json_option, rank_rule_options
 
 
 def _targets(values: tuple[str, ...]) -> list[str] | str | None:
@@ -22,12 +22,10 @@ def _targets(values: tuple[str, ...]) -> list[str] | str | None:
               help="Output adapter directory.")
 @click.option("--to", "to", type=click.Choice(["lora", "tt"]), default="lora", show_default=True,
               help="PEFT LoRA, or a LoRETTA_rep (tensor-train) adapter.")
-@click.option("--rank", type=int, default=None,
-              help="Rank of every module (with --energy/--eps: a cap).")
-@click.option("--energy", type=float, default=None,
-              help="Keep the smallest rank whose squared singular values reach this fraction, in (0, 1].")
-@click.option("--eps", type=float, default=None,
-              help="Keep the smallest rank whose relative Frobenius error is <= this, in (0, 1).")
+@rank_rule_options(
+    rank="Rank of every module (with --energy/--eps: a cap).",
+    energy="Keep the smallest rank whose squared singular values reach this fraction, in (0, 1].",
+    eps="Keep the smallest rank whose relative Frobenius error is <= this, in (0, 1).")
 @click.option("--target-modules", multiple=True,
               help="Module names or suffixes (comma-separated, repeatable), or all-linear. "
                    "Default: the architecture's defaults, all Linear weights when it has none.")

@@ -66,3 +66,17 @@ def method_params(density, lambda_, epsilon, gamma, majority_sign, normalize, re
     """The options above as ``methods.Method.resolve`` takes them (None: not given)."""
     return {"density": density, "lambda": lambda_, "epsilon": epsilon, "gamma": gamma,
             "majority_sign": majority_sign, "normalize": normalize, "rescale": rescale}
+
+
+def rank_rule_options(*, rank: str, energy: str, eps: str):
+    """``--rank`` / ``--energy`` / ``--eps``: how ``extract`` and ``convert resize`` choose
+    each module's rank (:mod:`loretta_merge.converters.lowrank`); the help is each command's."""
+    options = (click.option("--rank", type=int, default=None, help=rank),
+               click.option("--energy", type=float, default=None, help=energy),
+               click.option("--eps", type=float, default=None, help=eps))
+
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return apply

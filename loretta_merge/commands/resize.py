@@ -7,22 +7,20 @@ import json
 
 import click
 
-from .options import force_option, json_option, unsafe_pickle_option
+from .options import force_option, json_option, rank_rule_options, unsafe_pickle_option
 
 
 @click.command("resize")
 @click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="Output adapter directory (same kind as the input).")
-@click.option("--rank", type=int, default=None,
-              help="LoRA: the rank of every module (with --energy/--eps: a cap). "
-                   "LoRETTA_rep: the maximum inner TT rank.")
-@click.option("--energy", type=float, default=None,
-              help="LoRA: keep the smallest rank whose squared singular values reach this "
-                   "fraction, in (0, 1]. rep: TT rounding to eps = sqrt(1 - energy).")
-@click.option("--eps", type=float, default=None,
-              help="Relative Frobenius error target, in (0, 1): of each delta (LoRA), of each "
-                   "factor's TT rounding (rep).")
+@rank_rule_options(
+    rank="LoRA: the rank of every module (with --energy/--eps: a cap). LoRETTA_rep: the "
+         "maximum inner TT rank.",
+    energy="LoRA: keep the smallest rank whose squared singular values reach this fraction, "
+           "in (0, 1]. rep: TT rounding to eps = sqrt(1 - energy).",
+    eps="Relative Frobenius error target, in (0, 1): of each delta (LoRA), of each factor's TT "
+        "rounding (rep).")
 @json_option
 @force_option()
 @unsafe_pickle_option
