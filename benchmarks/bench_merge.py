@@ -89,7 +89,6 @@ def generate(work: Path, size: str) -> None:
     """Write base/, rep/ and lora/ under ``work`` (skipped when already there), one tensor
     at a time (memory: one tensor, whatever the size)."""
     import torch
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     from loretta_merge import tt
@@ -129,18 +128,25 @@ def generate(work: Path, size: str) -> None:
     write_adapter(Adapter(method="rep", source="loretta-merge", modules=modules,
                           config={"r": 8, "lora_alpha": 16, "tensor_rank": 5, "target_modules": targets},
                           base_model_name_or_path=str(work / "base")), work / "rep")
-    (work / "lora").mkdir()
-    save_file(lora, work / "lora" / "adapter_model.safetensors", metadata={"format": "pt"})
-    (work / "lora" / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 32,
-        "lora_dropout": 0.0, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
-        "base_model_name_or_path": str(work / "base"), "inference_mode": True}))
+    save_peft_lora(work / "lora", lora, r=16, targets=targets, base=work / "base")
     (work / "done").write_text("ok")
+
+
+def save_peft_lora(out: Path, state: dict, *, r: int, targets: list[str], base: Path) -> None:
+    """``out/``: a PEFT LoRA directory as PEFT writes one (``state``: its factors, alpha 2 r)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+        "lora_dropout": 0.0, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": str(base), "inference_mode": True}))
 
 
 # --------------------------------------------------------------------------- one case (child)
 
-def _rss_now() -> int:
+def rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -216,7 +222,7 @@ def child(case: str, work: Path, out: Path, max_shard: str, profile: Path | None
     if case == "peft":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
-    base, rss0 = work / "base", _rss_now()
+    base, rss0 = work / "base", rss_now()
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if profile is not None:
         import cProfile

@@ -111,7 +111,6 @@ def generate_third_adapter(work: Path, size: str) -> None:
     is (another generator seed), so the adapter case merges three distinct adapters."""
     import bench_merge
     import torch
-    from safetensors.torch import save_file
 
     out = work / "lora8"
     if (out / "done").exists():
@@ -129,18 +128,9 @@ def generate_third_adapter(work: Path, size: str) -> None:
                 name = f"base_model.model.model.layers.{layer}.{part}.{n}"
                 lora[f"{name}.lora_A.weight"] = torch.randn(8, in_f, generator=g) * 0.01
                 lora[f"{name}.lora_B.weight"] = torch.randn(out_f, 8, generator=g) * 0.01
-    save_file(lora, out / "adapter_model.safetensors", metadata={"format": "pt"})
     targets = [n for names in bench_merge.TARGETS.values() for n in names]
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
-        "lora_dropout": 0.0, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
-        "base_model_name_or_path": str(work / "base"), "inference_mode": True}))
+    bench_merge.save_peft_lora(out, lora, r=8, targets=targets, base=work / "base")
     (out / "done").write_text("ok")
-
-
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def largest_shard(*dirs: Path) -> int:
@@ -168,6 +158,8 @@ def full_floor(work: Path, out: Path, budget: int) -> None:
 
 
 def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
+    import bench_merge
+
     from loretta_merge.io import parse_size
     from loretta_merge.merge import merge
 
@@ -177,7 +169,7 @@ def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
     else:
         given = [(work / name, w) for name, w, _ in ADAPTERS]
         params, seed = METHODS[method]
-    after_imports = _rss_now()
+    after_imports = bench_merge.rss_now()
     start = time.perf_counter()
     if method == "floor":
         full_floor(work, out, parse_size(MAX_SHARD))
