@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import build_tiny, perturb_trainable, run_main, save_tiny
 from safetensors.torch import save_file
-from test_merge_methods import ATOL, max_diff, read_all, run_mergekit
+from test_merge_methods import ATOL, max_diff, read_all, run_mergekit, ties_and_linear_recipes
 
 from loretta_merge.errors import ConfigError, ShapeError
 from loretta_merge.merge import merge
@@ -168,29 +168,7 @@ def recipes(job: Job) -> dict[str, str]:
     """mergekit recipes whose models are plain paths of fine-tunes, as mergekit users write."""
     b, f0, f1, lo = job.base, job.fts[0], job.fts[1], job.lora
     return {
-        "recipe_ties": f"""
-merge_method: ties
-base_model: {b}
-models:
-  - model: {f0}
-    parameters: {{weight: 1.0, density: 0.5}}
-  - model: {f1}
-    parameters: {{weight: 0.7, density: 0.4}}
-parameters:
-  lambda: 0.9
-dtype: float32
-""",
-        "recipe_linear": f"""
-merge_method: linear
-models:
-  - model: {b}
-    parameters: {{weight: 0.5}}
-  - model: {f0}
-    parameters: {{weight: 1.0}}
-  - model: {f1}
-    parameters: {{weight: 0.5}}
-dtype: float32
-""",
+        **ties_and_linear_recipes(b, f0, f1),
         "recipe_mixed_breadcrumbs": f"""
 merge_method: breadcrumbs
 base_model: {b}

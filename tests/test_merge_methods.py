@@ -235,38 +235,42 @@ def test_pruning_draws_equal_mergekit(mergekit_runs):
 
 # --------------------------------------------------------------------------- mergekit YAML
 
-def recipes(job: Job) -> dict[str, str]:
-    """mergekit recipes over BASE+LORA entries (mergekit cannot read the rep adapter)."""
-    b, l0, l1 = job.base, job.adapters[0], job.adapters[1]
+def ties_and_linear_recipes(base, first, second) -> dict[str, str]:
+    """The ties and linear mergekit recipes over ``first`` and ``second`` (mergekit model
+    specs: ``BASE+LORA`` entries here, fine-tune paths in test_merge_full); mergekit's linear
+    averages models, the base among them, so it has no base_model."""
     return {
         "recipe_ties": f"""
 merge_method: ties
-base_model: {b}
+base_model: {base}
 models:
-  - model: {b}+{l0}
-    parameters:
-      weight: 1.0
-      density: 0.5
-  - model: {b}+{l1}
-    parameters:
-      weight: 0.7
-      density: 0.4
+  - model: {first}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {second}
+    parameters: {{weight: 0.7, density: 0.4}}
 parameters:
   lambda: 0.9
 dtype: float32
 """,
-        # mergekit's linear averages models (the base is one of them here): no base_model
         "recipe_linear": f"""
 merge_method: linear
 models:
-  - model: {b}
+  - model: {base}
     parameters: {{weight: 0.5}}
-  - model: {b}+{l0}
+  - model: {first}
     parameters: {{weight: 1.0}}
-  - model: {b}+{l1}
+  - model: {second}
     parameters: {{weight: 0.5}}
 dtype: float32
 """,
+    }
+
+
+def recipes(job: Job) -> dict[str, str]:
+    """mergekit recipes over BASE+LORA entries (mergekit cannot read the rep adapter)."""
+    b, l0, l1 = job.base, job.adapters[0], job.adapters[1]
+    return {
+        **ties_and_linear_recipes(b, f"{b}+{l0}", f"{b}+{l1}"),
         "recipe_breadcrumbs": f"""
 merge_method: breadcrumbs
 base_model: {b}
