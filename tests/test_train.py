@@ -45,16 +45,19 @@ def _tokenizer(path: Path, *, causal: bool) -> None:
                             **kw).save_pretrained(path)
 
 
+def with_tokenizer(tiny_model_dir, tmp_path_factory, arch: str, folder: str, *, causal: bool):
+    """A copy of the session's tiny ``arch`` checkpoint in a new ``folder``, with a tokenizer."""
+    d = tmp_path_factory.mktemp(folder)
+    shutil.copytree(tiny_model_dir(arch), d, dirs_exist_ok=True)
+    _tokenizer(d, causal=causal)
+    return d
+
+
 @pytest.fixture(scope="module")
 def models(tiny_model_dir, tmp_path_factory):
     """{"bert": dir, "llama": dir}: tiny checkpoints with a tokenizer each."""
-    out = {}
-    for name, causal in (("bert", False), ("llama", True)):
-        d = tmp_path_factory.mktemp(f"train-{name}")
-        shutil.copytree(tiny_model_dir(name), d, dirs_exist_ok=True)
-        _tokenizer(d, causal=causal)
-        out[name] = d
-    return out
+    return {name: with_tokenizer(tiny_model_dir, tmp_path_factory, name, f"train-{name}", causal=causal)
+            for name, causal in (("bert", False), ("llama", True))}
 
 
 def _sentences(n: int, seed: int) -> list[dict]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -12,15 +11,12 @@ from safetensors.torch import load_file
 from loretta_merge.errors import ConfigError
 from loretta_merge.train import TrainArgs, train
 
-from test_train import FAST, _csv, _sentences, _tokenizer
+from test_train import FAST, _csv, _sentences, with_tokenizer
 
 
 @pytest.fixture(scope="module")
 def bert(tiny_model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("full-bert")
-    shutil.copytree(tiny_model_dir("bert"), d, dirs_exist_ok=True)
-    _tokenizer(d, causal=False)
-    return d
+    return with_tokenizer(tiny_model_dir, tmp_path_factory, "bert", "full-bert", causal=False)
 
 
 def test_full_writes_a_loadable_checkpoint_with_every_weight_changed(bert, tmp_path):

@@ -14,15 +14,12 @@ from conftest import run_main
 from loretta_merge.errors import ConfigError, MissingDependencyError
 from loretta_merge.train import TrainArgs, train
 from loretta_merge.train import build
-from test_train import FAST, _csv, _sentences, _tokenizer
+from test_train import FAST, _csv, _sentences, _tokenizer, with_tokenizer
 
 
 @pytest.fixture(scope="module")
 def bert(tiny_model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("inputs-bert")
-    shutil.copytree(tiny_model_dir("bert"), d, dirs_exist_ok=True)
-    _tokenizer(d, causal=False)
-    return d
+    return with_tokenizer(tiny_model_dir, tmp_path_factory, "bert", "inputs-bert", causal=False)
 
 
 @pytest.fixture

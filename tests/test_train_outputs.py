@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 
 import pytest
 
 from loretta_merge.train import train
-from test_train import FAST, _csv, _sentences, _tokenizer
+from test_train import FAST, _csv, _sentences, with_tokenizer
 
 
 @pytest.fixture(scope="module")
 def bert(tiny_model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("outputs-bert")
-    shutil.copytree(tiny_model_dir("bert"), d, dirs_exist_ok=True)
-    _tokenizer(d, causal=False)
-    return d
+    return with_tokenizer(tiny_model_dir, tmp_path_factory, "bert", "outputs-bert", causal=False)
 
 
 def test_failed_checkpoint_leaves_no_partial_one_and_resume_continues(bert, tmp_path, monkeypatch):
