@@ -166,7 +166,7 @@ def extract(base, finetuned, *, to: str = "lora", rank: int | None = None,
     what the cores are fitted to, the rank-k truncated SVD (``"svd"``) or the delta itself
     (``"delta"``, through its full SVD: the lower error against the delta).
     ``svd``: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (a fixed ``rank`` only:
-    :func:`.lowrank.randomized_svd`) or ``"auto"`` (randomized for a fixed rank at most a
+    :func:`.lowrank.sketch_svd`) or ``"auto"`` (randomized for a fixed rank at most a
     quarter of a module's smaller side less the oversampling, else exact); each module's
     error is measured either way (from the written factors, or exactly from the norms).
     ``device``: where the deltas are formed and decomposed (``cpu``, ``cuda``, ``cuda:N``,

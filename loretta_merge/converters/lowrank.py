@@ -211,13 +211,6 @@ def residual_error(d: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, rows: i
     return math.sqrt(sq / total)
 
 
-def randomized_svd(d: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE,
-                   power_iters: int | None = None, seed: int = 0):
-    """``(U (m, rank), S (rank,), Vh (rank, n))`` of :func:`sketch_svd`."""
-    r = sketch_svd(d, rank, oversample=oversample, power_iters=power_iters, seed=seed)
-    return r.u, r.s, r.vh
-
-
 # --------------------------------------------------------------------------- report
 
 @dataclass
