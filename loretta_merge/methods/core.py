@@ -48,16 +48,11 @@ def _weighted_pruned(deltas: Sequence[torch.Tensor], weights: Sequence[float],
     return out
 
 
-def _elected_positive(weighted: torch.Tensor, majority_sign: str) -> torch.Tensor:
-    """(N, ...) weighted deltas -> (...) bool: where the elected sign is + (ties go to +)."""
-    votes = weighted.sum(dim=0) if majority_sign == "total" else weighted.sign().sum(dim=0)
-    return votes >= 0
-
-
-def _votes_positive(weighted: list[torch.Tensor], majority_sign: str) -> torch.Tensor:
-    """:func:`_elected_positive` over a list, without stacking it: ``(a + b) + c`` is what
-    ``stack(...).sum(dim=0)`` computes, bit for bit (the reduction runs over the inputs in
-    order), and sign counts are exact in any order."""
+def _votes_positive(weighted: Sequence[torch.Tensor], majority_sign: str) -> torch.Tensor:
+    """Weighted deltas -> bool: where the elected sign is + (ties go to +), from the sum of
+    the deltas (``total``) or of their signs (``frequency``), added in input order without
+    stacking them: ``(a + b) + c`` is what ``stack(...).sum(dim=0)`` computes, bit for bit,
+    and sign counts are exact in any order."""
     if majority_sign == "total":
         votes = weighted[0].clone()
         for w in weighted[1:]:
@@ -72,7 +67,7 @@ def _votes_positive(weighted: list[torch.Tensor], majority_sign: str) -> torch.T
 def elected_signs(weighted: torch.Tensor, majority_sign: str) -> torch.Tensor:
     """(N, ...) weighted deltas -> (N, ...) bool: the entries whose sign is the elected one
     (a zero entry agrees with neither sign)."""
-    positive = _elected_positive(weighted, majority_sign)
+    positive = _votes_positive(list(weighted), majority_sign)
     return torch.where(positive, weighted > 0, weighted < 0)
 
 
