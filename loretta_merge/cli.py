@@ -178,17 +178,21 @@ def cli(ctx, debug):
 
 
 class _OptionalBackendNoise(logging.Filter):
-    """Drops the log records that importing torchao prints, and nothing else.
+    """Drops the log records that importing torchao or bitsandbytes prints, and nothing else.
 
     loretta-merge never imports torchao (a torchao checkpoint is read as plain safetensors,
     see ``quant/torchao.py``). transformers does: ``transformers.quantizers`` imports every
     installed quantization back end when any model class loads, and torchao's import logs
     (1) "Failed to load .../torchao/_C_*.so" for its CUDA-only kernels and (2) through torch's
     ``torch.utils._pytree`` logger "<enum ...> is an Enum subclass ... Calling
-    register_constant() on Enum subclasses is deprecated" for its own enums. Neither is
-    about the user's command, so only those two messages are filtered; every other record
-    of those loggers passes. These are log records, not ``warnings``: a warnings filter
-    cannot catch them.
+    register_constant() on Enum subclasses is deprecated" for its own enums. Training
+    imports ``transformers.trainer_utils``, which imports peft, which imports bitsandbytes;
+    on a CPU with AVX512-BF16 its import asks the ``kernels`` package for a hub kernel, and
+    offline (the CLI sets ``HF_HUB_OFFLINE``) that logs (3) "Skipping publisher trust check
+    for 'kernels-community/..." and (4) "Failed to load CPU gemm_4bit_forward from
+    kernels-community". None is about the user's command, so only those four messages are
+    filtered; every other record of those loggers passes. These are log records, not
+    ``warnings``: a warnings filter cannot catch them.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -197,13 +201,19 @@ class _OptionalBackendNoise(logging.Filter):
             return "Calling register_constant() on Enum subclasses is deprecated" not in message
         if record.name == "torchao":
             return not (message.startswith("Failed to load ") and "/torchao/_C" in message)
+        if record.name == "kernels._internals.hf_hub":
+            return not (message.startswith("Skipping publisher trust check for 'kernels-community/")
+                        and "offline mode" in message)
+        if record.name == "bitsandbytes.backends.cpu.ops":
+            return not message.startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
         return True
 
 
 def quiet_optional_backend_noise() -> None:
-    """Install :class:`_OptionalBackendNoise` on the two loggers (once; before or after the
+    """Install :class:`_OptionalBackendNoise` on the four loggers (once; before or after the
     libraries are imported: a logger's filters belong to the logger object)."""
-    for name in ("torch.utils._pytree", "torchao"):
+    for name in ("torch.utils._pytree", "torchao", "kernels._internals.hf_hub",
+                 "bitsandbytes.backends.cpu.ops"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _OptionalBackendNoise) for f in logger.filters):
             logger.addFilter(_OptionalBackendNoise())

@@ -60,6 +60,12 @@ TINY = {
 }
 ARCHS = list(TINY)
 
+# Fixtures that build something costly (a checkpoint, an export, a trained adapter) are
+# session-scoped even when one file uses them: an xdist worker interleaves the tests of
+# several files, and a module-scoped fixture is torn down whenever the next test comes from
+# another file, then built again (test_serving's bank export ran twice, ~16 s each). Only a
+# fixture that patches a library stays module-scoped (test_combine's peft_reseeded).
+
 
 def build_tiny(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A freshly initialised tiny model of the named architecture (deterministic)."""

@@ -99,7 +99,7 @@ class Env:
     data: Path            # a valid training CSV
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def env(tmp_path_factory) -> Env:
     root = tmp_path_factory.mktemp("corpus")
     base = _tiny_llama(root / "base")

@@ -12,7 +12,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bench():
     spec = importlib.util.spec_from_file_location("bench_train_under_test", SCRIPT)
     module = importlib.util.module_from_spec(spec)

@@ -15,7 +15,7 @@ from conftest import build_tiny, perturb_trainable, run_main
 from loretta_merge.cli import shorthand_args
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def files(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     """A tiny Llama, a PEFT LoRA and a LoRETTA_rep adapter for it, and a training CSV."""
     from peft import LoraConfig, get_peft_model

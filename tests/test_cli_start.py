@@ -85,7 +85,7 @@ def test_help_starts_without_torch(args: list[str]):
     assert proc.stderr == "", proc.stderr  # no warning, no traceback
 
 
-def test_torchao_import_noise_is_filtered_and_nothing_else():
+def test_optional_backend_import_noise_is_filtered_and_nothing_else():
     """transformers imports torchao (when installed) as soon as a model class loads; its
     import logs two kinds of records that say nothing about the command. The CLI drops
     exactly those; another record of the same loggers still passes."""
@@ -106,6 +106,16 @@ def test_torchao_import_noise_is_filtered_and_nothing_else():
                                "Could not load this library"))
     assert f.filter(record("torch.utils._pytree", "another pytree warning"))
     assert f.filter(record("torchao", "Failed to load the user's own config"))
+    # peft imports bitsandbytes, which asks the kernels package for a hub kernel (offline)
+    assert not f.filter(record("kernels._internals.hf_hub", "Skipping publisher trust check for "
+                               "'kernels-community/quantization-bitsandbytes' because Hugging "
+                               "Face Hub is in offline mode."))
+    assert not f.filter(record("bitsandbytes.backends.cpu.ops", "Failed to load CPU "
+                               "gemm_4bit_forward from kernels-community: %s. Please make sure "
+                               "you already `pip install kernels`", "offline"))
+    assert f.filter(record("kernels._internals.hf_hub", "Skipping publisher trust check for "
+                           "'someone/their-kernel' because Hugging Face Hub is in offline mode."))
+    assert f.filter(record("bitsandbytes.backends.cpu.ops", "another bitsandbytes warning"))
 
 
 def test_a_command_that_loads_a_model_class_prints_no_torchao_noise():

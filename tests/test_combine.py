@@ -55,7 +55,7 @@ class Job:
     rep_norms: Path         # LoRETTA rep with trained norms (full tensors)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def job(tmp_path_factory) -> Job:
     from peft import LoraConfig, get_peft_model
 
@@ -94,7 +94,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- PEFT
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # a patch of PEFT: never beyond this file
 def peft_reseeded():
     """PEFT's per-module combination, with the global RNG reseeded first, for each module,
     with the seed our generator of that module uses (the only intervention). Returns
@@ -371,7 +371,7 @@ def test_full_tensors_dropped_on_request(job):
 
 # --------------------------------------------------------------------------- refusals
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def other_base_lora(job) -> Path:
     """A LoRA on a Llama with another FFN width: down_proj is (64, 80), not (64, 96)."""
     import transformers
@@ -386,7 +386,7 @@ def other_base_lora(job) -> Path:
     return job.root / "other"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adp(job) -> Path:
     from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
     from loretta_merge.adapters.config import AdpConfig

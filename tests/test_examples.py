@@ -21,7 +21,7 @@ def run_example(name: str, *args: str) -> None:
         sys.argv = argv
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("examples")
 

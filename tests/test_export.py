@@ -2,7 +2,7 @@
 
 Every exported graph is run here in ONNX Runtime again and compared with the PyTorch model
 at the positions the attention mask keeps, independently of the exporter's own validation.
-Exports are shared between tests through module-scoped fixtures to keep the file fast.
+Exports are shared between tests through session-scoped fixtures (see conftest.py) to keep the file fast.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ ort = pytest.importorskip("onnxruntime")
 ATOL_FP32 = 1e-4  # fp32 graphs agree to ~2e-7 here; 1e-4 leaves room for kernel order only
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """Saved tiny checkpoints for this module (seeded, so tests can rebuild the same model)."""
     root = tmp_path_factory.mktemp("export-models")
     return {name: save_tiny(name, root / name) for name in ("llama", "gpt2", "bert")}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def out_root(tmp_path_factory):
     return tmp_path_factory.mktemp("export-out")
 
@@ -72,13 +72,13 @@ def check_parity(out: Path, model, *, output: str, with_types: bool = False) -> 
 
 # --------------------------------------------------------------------------- exports
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def llama_export(models, out_root):
     out = out_root / "llama"
     return out, export_onnx(models["llama"], out)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gpt2_past_export(models, out_root):
     out = out_root / "gpt2-past"
     report = json.loads(run_cli("export", "onnx", models["gpt2"], "-o", out, "--with-past",
@@ -86,7 +86,7 @@ def gpt2_past_export(models, out_root):
     return out, report
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bert_fe_export(models, out_root):
     """Feature extraction, with a tiny external-data threshold: weights go to model.onnx.data."""
     out = out_root / "bert-fe"

@@ -45,7 +45,7 @@ def _peft_adapter(path, seed: int):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("switch")
     base = save_tiny("llama", root / "base")

@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_classifier(tmp_path_factory):
     """A small BERT classifier with the embedded MiniLM's tokenizer, trained for a few steps
     on Rotten Tomatoes train rows (real weights that classify, not random ones)."""

@@ -18,7 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bert_with_tokenizer(tmp_path_factory):
     from transformers import BertTokenizer
 

@@ -70,7 +70,7 @@ def make_pair(kind: str, root: Path, *, seed: int = 0) -> tuple[Path, Path, dict
     return base, ft, deltas
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("extract-pairs")
     return {kind: make_pair(kind, root) for kind in ("bert", "llama")}

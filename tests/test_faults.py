@@ -58,7 +58,7 @@ def assert_disk_full(code: int, err: str, out: Path, *, one_line: bool = True) -
     assert out.name in line, line
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapters(tmp_path_factory) -> dict[str, Path]:
     """A real PEFT LoRA and a LoRETTA_rep adapter on the tiny Llama."""
     from peft import LoraConfig, get_peft_model

@@ -584,7 +584,7 @@ def test_fuzz_reader_raises_only_loretta_errors(tmp_path_factory, peft_type, ext
             mod.delta()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def valid_dirs(tmp_path_factory):
     """Valid adapter directories of every kind, to be mutated by the fuzz tests."""
     root = tmp_path_factory.mktemp("valid")

@@ -110,7 +110,7 @@ _shard_names = st.sampled_from(["model-00001-of-00001.safetensors", "../x.safete
                                 "config.json"]) | st.text(max_size=12)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ckpt_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fuzz-index")
     save_file({"a": torch.zeros(2, 3), "b": torch.ones(4)}, str(root / "model-00001-of-00001.safetensors"))

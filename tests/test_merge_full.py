@@ -61,7 +61,7 @@ def _fine_tune(path: Path, seed: int, *, keep: tuple[str, ...] = (), std: float 
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def job(tmp_path_factory) -> Job:
     from peft import LoraConfig, get_peft_model
 
@@ -183,7 +183,7 @@ dtype: float32
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mergekit_runs(job):
     """Every CASES config, the bf16 cases and the recipes through mergekit-yaml."""
     configs = {name: build(job) for name, (build, *_rest) in CASES.items()}

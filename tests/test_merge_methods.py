@@ -58,7 +58,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def job(tmp_path_factory) -> Job:
     from peft import LoraConfig, get_peft_model
 
@@ -191,7 +191,7 @@ def run_mergekit(work: Path, configs: dict[str, dict], recipe_texts: dict[str, s
     return work
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mergekit_runs(job):
     """Every CASES config, the recipes and the pruning probe through mergekit."""
     probe = torch.randn(48, 80, generator=torch.Generator().manual_seed(5))

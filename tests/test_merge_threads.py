@@ -77,7 +77,7 @@ def test_bad_override_refused_before_any_work(tiny_model_dir, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smoke_checkpoint(tmp_path_factory):
     """bench_merge's LLaMA-shaped bf16 checkpoint at its smallest size (tensors large enough
     for torch to split across threads) with its LoRA and rep adapters."""

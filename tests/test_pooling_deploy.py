@@ -47,7 +47,7 @@ def _adapter(base, out, *, pooling="auto", seed=1):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def st(tmp_path_factory):
     d = tmp_path_factory.mktemp("st")
     base = _st_base(d / "base")

@@ -28,7 +28,7 @@ def refused(args, out: Path, capsys) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora(tmp_path_factory) -> Path:
     """A PEFT LoRA trained (perturbed) on the original, unquantized tiny Llama."""
     path = tmp_path_factory.mktemp("lora") / "lora"

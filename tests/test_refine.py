@@ -100,7 +100,7 @@ def test_time_budget_and_refusals():
 TARGETS = ("query", "value")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def classifier_pair(tmp_path_factory):
     """A tiny BERT classifier (BASE) and a 'fine-tune' of it: full-rank deltas on query and
     value (rank 2 cannot hold them) and a changed head, with a real word tokenizer saved

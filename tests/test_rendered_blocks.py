@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OWN_GENERATOR = {"docs/supported_models.md"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def render():
     spec = importlib.util.spec_from_file_location("render_readme", ROOT / "tools" / "render_readme.py")
     module = importlib.util.module_from_spec(spec)

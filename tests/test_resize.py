@@ -32,7 +32,7 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora16(tmp_path_factory):
     """A rank-16 PEFT LoRA (alpha 32, random non-zero factors with decaying spectrum) plus a
     trained norm in modules_to_save."""

@@ -42,7 +42,7 @@ def run_cli(argv: list, capsys) -> tuple[int, str]:
     return code, err
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora(tmp_path_factory) -> Path:
     from peft import LoraConfig, get_peft_model
 

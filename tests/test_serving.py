@@ -24,8 +24,9 @@ from loretta_merge.errors import ConfigError, ShapeError
 ort = pytest.importorskip("onnxruntime")
 peft = pytest.importorskip("peft")
 
-# the two banks are module fixtures (an export each): all of this file's tests run on one
-# xdist worker, so neither bank is exported twice (`make test`'s --dist loadgroup)
+# the two banks are session fixtures (an export each; conftest.py says why not module ones):
+# all of this file's tests run on one xdist worker, so neither bank is exported twice
+# (`make test`'s --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("serving")
 
 ATOL = 1e-4
@@ -69,7 +70,7 @@ def _merged(arch: str, path):
 
 # --------------------------------------------------------------------------- seq-cls
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cls_bank(tmp_path_factory):
     root = tmp_path_factory.mktemp("bank-cls")
     base = save_tiny("bert", root / "base")
@@ -252,7 +253,7 @@ def test_cli_bank_refusals_are_one_line(cls_bank, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- causal-lm
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lm_bank(tmp_path_factory):
     root = tmp_path_factory.mktemp("bank-lm")
     base = save_tiny("llama", root / "base")

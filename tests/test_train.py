@@ -53,7 +53,7 @@ def with_tokenizer(tiny_model_dir, tmp_path_factory, arch: str, folder: str, *, 
     return d
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models(tiny_model_dir, tmp_path_factory):
     """{"bert": dir, "llama": dir}: tiny checkpoints with a tokenizer each."""
     return {name: with_tokenizer(tiny_model_dir, tmp_path_factory, name, f"train-{name}", causal=causal)

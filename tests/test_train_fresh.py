@@ -12,7 +12,7 @@ from loretta_merge.train import train
 from test_train import FAST, _csv, _sentences, _tokenizer
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlm_bert(tmp_path_factory):
     from transformers import BertConfig, BertForMaskedLM
 

@@ -14,7 +14,7 @@ from loretta_merge.train import TrainArgs, train
 from test_train import FAST, _csv, _sentences, with_tokenizer
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bert(tiny_model_dir, tmp_path_factory):
     return with_tokenizer(tiny_model_dir, tmp_path_factory, "bert", "full-bert", causal=False)
 

@@ -17,7 +17,7 @@ from loretta_merge.train import build
 from test_train import FAST, _csv, _sentences, _tokenizer, with_tokenizer
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bert(tiny_model_dir, tmp_path_factory):
     return with_tokenizer(tiny_model_dir, tmp_path_factory, "bert", "inputs-bert", causal=False)
 

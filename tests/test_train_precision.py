@@ -21,7 +21,7 @@ def _lm_data(tmp_path):
     return _jsonl(tmp_path / "lm.jsonl", rows)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def llama_bf16(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("llama-bf16")
     shutil.copytree(tiny_model_dir("llama", torch.bfloat16), d, dirs_exist_ok=True)
