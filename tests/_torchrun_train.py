@@ -1,17 +1,24 @@
 """Run by tests/test_torchrun.py under ``torch.distributed.run`` (2 CPU processes, gloo).
 
-Default mode: each rank trains the same tiny model for a few steps through
+One launch runs every job listed in the JSON file given as its argument, in order (a launch
+costs each process ~6 CPU-seconds of imports): ``{"mode": "dp" | "fsdp" | "fsdp-bf16",
+"model", "data", "out"[, "dumps"]}``. A job that raises writes its traceback to
+``<out>.failed-rank<RANK>`` and ends the launch (exit 1), so the test of that job names it.
+
+``dp`` mode: each rank trains the same tiny model for a few steps through
 :func:`loretta_merge.train.train` and dumps its trained tensors to
 ``<dump_dir>/rank<RANK>.safetensors`` so the test can check that data-parallel training
 kept the ranks identical.
 
-``fsdp`` mode (5th argument): in one launch, the data-parallel run into ``OUT/ddp``, the
+``fsdp`` mode: in one launch, the data-parallel run into ``OUT/ddp``, the
 same run sharded with ``--fsdp`` into ``OUT/fsdp``, and an FSDP run killed after its
 checkpoint at step 2 then resumed into ``OUT/resumed``.
 """
 
+import json
 import os
 import sys
+import traceback
 
 import torch
 
@@ -81,10 +88,25 @@ def fsdp_bf16(model_dir: str, train_file: str, output_dir: str) -> None:
     assert report.hyperparameters["autocast"] == "bfloat16", report.hyperparameters
 
 
+def run_jobs(jobs_file: str) -> None:
+    with open(jobs_file) as f:
+        jobs = json.load(f)
+    for job in jobs:
+        args = (job["model"], job["data"], job["out"])
+        try:
+            if job["mode"] == "dp":
+                main(*args, job["dumps"])
+            elif job["mode"] == "fsdp":
+                fsdp_suite(*args)
+            elif job["mode"] == "fsdp-bf16":
+                fsdp_bf16(*args)
+            else:
+                raise SystemExit(f"unknown mode {job['mode']!r}")
+        except BaseException:
+            with open(f"{job['out']}.failed-rank{os.environ['RANK']}", "w") as f:
+                f.write(traceback.format_exc())
+            raise
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 5 and sys.argv[5] == "fsdp":
-        fsdp_suite(*sys.argv[1:4])
-    elif len(sys.argv) > 5 and sys.argv[5] == "fsdp-bf16":
-        fsdp_bf16(*sys.argv[1:4])
-    else:
-        main(*sys.argv[1:5])
+    run_jobs(sys.argv[1])

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
 
+from fixtures.scripts import run_script
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run_example(name: str, *args: str) -> None:
-    argv = sys.argv
-    sys.argv = [str(EXAMPLES / name), *args]
-    try:
-        runpy.run_path(str(EXAMPLES / name), run_name="__main__")
-    finally:
-        sys.argv = argv
+def run_example(name: str, *args: str) -> str:
+    """``python examples/NAME ARGS`` (in this worker: fixtures/scripts.py); its stdout."""
+    proc = run_script(EXAMPLES / name, list(args), cwd=EXAMPLES.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 @pytest.fixture(scope="session")
@@ -27,10 +25,9 @@ def work(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_finetune(work, capsys):
-    run_example("finetune.py", "--output", str(work / "adapter"), "--max-steps", "6",
+def test_finetune(work):
+    out = run_example("finetune.py", "--output", str(work / "adapter"), "--max-steps", "6",
                 "--max-train-samples", "64", "--max-eval-samples", "64")
-    out = capsys.readouterr().out
     assert "trainable parameters" in out and (work / "adapter" / "adapter_config.json").exists()
     # MiniLM is a sentence-transformers model that mean-pools: --pooling auto follows it
     assert json.loads((work / "adapter" / "adapter_config.json").read_text())["pooling"] == "mean"
@@ -38,26 +35,23 @@ def test_finetune(work, capsys):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("minilm")
-def test_merge_export_chain(minilm_adapter, work, capsys):
+def test_merge_export_chain(minilm_adapter, work):
     """merge.py, then export_onnx.py on its output, with the session's trained MiniLM adapter
     (the same method, pooling and base as finetune.py's)."""
     from loretta_merge.embedded import default_model_path
 
-    run_example("merge.py", str(default_model_path()), str(minilm_adapter.path), "--output", str(work / "merged"))
-    out = capsys.readouterr().out
+    out = run_example("merge.py", str(default_model_path()), str(minilm_adapter.path), "--output", str(work / "merged"))
     diff = float(out.split("unmerged model:")[1].split()[0])
     assert diff < 1e-4
     assert json.loads((work / "merged" / "config.json").read_text())["loretta_pooling"] == "mean"
 
-    run_example("export_onnx.py", str(work / "merged"), "--output", str(work / "onnx"), "--task", "seq-cls")
-    out = capsys.readouterr().out
+    out = run_example("export_onnx.py", str(work / "merged"), "--output", str(work / "onnx"), "--task", "seq-cls")
     assert "validated on CPUExecutionProvider" in out
     assert (work / "onnx" / "model.onnx").exists()
 
 
-def test_lora_roundtrip(work, capsys):
-    run_example("lora_roundtrip.py", "--workdir", str(work / "roundtrip"), "--eps", "0.05")
-    out = capsys.readouterr().out
+def test_lora_roundtrip(work):
+    out = run_example("lora_roundtrip.py", "--workdir", str(work / "roundtrip"), "--eps", "0.05")
     assert "met: True" in out
     exact = float(out.split("max delta error")[-1].split()[0])
     assert exact < 1e-5

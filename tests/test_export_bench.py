@@ -5,22 +5,20 @@ script runs, writes its JSON and reports the providers that really ran."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from fixtures.scripts import run_script
 
 pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, timeout: int = 600) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _run(script: str, *args: str) -> str:
+    """``python SCRIPT ARGS`` from the repository root, in this worker (fixtures/scripts.py)."""
+    proc = run_script(ROOT / script, list(args), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 

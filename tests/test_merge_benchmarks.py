@@ -4,28 +4,26 @@ measured by the scripts themselves, never asserted here)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from fixtures.scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str) -> str:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """``python SCRIPT ARGS`` from the repository root, in this worker (fixtures/scripts.py)."""
+    proc = run_script(ROOT / script, list(args), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 @pytest.mark.slow
 def test_bench_merge_smoke(tmp_path):
     out = tmp_path / "merge.json"
-    _run("bench_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
+    _run("benchmarks/bench_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
     result = json.loads(out.read_text())
     assert result["size"] == "smoke" and result["page_cache"] == "warm"
     assert set(result["cases"]) == {"floor", "floor-nosync", "copy-direct", "lora", "rep", "peft"}
@@ -40,7 +38,7 @@ def test_bench_merge_smoke(tmp_path):
 
 def test_gpu_merge_smoke_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    stdout = _run("gpu_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
+    stdout = _run("benchmarks/gpu_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
     result = json.loads(out.read_text())
     assert "GB/s" in stdout and result["floor"]["gb_per_s"] > 0
     for adapter in ("lora", "rep"):

@@ -1,10 +1,19 @@
-"""Data-parallel training with torchrun: 2 CPU processes (gloo) through the same train()."""
+"""Data-parallel training with torchrun: 2 CPU processes (gloo) through the same train().
+
+The three jobs (data-parallel, FSDP with resume, FSDP on a bf16 base) run in one torchrun
+launch (``_torchrun_train.py``), made once per session by the ``launch`` fixture; each test
+checks its own job's outputs.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,24 +26,59 @@ from test_train import FILLER, _csv, _jsonl, _sentences, _tokenizer
 HERE = Path(__file__).parent
 
 
-@pytest.mark.slow
-def test_two_processes_train_identical_adapters(tiny_model_dir, tmp_path):
-    import shutil
+@dataclass(frozen=True)
+class Launch:
+    root: Path
+    proc: subprocess.CompletedProcess
 
-    model = tmp_path / "bert"
-    shutil.copytree(tiny_model_dir("bert"), model)
-    _tokenizer(model, causal=False)
-    data = _csv(tmp_path / "train.csv", _sentences(32, 0))
-    out, dumps = tmp_path / "out", tmp_path / "dumps"
-    dumps.mkdir()
+    def job(self, name: str) -> Path:
+        """The output folder of job ``name``; fails with the job's own traceback when it
+        (or the launch) failed."""
+        out = self.root / name / "out"
+        failed = sorted(out.parent.glob("out.failed-rank*"))
+        if failed:
+            pytest.fail(f"torchrun job {name} failed:\n" + failed[0].read_text()[-4000:])
+        if not out.exists():  # the launch ended before this job (an earlier one's failure)
+            pytest.fail(f"torchrun exited {self.proc.returncode} before job {name}:\n"
+                        + self.proc.stderr[-4000:])
+        return out
+
+
+@pytest.fixture(scope="session")
+def launch(tiny_model_dir, tmp_path_factory) -> Launch:
+    root = tmp_path_factory.mktemp("torchrun")
+    jobs = []
+    for name, mode in (("dp", "dp"), ("fsdp", "fsdp")):
+        model = root / name / "bert"
+        shutil.copytree(tiny_model_dir("bert"), model)
+        _tokenizer(model, causal=False)
+        job = dict(mode=mode, model=str(model), out=str(root / name / "out"),
+                   data=str(_csv(root / name / "train.csv", _sentences(32, 0))))
+        if mode == "dp":
+            (root / name / "dumps").mkdir()
+            job["dumps"] = str(root / name / "dumps")
+        jobs.append(job)
+    model = root / "bf16" / "llama"
+    shutil.copytree(tiny_model_dir("llama", torch.bfloat16), model)
+    _tokenizer(model, causal=True)
+    rng = random.Random(0)
+    data = _jsonl(root / "bf16" / "lm.jsonl", [{"text": " ".join(rng.sample(FILLER, 5))}
+                                               for _ in range(24)])
+    jobs.append(dict(mode="fsdp-bf16", model=str(model), data=str(data), out=str(root / "bf16" / "out")))
+    (root / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "0", "--standalone", str(HERE / "_torchrun_train.py"),
-           str(model), str(data), str(out), str(dumps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+           str(root / "jobs.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return Launch(root, proc)
 
+
+@pytest.mark.slow
+def test_two_processes_train_identical_adapters(launch):
+    out = launch.job("dp")
+    dumps = out.parent / "dumps"
     ranks = [load_file(dumps / f"rank{r}.safetensors") for r in (0, 1)]
     for r in (0, 1):
         with safe_open(dumps / f"rank{r}.safetensors", "pt") as f:
@@ -43,7 +87,7 @@ def test_two_processes_train_identical_adapters(tiny_model_dir, tmp_path):
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     # exactly one adapter directory, written by rank 0, holding rank 0's weights
-    configs = sorted(p.parent for p in tmp_path.rglob("adapter_config.json"))
+    configs = sorted(p.parent for p in out.parent.rglob("adapter_config.json"))
     assert configs == [out]
     saved = load_file(out / "adapter_model.safetensors")
     cores = [k for k in saved if ".lora_A.tt_cores." in k or ".lora_B.tt_cores." in k]
@@ -55,7 +99,7 @@ def test_two_processes_train_identical_adapters(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_data_parallel_and_resume(tiny_model_dir, tmp_path):
+def test_fsdp_two_processes_match_data_parallel_and_resume(launch):
     """``--fsdp`` under torchrun (2 CPU processes, gloo): the adapter equals the
     data-parallel run's with the same seed and global batch, and an FSDP run killed after
     its checkpoint at step 2 and resumed ends where the uninterrupted one does.
@@ -66,20 +110,7 @@ def test_fsdp_two_processes_match_data_parallel_and_resume(tiny_model_dir, tmp_p
     absolute (the tensors are O(1)) leaves room for another reduction order, and is far
     below one update (lr 1e-2), so any real divergence (a wrong shard, a lost step, a
     missed gradient average) fails it."""
-    import shutil
-
-    model = tmp_path / "bert"
-    shutil.copytree(tiny_model_dir("bert"), model)
-    _tokenizer(model, causal=False)
-    data = _csv(tmp_path / "train.csv", _sentences(32, 0))
-    out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "0", "--standalone", str(HERE / "_torchrun_train.py"),
-           str(model), str(data), str(out), "-", "fsdp"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = launch.job("fsdp")
 
     ddp, sharded, resumed = (load_file(out / d / "adapter_model.safetensors")
                              for d in ("ddp", "fsdp", "resumed"))
@@ -99,26 +130,10 @@ def test_fsdp_two_processes_match_data_parallel_and_resume(tiny_model_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_fsdp_bf16_base_saves_fp32_master_weights(tiny_model_dir, tmp_path):
+def test_fsdp_bf16_base_saves_fp32_master_weights(launch):
     """--fsdp --bf16 on a bf16 Llama: the shards of the trained tensors are float32 and the
     adapter written by rank 0 holds them in float32 (not the gathered bf16 compute copies)."""
-    import random
-    import shutil
-
-    model = tmp_path / "llama"
-    shutil.copytree(tiny_model_dir("llama", torch.bfloat16), model)
-    _tokenizer(model, causal=True)
-    rng = random.Random(0)
-    data = _jsonl(tmp_path / "lm.jsonl", [{"text": " ".join(rng.sample(FILLER, 5))}
-                                          for _ in range(24)])
-    out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "0", "--standalone", str(HERE / "_torchrun_train.py"),
-           str(model), str(data), str(out), "-", "fsdp-bf16"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = launch.job("bf16")
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes and set(dtypes.values()) == {"F32"}, dtypes
