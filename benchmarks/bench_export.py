@@ -41,7 +41,7 @@ SIZES = {"minilm": [(1, 16), (8, 64), (32, 128)], "tiny-llama": [(1, 16), (8, 64
 TINY_LLAMA = dict(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
                   tie_word_embeddings=False)
-SMOKE_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+SMOKE_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                    tie_word_embeddings=False)
 

@@ -35,7 +35,7 @@ def demo_model(root: Path) -> tuple[Path, dict[str, Path]]:
     from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     config = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256,
-                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_hidden_layers=1, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(root / "base")
