@@ -51,7 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BUDGETS = {
     "demo": dict(train_rows=2000, epochs=1.0, batch_size=8, max_length=64, max_steps=None),
     "full": dict(train_rows=None, epochs=3.0, batch_size=32, max_length=64, max_steps=None),
-    "smoke": dict(train_rows=48, epochs=1.0, batch_size=8, max_length=32, max_steps=2),
+    "smoke": dict(train_rows=16, epochs=1.0, batch_size=8, max_length=32, max_steps=2),
 }
 FINETUNED = ("head", "lora", "rep", "adp")
 BASELINES = ("tfidf_lr", "frozen_lr")
@@ -409,13 +409,14 @@ def plot(results: dict, path: Path) -> None:
 
 def save(results: dict, path: Path) -> None:
     """JSON (atomic) and plot, after every method: a stopped run keeps what it measured
-    (``complete`` says whether every method ran)."""
+    (``complete`` says whether every method ran). A smoke run plots at the end only."""
     results["checks"] = checks(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     part.write_text(json.dumps(results, indent=1))
     os.replace(part, path)
-    plot(results, path.with_suffix(".png"))
+    if results["complete"] or results["budget_name"] != "smoke":  # a smoke run plots once
+        plot(results, path.with_suffix(".png"))
 
 
 # ----------------------------------------------------------------------- main
