@@ -185,21 +185,29 @@ def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
             "peak_rss_above_imports_bytes": peak - after_imports}
 
 
-def _rounds(methods: list[str], inputs: str, work: Path, repeat: int) -> dict[str, list[dict]]:
-    """Every case once per round, each in its own process."""
+def _rounds(methods: list[str], inputs: str, work: Path, repeat: int,
+            smoke: bool = False) -> dict[str, list[dict]]:
+    """Every case once per round, each in its own process. A smoke run (figures unread)
+    launches the first case's process only and runs the other cases' ``child`` in this one,
+    which saves a torch import per case."""
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for _ in range(repeat):
-        for m in methods:
+        for i, m in enumerate(methods):
             out = work / f"out-{inputs}-{m}"
             shutil.rmtree(out, ignore_errors=True)
             with measuring() as machine:
-                done = subprocess.run(
-                    [sys.executable, __file__, "--child", m, "--inputs", inputs, "--work",
-                     str(work), "--out", str(out)], capture_output=True, text=True, check=False)
+                if smoke and i > 0:
+                    run = child(m, work, out, inputs)
+                else:
+                    done = subprocess.run(
+                        [sys.executable, __file__, "--child", m, "--inputs", inputs, "--work",
+                         str(work), "--out", str(out)], capture_output=True, text=True, check=False)
             shutil.rmtree(out, ignore_errors=True)
-            if done.returncode != 0:
-                sys.exit(f"{m} ({inputs}) failed:\n{done.stderr[-2000:]}")
-            runs[m].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            if not (smoke and i > 0):
+                if done.returncode != 0:
+                    sys.exit(f"{m} ({inputs}) failed:\n{done.stderr[-2000:]}")
+                run = json.loads(done.stdout.strip().splitlines()[-1])
+            runs[m].append(run)
             runs[m][-1]["machine_state"] = machine
     return runs
 
@@ -406,7 +414,7 @@ def main() -> None:
         bench_merge.generate(work, args.size)
         if plans["adapters"]:
             generate_third_adapter(work, args.size)
-            runs = _rounds(plans["adapters"], "adapters", work, args.repeat)
+            runs = _rounds(plans["adapters"], "adapters", work, args.repeat, args.smoke)
             shard = largest_shard(work / "base")
             summary.update({"adapters": [f"{label} (w {w})" for _, w, label in ADAPTERS],
                             "largest_input_shard_bytes": shard,
@@ -415,7 +423,7 @@ def main() -> None:
                 summary["mergekit"] = mergekit_cases(work, mk, args.mergekit_dtype)
         if plans["full"]:
             generate_fine_tunes(work, args.size)
-            runs = _rounds(plans["full"], "full", work, args.repeat)
+            runs = _rounds(plans["full"], "full", work, args.repeat, args.smoke)
             shard = largest_shard(work / "base", *(work / n for n, _ in FINE_TUNES))
             summary["full"] = {
                 "inputs": [f"{name}: full fine-tune, bf16 (w {w})" for name, w in FINE_TUNES],
