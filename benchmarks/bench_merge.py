@@ -296,9 +296,16 @@ def peft_skip_reason(base_bytes: int, largest_shard: int) -> str | None:
     return None
 
 
-def _run_child(case: str, args, work: Path, profile: Path | None) -> dict:
+def _run_child(case: str, args, work: Path, profile: Path | None, in_process: bool = False) -> dict:
+    """``case`` in its own process; with ``in_process`` (a smoke run's later cases, whose
+    figures are unread: a torch import saved per case) in this one."""
     out = work / f"out-{case}"
     shutil.rmtree(out, ignore_errors=True)
+    if in_process:
+        try:
+            return child(case, work, out, args.max_shard_size, profile)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--child", case, "--work", str(work), "--out", str(out),
            "--max-shard-size", args.max_shard_size]
     if profile is not None:
@@ -352,13 +359,13 @@ def _rounds(cases: list[str], args, work: Path) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     for round_ in range(args.repeat):
         shift = round_ % len(cases)
-        for case in cases[shift:] + cases[:shift]:
+        for i, case in enumerate(cases[shift:] + cases[:shift]):
             _evict(work / "base") if args.cold else _warm(work / "base")
             prof = args.profile / f"{case}-{round_}.prof" if args.profile else None
             if prof:
                 args.profile.mkdir(parents=True, exist_ok=True)
             with measuring() as machine:
-                r = _run_child(case, args, work, prof)
+                r = _run_child(case, args, work, prof, in_process=args.smoke and i > 0)
             machine["torch_threads"] = r.pop("torch_threads", None)  # the child's, not ours
             r["machine_state"] = machine
             r["round"], r["position_in_round"] = round_ + 1, (cases.index(case) - shift) % len(cases) + 1
