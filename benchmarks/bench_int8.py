@@ -63,7 +63,7 @@ def smoke_model(tmp: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, num_labels=2)).eval()
     model.save_pretrained(tmp / "smoke")
     tok.save_pretrained(tmp / "smoke")
