@@ -158,9 +158,16 @@ def baseline_rss() -> int:
                               text=True, check=True).stdout)
 
 
-def run_case(case: str, args, work: Path) -> dict:
+def run_case(case: str, args, work: Path, in_process: bool = False) -> dict:
+    """``case`` in its own process; with ``in_process`` (a smoke run's later cases, whose
+    figures are unread: a torch import saved per case) in this one."""
     out = work / f"out-{case}"
     shutil.rmtree(out, ignore_errors=True)
+    if in_process:
+        try:
+            return child(case, work, out, args.max_shard_size)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
     proc = subprocess.run([sys.executable, __file__, "--size", args.size, "--work", str(work),
                            "--max-shard-size", args.max_shard_size, "--child", case,
                            "--child-out", str(out)], cwd=ROOT, capture_output=True, text=True)
@@ -203,7 +210,7 @@ def main() -> None:
         for fmt in FORMATS:
             for case in (f"io_floor_{fmt}", f"merge_{fmt}"):
                 with measuring(torch_threads=1) as machine:  # the child sets one thread
-                    run = run_case(case, args, work)
+                    run = run_case(case, args, work, in_process=args.smoke and bool(results))
                 run["machine_state"] = machine
                 print(f"{case:15s} {run['seconds']:8.2f} s  peak RSS {run['peak_rss_bytes'] / 1e9:6.3f} GB",
                       flush=True)
