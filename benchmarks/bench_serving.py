@@ -298,7 +298,7 @@ def main() -> None:
     from loretta_merge.serving import AdapterBank
 
     transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(2)  # the exports; ONNX Runtime runs with --threads
+    torch.set_num_threads(1 if args.smoke else 2)  # the exports; ONNX Runtime runs with --threads
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
