@@ -643,6 +643,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.ranks, args.lr, args.lora_lr = args.ranks[:1], args.lr[-1:], args.lora_lr[-1:]
         args.lora_rank, args.resize_ranks, args.resize_energies = 4, [2], [0.9]
         args.distill_steps, args.distill_seconds = 1, 5.0
+        args.threads = 1  # figures unread; two threads on a busy machine only spin
     if args.only_resize:
         if not args.resize:
             ap.error("--only-resize and --no-resize exclude each other")
