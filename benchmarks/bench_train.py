@@ -51,7 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BUDGETS = {
     "demo": dict(train_rows=2000, epochs=1.0, batch_size=8, max_length=64, max_steps=None),
     "full": dict(train_rows=None, epochs=3.0, batch_size=32, max_length=64, max_steps=None),
-    "smoke": dict(train_rows=16, epochs=1.0, batch_size=8, max_length=32, max_steps=2),
+    "smoke": dict(train_rows=16, epochs=1.0, batch_size=8, max_length=16, max_steps=2),
 }
 FINETUNED = ("head", "lora", "rep", "adp")
 BASELINES = ("tfidf_lr", "frozen_lr")
