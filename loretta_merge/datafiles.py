@@ -161,7 +161,7 @@ def _parse_label(value: Any, source: str, i: int, column: str, where: str = "") 
         return int(value)
     if isinstance(value, str):
         s = value.strip()
-        if s.lstrip("-").isdigit():
+        if s.isascii() and s.lstrip("-").isdigit():  # not "²": int() rejects it
             return int(s)
         if not s:
             raise ConfigError(f"{source} row {i}: empty label in column {column!r}{where}; "

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from loretta_merge import tt
 from loretta_merge.errors import LorettaError
 
-FUZZ = settings(max_examples=80, deadline=None,
+FUZZ = settings(max_examples=80, deadline=None, derandomize=True,  # CI sees the same examples
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 _scalar = (st.none() | st.booleans() | st.integers(-5, 70) | st.floats(allow_nan=True, allow_infinity=True)
@@ -73,6 +73,7 @@ def test_config_from_dict_random_fields(method, data):
 
 @FUZZ
 @given(mode_shapes=_json, target_modules=_json | st.lists(st.text(max_size=5), max_size=3))
+@example(mode_shapes={"\u00b9": None}, target_modules=[])  # "¹".isdigit(), but int() fails
 def test_config_mode_shapes_and_targets(mode_shapes, target_modules):
     from loretta_merge.adapters.config import RepConfig
 

@@ -89,6 +89,7 @@ def run_on(content: bytes, suffix: str) -> None:
 @example(content=b'{"text": "a", "label": 1}', suffix=".json")            # one object, no list
 @example(content=b"not parquet at all", suffix=".parquet")
 @example(content=b"text,label\n" + b"x" * 200_000 + b",1\n", suffix=".csv")  # over csv's field limit
+@example(content="text,label\na,\u00b2\nb,1\n".encode(), suffix=".csv")  # "²".isdigit(), int() fails
 def test_raw_bytes_give_rows_or_one_error(content, suffix):
     run_on(content, suffix)
 

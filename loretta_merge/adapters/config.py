@@ -128,7 +128,8 @@ def parse_shape_key(key: Any) -> tuple[int, ...]:
     ``(768, 8)``."""
     text = str(key).replace(" ", "").lower()
     parts = text.split("x")
-    if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
+    # isascii: str.isdigit() also accepts "¹" or "٣", which int() rejects or reads as another number
+    if len(parts) in (1, 2) and all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
         return tuple(int(p) for p in parts)
     raise ConfigError(f"mode_shapes key {key!r} must be a width like 768 or 'rows x cols' like '768x8'; use a width (768) or 'ROWSxCOLS' ('768x8') as the key")
 
