@@ -28,10 +28,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) examples/quickstart.py --output $(DEMO_OUT) --force  # replaces only its own demo folder
 
-# Two xdist workers, one torch thread each (tests/conftest.py); tests that share a heavy
-# fixture carry an xdist_group mark and run on one worker (--dist loadgroup), in file order
-# (--no-loadscope-reorder). Do not re-sort the items in a hook: with a sorted collection
-# xdist 3.8 split the "minilm" group over both workers and one waited ~50 s on the other.
+# Two xdist workers, one torch thread each (tests/conftest.py). --dist loadgroup selects the
+# suite's own scheduler (tests/fixtures/scheduling.py): a file is one unit of work (its
+# session fixtures are built once), the conformance matrix one unit per family, the longest
+# units first; --no-loadscope-reorder keeps that order.
 PYTEST_XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_XDIST) tests

@@ -85,6 +85,15 @@ def save_tiny(name: str, path: Path, *, seed: int = 0, dtype: torch.dtype = torc
     return path
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """``make test``'s units of work: fixtures/scheduling.py says why not xdist_group marks."""
+    if config.getvalue("dist") == "loadgroup":
+        from fixtures.scheduling import UnitScheduling
+
+        return UnitScheduling(config, log)
+    return None
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Factory: ``tiny_model_dir("llama")`` -> a saved, sharded checkpoint directory
@@ -178,8 +187,8 @@ def minilm_adapter(tmp_path_factory) -> TrainedAdapter:
     itself, end to end; ``tests/test_readme.py`` checks its output against the README).
 
     With pytest-xdist the first worker to take the lock trains; the others wait for it and
-    reuse its folder. Tests that take this fixture carry ``xdist_group("minilm")`` so that
-    ``--dist loadgroup`` runs them on one worker and the other one is never left waiting."""
+    reuse its folder. The files whose tests take this fixture form one unit of work
+    (fixtures/scheduling.py), so one worker runs them and the other is never left waiting."""
     from filelock import FileLock  # a dependency of huggingface_hub, hence of transformers
 
     # the session's own folder: shared by its xdist workers, never by two sessions

@@ -37,8 +37,9 @@ def _params():
     out = []
     for family, flow in cells():
         # a family's cells share its workspace (checkpoints, trained adapters, merged models):
-        # one xdist worker runs them all, so none of that is built twice
-        marks = [pytest.mark.xdist_group(f"conformance-{family}")]
+        # they are one unit of work of `make test` (fixtures/scheduling.py), so one worker
+        # runs them all and none of that is built twice
+        marks = []
         if flow.startswith("onnx_"):  # export and ONNX Runtime validation, end to end
             marks.append(pytest.mark.slow)
         if (family, flow) in XFAIL:

@@ -34,7 +34,6 @@ def test_finetune(work):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("minilm")
 def test_merge_export_chain(minilm_adapter, work):
     """merge.py, then export_onnx.py on its output, with the session's trained MiniLM adapter
     (the same method, pooling and base as finetune.py's)."""

@@ -225,7 +225,6 @@ def test_tt_exact_with_full_tensor_rank(pairs):
 # --------------------------------------------------------------------------- mergekit
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("mergekit")
 def test_agrees_with_mergekit_extract_lora(pairs, tmp_path):
     exe = Path(sys.executable).with_name("mergekit-extract-lora")
     if not exe.exists():

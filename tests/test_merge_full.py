@@ -192,7 +192,6 @@ def mergekit_runs(job):
     return {name: work / name for name in [*configs, *recipes(job)]}
 
 
-@pytest.mark.xdist_group("mergekit")
 @pytest.mark.parametrize("case", list(CASES))
 def test_full_checkpoints_equal_mergekit(case, job, mergekit_runs):
     _, inputs, method, params = CASES[case]
@@ -206,7 +205,6 @@ def test_full_checkpoints_equal_mergekit(case, job, mergekit_runs):
     assert len(changed) >= len(got) - 1, case  # a full fine-tune changes (nearly) every tensor
 
 
-@pytest.mark.xdist_group("mergekit")
 @pytest.mark.parametrize("case", list(BF16_CASES))
 def test_bf16_fine_tunes_equal_mergekit(case, job, mergekit_runs):
     """Deltas of bf16 weights often tie in magnitude at the pruning cut (the test checks
@@ -226,7 +224,6 @@ def test_bf16_fine_tunes_equal_mergekit(case, job, mergekit_runs):
     assert int((magnitude == cut).sum()) > 1  # equal magnitudes at the cut: the hard case
 
 
-@pytest.mark.xdist_group("mergekit")
 @pytest.mark.parametrize("name", ["recipe_ties", "recipe_linear", "recipe_mixed_breadcrumbs"])
 def test_mergekit_yaml_with_model_paths_runs_unchanged(name, job, mergekit_runs, capsys):
     config = job.root / "mergekit" / f"{name}.yml"

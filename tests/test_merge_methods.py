@@ -202,7 +202,6 @@ def mergekit_runs(job):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("mergekit")
 @pytest.mark.parametrize("case", list(CASES))
 def test_method_equals_mergekit(case, job, mergekit_runs):
     _, method, weights, params = CASES[case]
@@ -216,7 +215,6 @@ def test_method_equals_mergekit(case, job, mergekit_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("mergekit")
 def test_pruning_draws_equal_mergekit(mergekit_runs):
     """Same seed, same draws: DARE's and DELLA's masks (and both deterministic prunings)
     equal mergekit's functions, bit for bit."""
@@ -288,7 +286,6 @@ dtype: float32
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("mergekit")
 @pytest.mark.parametrize("name", ["recipe_ties", "recipe_linear", "recipe_breadcrumbs"])
 def test_mergekit_yaml_runs_unchanged(name, job, mergekit_runs, capsys):
     """The same YAML file, given to mergekit-yaml and to `merge --config`, gives the same

@@ -69,7 +69,6 @@ def test_readme_tour_has_every_command():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("minilm")
 def test_readme_train_command(minilm_adapter):
     """The tour's training command (run once per session by the minilm_adapter fixture)."""
     shown = dict(readme_tour())[minilm_adapter.command]
@@ -84,7 +83,6 @@ def test_readme_train_command(minilm_adapter):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("minilm")
 def test_readme_tour_runs(minilm_adapter, tmp_path):
     """The other commands, in order, in one shell, on a copy of the trained adapter."""
     steps = [(cmd, shown) for cmd, shown in readme_tour() if cmd != minilm_adapter.command]

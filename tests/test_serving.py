@@ -25,9 +25,8 @@ ort = pytest.importorskip("onnxruntime")
 peft = pytest.importorskip("peft")
 
 # the two banks are session fixtures (an export each; conftest.py says why not module ones):
-# all of this file's tests run on one xdist worker, so neither bank is exported twice
-# (`make test`'s --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("serving")
+# this file is one unit of work of `make test` (fixtures/scheduling.py), so one worker runs
+# all its tests and neither bank is exported twice
 
 ATOL = 1e-4
 WORST: dict[str, float] = {}  # worst row difference of each exactness test (printed)
