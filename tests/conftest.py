@@ -29,9 +29,15 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
 
-import torch  # noqa: E402
 
-torch.set_num_threads(1 if XDIST_WORKER else 2)
+
+def pytest_configure(config):
+    # torch is imported by the processes that run tests, not by xdist's controller, which
+    # loads this file before it starts the workers (~1.5 s sooner)
+    if XDIST_WORKER or not config.getoption("numprocesses", None):
+        import torch
+
+        torch.set_num_threads(1 if XDIST_WORKER else 2)
 
 # name -> (config class, config kwargs, model class used for the saved checkpoint)
 TINY = {
@@ -67,18 +73,20 @@ ARCHS = list(TINY)
 # fixture that patches a library stays module-scoped (test_combine's peft_reseeded).
 
 
-def build_tiny(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A freshly initialised tiny model of the named architecture (deterministic)."""
+def build_tiny(name: str, *, seed: int = 0, dtype=None):
+    """A freshly initialised tiny model of the named architecture (deterministic; float32
+    unless ``dtype``)."""
+    import torch
     import transformers
 
     cfg_cls, kwargs, model_cls = TINY[name]
     config = getattr(transformers, cfg_cls)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
-    return model.to(dtype)
+    return model.to(dtype or torch.float32)
 
 
-def save_tiny(name: str, path: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+def save_tiny(name: str, path: Path, *, seed: int = 0, dtype=None,
               max_shard_size: str = "40KB") -> Path:
     model = build_tiny(name, seed=seed, dtype=dtype)
     model.save_pretrained(path, max_shard_size=max_shard_size)
@@ -110,7 +118,10 @@ def tiny_model_dir(tmp_path_factory):
     (built once per session per name/dtype). Treat it as read-only."""
     cache: dict = {}
 
-    def get(name: str, dtype: torch.dtype = torch.float32) -> Path:
+    def get(name: str, dtype=None) -> Path:
+        import torch
+
+        dtype = dtype or torch.float32
         key = (name, dtype)
         if key not in cache:
             d = tmp_path_factory.mktemp(f"tiny-{name}-{str(dtype).split('.')[-1]}")
@@ -123,6 +134,8 @@ def tiny_model_dir(tmp_path_factory):
 def perturb_trainable(model, *, seed: int = 1, std: float = 0.05):
     """Add seeded Gaussian noise to every trainable tensor (PEFT starts lora_B at zero;
     this makes an adapter really change outputs, so losing a tensor would show)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -147,6 +160,8 @@ def run_main(argv, capsys) -> tuple[int, str, str]:
 
 def probe_inputs(vocab_size: int = 128, batch: int = 2, seq: int = 7, *, seed: int = 0):
     """Token ids and an attention mask with right padding on the first row."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
