@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from fixtures.scripts import run_script
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from fixtures.scripts import run_ok
 
 
 def run_example(name: str, *args: str) -> str:
     """``python examples/NAME ARGS`` (in this worker: fixtures/scripts.py); its stdout."""
-    proc = run_script(EXAMPLES / name, list(args), cwd=EXAMPLES.parent)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return run_ok(f"examples/{name}", *args)
 
 
 @pytest.fixture(scope="session")

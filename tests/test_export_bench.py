@@ -5,21 +5,12 @@ script runs, writes its JSON and reports the providers that really ran."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from fixtures.scripts import run_script
+from fixtures.scripts import run_ok as _run
 
 pytest.importorskip("onnxruntime")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(script: str, *args: str) -> str:
-    """``python SCRIPT ARGS`` from the repository root, in this worker (fixtures/scripts.py)."""
-    proc = run_script(ROOT / script, list(args), cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
 
 
 @pytest.mark.slow

@@ -4,20 +4,10 @@ measured by the scripts themselves, never asserted here)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from fixtures.scripts import run_script
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(script: str, *args: str) -> str:
-    """``python SCRIPT ARGS`` from the repository root, in this worker (fixtures/scripts.py)."""
-    proc = run_script(ROOT / script, list(args), cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+from fixtures.scripts import run_ok as _run
 
 
 @pytest.mark.slow
