@@ -3,8 +3,9 @@
 One short prepared script for a GPU machine: generates the LLaMA-shaped bf16 checkpoint and
 the rep and LoRA adapters of ``bench_merge.py``, then times, in this process, the floor
 (safetensors ``load_file`` + ``save_file``), the CPU merge and (when CUDA is present) the
-GPU merge of each adapter and of both by ``--method ties``, and compares the GPU output with the CPU output tensor by
-tensor (bf16 ulps). Throughput is checkpoint bytes / wall seconds. JSON to ``--output``.
+GPU merge of each adapter and, by ``--method ties``, of the three adapters ``bench_methods.py``
+merges (LoRA r16 weight 1, rep 0.7, a LoRA r8 0.5; issue 25), and compares the GPU output with
+the CPU output tensor by tensor (bf16 ulps). Throughput is checkpoint bytes / wall seconds. JSON to ``--output``.
 
 The ``extract`` case (issue 26): the fine-tune of ``bench_extract.py`` beside the base, then
 ``extract(..., rank=16)`` plus writing the LoRA, on the CPU and (when CUDA is present) with
@@ -67,14 +68,18 @@ def _merge_cases(work, base, gb, floor, devices, merge, result) -> None:
             case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
             print(f"{adapter:4s} cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
         result["cases"][adapter] = case
-    # a task-vector method (issue 25): TIES of both adapters, its kernels on each device
-    outs, case = {}, {}
+    # a task-vector method (issue 25): TIES of bench_methods.py's three adapters, its kernels
+    # on each device
+    from bench_methods import ADAPTERS, generate_third_adapter
+
+    generate_third_adapter(work, result["size"])
+    inputs = [(work / name, weight) for name, weight, _ in ADAPTERS]
+    outs, case = {}, {"inputs": [label for *_, label in ADAPTERS]}
     for device in devices:
         outs[device] = work / f"out-ties-{device}"
         shutil.rmtree(outs[device], ignore_errors=True)
-        secs = _timed(lambda: merge(base, [(work / "lora", 1.0), (work / "rep", 0.7)], outs[device],
-                                    device=device, progress=False, method="ties",
-                                    method_params={"density": 0.5}))
+        secs = _timed(lambda: merge(base, inputs, outs[device], device=device, progress=False,
+                                    method="ties", method_params={"density": 0.5}))
         case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
         print(f"ties {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s ({secs / floor:.2f}x the floor)")
     if "cuda" in outs:

@@ -31,9 +31,11 @@ def test_gpu_merge_smoke_runs_on_cpu(tmp_path):
     stdout = _run("benchmarks/gpu_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
     result = json.loads(out.read_text())
     assert "GB/s" in stdout and result["floor"]["gb_per_s"] > 0
-    for adapter in ("lora", "rep"):
+    for adapter in ("lora", "rep", "ties"):
         assert result["cases"][adapter]["cpu"]["gb_per_s"] > 0
         assert ("cuda" in result["cases"][adapter]) == (result["cuda_skipped"] is None)
+    # issue 25: TIES of the three adapters bench_methods.py merges
+    assert result["cases"]["ties"]["inputs"] == ["lora r16", "rep", "lora r8"]
     extract = result["cases"]["extract"]          # issue 26: extract on each device
     assert extract["devices"]["cpu"]["median_s"] > 0 and extract["floor_s"] > 0
     assert extract["devices"]["cpu"]["max_err"] < 0.5
