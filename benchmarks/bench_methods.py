@@ -195,15 +195,16 @@ def _rounds(methods: list[str], inputs: str, work: Path, repeat: int,
         for i, m in enumerate(methods):
             out = work / f"out-{inputs}-{m}"
             shutil.rmtree(out, ignore_errors=True)
+            in_process = smoke and i > 0
             with measuring() as machine:
-                if smoke and i > 0:
+                if in_process:
                     run = child(m, work, out, inputs)
                 else:
                     done = subprocess.run(
                         [sys.executable, __file__, "--child", m, "--inputs", inputs, "--work",
                          str(work), "--out", str(out)], capture_output=True, text=True, check=False)
             shutil.rmtree(out, ignore_errors=True)
-            if not (smoke and i > 0):
+            if not in_process:
                 if done.returncode != 0:
                     sys.exit(f"{m} ({inputs}) failed:\n{done.stderr[-2000:]}")
                 run = json.loads(done.stdout.strip().splitlines()[-1])

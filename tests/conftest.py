@@ -30,7 +30,6 @@ if XDIST_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
-
 def pytest_configure(config):
     # torch is imported by the processes that run tests, not by xdist's controller, which
     # loads this file before it starts the workers (~1.5 s sooner)

@@ -36,9 +36,10 @@ def _smoke_scripts() -> list[Path]:
 
 def _dedicated(script: Path) -> list[str]:
     """Test files (other than this one) that run ``script --smoke`` themselves, checking
-    more than exit 0; those scripts are not run twice."""
-    own = Path(__file__).name  # the script's name as the end of a string literal: a path
-    return [t.name for t in sorted(Path(__file__).parent.glob("test_*.py"))  # (not a comment)
+    more than exit 0; those scripts are not run twice. Such a file names the script as the
+    end of a string literal (its path), not merely in a comment."""
+    own = Path(__file__).name
+    return [t.name for t in sorted(Path(__file__).parent.glob("test_*.py"))
             if t.name != own and f'{script.name}"' in (text := t.read_text()) and '"--smoke"' in text]
 
 

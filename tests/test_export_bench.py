@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from fixtures.scripts import run_ok as _run
+from fixtures.scripts import run_ok
 
 pytest.importorskip("onnxruntime")
 
@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 @pytest.mark.slow
 def test_bench_export_smoke(tmp_path):
     out = tmp_path / "export.json"
-    _run("benchmarks/bench_export.py", "--smoke", "--output", str(out))
+    run_ok("benchmarks/bench_export.py", "--smoke", "--output", str(out))
     data = json.loads(out.read_text())
     model = data["models"][0]
     assert model["rows"] and model["int8"]["int8_bytes"] < model["int8"]["fp32_bytes"]
@@ -32,7 +32,7 @@ def test_gpu_onnx_smoke_reports_the_provider_that_ran(tmp_path):
     import onnxruntime as ort
 
     out = tmp_path / "gpu.json"
-    text = _run("benchmarks/gpu_onnx.py", "--smoke", "--output", str(out))
+    text = run_ok("benchmarks/gpu_onnx.py", "--smoke", "--output", str(out))
     data = json.loads(out.read_text())
     cuda_run = data["exports"]["float32"]["runs"][1]
     assert cuda_run["asked"] == "cuda"
@@ -44,6 +44,6 @@ def test_gpu_onnx_smoke_reports_the_provider_that_ran(tmp_path):
 
 @pytest.mark.slow
 def test_serve_adapters_example(tmp_path):
-    text = _run("examples/serve_adapters.py", "--requests", "8", "--work", str(tmp_path))
+    text = run_ok("examples/serve_adapters.py", "--requests", "8", "--work", str(tmp_path))
     assert "adapter support:" in text and "merged support" in text
     assert (tmp_path / "served" / "adapters" / "legal.onnx_adapter").is_file()

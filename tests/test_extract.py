@@ -470,7 +470,7 @@ def test_rank_cap_above_a_module_size_is_clamped(pairs):
 def test_randomized_svd_matches_the_exact_truncation():
     """The fixed-rank fast path: within 1% of the exact rank-R error on a decaying spectrum,
     reproducible, and chosen by auto only where the rank is well below the module's size."""
-    from loretta_merge.converters.extract import _svd_lora, _use_randomized
+    from loretta_merge.converters.extract import _decompose, _use_randomized
     from loretta_merge.converters.lowrank import sketch_svd
 
     g = torch.Generator().manual_seed(0)
@@ -486,8 +486,8 @@ def test_randomized_svd_matches_the_exact_truncation():
     got = float(torch.linalg.matrix_norm(d - (uu * ss) @ vh) / torch.linalg.matrix_norm(d))
     assert best <= got <= 1.01 * best
     assert torch.equal(sketch_svd(d, r).s, ss)
-    lora, kept, k = _svd_lora(d, rank=r, energy=None, eps=None, svd="randomized")
-    assert k == r and kept == pytest.approx(1 - best**2, rel=1e-3)
+    lora, kept, k, err, _ = _decompose(d, rank=r, energy=None, eps=None, svd="randomized")
+    assert k == r and err == pytest.approx(got, rel=1e-3) and kept == pytest.approx(1 - best**2, rel=1e-3)
     assert _use_randomized("auto", (2048, 2048), 16, None, None)
     assert not _use_randomized("auto", (64, 64), 16, None, None)          # small: exact
     assert not _use_randomized("auto", (2048, 2048), 16, 0.99, None)      # energy rule: exact

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from fixtures.scripts import run_ok as _run
+from fixtures.scripts import run_ok
 
 
 @pytest.mark.slow
 def test_bench_merge_smoke(tmp_path):
     out = tmp_path / "merge.json"
-    _run("benchmarks/bench_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
+    run_ok("benchmarks/bench_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
     result = json.loads(out.read_text())
     assert result["size"] == "smoke" and result["page_cache"] == "warm"
     assert set(result["cases"]) == {"floor", "floor-nosync", "copy-direct", "lora", "rep", "peft"}
@@ -28,7 +28,7 @@ def test_bench_merge_smoke(tmp_path):
 
 def test_gpu_merge_smoke_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    stdout = _run("benchmarks/gpu_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
+    stdout = run_ok("benchmarks/gpu_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
     result = json.loads(out.read_text())
     assert "GB/s" in stdout and result["floor"]["gb_per_s"] > 0
     for adapter in ("lora", "rep", "ties"):

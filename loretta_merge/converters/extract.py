@@ -68,13 +68,6 @@ def _decompose(d: torch.Tensor, *, rank, energy, eps, svd: str = "exact",
     return LoraModule(a=a, b=b, scale=1.0), min(kept, 1.0), k, err, iters
 
 
-def _svd_lora(d: torch.Tensor, *, rank, energy, eps,
-              svd: str = "exact") -> tuple[LoraModule, float, int]:
-    """``(lora, energy kept, k)`` of :func:`_decompose`."""
-    lora, kept, k, _, _ = _decompose(d, rank=rank, energy=energy, eps=eps, svd=svd)
-    return lora, kept, k
-
-
 def _use_randomized(svd: str, shape, rank, energy, eps) -> bool:
     """``auto``: randomized for a fixed rank well below the module's size (the exact SVD
     costs O(m n min(m, n)); the sketch O(m n (rank + oversampling)))."""
