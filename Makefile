@@ -33,12 +33,16 @@ demo: $(STAMP)
 # session fixtures are built once), the conformance matrix one unit per family, the longest
 # units first; --no-loadscope-reorder keeps that order.
 PYTEST_XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
+# Bytecode caching on, whatever the environment says (PYTHONDONTWRITEBYTECODE=1 here): each
+# worker, and each command-line child of the tests, would otherwise compile the package and
+# re-rewrite every test module's asserts from source.
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_XDIST) tests
+	$(PYTEST) $(PYTEST_XDIST) tests
 
 # The inner loop: everything but the end-to-end runs marked slow.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_XDIST) -m "not slow" tests
+	$(PYTEST) $(PYTEST_XDIST) -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
