@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT = ROOT / "benchmarks" / "results" / "extract_accuracy.json"
-RESIZE = ROOT / "benchmarks" / "results" / "extract_resize.json"
+RESULT = ROOT / "benchmarks" / "results" / "extract_accuracy.json"  # one run: both parts
 STAGES = {"lora_svd": "LoRA: truncated SVD", "mergekit": "mergekit-extract-lora",
           "lora_refined": "LoRA: SVD + distillation", "tt_svd": "TT: TT-SVD of the factors",
           "tt_fit": "TT: ALS fit to the delta", "tt_refined": "TT: fit + distillation"}
@@ -56,37 +55,32 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
                              direct[m].get("trainable_params")))
     lines += ["", "| reference | test accuracy (%) | parameters |", "|---|---|---|"]
     lines += [f"| {n} | {_pct(a)} | {'-' if p is None else f'{p:,}'} |" for n, a, p in ref_rows]
-    if "resize" in r:
-        lines += ["", *_resize_table(r["resize"], direct.get("lora"))]
     gaps, fair = [], []
     for k, row in sorted(r.get("summary", {}).items(), key=lambda kv: int(kv[0])):
-        parts = [f"{row[f'{s}_minus_lora_points']:+.1f}" for s in TT_STAGES
+        parts = [_points(row[f"{s}_minus_lora_points"]) for s in TT_STAGES
                  if f"{s}_minus_lora_points" in row]
         if parts:
             gaps.append(f"rank {k}: {' / '.join(parts)}")
         if "tt_refined_minus_lora_refined_points" in row:
-            fair.append(f"rank {k}: {row['tt_refined_minus_lora_refined_points']:+.1f}")
+            fair.append(f"rank {k}: {_points(row['tt_refined_minus_lora_refined_points'])}")
     states = [r.get("finetune", {}).get("machine_state"), refs.get("machine_state")]
     states += [e.get("machine_state") for e in r["extracted"]]
     lr = r.get("finetune", {}).get("chosen_lr")
     notes = [f"Test accuracy in % on the test movies ({r['split']['test']['rows']:,} rows); "
              f"full fine-tune at learning rate {lr:g} (chosen on validation from "
-             f"{', '.join(f'{x:g}' for x in r['lr_grid'])})."]
+             f"{', '.join(f'{x:g}' for x in r['lr_grid'])}){_reused(r.get('finetune', {}))}."]
     if gaps:
         shown = [STAGES[s].split(": ")[1] for s in TT_STAGES if s in stages]
         notes.append(f"TT minus LoRA SVD at equal parameters, in points ({' / '.join(shown)}): "
                      + "; ".join(gaps) + ".")
     if fair:
         notes.append("Like for like, TT + distillation minus LoRA + distillation (the same "
-                     "time budget and steps cap): " + "; ".join(fair) + " points.")
+                     "texts, learning rate, time budget and step cap): " + "; ".join(fair) + " points.")
     for stage in ("lora_refined", "tt_refined"):
         refined = [e for e in r["extracted"] if e["stage"] == stage and "distill" in e]
         if refined:
-            steps = [e["distill"]["steps"] for e in refined]
-            notes.append(f"Distillation of {STAGES[stage].split(':')[0]}: {min(steps)}-{max(steps)} "
-                         f"steps of batch {refined[0]['distill']['batch_size']} (a time budget of "
-                         f"{r.get('distill_seconds', '?')} s, at most {r.get('distill_max_steps', '?')} "
-                         f"steps, each).")
+            notes.append(f"Distillation of {STAGES[stage].split(':')[0]}: "
+                         + _steps_note(refined, r) + ".")
     if not any(e["stage"] == "lora_refined" for e in r["extracted"]):
         notes.append("LoRA was not distilled.")
     mk = [e for e in r["extracted"] if e["stage"] == "mergekit" and "vs_lora_svd" in e]
@@ -95,16 +89,41 @@ def extract_accuracy_block(path: Path = RESULT) -> str:
         notes.append(f"mergekit-extract-lora on the same fine-tune at the same ranks: its deltas "
                      f"differ from our exact-SVD LoRA's by at most {worst:.1e} (relative, per module, "
                      f"over {len(mk)} ranks).")
-    rs = r.get("resize")
-    if rs:
-        notes += _resize_notes(rs)
-        states += [rs["trained"].get("machine_state")] + [e.get("machine_state") for e in rs["rows"]]
     # every block's one wording of the machine state; imported here, at call time, because
     # render_readme imports this module
     from render_readme import machine_note
 
     notes.append(machine_note(states) + " Accuracies do not depend on the load.")
     return "\n".join(lines) + "\n\n" + " ".join(notes) + " Source: `benchmarks/results/extract_accuracy.json`.\n"
+
+
+def _reused(trained: dict) -> str:
+    """Which runs of a learning-rate sweep were read back from ``--work`` (trained by an
+    earlier run of the same command) rather than trained in this one."""
+    old = [f"{e['lr']:g}" for e in trained.get("sweep", []) if e.get("reused")]
+    if not old:
+        return ""
+    return (f"; the runs at {', '.join(old)} were trained by an earlier run of the same command "
+            f"and reused from its --work folder, the others trained in this one")
+
+
+def _points(x: float) -> str:
+    """Signed points, one decimal; a gap that rounds to zero is 0.0 (no sign)."""
+    text = f"{x:+.1f}"
+    return "0.0" if text in ("+0.0", "-0.0") else text
+
+
+def _steps_note(refined: list[dict], r: dict) -> str:
+    """How long each distillation ran: a fixed step count when every one reached the cap
+    (the time budget unused), else the range of steps the budget allowed."""
+    steps = [e["distill"]["steps"] for e in refined]
+    batch = refined[0]["distill"]["batch_size"]
+    cap, budget = r.get("distill_max_steps", "?"), r.get("distill_seconds", "?")
+    if all(e["distill"].get("stopped_by") == "max_steps" for e in refined) and min(steps) == max(steps):
+        return (f"{steps[0]} steps of batch {batch} each (the step cap; none reached its time "
+                f"budget of {budget} s)")
+    return (f"{min(steps)}-{max(steps)} steps of batch {batch} (a time budget of {budget} s, at "
+            f"most {cap} steps, each)")
 
 
 def _resize_notes(rs: dict) -> list[str]:
@@ -118,15 +137,16 @@ def _resize_notes(rs: dict) -> list[str]:
                      f" and its deltas differ from convert resize's by at most {worst:.1e} (relative).")
     grid = rs["trained"]["lr_grid"]
     notes.append(f"The trained LoRA's learning rate: {rs['trained']['chosen_lr']:g}"
-                 + (f", chosen on validation from {', '.join(f'{x:g}' for x in grid)}." if len(grid) > 1
+                 + (f", chosen on validation from {', '.join(f'{x:g}' for x in grid)}"
+                    f"{_reused(rs['trained'])}." if len(grid) > 1
                     else " (one value, not a choice on validation: bench_train's rank-8 LoRA chose it "
                          "on validation at the same scale, lora_alpha = 2 r)."))
     return notes
 
 
-def extract_resize_block(path: Path = RESIZE) -> str:
-    """Markdown: the large LoRA and its resized copies (``bench_extract_accuracy.py
-    --only-resize``), with the machine note."""
+def extract_resize_block(path: Path = RESULT) -> str:
+    """Markdown: the large LoRA and its resized copies (the resize part of the same
+    ``bench_extract_accuracy.py`` run), with the machine note."""
     r = json.loads(Path(path).read_text())
     rs = r["resize"]
     lines = _resize_table(rs, r["references"].get("direct", {}).get("lora"))
@@ -163,4 +183,5 @@ def _resize_table(rs: dict, direct_lora: dict | None) -> list[str]:
 
 if __name__ == "__main__":
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULT
-    print((extract_resize_block if "resize" in path.name else extract_accuracy_block)(path))
+    print(extract_accuracy_block(path) + "\n" + (extract_resize_block(path) if "resize" in
+                                                  json.loads(path.read_text()) else ""))
