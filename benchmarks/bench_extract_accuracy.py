@@ -617,10 +617,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resize-ranks", type=int, nargs="+", default=RESIZE_RANKS)
     ap.add_argument("--resize-energies", type=float, nargs="+", default=RESIZE_ENERGIES)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--distill-seconds", type=float, default=60.0,
-                    help="tt_refined: time budget of each distillation")
-    ap.add_argument("--distill-steps", type=int, default=250,
-                    help="tt_refined: at most this many steps (batch 16 unlabelled texts)")
+    # a step count, not a time budget, decides: LoRA and TT get the same effort on any load
+    ap.add_argument("--distill-seconds", type=float, default=900.0,
+                    help="*_refined: time budget of each distillation (a safety net)")
+    ap.add_argument("--distill-steps", type=int, default=100,
+                    help="*_refined: this many steps (batch 16 unlabelled texts)")
     ap.add_argument("--work", type=Path, default=None,
                     help="keep the fine-tunes here and reuse them on a later run (default: a "
                          "temporary directory)")
