@@ -218,6 +218,25 @@ def onnx_switch_block() -> str:
                       + machine_note(states) + " " + _src("export.json")])
 
 
+def onnx_optimize_block() -> str:
+    e = _load("onnx_optimize.json")
+    lines = [f"Measured by `python benchmarks/bench_onnx_optimize.py` (onnxscript "
+             f"{e['onnxscript']}, torch {e['torch']}, {e['threads']} thread, median of "
+             f"{e['repeat']} runs taking turns): the bank graph of a tiny Llama with the KV cache "
+             f"({e['bank_slots']} slots, two rep adapters and a PEFT LoRA), as traced, optimized "
+             f"by onnxscript's default rules and by ours (without "
+             f"{', '.join(e['skipped_rules'])}):", "",
+             "| layers | nodes (Slice) | default rules | ours | default / ours | same graph |",
+             "|---|---|---|---|---|---|"]
+    for r in e["rows"]:
+        lines.append(f"| {r['layers']} | {r['nodes']:,} ({r['slice_nodes']}) | {r['default_s']:.2f} s "
+                     f"| {r['ours_s']:.2f} s | {r['default_over_ours']:.2f}x | "
+                     f"{'yes' if r['same_graph'] else 'no'} |")
+    lines += ["", machine_note([r.get("machine_state") for r in e["rows"]]) + " "
+              + _src("onnx_optimize.json")]
+    return "\n".join(lines)
+
+
 def onnx_bank_block() -> str:
     e = _load("serving.json")
     t, m = e["throughput"], e["memory"]
@@ -606,6 +625,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "quant-bench": quant_bench_block,
     "onnx-switch": onnx_switch_block,
     "onnx-bank": onnx_bank_block,
+    "onnx-optimize": onnx_optimize_block,
     "onnx-int8": onnx_int8_block,
     "onnx-int8-classifier": onnx_int8_classifier_block,
     "tt-bench": tt_block,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -23,7 +24,8 @@ def export_graph(wrapper, args: tuple, *, input_names, output_names, dynamic, op
             program = torch.onnx.export(wrapper, args, dynamo=True, input_names=input_names,
                                         output_names=output_names,
                                         dynamic_shapes=dynamic["shapes"], opset_version=opset,
-                                        optimize=True, verbose=False)
+                                        optimize=False, verbose=False)
+            optimize(program)
             program.save(str(path), external_data=external_data)
         return "dynamo", None
     except Exception as exc:  # noqa: BLE001 - any exporter failure -> try the other one
@@ -45,6 +47,42 @@ def export_graph(wrapper, args: tuple, *, input_names, output_names, dynamic, op
     if external_data:  # TorchScript writes one file per tensor: gather them into one
         to_single_data_file(path)
     return "torchscript", note
+
+
+# Rewrite rules of onnxscript's default optimizer that this exporter leaves out. SlicesSplit
+# (two Slices of one tensor -> one Split) matches pairs of Slice nodes: its time grows with
+# the square of their number, and an adapter bank's graph has a few per adapted module and
+# slot. On a tiny Llama bank it was 40% of the optimizer's time at 2 layers and most of its
+# 58 s at 8 (benchmarks/bench_onnx_optimize.py); on every graph it measures, and on the test
+# suite's, the optimizer's output is the same without it.
+SKIPPED_REWRITE_RULES = ("SlicesSplit",)
+
+
+def optimize(program) -> None:
+    """The exporter's own optimization of ``program`` (constant folding, rewrite rules,
+    dead-code removal, fusions), without :data:`SKIPPED_REWRITE_RULES`."""
+    with skipped_rewrite_rules():
+        program.optimize()
+
+
+@contextlib.contextmanager
+def skipped_rewrite_rules(skipped: tuple[str, ...] = SKIPPED_REWRITE_RULES):
+    """Within the block, onnxscript's default optimizer runs without the ``skipped`` rules.
+    Where onnxscript no longer keeps its default rules where this looks for them, its
+    optimizer runs as it is."""
+    from onnxscript import rewriter
+
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if not isinstance(rules, tuple):
+        yield
+        return
+    # the optimizer reads the tuple when it runs; it is restored on the way out
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules
+                                            if getattr(r, "name", None) not in skipped)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 def to_single_data_file(path: Path) -> None:
