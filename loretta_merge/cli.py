@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read at torch import; see merge/run.py
+    # MKL's strict reproducible mode: its GEMMs give the same bits on any thread count (on
+    # AVX-512 CPUs the default mode does not), so a merge's bytes do not depend on the
+    # cores; read at MKL's first call, costs <=10% on the rank-r update; see merge/run.py
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("LORETTA_DEBUG"))
     try:

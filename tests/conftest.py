@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# as the CLI sets it (loretta_merge/cli.py): MKL's GEMMs give the same bits on any thread
+# count, so in-process merges are byte-identical across thread counts as the CLI's are
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 # Under pytest-xdist (`make test`: two workers on two cores) each worker and the commands its
 # tests start get one thread, so the workers do not oversubscribe the cores.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")

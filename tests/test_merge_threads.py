@@ -1,6 +1,6 @@
 """The CPU kernel's thread count (issue 24, point 7): chosen from the cores available to the
 process, overridden by LORETTA_KERNEL_THREADS (validated), and without effect on the bytes
-written; the CLI's OMP_WAIT_POLICY default."""
+written; the CLI's OMP_WAIT_POLICY and MKL_CBWR defaults."""
 
 from __future__ import annotations
 
@@ -116,19 +116,21 @@ def test_one_and_two_threads_write_identical_bytes(smoke_checkpoint, tmp_path, m
     assert outs["1"] and outs["1"] == outs["2"]
 
 
-def test_cli_sets_omp_wait_policy_passive_unless_the_user_did():
-    """In a fresh process (OpenMP reads it once, when torch loads): PASSIVE by default, the
-    user's value kept."""
+@pytest.mark.parametrize("var, default, mine", [("OMP_WAIT_POLICY", "PASSIVE", "ACTIVE"),
+                                                 ("MKL_CBWR", "AUTO,STRICT", "COMPATIBLE")])
+def test_cli_sets_its_threading_defaults_unless_the_user_did(var, default, mine):
+    """In a fresh process (OpenMP reads its policy when torch loads, MKL its mode at its first
+    call): the CLI's default, or the user's value kept."""
     code = ("import os, sys\n"
             "from loretta_merge.cli import main\n"
             "assert 'torch' not in sys.modules\n"
             "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
-            "print(os.environ['OMP_WAIT_POLICY'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            f"print(os.environ[{var!r}])\n")
+    env = {k: v for k, v in os.environ.items() if k != var}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert got.returncode == 0, got.stderr
-    assert got.stdout.strip().splitlines()[-1] == "PASSIVE"
-    got = subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
+    assert got.stdout.strip().splitlines()[-1] == default
+    got = subprocess.run([sys.executable, "-c", code], env=dict(env, **{var: mine}),
                          capture_output=True, text=True)
-    assert got.stdout.strip().splitlines()[-1] == "ACTIVE"
+    assert got.stdout.strip().splitlines()[-1] == mine
