@@ -47,3 +47,14 @@ def test_serve_adapters_example(tmp_path):
     text = run_ok("examples/serve_adapters.py", "--requests", "8", "--work", str(tmp_path))
     assert "adapter support:" in text and "merged support" in text
     assert (tmp_path / "served" / "adapters" / "legal.onnx_adapter").is_file()
+
+
+def test_bench_onnx_optimize_smoke_gives_the_same_graph(tmp_path):
+    """One traced tiny-Llama bank graph optimized with onnxscript's default rules and with
+    export onnx's (graph.SKIPPED_REWRITE_RULES left out): the same graph, byte for byte."""
+    out = tmp_path / "o.json"
+    run_ok("benchmarks/bench_onnx_optimize.py", "--smoke", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["smoke"] and data["skipped_rules"]
+    (row,) = data["rows"]
+    assert row["slice_nodes"] > 0 and row["same_graph"] is True
