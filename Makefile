@@ -11,10 +11,7 @@ DEMO_OUT ?= demo-output
 
 setup: $(STAMP)
 
-# --no-compile: pip would compile every module of every package to bytecode (half of a fresh
-# set-up's time: 80 -> 44 s here); the tests and the demo import a fraction of them, which
-# Python compiles on first import and caches (both commands run with bytecode caching on).
-PIP := $(PY) -m pip install -q --disable-pip-version-check --no-compile
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
