@@ -1,7 +1,9 @@
 """The machine's state beside each benchmark figure (issue 24, point 2).
 
 Every ``bench_*.py`` records, next to each measured figure, the 1-minute load average before
-and after the measurement, the cores this process may run on and the torch threads it used:
+and after the measurement, the cores this process may run on, the torch threads it used and
+the CPU (its model name and vector extension: MKL and ONNX Runtime pick kernels by it, so
+figures from different CPUs are not comparable):
 
     from _machine import measuring
 
@@ -38,6 +40,25 @@ def load_1min() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def cpu() -> str:
+    """The CPU's model name and widest x86 vector extension (Linux), e.g. ``"Intel(R) Xeon(R)
+    Processor, AVX-512"``; the platform's processor string elsewhere."""
+    import platform
+
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    first = info.split("\n\n", 1)[0]  # the first processor's block
+    fields = {k.strip(): v.strip() for k, v in
+              (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    name = " ".join(fields.get("model name", platform.machine()).split())
+    flags = set(fields.get("flags", "").split())
+    isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                          ("avx", "AVX")) if flag in flags), None)
+    return f"{name}, {isa}" if isa else name
+
+
 def _torch_threads() -> int | None:
     torch = sys.modules.get("torch")
     return torch.get_num_threads() if torch is not None else None
@@ -50,7 +71,8 @@ def measuring(torch_threads: int | None = None) -> Iterator[dict]:
     ``torch_threads``: the threads of the process that measures, when that is a child process
     (default: this process's torch, when imported)."""
     state = {"load_1min_before": load_1min(), "cores_available": cores_available(),
-             "torch_threads": torch_threads if torch_threads is not None else _torch_threads()}
+             "torch_threads": torch_threads if torch_threads is not None else _torch_threads(),
+             "cpu": cpu()}
     try:
         yield state
     finally:

@@ -91,3 +91,26 @@ def test_every_bench_script_records_the_machine_state():
     for script in _scripts():
         if script.name.startswith("bench_"):
             assert "measuring(" in script.read_text(), f"{script.name} does not use _machine.measuring"
+
+
+def test_the_machine_state_names_the_cpu_and_the_note_prints_it(monkeypatch):
+    """Figures from different CPUs are not comparable (MKL and ONNX Runtime choose kernels by
+    the vector extensions): the state records the CPU and the rendered note says it; a JSON
+    from before the CPU was recorded renders as it did."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import _machine
+    from render_readme import machine_note
+
+    with _machine.measuring(torch_threads=1) as state:
+        pass
+    assert isinstance(state["cpu"], str) and state["cpu"].strip()
+    if sys.platform == "linux":
+        flags = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+        assert ("AVX-512" in state["cpu"]) == (" avx512f" in flags)
+    note = machine_note([state])
+    assert f"cores available ({state['cpu']})" in note
+    old = {k: v for k, v in state.items() if k != "cpu"}
+    assert "(" not in machine_note([old]).split("cores available")[1].split(",")[0]

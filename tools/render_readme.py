@@ -66,9 +66,11 @@ def machine_note(states: list[dict | None]) -> str:
     loads = [s["load_1min_before"] for s in states] + [s["load_1min_after"] for s in states]
     cores = sorted({s["cores_available"] for s in states})
     threads = sorted({s["torch_threads"] for s in states if s.get("torch_threads") is not None})
+    cpus = sorted({s["cpu"] for s in states if s.get("cpu")})  # recorded since 2026-12
     busy = max(loads) > max(cores)
     return (f"Machine state during the measurements: 1-minute load average "
             f"{_range(loads, '{:.1f}')} on {'/'.join(map(str, cores))} cores available"
+            + (f" ({' / '.join(cpus)})" if cpus else "")
             + (f", {'/'.join(map(str, threads))} torch thread(s)" if threads else "")
             + (" (busier than its cores: absolute times are inflated by other jobs)." if busy else "."))
 
