@@ -59,6 +59,26 @@ def cpu() -> str:
     return f"{name}, {isa}" if isa else name
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set (``VmHWM`` of ``/proc/self/status`` on Linux).
+
+    Not ``ru_maxrss``: Linux carries the parent's peak into a child across ``fork``/``exec``
+    (a child of a 1 GiB process reports at least 1 GiB, whatever it used), so a benchmark
+    whose parent generated its checkpoint in memory would report that as every case's peak.
+    Elsewhere: ``ru_maxrss`` (bytes on macOS, KiB on other systems)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _torch_threads() -> int | None:
     torch = sys.modules.get("torch")
     return torch.get_num_threads() if torch is not None else None

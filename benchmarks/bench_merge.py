@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import measuring  # noqa: E402
+from _machine import measuring, peak_rss_bytes  # noqa: E402
 
 # LLaMA shapes: hidden, intermediate, layers, heads, vocab; input shard budget
 SIZES = {
@@ -246,7 +246,7 @@ def child(case: str, work: Path, out: Path, max_shard: str, profile: Path | None
     wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     return {"wall_s": wall, "user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime,
             "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
-            "peak_rss_above_interpreter_bytes": r1.ru_maxrss * 1024 - rss0,
+            "peak_rss_above_interpreter_bytes": peak_rss_bytes() - rss0,
             "interpreter_rss_bytes": rss0, "torch_threads": torch.get_num_threads()}
 
 

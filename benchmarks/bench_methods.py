@@ -4,9 +4,10 @@ The checkpoint and adapters are bench_merge.py's (a LLaMA-shaped bf16 base with 
 weights, a PEFT LoRA r16 and a LoRETTA rep adapter on q, k, v, o, gate, up and down of every
 layer) and a third, a PEFT LoRA r8 on the same modules generated here (another seed). Each
 method merges the three adapters (weights 1, 0.7 and 0.5) in its own subprocess, run round
-by round; a child reports the wall time of the merge (imports excluded), its peak RSS
-(``ru_maxrss``, imports included) and that peak above the RSS it had after its imports,
-beside the largest input shard (the issue's memory bound: 1.5x that shard).
+by round; a child reports the wall time of the merge (imports excluded), its own peak RSS
+(``VmHWM``, imports included; ``_machine.peak_rss_bytes`` says why not ``ru_maxrss``) and
+that peak above the RSS it had after its imports, beside the largest input shard (the
+issue's memory bound: 1.5x that shard).
 ``linear`` is the fused streaming kernel; every other method works on whole tensors
 (docs/merge-methods.md).
 
@@ -46,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import measuring  # noqa: E402
+from _machine import measuring, peak_rss_bytes  # noqa: E402
 
 METHODS = {  # method -> (parameters, seed)
     "linear": ({}, None),
@@ -179,7 +179,7 @@ def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
                        method_params=params, seed=seed, max_shard_bytes=MAX_SHARD)
         merged, total = report.merged_tensors, report.total_bytes
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()  # its own: not ru_maxrss, which carries the parent's
     return {"method": method, "seconds": round(seconds, 3), "merged_tensors": merged,
             "total_bytes": total, "peak_rss_bytes": peak,
             "peak_rss_above_imports_bytes": peak - after_imports}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import measuring  # noqa: E402
+from _machine import measuring, peak_rss_bytes  # noqa: E402
 
 SIZES = {  # LLaMA shapes; intermediate sizes are multiples of 128 (W4A16's group)
     "smoke": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
@@ -144,7 +143,7 @@ def child(case: str, work: Path, out: Path, max_shard: str) -> dict:
         merge(work / fmt, [(work / "lora", 1.0)], out, device="cpu", progress=False,
               max_shard_bytes=max_shard)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()  # its own: not ru_maxrss, which carries the parent's
     shards = [p.stat().st_size for p in out.glob("*.safetensors")]
     return {"seconds": seconds, "peak_rss_bytes": peak, "largest_output_shard_bytes": max(shards),
             "output_bytes": sum(shards), "output_shards": len(shards)}
@@ -152,8 +151,8 @@ def child(case: str, work: Path, out: Path, max_shard: str) -> dict:
 
 def baseline_rss() -> int:
     """Peak RSS of a child that only imports what the merge cases import before their timer."""
-    code = ("import resource, torch, loretta_merge.merge;"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            "import torch, loretta_merge.merge, _machine; print(_machine.peak_rss_bytes())")
     return int(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout)
 

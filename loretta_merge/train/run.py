@@ -42,7 +42,13 @@ def train(args: TrainArgs | None = None, *, callbacks: Sequence[Any] = (),
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's own peak RSS: ``VmHWM`` on Linux (``ru_maxrss`` there also counts the
+    peak of the parent that started it, across fork and exec), else ``ru_maxrss``."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:", 1)[1].split()[0]) / 1024.0
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class _Run:
