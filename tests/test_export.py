@@ -248,6 +248,36 @@ def test_export_safetensors_reshards_and_casts(models, tmp_path):
         assert torch.equal(got[key], tensor.to(torch.bfloat16)), key
 
 
+def test_exports_share_one_op_table_that_no_export_changes(tmp_path):
+    """The exporter's table of ONNX implementations of ATen ops is built once per process
+    and opset version inside graph.shared_op_registry() (0.4 s of every export otherwise);
+    the class is restored after the block, and the exports run so far in this process left
+    every shared table as a fresh one is built (so each export sees what it would have)."""
+    from torch.onnx._internal.exporter import _registration
+
+    from loretta_merge.converters.onnx import graph
+
+    def content(registry):
+        return {k: [(m.onnx_function, m.fx_target, m.is_custom, m.is_complex) for m in v]
+                for k, v in registry.functions.items()}
+
+    cls = _registration.ONNXRegistry
+    original = cls.__dict__["from_torchlib"]
+    save_tiny("bert", tmp_path / "bert")
+    export_onnx(tmp_path / "bert", tmp_path / "onnx", validate=False)  # through the block
+    assert cls.__dict__["from_torchlib"] is original
+    tables = list(graph._SHARED_REGISTRIES.values())
+    assert tables and all(t.functions for t in tables)
+    with graph.shared_op_registry():
+        for table in tables:  # however the exporter asks for it
+            assert cls.from_torchlib(opset_version=table.opset_version) is table
+            assert cls().from_torchlib(table.opset_version) is table
+    assert cls.__dict__["from_torchlib"] is original
+    for table in tables:
+        fresh = cls.from_torchlib(opset_version=table.opset_version)
+        assert fresh is not table and content(fresh) == content(table)
+
+
 def test_graph_optimizer_skips_only_its_named_rules():
     """export onnx optimizes with onnxscript's default optimizer minus SKIPPED_REWRITE_RULES
     (SlicesSplit: its time grows with the square of a graph's Slice nodes, which an adapter

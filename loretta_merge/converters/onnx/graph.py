@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ def export_graph(wrapper, args: tuple, *, input_names, output_names, dynamic, op
     # the exporter logs a warning per torchvision op it cannot register: not our business
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), shared_op_registry():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(wrapper, args, dynamo=True, input_names=input_names,
                                         output_names=output_names,
@@ -83,6 +84,47 @@ def skipped_rewrite_rules(skipped: tuple[str, ...] = SKIPPED_REWRITE_RULES):
         yield
     finally:
         rewriter._DEFAULT_REWRITE_RULES = rules
+
+
+# The dynamo exporter builds its table of ONNX implementations of ATen ops (onnxscript's
+# torchlib: every function's signature re-read from its Python source) on every call: 0.41 s
+# of a tiny model's ~3 s export, measured on a warm process. Once built it is only read
+# (custom translation tables, which would add to it, are not used here), so the exports of
+# one process share one table per opset version.
+_SHARED_REGISTRIES: dict = {}
+
+
+@contextlib.contextmanager
+def shared_op_registry():
+    """Within the block, ``torch.onnx``'s ``ONNXRegistry.from_torchlib`` builds its table once
+    per process and opset version and hands out that one. Where torch no longer has the
+    registry where this looks for it, the exporter runs as it is."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+        registry_cls = _registration.ONNXRegistry
+    except (ImportError, AttributeError):
+        yield
+        return
+    original = registry_cls.__dict__.get("from_torchlib")
+    if not isinstance(original, classmethod):
+        yield
+        return
+
+    signature = inspect.signature(original.__func__)
+
+    def from_torchlib(cls, *args, **kwargs):
+        bound = signature.bind(cls, *args, **kwargs)  # opset_version=23 and (23,): one key
+        bound.apply_defaults()
+        key = (cls, *list(bound.arguments.items())[1:])
+        if key not in _SHARED_REGISTRIES:
+            _SHARED_REGISTRIES[key] = original.__func__(cls, *args, **kwargs)
+        return _SHARED_REGISTRIES[key]
+
+    registry_cls.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        registry_cls.from_torchlib = original
 
 
 def to_single_data_file(path: Path) -> None:
