@@ -269,6 +269,10 @@ def test_exports_share_one_op_table_that_no_export_changes(tmp_path):
     tables = list(graph._SHARED_REGISTRIES.values())
     assert tables and all(t.functions for t in tables)
     with graph.shared_op_registry():
+        patched = cls.__dict__["from_torchlib"]
+        with graph.shared_op_registry():  # nested: the outer block's stays, and is restored
+            assert cls.__dict__["from_torchlib"] is patched
+        assert cls.__dict__["from_torchlib"] is patched
         for table in tables:  # however the exporter asks for it
             assert cls.from_torchlib(opset_version=table.opset_version) is table
             assert cls().from_torchlib(table.opset_version) is table

@@ -106,8 +106,8 @@ def shared_op_registry():
         yield
         return
     original = registry_cls.__dict__.get("from_torchlib")
-    if not isinstance(original, classmethod):
-        yield
+    if not isinstance(original, classmethod) or getattr(original.__func__, "shared", False):
+        yield  # not where this looks for it, or an enclosing block already shares it
         return
 
     signature = inspect.signature(original.__func__)
@@ -120,6 +120,7 @@ def shared_op_registry():
             _SHARED_REGISTRIES[key] = original.__func__(cls, *args, **kwargs)
         return _SHARED_REGISTRIES[key]
 
+    from_torchlib.shared = True
     registry_cls.from_torchlib = classmethod(from_torchlib)
     try:
         yield
