@@ -46,7 +46,8 @@ def cpu() -> str:
     import platform
 
     try:
-        info = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
     except OSError:
         return platform.processor() or platform.machine()
     first = info.split("\n\n", 1)[0]  # the first processor's block
@@ -57,26 +58,6 @@ def cpu() -> str:
     isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
                                           ("avx", "AVX")) if flag in flags), None)
     return f"{name}, {isa}" if isa else name
-
-
-def peak_rss_bytes() -> int:
-    """This process's own peak resident set (``VmHWM`` of ``/proc/self/status`` on Linux).
-
-    Not ``ru_maxrss``: Linux carries the parent's peak into a child across ``fork``/``exec``
-    (a child of a 1 GiB process reports at least 1 GiB, whatever it used), so a benchmark
-    whose parent generated its checkpoint in memory would report that as every case's peak.
-    Elsewhere: ``ru_maxrss`` (bytes on macOS, KiB on other systems)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _torch_threads() -> int | None:

@@ -47,7 +47,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import measuring, peak_rss_bytes  # noqa: E402
+from _machine import measuring  # noqa: E402
+
+from loretta_merge.memory import peak_rss_bytes  # noqa: E402
 
 # LLaMA shapes: hidden, intermediate, layers, heads, vocab; input shard budget
 SIZES = {

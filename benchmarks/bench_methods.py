@@ -5,7 +5,7 @@ weights, a PEFT LoRA r16 and a LoRETTA rep adapter on q, k, v, o, gate, up and d
 layer) and a third, a PEFT LoRA r8 on the same modules generated here (another seed). Each
 method merges the three adapters (weights 1, 0.7 and 0.5) in its own subprocess, run round
 by round; a child reports the wall time of the merge (imports excluded), its own peak RSS
-(``VmHWM``, imports included; ``_machine.peak_rss_bytes`` says why not ``ru_maxrss``) and
+(``VmHWM``, imports included; ``loretta_merge.memory`` says why not ``ru_maxrss``) and
 that peak above the RSS it had after its imports, beside the largest input shard (the
 issue's memory bound: 1.5x that shard).
 ``linear`` is the fused streaming kernel; every other method works on whole tensors
@@ -59,7 +59,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import measuring, peak_rss_bytes  # noqa: E402
+from _machine import measuring  # noqa: E402
+
+from loretta_merge.memory import peak_rss_bytes  # noqa: E402
 
 METHODS = {  # method -> (parameters, seed)
     "linear": ({}, None),

@@ -33,7 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import measuring, peak_rss_bytes  # noqa: E402
+from _machine import measuring  # noqa: E402
+
+from loretta_merge.memory import peak_rss_bytes  # noqa: E402
 
 SIZES = {  # LLaMA shapes; intermediate sizes are multiples of 128 (W4A16's group)
     "smoke": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
@@ -151,8 +153,8 @@ def child(case: str, work: Path, out: Path, max_shard: str) -> dict:
 
 def baseline_rss() -> int:
     """Peak RSS of a child that only imports what the merge cases import before their timer."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-            "import torch, loretta_merge.merge, _machine; print(_machine.peak_rss_bytes())")
+    code = ("import torch, loretta_merge.merge; from loretta_merge.memory import peak_rss_bytes; "
+            "print(peak_rss_bytes())")
     return int(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout)
 

@@ -120,14 +120,15 @@ def test_the_machine_state_names_the_cpu_and_the_note_prints_it(monkeypatch):
 def test_a_child_reports_its_own_peak_rss_not_its_parents():
     """Linux carries a parent's peak into ``ru_maxrss`` of the children it starts: a
     benchmark that generated its checkpoint in memory would see that peak in every case.
-    ``_machine.peak_rss_bytes`` reads the child's own (VmHWM)."""
+    ``loretta_merge.memory.peak_rss_bytes`` (the benchmarks' and train's) reads the child's
+    own (VmHWM)."""
     import subprocess
     import sys
 
     big = bytearray(768 * 2**20)
     big[::4096] = b"\1" * len(big[::4096])  # touched: resident
-    code = ("import resource, sys; sys.path.insert(0, 'benchmarks'); import _machine; "
-            "print(_machine.peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    code = ("import resource; from loretta_merge.memory import peak_rss_bytes; "
+            "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.split()
     own, inherited = int(out[0]), int(out[1])

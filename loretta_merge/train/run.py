@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 
 from . import build, fsdp
 from .. import embedded
+from ..memory import peak_rss_bytes
 from . import data as D
 from .args import TrainArgs
 from .outputs import CHECKPOINTS, TrainReport, is_main, prepare_output, write_outputs, write_tensors
@@ -42,13 +42,7 @@ def train(args: TrainArgs | None = None, *, callbacks: Sequence[Any] = (),
 
 
 def _peak_rss_mib() -> float:
-    """This process's own peak RSS: ``VmHWM`` on Linux (``ru_maxrss`` there also counts the
-    peak of the parent that started it, across fork and exec), else ``ru_maxrss``."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(status.split("VmHWM:", 1)[1].split()[0]) / 1024.0
-    except (OSError, IndexError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_rss_bytes() / 2**20
 
 
 class _Run:
