@@ -8,7 +8,7 @@ by round; a child reports the wall time of the merge (imports excluded), its own
 (``VmHWM``, imports included; ``loretta_merge.memory`` says why not ``ru_maxrss``) and
 that peak above the RSS it had after its imports, beside the largest input shard (the
 issue's memory bound: 1.5x that shard).
-``linear`` is the fused streaming kernel; every other method works on whole tensors
+``linear`` is the fused streaming kernel; every other method runs in passes over chunks of rows
 (docs/merge-methods.md).
 
 ``mergekit`` (adapters, ``--mergekit ties,linear``; not in ``--smoke`` unless asked): the

@@ -141,7 +141,7 @@ def test_random_masks_are_drawn_on_the_generators_device():
     seed keeps the same entries on every device; on the CPU it is torch.bernoulli itself (the
     draws mergekit's tests compare). The CUDA side runs in the test below, where a GPU is."""
     from loretta_merge.methods.base import tensor_generator
-    from loretta_merge.methods.prune import draw_bernoulli
+    from loretta_merge.methods.pruning import draw_bernoulli
 
     probs = torch.full((64, 32), 0.3)
     same = draw_bernoulli(probs, tensor_generator(7, "w"))

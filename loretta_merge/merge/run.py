@@ -169,8 +169,9 @@ class _Pipeline:
         out_buf = self.pool.take(nbytes)
         result = typed_view(out_buf, out.shape, out.dtype)
         if self.plan.task_vectors is not None and out.ops and w0 is not None:
-            # a method other than linear: whole tensors, on the merge's device (random
-            # masks are drawn on the CPU there too, so a seed gives the same draws anywhere)
+            # a method other than linear: chunks of rows (whole tensors for PEFT's forms), on
+            # the merge's device (random masks are drawn on the CPU there too, so a seed
+            # gives the same draws anywhere)
             check = task_vectors.merge_tensor_task_vectors(
                 out.name, w0, out.ops, result, self.plan.task_vectors, self.device, full)
             self.pool.give(in_buf)

@@ -23,6 +23,7 @@ from . import della  # noqa: F401
 from . import peft_compat  # noqa: F401
 from .base import (MAJORITY_SIGNS, PARAMS, Method, ParamSpec, get_method, method_names,
                    register, tensor_generator)
+from . import pruning, stream  # noqa: F401
 from .core import OwnedDeltas, combine_task_vectors
 
 DEFAULT_METHOD = "linear"

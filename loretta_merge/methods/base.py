@@ -8,6 +8,10 @@ A method is a pure function over the task vectors of ONE tensor::
 not change this tensor), ``weights`` one float per input, ``params`` the method's resolved
 parameters (:meth:`Method.resolve`), ``generator`` a seeded ``torch.Generator`` for the
 methods that draw random masks (None for the others). The merged tensor is ``W0 + result``.
+
+Most methods are given as a ``recipe`` instead (:mod:`.stream`): how each delta is pruned
+and how the pruned deltas combine. The streaming merge runs a recipe in chunks of rows, so
+no whole fp32 tensor is held per input; ``combine`` is then derived from it (same bits).
 """
 
 from __future__ import annotations
@@ -76,12 +80,24 @@ class Method:
     their defaults), whether it draws random masks, and the reference it follows."""
 
     name: str
-    combine: CombineFn
+    combine: CombineFn | None = None  # derived from ``recipe`` when that is given
     defaults: Mapping[str, Any] = field(default_factory=dict)
     random: bool = False
     reference: str = ""
     summary: str = ""
     validate: Callable[[Mapping[str, Any], int], None] | None = None  # rules across parameters
+    # params -> stream.Recipe: the method as prunings and a combination, which the merge
+    # runs in chunks of rows (methods without one get whole tensors)
+    recipe: Callable[[Mapping[str, Any]], Any] | None = None
+
+    def __post_init__(self):
+        if self.combine is None:
+            if self.recipe is None:
+                raise ValueError(f"merge method {self.name!r} needs a combine or a recipe")
+            from .stream import combine_whole
+            recipe = self.recipe
+            object.__setattr__(self, "combine", lambda deltas, weights, params, generator=None:
+                               combine_whole(recipe(params), deltas, weights, generator))
 
     def resolve(self, given: Mapping[str, Any] | None, *, n_inputs: int) -> dict[str, Any]:
         """The method's parameters: its defaults overridden by ``given`` (None values are

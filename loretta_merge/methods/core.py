@@ -82,14 +82,16 @@ def combine_task_vectors(deltas: Sequence[torch.Tensor], weights: Sequence[float
     # no zero-filled accumulators (a sum over a list in order is the stack's sum over dim 0)
     weighted = _weighted_pruned(deltas, weights, prune)
     if majority_sign is not None:
-        positive = _votes_positive(weighted, majority_sign)
+        # the elected sign as ±1: an entry agrees when w * sign > 0 (exact, zeros agree with
+        # neither sign), one multiply and compare rather than a where over two masks
+        sign = _votes_positive(weighted, majority_sign).to(dtype).mul_(2).sub_(1)
         mixed = norm = None
         for i in range(len(weighted)):
             w, weighted[i] = weighted[i], None
-            agree = torch.where(positive, w > 0, w < 0)
+            agree = (w * sign).gt_(0)  # 1.0 where w agrees, else 0.0
             kept = w.mul_(agree)  # w is ours (a pruned copy or a weighted one)
             mixed = kept if mixed is None else mixed.add_(kept)
-            share = agree.to(dtype).mul_(float(weights[i]))
+            share = agree.mul_(float(weights[i]))
             norm = share if norm is None else norm.add_(share)
         norm.masked_fill_(norm == 0, 1)
     else:

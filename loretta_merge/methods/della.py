@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from . import prune
+from . import pruning
 from .base import Method, at, register
-from .core import combine_task_vectors
+from .stream import Recipe
 
 
 def _check_epsilon(params, n_inputs):
@@ -18,28 +18,27 @@ def _check_epsilon(params, n_inputs):
                               f"epsilon < {min(d, 1 - d):g}")
 
 
-def _magprune(params, generator):
-    return lambda d, i: prune.magnitude_ranked_keep(
-        d, at(params["density"], i), at(params["epsilon"], i), generator,
-        rescale=params["rescale"])
+def _magprune(params):
+    return lambda i, n, g: pruning.magnitude_ranked_keep(
+        at(params["density"], i), at(params["epsilon"], i), g, rescale=params["rescale"])
 
 
-def della(deltas, weights, params, generator):
-    return combine_task_vectors(deltas, weights, prune=_magprune(params, generator),
-                                majority_sign=params["majority_sign"],
-                                normalize=params["normalize"], lam=params["lambda"])
+def della(params):
+    return Recipe(_magprune(params), params["majority_sign"], params["normalize"],
+                  params["lambda"])
 
 
-def della_linear(deltas, weights, params, generator):
-    return combine_task_vectors(deltas, weights, prune=_magprune(params, generator),
-                                normalize=params["normalize"], lam=params["lambda"])
+def della_linear(params):
+    return Recipe(_magprune(params), None, params["normalize"], params["lambda"])
 
 
 _COMMON = {"density": 1.0, "epsilon": 0.15, "lambda": 1.0, "rescale": True}
 _REF = "Deep et al. 2024, DELLA-Merging, arXiv:2406.11617"
-register(Method("della", della, {**_COMMON, "majority_sign": "total", "normalize": True},
+register(Method("della", recipe=della,
+                defaults={**_COMMON, "majority_sign": "total", "normalize": True},
                 random=True, validate=_check_epsilon, reference=f"{_REF} (mergekit's della)",
                 summary="drop entries at random, small magnitudes more often; TIES' election"))
-register(Method("della_linear", della_linear, {**_COMMON, "normalize": False}, random=True,
+register(Method("della_linear", recipe=della_linear, defaults={**_COMMON, "normalize": False},
+                random=True,
                 validate=_check_epsilon, reference=f"{_REF} (mergekit's della_linear)",
                 summary="DELLA's pruning, weighted sum"))

@@ -22,7 +22,7 @@ import torch
 
 from .base import Method, at, register
 from .core import elected_signs
-from .prune import draw_bernoulli
+from .pruning import draw_bernoulli
 
 
 def _live(deltas, weights):
