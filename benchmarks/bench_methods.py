@@ -63,10 +63,11 @@ from _machine import measuring  # noqa: E402
 
 from loretta_merge.memory import peak_rss_bytes  # noqa: E402
 
-METHODS = {  # method -> (parameters, seed)
+METHODS = {  # case (a method, or METHOD-VARIANT) -> (parameters, seed)
     "linear": ({}, None),
     "task_arithmetic": ({"lambda": 0.8}, None),
     "ties": ({"density": 0.5}, None),
+    "ties-first": ({"density": 0.5, "tie_break": "first"}, None),
     "dare_ties": ({"density": 0.5}, 0),
     "della": ({"density": 0.5, "epsilon": 0.1}, 0),
     "breadcrumbs": ({"density": 0.5, "gamma": 0.01}, None),
@@ -76,7 +77,13 @@ METHODS = {  # method -> (parameters, seed)
 ADAPTERS = (("lora", 1.0, "lora r16"), ("rep", 0.7, "rep"), ("lora8", 0.5, "lora r8"))
 MERGEKIT = {"ties": {"merge_method": "ties", "density": 0.5},  # our method -> mergekit's
             "linear": {"merge_method": "task_arithmetic"}}
-FULL_METHODS = ("floor", "linear", "ties")  # the cases of --inputs full
+FULL_METHODS = ("floor", "linear", "ties", "ties-first")  # the cases of --inputs full
+
+
+def case_label(case: str) -> str:
+    """A case as the README names it: the method and the parameters it varies."""
+    method, _, variant = case.partition("-")
+    return f"{method} --tie-break {variant}" if variant else case
 FINE_TUNES = (("ft0", 1.0), ("ft1", 0.7))  # fine-tune directory, weight
 MAX_SHARD = "5GB"  # the output shard budget of the merges and the floor (the merge's default)
 
@@ -177,7 +184,8 @@ def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
         full_floor(work, out, parse_size(MAX_SHARD))
         merged, total = 0, sum(p.stat().st_size for p in out.glob("*.safetensors"))
     else:
-        report = merge(work / "base", given, out, force=True, progress=False, method=method,
+        report = merge(work / "base", given, out, force=True, progress=False,
+                       method=method.partition("-")[0],
                        method_params=params, seed=seed, max_shard_bytes=MAX_SHARD)
         merged, total = report.merged_tensors, report.total_bytes
     seconds = time.perf_counter() - start
@@ -220,7 +228,8 @@ def _summary(runs: dict[str, list[dict]], shard: int) -> dict:
     RSS after imports and its ratio to the largest input shard ``shard``."""
     out = {}
     for m, rs in runs.items():
-        out[m] = {"median_seconds": statistics.median(r["seconds"] for r in rs),
+        out[m] = {"label": case_label(m),
+                  "median_seconds": statistics.median(r["seconds"] for r in rs),
                   "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
                   "merged_tensors": rs[0]["merged_tensors"]}
         if all("peak_rss_above_imports_bytes" in r for r in rs):

@@ -159,3 +159,41 @@ def test_rescaled_methods_give_the_same_bits_on_any_thread_count(method):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.71])
+def test_tie_break_first_keeps_ties_in_memory_order_without_a_sort(density):
+    """``--tie-break first``: equal magnitudes at a cut rank as a stable descending sort
+    ranks them (the first in memory order counts as larger), counted chunk by chunk; no
+    magnitude is gathered."""
+    delta = tied_deltas(2, shape=(64, 50), seed=3)[0]
+    n, old = delta.numel(), stream.CHUNK_ENTRIES
+    order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
+    stream.CHUNK_ENTRIES = 150
+    try:
+        trim = pruning.largest(n, density, ties_as="first")
+        got = prune_whole(trim, delta)
+        assert any(c.straddles for c in trim.cuts) and trim._special is None
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[:max(1, int(density * n))]] = True
+        assert torch.equal(got, delta * want.view_as(delta))
+
+        crumbs = pruning.largest_below_outliers(n, density, 0.1, ties_as="first")
+        got = prune_whole(crumbs, delta)
+        keep, outliers = int(density * n), int(0.1 * n)
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[outliers:outliers + keep]] = True
+        assert torch.equal(got, delta * want.view_as(delta))
+    finally:
+        stream.CHUNK_ENTRIES = old
+
+
+def test_tie_break_is_a_parameter_of_the_magnitude_methods_only():
+    from loretta_merge.errors import ConfigError
+
+    for method in ("ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties"):
+        assert get_method(method).resolve({"tie_break": "first"}, n_inputs=2)["tie_break"] == "first"
+    with pytest.raises(ConfigError, match="--tie-break does not apply to --method dare_ties"):
+        get_method("dare_ties").resolve({"tie_break": "first"}, n_inputs=2)
+    with pytest.raises(ConfigError, match="--tie-break 'stable' is not one of mergekit, first"):
+        get_method("ties").resolve({"tie_break": "stable"}, n_inputs=2)

@@ -537,7 +537,8 @@ def _rss_cell(m: dict) -> str:
 def _methods_rows(methods: dict, *, floor: bool) -> list[str]:
     rows = []
     for name, m in methods.items():
-        label = "floor (read every input, write one output, fsync)" if name == "floor" else name
+        label = ("floor (read every input, write one output, fsync)" if name == "floor"
+                 else m.get("label", name))
         ratio = f" | {m['over_floor']:.2f}x" if floor else ""
         rows.append(f"| {label} | {m['median_seconds']:.2f}{ratio} | {_rss_cell(m)} |")
     return rows

@@ -45,7 +45,8 @@ from .options import (
 @force_option()
 @unsafe_pickle_option
 def combine_command(specs, out, to, rank, eps, weights, config, method, density, lambda_,
-                    epsilon, gamma, majority_sign, normalize, rescale, seed, tensor_rank, shapes,
+                    epsilon, gamma, majority_sign, normalize, rescale, tie_break, seed,
+                    tensor_rank, shapes,
                     fit_steps, drop_full_tensors, as_json, force, allow_unsafe_pickle):
     """Combine adapters into ONE new adapter (not a merged model).
 
@@ -67,7 +68,8 @@ def combine_command(specs, out, to, rank, eps, weights, config, method, density,
     from .merge import recipe_alone, split_weight
     from .resize import echo_report
 
-    params = method_params(density, lambda_, epsilon, gamma, majority_sign, normalize, rescale)
+    params = method_params(density, lambda_, epsilon, gamma, majority_sign, normalize, rescale,
+                           tie_break)
     base_name = None
     if config is not None:
         recipe = recipe_alone(config, specs, {"--method": method, "--weights": weights,

@@ -140,7 +140,7 @@ def _from_recipe(config: str, specs, dtype: str, given: dict):
                    "refused (AWQ's activation scales are not stored).")
 def merge_command(specs, out, weights, dtype, device, max_shard_size, force, verify, method,
                   config, density, lambda_, epsilon, gamma, majority_sign, normalize, rescale,
-                  seed, as_json, quiet, allow_unsafe_pickle, awq_adapter_trained_on):
+                  tie_break, seed, as_json, quiet, allow_unsafe_pickle, awq_adapter_trained_on):
     """Merge adapters (or fully fine-tuned checkpoints of BASE) into BASE and write a plain
     transformers checkpoint to OUT.
 
@@ -160,7 +160,8 @@ def merge_command(specs, out, weights, dtype, device, max_shard_size, force, ver
     from ..io import parse_size
     from ..merge import merge
 
-    params = method_params(density, lambda_, epsilon, gamma, majority_sign, normalize, rescale)
+    params = method_params(density, lambda_, epsilon, gamma, majority_sign, normalize, rescale,
+                           tie_break)
     if config is not None:
         base, adapters, method, params, dtype = _from_recipe(
             config, specs, dtype, {"--method": method, "--weights": weights,

@@ -48,6 +48,10 @@ _METHOD_PARAM_OPTIONS = (
     click.option("--rescale/--no-rescale", default=None,
                  help="Scale each pruned delta back to its L1 norm before pruning. Default: on "
                       "for dare_* and della*, off for the others."),
+    click.option("--tie-break", type=click.Choice(["mergekit", "first"]), default=None,
+                 help="ties, magnitude_prune, breadcrumbs*: which of equal magnitudes at the "
+                      "cut are kept: the ones mergekit's sort keeps (mergekit, the default; "
+                      "sorts that tensor) or the first in memory order (first; no sort)."),
     click.option("--seed", type=int, default=None,
                  help="Seed of the random masks (dare_*, della*, dare_*_svd; required there): "
                       "the same seed gives the same bytes."),
@@ -62,10 +66,12 @@ def method_param_options(fn):
     return fn
 
 
-def method_params(density, lambda_, epsilon, gamma, majority_sign, normalize, rescale) -> dict:
+def method_params(density, lambda_, epsilon, gamma, majority_sign, normalize, rescale,
+                  tie_break) -> dict:
     """The options above as ``methods.Method.resolve`` takes them (None: not given)."""
     return {"density": density, "lambda": lambda_, "epsilon": epsilon, "gamma": gamma,
-            "majority_sign": majority_sign, "normalize": normalize, "rescale": rescale}
+            "majority_sign": majority_sign, "normalize": normalize, "rescale": rescale,
+            "tie_break": tie_break}
 
 
 def rank_rule_options(*, rank: str, energy: str, eps: str):

@@ -6,7 +6,8 @@ fine-tuned models of the base (a plain path, as mergekit users write them: read 
 checkpoint, :mod:`.full`) or ``BASE+ADAPTER`` (mergekit's syntax for a LoRA on a model; the
 string or the ``{model: ..., lora: ...}`` form), per-model ``parameters`` (``weight``,
 ``density``, ``epsilon``, ``gamma``), global ``parameters`` (those, as defaults, plus
-``lambda``, ``normalize``, ``rescale``, ``int8_mask``, and this tool's ``majority_sign``),
+``lambda``, ``normalize``, ``rescale``, ``int8_mask``, and this tool's ``majority_sign`` and
+``tie_break``),
 ``dtype`` / ``out_dtype``. Everything else (slices, modules, tokenizer settings, per-tensor
 parameter filters, methods this tool lacks) is refused by name.
 
@@ -37,7 +38,8 @@ _REFUSED_TOP = {
     "chat_template": "the output keeps the base's chat template",
 }
 MODEL_PARAMS = ("weight", "density", "epsilon", "gamma")
-GLOBAL_PARAMS = MODEL_PARAMS + ("lambda", "normalize", "rescale", "int8_mask", "majority_sign")
+GLOBAL_PARAMS = MODEL_PARAMS + ("lambda", "normalize", "rescale", "int8_mask", "majority_sign",
+                                 "tie_break")
 
 
 @dataclass
@@ -213,7 +215,8 @@ def _resolve(path: Path, method: str, base: str, adapters: list[tuple[str, dict]
             raise ConfigError(f"{where}: weight {params.get('weight')!r} of {lora} is not a "
                               f"number; give a number") from None
     params: dict[str, Any] = {k: defaults[k] for k in ("lambda", "normalize", "rescale",
-                                                        "majority_sign") if k in defaults}
+                                                        "majority_sign", "tie_break")
+                              if k in defaults}
     for key in ("density", "epsilon", "gamma"):
         values = [p[key] for _, p in adapters if key in p]
         if not values:

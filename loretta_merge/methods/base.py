@@ -30,6 +30,7 @@ CombineFn = Callable[[Sequence[torch.Tensor], Sequence[float], Mapping[str, Any]
                       "torch.Generator | None"], torch.Tensor]
 
 MAJORITY_SIGNS = ("total", "frequency")
+TIE_BREAKS = ("mergekit", "first")
 
 
 def _density(v: float) -> None:
@@ -71,6 +72,7 @@ PARAMS: dict[str, ParamSpec] = {
     "majority_sign": ParamSpec("--majority-sign", str, choices=MAJORITY_SIGNS),
     "normalize": ParamSpec("--normalize/--no-normalize", bool),
     "rescale": ParamSpec("--rescale/--no-rescale", bool),
+    "tie_break": ParamSpec("--tie-break", str, choices=TIE_BREAKS),
 }
 
 

@@ -9,13 +9,16 @@ from .stream import Recipe
 
 
 def _largest(params, ties_as="magnitude"):
+    ties_as = ties_as if params["tie_break"] == "mergekit" else "first"
     return lambda i, n, g: pruning.largest(n, at(params["density"], i),
                                            rescale=params["rescale"], ties_as=ties_as)
 
 
 def _breadcrumbs(params):
+    ties_as = "outliers" if params["tie_break"] == "mergekit" else "first"
     return lambda i, n, g: pruning.largest_below_outliers(
-        n, at(params["density"], i), at(params["gamma"], i), rescale=params["rescale"])
+        n, at(params["density"], i), at(params["gamma"], i), rescale=params["rescale"],
+        ties_as=ties_as)
 
 
 def ties(params):
@@ -36,7 +39,7 @@ def breadcrumbs_ties(params):
                   params["lambda"])
 
 
-_COMMON = {"density": 1.0, "lambda": 1.0, "rescale": False}
+_COMMON = {"density": 1.0, "lambda": 1.0, "rescale": False, "tie_break": "mergekit"}
 register(Method(
     "ties", recipe=ties, defaults={**_COMMON, "majority_sign": "total", "normalize": True},
     reference="Yadav et al. 2023, TIES-Merging, arXiv:2306.01708 (mergekit's ties)",

@@ -125,6 +125,7 @@ class _Cut:
         self.rule = "all" if m >= n else "none" if m <= 0 else None  # or "ge", "gt" on t
         self.t = 0
         self.bucket = self.need = -1
+        self.ties = 0  # how many entries equal to t are among the m
         self.straddles = False
 
     def after_high(self, hist: torch.Tensor) -> None:
@@ -135,7 +136,7 @@ class _Cut:
         if self.rule is not None:
             return
         value, ties = _kth_from_top(low_hist, self.need)
-        self.t = (self.bucket << 16) | value
+        self.t, self.ties = (self.bucket << 16) | value, ties
         if ties == int(low_hist[value]):
             self.rule = "ge"  # every equal magnitude fits
         else:
@@ -148,15 +149,25 @@ class _Cut:
         return bits >= self.t if self.rule == "ge" else bits > self.t
 
 
+def _equal_to_any(bits: torch.Tensor, values: list[int]) -> torch.Tensor:
+    """Where ``bits`` is one of the (one or two) ``values``: compares, not ``torch.isin``."""
+    hit = bits == values[0]
+    for value in values[1:]:
+        hit |= bits == value
+    return hit
+
+
 Choice = Callable[[torch.Tensor, int, int], torch.Tensor]  # (magnitude, start, stop) -> indices
 
 
 class RankRange(Pruning):
     """Keep the entries whose magnitude has ascending rank ``start..stop-1`` (of ``n``):
     TIES' trim is ``n-k..n``, breadcrumbs' a middle range. Among equal magnitudes at a cut,
-    the ones ``choice`` (mergekit's own sort of the whole magnitude) keeps."""
+    the ones ``choice`` (mergekit's own sort of the whole magnitude) keeps, or with
+    ``choice`` None the first in memory order (no sort: counted chunk by chunk)."""
 
-    def __init__(self, n: int, start: int, stop: int, choice: Choice, rescale: bool = False):
+    def __init__(self, n: int, start: int, stop: int, choice: Choice | None,
+                 rescale: bool = False):
         super().__init__(rescale)
         self.n, self.start, self.stop, self.choice = n, start, stop, choice
         self.empty = stop <= start
@@ -165,8 +176,9 @@ class RankRange(Pruning):
         self._hist: torch.Tensor | None = None
         self._low: dict[int, torch.Tensor] = {}
         self._gathered: torch.Tensor | None = None
-        self._special: torch.Tensor | None = None  # tied magnitudes decided by ``choice``
+        self._special: list[int] | None = None  # tied magnitudes (bits) decided by ``choice``
         self._special_kept: torch.Tensor | None = None  # their flat indices it keeps, sorted
+        self._seen: list[int] = []  # choice None: tied entries met so far, per cut
 
     def _own_pass(self) -> Pass | None:
         if self._stage == "high":
@@ -200,7 +212,8 @@ class RankRange(Pruning):
         for cut in self.cuts:
             cut.after_low(self._low[cut.bucket].cpu() if cut.rule is None else None)
         self._low = {}
-        self._stage = "gather" if any(c.straddles for c in self.cuts) else "done"
+        straddles = any(c.straddles for c in self.cuts)
+        self._stage = "gather" if straddles and self.choice is not None else "done"
 
     def _observe_gather(self, chunk: torch.Tensor, offset: int) -> None:
         size = chunk.numel()
@@ -209,21 +222,30 @@ class RankRange(Pruning):
     def _end_gather(self) -> None:
         magnitude, self._gathered = self._gathered, None
         kept = self.choice(magnitude, self.start, self.stop)
-        special = torch.tensor(sorted({c.t for c in self.cuts if c.straddles}), dtype=torch.int32)
-        tied = torch.isin(magnitude.view(torch.int32)[kept], special)
-        self._special, self._special_kept = special, torch.sort(kept[tied]).values
+        self._special = sorted({c.t for c in self.cuts if c.straddles})
+        tied = _equal_to_any(magnitude.view(torch.int32)[kept], self._special)
+        self._special_kept = torch.sort(kept[tied]).values
         self._stage = "done"
 
     def keep(self, chunk: torch.Tensor, offset: int) -> torch.Tensor:
         if self.empty:
             return torch.zeros_like(chunk, dtype=torch.bool)
         bits = magnitude_bits(chunk)
-        kept = self.cuts[0].mask(bits)
+        top = [self.cuts[0].mask(bits), self.cuts[1].mask(bits)]  # in the top n-start, n-stop
+        if self.choice is None and any(c.straddles for c in self.cuts):
+            if offset == 0:  # each pass visits the chunks in order from the first
+                self._seen = [0, 0]
+            for j, cut in enumerate(self.cuts):
+                if cut.straddles:  # the first ``cut.ties`` entries equal to t are in its top
+                    at = torch.nonzero(bits == cut.t).reshape(-1)
+                    take = max(0, min(at.numel(), cut.ties - self._seen[j]))
+                    top[j][at[:take]] = True
+                    self._seen[j] += at.numel()
+        kept = top[0]
         if self.cuts[1].rule != "none":  # TIES' trim has no upper cut
-            kept.logical_and_(self.cuts[1].mask(bits).logical_not_())
+            kept.logical_and_(top[1].logical_not_())
         if self._special is not None:
-            special = self._special.to(bits.device)
-            kept &= ~torch.isin(bits, special)
+            kept &= ~_equal_to_any(bits, self._special)
             lo, hi = torch.searchsorted(self._special_kept,
                                         torch.tensor([offset, offset + bits.numel()])).tolist()
             kept[(self._special_kept[lo:hi] - offset).to(bits.device)] = True
@@ -240,27 +262,30 @@ def ascending_sort(magnitude: torch.Tensor, start: int, stop: int) -> torch.Tens
     return torch.sort(magnitude, descending=False).indices[start:stop]
 
 
+_CHOICES = {"magnitude": descending_argsort, "outliers": ascending_sort, "first": None}
+
+
 def largest(n: int, density: float, *, rescale: bool = False,
             ties_as: str = "magnitude") -> Pruning:
     """Keep the ``max(1, int(density * n))`` entries of largest magnitude (TIES' trim);
     equal magnitudes at the cut as mergekit's ``magnitude`` (``ties_as="magnitude"``) or its
-    ``magnitude_outliers`` with gamma 0 (``"outliers"``: its breadcrumbs) keeps them."""
+    ``magnitude_outliers`` with gamma 0 (``"outliers"``: its breadcrumbs) keeps them, or
+    the first in memory order (``"first"``)."""
     if density >= 1 or n == 0:
         return Pruning()
     keep = max(1, int(density * n))
-    choice = descending_argsort if ties_as == "magnitude" else ascending_sort
-    return RankRange(n, n - keep, n, choice, rescale)
+    return RankRange(n, n - keep, n, _CHOICES[ties_as], rescale)
 
 
 def largest_below_outliers(n: int, density: float, gamma: float, *,
-                           rescale: bool = False) -> Pruning:
+                           rescale: bool = False, ties_as: str = "outliers") -> Pruning:
     """Model Breadcrumbs: drop the ``int(gamma * n)`` largest magnitudes (outliers), then
     keep the next ``int(density * n)`` (fewer outliers dropped when both cannot fit)."""
     if density >= 1:
         return Pruning()
     keep, outliers = int(density * n), int(gamma * n)
     smallest = max(0, n - keep - outliers)  # the entries dropped at the bottom
-    return RankRange(n, smallest, smallest + keep, ascending_sort, rescale)
+    return RankRange(n, smallest, smallest + keep, _CHOICES[ties_as], rescale)
 
 
 # --------------------------------------------------------------------------- random
