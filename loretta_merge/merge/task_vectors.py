@@ -141,6 +141,7 @@ def _merge_streamed(name: str, w0: torch.Tensor, ops: list[Op], out: torch.Tenso
     low-rank product of those rows, a fine-tune's rows minus W0's), so memory is a few
     chunks rather than inputs + 4 fp32 copies of the tensor."""
     shape = tuple(w0.shape)
+    w0 = w0.to(device)  # once (a GPU merge reads its rows in every pass)
     by_input: list[list[Op]] = [[] for _ in tv.weights]
     for op in ops:
         by_input[op.input].append(op)
@@ -152,7 +153,7 @@ def _merge_streamed(name: str, w0: torch.Tensor, ops: list[Op], out: torch.Tenso
             mat = op.value.matrix(dtype=torch.float32).to(device)
             whole[id(op)] = (mat.T if op.transpose else mat).reshape(shape)
         elif op.kind is OpKind.FULL:
-            whole[id(op)] = full[id(op)].reshape(shape)
+            whole[id(op)] = full[id(op)].to(device).reshape(shape)
         elif op.kind is OpKind.LOW_RANK:
             op.left, op.right = op.left.to(device), op.right.to(device)
 

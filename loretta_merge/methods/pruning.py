@@ -231,7 +231,8 @@ class RankRange(Pruning):
         if self.empty:
             return torch.zeros_like(chunk, dtype=torch.bool)
         bits = magnitude_bits(chunk)
-        top = [self.cuts[0].mask(bits), self.cuts[1].mask(bits)]  # in the top n-start, n-stop
+        # in the top n-start, and in the top n-stop (none of them for TIES' trim: no mask)
+        top = [cut.mask(bits) if cut.rule != "none" else None for cut in self.cuts]
         if self.choice is None and any(c.straddles for c in self.cuts):
             if offset == 0:  # each pass visits the chunks in order from the first
                 self._seen = [0, 0]
@@ -242,7 +243,7 @@ class RankRange(Pruning):
                     top[j][at[:take]] = True
                     self._seen[j] += at.numel()
         kept = top[0]
-        if self.cuts[1].rule != "none":  # TIES' trim has no upper cut
+        if top[1] is not None:
             kept.logical_and_(top[1].logical_not_())
         if self._special is not None:
             kept &= ~_equal_to_any(bits, self._special)
