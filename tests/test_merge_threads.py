@@ -37,6 +37,7 @@ def test_chooser_takes_the_cores_available_minus_one(cores, n, want):
     cores(n)
     assert merge_run.available_cores() == n
     assert merge_run.kernel_threads() == want
+    assert merge_run.kernel_threads(cpu_bound=True) == n  # a method: every core
 
 
 def test_chooser_follows_affinity_not_the_machine(cores, monkeypatch):
@@ -134,3 +135,33 @@ def test_cli_sets_its_threading_defaults_unless_the_user_did(var, default, mine)
     got = subprocess.run([sys.executable, "-c", code], env=dict(env, **{var: mine}),
                          capture_output=True, text=True)
     assert got.stdout.strip().splitlines()[-1] == mine
+
+
+@pytest.mark.parametrize("method, params, seed", [
+    ("ties", {"density": 0.5}, None),
+    ("ties", {"density": 0.5, "tie_break": "first"}, None),
+    ("dare_ties", {"density": 0.5}, 3),
+    ("della", {"density": 0.5, "epsilon": 0.1}, 3),
+])
+def test_methods_write_identical_bytes_on_one_and_two_threads(smoke_checkpoint, tmp_path,
+                                                              monkeypatch, method, params, seed):
+    """A task-vector method runs on every core by default (it is CPU-bound); its bytes do
+    not depend on the thread count: elementwise passes, integer histograms, the rescale's
+    sums in a fixed order, sorts and draws that do not split by threads."""
+    from loretta_merge.methods import stream
+
+    monkeypatch.setattr(stream, "CHUNK_ENTRIES", 8 * 1024)  # several chunks per tensor
+    seen: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    outs = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv(ENV, threads)
+        seen.clear()
+        out = tmp_path / f"out-{threads}"
+        merge(smoke_checkpoint / "base", [(smoke_checkpoint / "lora", 1.0),
+                                          (smoke_checkpoint / "rep", 0.7)], out, device="cpu",
+              progress=False, method=method, method_params=params, seed=seed)
+        assert seen and seen[0] == int(threads)
+        outs[threads] = _shards(out)
+    assert outs["1"] and outs["1"] == outs["2"]

@@ -130,7 +130,8 @@ def merge(base_dir: str | os.PathLike, adapters: Sequence, out_dir: str | os.Pat
     if out.exists() and not force:  # refused before any heavy work
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it, "
                                 f"or choose another output path")
-    threads = kernel_threads()  # a bad LORETTA_KERNEL_THREADS is refused before any work
+    # a bad LORETTA_KERNEL_THREADS is refused before any work
+    threads = kernel_threads(cpu_bound=tv is not None)
     if verify:
         check_verify_fits(plan, config)
     materialize_factors(plan.rep_factors, dev)

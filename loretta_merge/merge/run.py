@@ -38,10 +38,12 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def kernel_threads() -> int:
+def kernel_threads(*, cpu_bound: bool = False) -> int:
     """Intra-op threads for the CPU kernel: ``LORETTA_KERNEL_THREADS`` when set (a whole
     number, 1 or more), else the available cores minus one (the reader and writer
-    threads beside the kernel need a core between them), at least 1.
+    threads beside the kernel need a core between them), at least 1; with ``cpu_bound``
+    (a task-vector method: ties, dare, della..., whose passes over each tensor leave the
+    reader and writer idle most of the time) every available core.
 
     On the loaded 2-core development machine that is 1. There, with OpenMP's default wait
     policy, a second thread made a 1 GB LoRA merge 13x slower (the barrier spins while its
@@ -50,7 +52,7 @@ def kernel_threads() -> int:
     benchmarks/results/threads.json)."""
     raw = os.environ.get(KERNEL_THREADS_ENV)
     if raw is None or not raw.strip():
-        return max(1, available_cores() - 1)
+        return available_cores() if cpu_bound else max(1, available_cores() - 1)
     try:
         n = int(raw.strip())
     except ValueError:
