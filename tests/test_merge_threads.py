@@ -37,7 +37,19 @@ def test_chooser_takes_the_cores_available_minus_one(cores, n, want):
     cores(n)
     assert merge_run.available_cores() == n
     assert merge_run.kernel_threads() == want
-    assert merge_run.kernel_threads(cpu_bound=True) == n  # a method: every core
+
+@pytest.mark.parametrize("policy, n, want", [(None, 2, 2), ("ACTIVE", 8, 8), ("PASSIVE", 2, 1),
+                                             ("passive", 8, 7)])
+def test_a_method_takes_every_core_unless_idle_threads_sleep(cores, monkeypatch, policy, n, want):
+    """A task-vector method is CPU-bound: every core, except under OMP_WAIT_POLICY=PASSIVE
+    (the CLI's default), where each of its short parallel passes pays a thread wake-up."""
+    cores(n)
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    assert merge_run.kernel_threads(cpu_bound=True) == want
+    assert merge_run.kernel_threads() == max(1, n - 1)
 
 
 def test_chooser_follows_affinity_not_the_machine(cores, monkeypatch):
@@ -165,3 +177,4 @@ def test_methods_write_identical_bytes_on_one_and_two_threads(smoke_checkpoint, 
         assert seen and seen[0] == int(threads)
         outs[threads] = _shards(out)
     assert outs["1"] and outs["1"] == outs["2"]
+

@@ -43,7 +43,11 @@ def kernel_threads(*, cpu_bound: bool = False) -> int:
     number, 1 or more), else the available cores minus one (the reader and writer
     threads beside the kernel need a core between them), at least 1; with ``cpu_bound``
     (a task-vector method: ties, dare, della..., whose passes over each tensor leave the
-    reader and writer idle most of the time) every available core.
+    reader and writer idle most of the time) every available core, unless idle OpenMP
+    threads sleep (``OMP_WAIT_POLICY=PASSIVE``, the command line's default): a method's
+    short parallel passes then pay a wake-up each, and on the 2-core machine a second
+    thread made ``ties`` slower, where with spinning threads it made it faster on a quiet
+    machine and much slower on a loaded one (docs/merge-methods.md, "Speed and memory").
 
     On the loaded 2-core development machine that is 1. There, with OpenMP's default wait
     policy, a second thread made a 1 GB LoRA merge 13x slower (the barrier spins while its
@@ -52,7 +56,10 @@ def kernel_threads(*, cpu_bound: bool = False) -> int:
     benchmarks/results/threads.json)."""
     raw = os.environ.get(KERNEL_THREADS_ENV)
     if raw is None or not raw.strip():
-        return available_cores() if cpu_bound else max(1, available_cores() - 1)
+        sleeping = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+        if cpu_bound and not sleeping:
+            return available_cores()
+        return max(1, available_cores() - 1)
     try:
         n = int(raw.strip())
     except ValueError:
