@@ -108,12 +108,9 @@ def _shards(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("adapter", ["lora", "rep"])
-def test_one_and_two_threads_write_identical_bytes(smoke_checkpoint, tmp_path, monkeypatch,
-                                                   adapter):
-    import loretta_merge.merge.kernel as kernel
-
-    monkeypatch.setattr(kernel, "BLOCK_ELEMS", 64 * 1024)  # several blocks per tensor
+def _bytes_on_one_and_two_threads(monkeypatch, tmp_path, run) -> dict[str, dict[str, bytes]]:
+    """``run(out)`` (a merge) with LORETTA_KERNEL_THREADS 1 and 2: each output's shards,
+    after checking the kernel ran on that many threads."""
     seen: list[int] = []
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
@@ -122,10 +119,21 @@ def test_one_and_two_threads_write_identical_bytes(smoke_checkpoint, tmp_path, m
         monkeypatch.setenv(ENV, threads)
         seen.clear()
         out = tmp_path / f"out-{threads}"
-        merge(smoke_checkpoint / "base", [(smoke_checkpoint / adapter, 0.7)], out, device="cpu",
-              progress=False)
+        run(out)
         assert seen and seen[0] == int(threads)  # the kernel ran on that many threads
         outs[threads] = _shards(out)
+    return outs
+
+
+@pytest.mark.parametrize("adapter", ["lora", "rep"])
+def test_one_and_two_threads_write_identical_bytes(smoke_checkpoint, tmp_path, monkeypatch,
+                                                   adapter):
+    import loretta_merge.merge.kernel as kernel
+
+    monkeypatch.setattr(kernel, "BLOCK_ELEMS", 64 * 1024)  # several blocks per tensor
+    outs = _bytes_on_one_and_two_threads(monkeypatch, tmp_path, lambda out: merge(
+        smoke_checkpoint / "base", [(smoke_checkpoint / adapter, 0.7)], out, device="cpu",
+        progress=False))
     assert outs["1"] and outs["1"] == outs["2"]
 
 
@@ -163,18 +171,8 @@ def test_methods_write_identical_bytes_on_one_and_two_threads(smoke_checkpoint, 
     from loretta_merge.methods import stream
 
     monkeypatch.setattr(stream, "CHUNK_ENTRIES", 8 * 1024)  # several chunks per tensor
-    seen: list[int] = []
-    real = torch.set_num_threads
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
-    outs = {}
-    for threads in ("1", "2"):
-        monkeypatch.setenv(ENV, threads)
-        seen.clear()
-        out = tmp_path / f"out-{threads}"
-        merge(smoke_checkpoint / "base", [(smoke_checkpoint / "lora", 1.0),
-                                          (smoke_checkpoint / "rep", 0.7)], out, device="cpu",
-              progress=False, method=method, method_params=params, seed=seed)
-        assert seen and seen[0] == int(threads)
-        outs[threads] = _shards(out)
+    inputs = [(smoke_checkpoint / "lora", 1.0), (smoke_checkpoint / "rep", 0.7)]
+    outs = _bytes_on_one_and_two_threads(monkeypatch, tmp_path, lambda out: merge(
+        smoke_checkpoint / "base", inputs, out, device="cpu", progress=False, method=method,
+        method_params=params, seed=seed))
     assert outs["1"] and outs["1"] == outs["2"]
-
