@@ -3,7 +3,7 @@
 One short prepared script for a GPU machine: generates the LLaMA-shaped bf16 checkpoint and
 the rep and LoRA adapters of ``bench_merge.py``, then times, in this process, the floor
 (safetensors ``load_file`` + ``save_file``), the CPU merge and (when CUDA is present) the
-GPU merge of each adapter and, by ``--method ties``, of the three adapters ``bench_methods.py``
+GPU merge of each adapter and, by ``--method ties`` (and ``--tie-break first``), of the three adapters ``bench_methods.py``
 merges (LoRA r16 weight 1, rep 0.7, a LoRA r8 0.5; issue 25), and compares the GPU output with
 the CPU output tensor by tensor (bf16 ulps). Throughput is checkpoint bytes / wall seconds. JSON to ``--output``.
 
@@ -74,19 +74,21 @@ def _merge_cases(work, base, gb, floor, devices, merge, result) -> None:
 
     generate_third_adapter(work, result["size"])
     inputs = [(work / name, weight) for name, weight, _ in ADAPTERS]
-    outs, case = {}, {"inputs": [label for *_, label in ADAPTERS]}
-    for device in devices:
-        outs[device] = work / f"out-ties-{device}"
-        shutil.rmtree(outs[device], ignore_errors=True)
-        secs = _timed(lambda: merge(base, inputs, outs[device], device=device, progress=False,
-                                    method="ties", method_params={"density": 0.5}))
-        case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
-        print(f"ties {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s ({secs / floor:.2f}x the floor)")
-    if "cuda" in outs:
-        case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
-        print(f"ties cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
-    result["cases"]["ties"] = case
-
+    for name, params in (("ties", {"density": 0.5}),
+                         ("ties-first", {"density": 0.5, "tie_break": "first"})):
+        outs, case = {}, {"inputs": [label for *_, label in ADAPTERS], "params": params}
+        for device in devices:
+            outs[device] = work / f"out-{name}-{device}"
+            shutil.rmtree(outs[device], ignore_errors=True)
+            secs = _timed(lambda: merge(base, inputs, outs[device], device=device,
+                                        progress=False, method="ties", method_params=params))
+            case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
+            print(f"{name} {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s "
+                  f"({secs / floor:.2f}x the floor)")
+        if "cuda" in outs:
+            case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
+            print(f"{name} cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
+        result["cases"][name] = case
 
 def extract_case(work: Path, size: str, devices: list[str], rounds: int) -> dict:
     """``extract`` + ``write_peft_lora`` on each device against the pair's I/O floor."""

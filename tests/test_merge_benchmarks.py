@@ -31,7 +31,7 @@ def test_gpu_merge_smoke_runs_on_cpu(tmp_path):
     stdout = run_ok("benchmarks/gpu_merge.py", "--smoke", "--work", str(tmp_path / "work"), "--output", str(out))
     result = json.loads(out.read_text())
     assert "GB/s" in stdout and result["floor"]["gb_per_s"] > 0
-    for adapter in ("lora", "rep", "ties"):
+    for adapter in ("lora", "rep", "ties", "ties-first"):
         assert result["cases"][adapter]["cpu"]["gb_per_s"] > 0
         assert ("cuda" in result["cases"][adapter]) == (result["cuda_skipped"] is None)
     # issue 25: TIES of the three adapters bench_methods.py merges
