@@ -53,42 +53,44 @@ def worst_ulps(a_dir: Path, b_dir: Path) -> float:
     return worst
 
 
+def _device_case(work: Path, name: str, devices, gb: float, floor: float, run,
+                 case: dict | None = None) -> dict:
+    """``run(out_dir, device)`` (a merge) timed on each device against the floor, and, with
+    CUDA, the GPU output's largest difference from the CPU output in bf16 ulps."""
+    outs, case = {}, dict(case or {})
+    for device in devices:
+        outs[device] = work / f"out-{name}-{device}"
+        shutil.rmtree(outs[device], ignore_errors=True)
+        secs = _timed(lambda: run(outs[device], device))
+        case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
+        print(f"{name:4s} {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s "
+              f"({secs / floor:.2f}x the floor)")
+    if "cuda" in outs:
+        case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
+        print(f"{name:4s} cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
+    return case
+
+
 def _merge_cases(work, base, gb, floor, devices, merge, result) -> None:
     for adapter in ("lora", "rep"):
-        outs, case = {}, {}
-        for device in devices:
-            outs[device] = work / f"out-{adapter}-{device}"
-            shutil.rmtree(outs[device], ignore_errors=True)
-            secs = _timed(lambda: merge(base, [(work / adapter, 1.0)], outs[device],
-                                        device=device, progress=False))
-            case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
-            print(f"{adapter:4s} {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s "
-                  f"({secs / floor:.2f}x the floor)")
-        if "cuda" in outs:
-            case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
-            print(f"{adapter:4s} cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
-        result["cases"][adapter] = case
+        result["cases"][adapter] = _device_case(
+            work, adapter, devices, gb, floor,
+            lambda out, device: merge(base, [(work / adapter, 1.0)], out, device=device,
+                                      progress=False))
     # a task-vector method (issue 25): TIES of bench_methods.py's three adapters, its kernels
-    # on each device
+    # on each device, with mergekit's tie order and with --tie-break first
     from bench_methods import ADAPTERS, generate_third_adapter
 
     generate_third_adapter(work, result["size"])
     inputs = [(work / name, weight) for name, weight, _ in ADAPTERS]
     for name, params in (("ties", {"density": 0.5}),
                          ("ties-first", {"density": 0.5, "tie_break": "first"})):
-        outs, case = {}, {"inputs": [label for *_, label in ADAPTERS], "params": params}
-        for device in devices:
-            outs[device] = work / f"out-{name}-{device}"
-            shutil.rmtree(outs[device], ignore_errors=True)
-            secs = _timed(lambda: merge(base, inputs, outs[device], device=device,
-                                        progress=False, method="ties", method_params=params))
-            case[device] = {"seconds": secs, "gb_per_s": gb / secs, "over_floor": secs / floor}
-            print(f"{name} {device:4s} {secs:7.2f}s = {gb / secs:6.2f} GB/s "
-                  f"({secs / floor:.2f}x the floor)")
-        if "cuda" in outs:
-            case["cuda_vs_cpu_max_bf16_ulps"] = worst_ulps(outs["cuda"], outs["cpu"])
-            print(f"{name} cuda vs cpu: at most {case['cuda_vs_cpu_max_bf16_ulps']:.2f} bf16 ulp")
-        result["cases"][name] = case
+        result["cases"][name] = _device_case(
+            work, name, devices, gb, floor,
+            lambda out, device: merge(base, inputs, out, device=device, progress=False,
+                                      method="ties", method_params=params),
+            {"inputs": [label for *_, label in ADAPTERS], "params": params})
+
 
 def extract_case(work: Path, size: str, devices: list[str], rounds: int) -> dict:
     """``extract`` + ``write_peft_lora`` on each device against the pair's I/O floor."""

@@ -28,6 +28,8 @@ import torch
 
 from ..errors import ConfigError
 from ..methods import Method, OwnedDeltas, get_method, tensor_generator
+from ..methods.stream import stream
+from . import kernel
 from .kernel import RangeCheck
 from .plan import MergePlan, Op, OpKind
 
@@ -83,38 +85,20 @@ def check_plan(plan: MergePlan, tv: TaskVectorMerge) -> None:
                                   f"it: merge it alone with --method linear")
 
 
-def _op_delta(op: Op, w0: torch.Tensor, device: torch.device,
-              full: dict[int, torch.Tensor]) -> torch.Tensor:
-    """One op's change of the tensor in fp32, in the stored orientation (``w0``: fp32)."""
-    if op.kind is OpKind.LOW_RANK:
-        return torch.mm(op.left.to(device), op.right.to(device)).mul_(op.weight)
-    if op.kind is OpKind.FULL:  # a fine-tuned checkpoint's tensor, read beside W0
-        new = full[id(op)].to(device, torch.float32)
-    elif op.kind is OpKind.REPLACE:
-        new = op.value.to(device, torch.float32)
-    else:  # DENSE: a TT matrix (in, out)
-        mat = op.value.matrix(dtype=torch.float32).to(device)
-        new = mat.T if op.transpose else mat
-    return (new.reshape(w0.shape) - w0) * op.weight
-
-
 def merge_tensor_task_vectors(name: str, w0: torch.Tensor, ops: list[Op], out: torch.Tensor,
                               tv: TaskVectorMerge, device: torch.device,
                               full: dict[int, torch.Tensor] | None = None) -> RangeCheck:
     """Write ``W0 + method(deltas)`` into ``out`` (the output dtype): one cast, its range.
     ``full``: the fine-tunes' tensors of FULL ops, by ``id(op)``."""
+    w0 = w0.to(device)  # once (a GPU merge reads its rows in every pass)
+    source = _delta_source(w0, ops, len(tv.weights), device, full or {})
     if tv.method.recipe is not None:
-        return _merge_streamed(name, w0, ops, out, tv, device, full or {})
-    base = w0.to(device, torch.float32, copy=True)
-    deltas: list[torch.Tensor | None] = [None] * len(tv.weights)
-    d = None
-    for op in ops:
-        d = _op_delta(op, base, device, full or {})
-        deltas[op.input] = d if deltas[op.input] is None else deltas[op.input].add_(d)
-    # handed over: the method drops each delta once it is pruned (its memory returns early)
-    given = OwnedDeltas(torch.zeros_like(base) if d is None else d for d in deltas)
-    del deltas, d
+        return _merge_streamed(name, w0, ops, out, tv, source)
+    # PEFT's *_svd forms: whole dense deltas, handed over (the method drops each once it is
+    # pruned, so its memory returns early)
+    given = OwnedDeltas(source(None, i) for i in range(len(tv.weights)))
     combined = tv.method.combine(given, tv.weights, tv.params, tv.generator(name))
+    base = w0.to(torch.float32, copy=True)
     base.add_(combined.reshape(base.shape))
     return _range_and_copy(name, ops, base, out, None)
 
@@ -133,57 +117,56 @@ def _range_and_copy(name: str, ops: list[Op], merged: torch.Tensor, out: torch.T
     return seen
 
 
-def _merge_streamed(name: str, w0: torch.Tensor, ops: list[Op], out: torch.Tensor,
-                    tv: TaskVectorMerge, device: torch.device,
-                    full: dict[int, torch.Tensor]) -> RangeCheck:
-    """The method's recipe run over ``rows`` chunks (:mod:`loretta_merge.methods.stream`):
-    each input's delta is computed per chunk, again for each pass the method needs (a
-    low-rank product of those rows, a fine-tune's rows minus W0's), so memory is a few
-    chunks rather than inputs + 4 fp32 copies of the tensor."""
+def _rows_of(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
+
+
+def _delta_source(w0: torch.Tensor, ops: list[Op], n_inputs: int, device: torch.device,
+                  full: dict[int, torch.Tensor]):
+    """``source(rows, i)``: input ``i``'s change of ``rows`` of the tensor (None: all of it)
+    in fp32, in the stored orientation, as a new tensor: its ops' low-rank products of those
+    rows, or their full values (a fine-tune's tensor, one the adapter replaces, a TT matrix)
+    minus W0's rows, each times its weight; zeros where the input does not touch it."""
     shape = tuple(w0.shape)
-    w0 = w0.to(device)  # once (a GPU merge reads its rows in every pass)
-    by_input: list[list[Op]] = [[] for _ in tv.weights]
+    kernel.ops_to(ops, device)
+    whole = {k: v.reshape(shape) for k, v in kernel._full_values(ops, device).items()}
+    whole.update({id(op): full[id(op)].to(device).reshape(shape)
+                  for op in ops if op.kind is OpKind.FULL})
+    by_input: list[list[Op]] = [[] for _ in range(n_inputs)]
     for op in ops:
         by_input[op.input].append(op)
-    whole = {}  # the values of REPLACE / DENSE ops, in the stored orientation, fp32
-    for op in ops:
-        if op.kind is OpKind.REPLACE:
-            whole[id(op)] = op.value.to(device, torch.float32).reshape(shape)
-        elif op.kind is OpKind.DENSE:
-            mat = op.value.matrix(dtype=torch.float32).to(device)
-            whole[id(op)] = (mat.T if op.transpose else mat).reshape(shape)
-        elif op.kind is OpKind.FULL:
-            whole[id(op)] = full[id(op)].to(device).reshape(shape)
-        elif op.kind is OpKind.LOW_RANK:
-            op.left, op.right = op.left.to(device), op.right.to(device)
-
-    def rows_of(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
-        return t if rows is None else t[rows]
 
     def source(rows: slice | None, i: int) -> torch.Tensor:
         w0_rows = None
         delta = None
         for op in by_input[i]:
             if op.kind is OpKind.LOW_RANK:
-                d = torch.mm(rows_of(op.left, rows), op.right)
-                d = d.reshape(rows_of(w0, rows).shape)
+                d = torch.mm(_rows_of(op.left, rows), op.right)
+                d = d.reshape(_rows_of(w0, rows).shape)
             else:
                 if w0_rows is None:
-                    w0_rows = rows_of(w0, rows).to(device, torch.float32)
-                d = rows_of(whole[id(op)], rows).to(device, torch.float32, copy=True)
+                    w0_rows = _rows_of(w0, rows).to(device, torch.float32)
+                d = _rows_of(whole[id(op)], rows).to(device, torch.float32, copy=True)
                 d.sub_(w0_rows)
             if op.weight != 1:
                 d.mul_(op.weight)
             delta = d if delta is None else delta.add_(d)
         if delta is None:
-            delta = torch.zeros(rows_of(w0, rows).shape, dtype=torch.float32, device=device)
+            delta = torch.zeros(_rows_of(w0, rows).shape, dtype=torch.float32, device=device)
         return delta
 
-    from ..methods.stream import stream
+    return source
+
+
+def _merge_streamed(name: str, w0: torch.Tensor, ops: list[Op], out: torch.Tensor,
+                    tv: TaskVectorMerge, source) -> RangeCheck:
+    """The method's recipe run over chunks of rows (:mod:`loretta_merge.methods.stream`):
+    ``source`` computes each input's delta per chunk, again for each pass the method needs,
+    so memory is a few chunks rather than inputs + 4 fp32 copies of the tensor."""
     seen = None
-    for rows, combined in stream(tv.method.recipe(tv.params), tv.weights, shape, source,
-                                 tv.generator(name)):
-        merged = rows_of(w0, rows).to(device, torch.float32, copy=True)
+    for rows, combined in stream(tv.method.recipe(tv.params), tv.weights, tuple(w0.shape),
+                                 source, tv.generator(name)):
+        merged = _rows_of(w0, rows).to(torch.float32, copy=True)
         merged.add_(combined.reshape(merged.shape))
         seen = _range_and_copy(name, ops, merged, out, rows, seen)
     return seen

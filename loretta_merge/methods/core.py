@@ -64,11 +64,17 @@ def _votes_positive(weighted: Sequence[torch.Tensor], majority_sign: str) -> tor
     return votes >= 0
 
 
+def _elected_sign(weighted: Sequence[torch.Tensor], majority_sign: str) -> torch.Tensor:
+    """The elected sign of each entry as ±1: a delta ``w`` agrees where ``w * sign > 0``
+    (exact; a zero entry agrees with neither sign), one multiply and compare rather than a
+    ``where`` over two masks."""
+    return _votes_positive(weighted, majority_sign).to(weighted[0].dtype).mul_(2).sub_(1)
+
+
 def elected_signs(weighted: torch.Tensor, majority_sign: str) -> torch.Tensor:
     """(N, ...) weighted deltas -> (N, ...) bool: the entries whose sign is the elected one
     (a zero entry agrees with neither sign)."""
-    positive = _votes_positive(list(weighted), majority_sign)
-    return torch.where(positive, weighted > 0, weighted < 0)
+    return (weighted * _elected_sign(list(weighted), majority_sign)) > 0
 
 
 def combine_task_vectors(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
@@ -82,9 +88,7 @@ def combine_task_vectors(deltas: Sequence[torch.Tensor], weights: Sequence[float
     # no zero-filled accumulators (a sum over a list in order is the stack's sum over dim 0)
     weighted = _weighted_pruned(deltas, weights, prune)
     if majority_sign is not None:
-        # the elected sign as ±1: an entry agrees when w * sign > 0 (exact, zeros agree with
-        # neither sign), one multiply and compare rather than a where over two masks
-        sign = _votes_positive(weighted, majority_sign).to(dtype).mul_(2).sub_(1)
+        sign = _elected_sign(weighted, majority_sign)
         mixed = norm = None
         for i in range(len(weighted)):
             w, weighted[i] = weighted[i], None

@@ -131,18 +131,24 @@ def _slicer(deltas: Sequence[torch.Tensor]) -> Source:
     return source
 
 
+def _assemble(shape: tuple[int, ...], device: torch.device,
+              pieces: Iterator[tuple[slice | None, torch.Tensor]]) -> torch.Tensor:
+    """One fp32 tensor of ``shape`` from its chunks (a chunk of rows None is all of it)."""
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    for rows, piece in pieces:
+        if rows is None:
+            return piece.reshape(shape)
+        out[rows] = piece
+    return out
+
+
 def prune_whole(pruning: Pruning, delta: torch.Tensor) -> torch.Tensor:
     """One delta in memory pruned by ``pruning`` (its passes, then each chunk): a new
     fp32 tensor. A random pruning draws from its own generator as given."""
     chunks, source = chunk_rows(delta.shape), _slicer([delta])
     run_passes([pruning], chunks, source)
-    out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
-    for rows, offset in chunks:
-        pruned = pruning.apply(source(rows, 0), offset)
-        if rows is None:
-            return pruned
-        out[rows] = pruned
-    return out
+    return _assemble(tuple(delta.shape), delta.device,
+                     ((rows, pruning.apply(source(rows, 0), offset)) for rows, offset in chunks))
 
 
 def combine_whole(recipe: Recipe, deltas: Sequence[torch.Tensor], weights: Sequence[float],
@@ -153,12 +159,8 @@ def combine_whole(recipe: Recipe, deltas: Sequence[torch.Tensor], weights: Seque
     if not deltas:
         raise ValueError("a merge method needs at least one delta")
     shape = tuple(deltas[0].shape)
-    out = torch.empty(shape, dtype=torch.float32, device=deltas[0].device)
-    for rows, combined in stream(recipe, weights, shape, _slicer(deltas), generator):
-        if rows is None:
-            out = combined.reshape(shape)
-        else:
-            out[rows] = combined
+    out = _assemble(shape, deltas[0].device,
+                    stream(recipe, weights, shape, _slicer(deltas), generator))
     if isinstance(deltas, OwnedDeltas):
         for i in range(len(deltas)):
             deltas[i] = None
