@@ -22,6 +22,9 @@ from loretta_merge.errors import ConfigError, ShapeError
 ort = pytest.importorskip("onnxruntime")
 peft = pytest.importorskip("peft")
 
+# one layer: the exports (most of this file's time) take about two thirds as long; every
+# layer's modules switch alike
+LAYERS = 1
 ATOL = 1e-4
 
 
@@ -30,7 +33,7 @@ def _rep_adapter(path, *, r: int, tensor_rank: int, seed: int, targets):
     from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     torch.manual_seed(seed)
-    model = get_loretta_model(build_tiny("llama"), RepConfig(
+    model = get_loretta_model(build_tiny("llama", layers=LAYERS), RepConfig(
         r=r, lora_alpha=2 * r, tensor_rank=tensor_rank, lora_dropout=0.0, target_modules=targets))
     perturb_trainable(model, seed=seed)
     return save_loretta_adapter(model, path)
@@ -38,7 +41,7 @@ def _rep_adapter(path, *, r: int, tensor_rank: int, seed: int, targets):
 
 def _peft_adapter(path, seed: int):
     torch.manual_seed(seed)
-    model = peft.get_peft_model(build_tiny("llama"), peft.LoraConfig(
+    model = peft.get_peft_model(build_tiny("llama", layers=LAYERS), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     perturb_trainable(model, seed=seed)
     model.save_pretrained(path)
@@ -48,7 +51,7 @@ def _peft_adapter(path, seed: int):
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("switch")
-    base = save_tiny("llama", root / "base")
+    base = save_tiny("llama", root / "base", layers=LAYERS)
     adapters = {
         "alpha": _rep_adapter(root / "rep-a", r=4, tensor_rank=3, seed=1,
                               targets=["q_proj", "v_proj"]),
@@ -65,9 +68,10 @@ def _reference(name: str, path):
     from loretta_merge.adapters import load_loretta_model, merge_loretta_model
 
     if name == "gamma":
-        model = peft.PeftModel.from_pretrained(build_tiny("llama"), path).merge_and_unload()
+        base = build_tiny("llama", layers=LAYERS)
+        model = peft.PeftModel.from_pretrained(base, path).merge_and_unload()
     else:
-        model = merge_loretta_model(load_loretta_model(build_tiny("llama"), path))
+        model = merge_loretta_model(load_loretta_model(build_tiny("llama", layers=LAYERS), path))
     return model.eval()
 
 
@@ -88,7 +92,7 @@ def test_each_adapter_and_none_match_pytorch(setup):
     assert report.validation.passed and all(s.validation.passed for s in report.switchable)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = [probe_inputs(batch=2, seq=7, seed=21), probe_inputs(batch=3, seq=12, seed=22)]
-    base = build_tiny("llama")
+    base = build_tiny("llama", layers=LAYERS)
     refs = {name: _reference(name, path) for name, path in adapters.items()}
     outputs = {}
     for feed in feeds:
@@ -159,7 +163,7 @@ def test_adp_and_foreign_adapters_are_refused(setup, tmp_path):
     from loretta_merge.adapters import get_loretta_model, save_loretta_adapter
 
     base, _, _, _ = setup
-    adp = save_loretta_adapter(get_loretta_model(build_tiny("llama"), AdpConfig()),
+    adp = save_loretta_adapter(get_loretta_model(build_tiny("llama", layers=LAYERS), AdpConfig()),
                                tmp_path / "adp")
     with pytest.raises(ConfigError, match="--adapter"):
         export_onnx(base, tmp_path / "o1", switchable_adapters=[f"x={adp}"])

@@ -17,6 +17,10 @@ from loretta_merge.errors import MissingDependencyError
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+# one layer for the Llama exports: they take about two thirds as long, and each option
+# acts on the graph whatever its depth
+LAYERS = 1
+
 
 @pytest.fixture(scope="session")
 def bert_with_tokenizer(tmp_path_factory):
@@ -85,7 +89,7 @@ def test_eval_file_without_quantize_is_refused_in_one_line(bert_with_tokenizer, 
 
 
 def test_eval_file_on_a_head_that_does_not_classify_is_refused(tmp_path, capsys):
-    base = save_tiny("llama", tmp_path / "base")
+    base = save_tiny("llama", tmp_path / "base", layers=LAYERS)
     (tmp_path / "eval.csv").write_text("text,label\na b,0\n")
     code, _, err = run_main(["export", "onnx", base, "-o", tmp_path / "x", "--task", "causal-lm",
                              "--quantize", "int8", "--eval-file", tmp_path / "eval.csv"], capsys)
@@ -109,16 +113,16 @@ def test_rep_adapter_is_merged_before_export(tmp_path):
                                      save_loretta_adapter)
     from conftest import perturb_trainable
 
-    base = save_tiny("llama", tmp_path / "base")
+    base = save_tiny("llama", tmp_path / "base", layers=LAYERS)
     torch.manual_seed(5)
     adapter = save_loretta_adapter(perturb_trainable(get_loretta_model(
-        build_tiny("llama"), RepConfig(r=4, tensor_rank=3, lora_dropout=0.0))), tmp_path / "rep")
+        build_tiny("llama", layers=LAYERS), RepConfig(r=4, tensor_rank=3, lora_dropout=0.0))), tmp_path / "rep")
     report = export_onnx(base, tmp_path / "out", adapter=adapter)
     assert report.adapter_merged and report.validation.passed
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
     names = [t.name for t in graph.graph.initializer]
     assert not [n for n in names if "lora" in n or "tt_cores" in n]  # no TT left in the graph
-    merged = merge_loretta_model(load_loretta_model(build_tiny("llama"), adapter)).eval()
+    merged = merge_loretta_model(load_loretta_model(build_tiny("llama", layers=LAYERS), adapter)).eval()
     feed = probe_inputs(batch=2, seq=9, seed=6)
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
@@ -130,7 +134,7 @@ def test_rep_adapter_is_merged_before_export(tmp_path):
 
 
 def test_float16_and_the_provider_that_ran(tmp_path, capsys):
-    base = save_tiny("llama", tmp_path / "base")
+    base = save_tiny("llama", tmp_path / "base", layers=LAYERS)
     out = tmp_path / "fp16"
     code, text, err = run_main(["export", "onnx", base, "-o", out, "--dtype", "float16",
                                 "--provider", "cuda"], capsys)

@@ -28,6 +28,11 @@ peft = pytest.importorskip("peft")
 # this file is one unit of work of `make test` (fixtures/scheduling.py), so one worker runs
 # all its tests and neither bank is exported twice
 
+# the causal-LM bank has one layer: its export (a third of this file's time) takes about half
+# as long, every layer's modules are banked alike, and the KV cache of several layers is
+# test_export.py's; the seq-cls bank keeps two (one adapter's change of its tiny logits
+# would be within the bar its tests set for a change)
+LAYERS = {"bert": 2, "llama": 1}
 ATOL = 1e-4
 WORST: dict[str, float] = {}  # worst row difference of each exactness test (printed)
 
@@ -42,7 +47,7 @@ def _rep(arch: str, path, *, r: int, tensor_rank: int, seed: int, targets=None,
     torch.manual_seed(seed)
     only = {} if full else dict(train_norms=False, replace_dense=False,
                                 task_type="FEATURE_EXTRACTION")
-    model = get_loretta_model(build_tiny(arch), RepConfig(
+    model = get_loretta_model(build_tiny(arch, layers=LAYERS[arch]), RepConfig(
         r=r, lora_alpha=2 * r, tensor_rank=tensor_rank, lora_dropout=0.0, target_modules=targets,
         **only))
     perturb_trainable(model, seed=seed)
@@ -51,7 +56,7 @@ def _rep(arch: str, path, *, r: int, tensor_rank: int, seed: int, targets=None,
 
 def _lora(arch: str, path, *, seed: int, targets, std: float = 0.05, save=None):
     torch.manual_seed(seed)
-    model = peft.get_peft_model(build_tiny(arch), peft.LoraConfig(
+    model = peft.get_peft_model(build_tiny(arch, layers=LAYERS[arch]), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, modules_to_save=save))
     perturb_trainable(model, seed=seed, std=std)
     model.save_pretrained(path)
@@ -62,9 +67,10 @@ def _merged(arch: str, path):
     """The independent PyTorch reference: the base with the adapter merged."""
     from loretta_merge.adapters import load_loretta_model, merge_loretta_model
 
+    base = build_tiny(arch, layers=LAYERS[arch])
     if (path / "adapter_config.json").read_text().find('"LORA"') >= 0:
-        return peft.PeftModel.from_pretrained(build_tiny(arch), path).merge_and_unload().eval()
-    return merge_loretta_model(load_loretta_model(build_tiny(arch), path)).eval()
+        return peft.PeftModel.from_pretrained(base, path).merge_and_unload().eval()
+    return merge_loretta_model(load_loretta_model(base, path)).eval()
 
 
 # --------------------------------------------------------------------------- seq-cls
@@ -255,7 +261,7 @@ def test_cli_bank_refusals_are_one_line(cls_bank, tmp_path, capsys):
 @pytest.fixture(scope="session")
 def lm_bank(tmp_path_factory):
     root = tmp_path_factory.mktemp("bank-lm")
-    base = save_tiny("llama", root / "base")
+    base = save_tiny("llama", root / "base", layers=LAYERS["llama"])
     adapters = {
         "alpha": _rep("llama", root / "rep-a", r=4, tensor_rank=3, seed=11, targets=["q_proj", "v_proj"]),
         # + every RMSNorm trained, as `train` makes it
@@ -307,7 +313,7 @@ def test_greedy_decoding_each_row_its_adapter(lm_bank):
     tokens, logits = bank.generate(ids, order, steps, attention_mask=mask, return_logits=True)
     assert tokens.shape == (len(order), steps) and logits.shape[:2] == (steps, len(order))
     refs = {name: _merged("llama", p) for name, p in paths.items()}
-    refs[None] = build_tiny("llama")
+    refs[None] = build_tiny("llama", layers=LAYERS["llama"])
     worst = 0.0
     for i, name in enumerate(order):
         want_tokens, want_logits = _torch_greedy(refs[name], prompts[i], steps)
@@ -336,10 +342,10 @@ def test_default_layout_when_no_adapter_fills_the_bank(tmp_path):
     from loretta_merge.converters.onnx.bank_export import plan_bank
     from loretta_merge.formats import read_adapter
 
-    layout = plan_bank({}, build_tiny("llama"), 2)
+    layout = plan_bank({}, build_tiny("llama", layers=LAYERS["llama"]), 2)
     assert layout.slots == [None, None]
     assert sorted({m.rsplit(".", 1)[1] for m in layout.modules}) == ["q_proj", "v_proj"]
-    model = perturb_trainable(get_loretta_model(build_tiny("llama"), RepConfig(
+    model = perturb_trainable(get_loretta_model(build_tiny("llama", layers=LAYERS["llama"]), RepConfig(
         lora_dropout=0.0, train_norms=False)), seed=16)
     adapter = read_adapter(save_loretta_adapter(model, tmp_path / "rep"))
     values = slot_values("rep", adapter, layout)
