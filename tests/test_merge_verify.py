@@ -114,8 +114,8 @@ def doubled_second_adapter(monkeypatch):
 
     original = kernel._update
 
-    def wrong(acc, rows, ops, values, *full_args):  # full_args: W0 and fine-tunes' tensors
-        original(acc, rows, ops, values, *full_args)
+    def wrong(acc, rows, ops, values, *args, **kwargs):  # the fine-tunes' arguments
+        original(acc, rows, ops, values, *args, **kwargs)
         for op in ops:
             if op.kind is OpKind.LOW_RANK and "a2" in op.source:
                 acc.addmm_(op.left[rows], op.right, alpha=op.weight)

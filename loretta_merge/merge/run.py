@@ -129,8 +129,7 @@ class _Pipeline:
         self.reads = BaseReads(reader, self.pool)
         self.full_reads = FullReads(self.pool)
         self.scratch = torch.empty(kernel.BLOCK_ELEMS, dtype=torch.float32)
-        self.delta_scratch = torch.empty(2 * kernel.BLOCK_ELEMS if n_full else 0,
-                                         dtype=torch.float32)
+        self.delta_scratch = torch.empty(kernel.full_scratch_elems(n_full), dtype=torch.float32)
         self.checks: list[kernel.RangeCheck] = []
         self.result = RunResult()
         self._pending: Future | None = None
