@@ -30,13 +30,13 @@ from .plan import Op, OpKind
 
 BLOCK_ELEMS = 256 * 1024  # fp32 elements per CPU block: 1 MiB, cache-sized
 FULL_BLOCK_ELEMS = 64 * 1024  # with fine-tunes' differences beside it (merge_tensor_cpu)
+_FACTOR_BATCH_BYTES = 256 * 2**20  # TT reconstruction chunk budget
 
 
 def full_scratch_elems(n_full: int) -> int:
     """The fp32 elements of :func:`merge_tensor_cpu`'s ``delta_scratch`` for ``n_full``
     FULL ops (one block of differences each)."""
     return n_full * FULL_BLOCK_ELEMS
-_FACTOR_BATCH_BYTES = 256 * 2**20  # TT reconstruction chunk budget
 
 
 @dataclass
