@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -266,7 +268,9 @@ def test_exports_share_one_op_table_that_no_export_changes(tmp_path):
     save_tiny("bert", tmp_path / "bert", layers=1)  # any graph: one layer exports faster
     export_onnx(tmp_path / "bert", tmp_path / "onnx", validate=False)  # through the block
     assert cls.__dict__["from_torchlib"] is original
-    tables = list(graph._SHARED_REGISTRIES.values())
+    ops_now = graph._registered_ops()  # the tables the exports would use now
+    tables = [t for ops, t in graph._SHARED_REGISTRIES.values()
+              if graph._still_current(ops, ops_now)]
     assert tables and all(t.functions for t in tables)
     with graph.shared_op_registry():
         patched = cls.__dict__["from_torchlib"]
@@ -280,6 +284,31 @@ def test_exports_share_one_op_table_that_no_export_changes(tmp_path):
     for table in tables:
         fresh = cls.from_torchlib(opset_version=table.opset_version)
         assert fresh is not table and content(fresh) == content(table)
+
+
+def test_shared_op_table_is_rebuilt_when_torch_loads_more_ops():
+    """The table depends on the op libraries torch has loaded: a process that builds it, then
+    imports torch.ao's quantized_decomposed ops, gets a table with those ops from the next
+    export, as a fresh process would (a fresh python: whether this one has them loaded depends
+    on which tests ran before)."""
+    script = (
+        "import sys, torch\n"
+        "from torch.onnx._internal.exporter import _registration as r\n"
+        "from loretta_merge.converters.onnx import graph\n"
+        "assert 'quantized_decomposed' not in str(sorted(graph._registered_ops())), 'loaded'\n"
+        "with graph.shared_op_registry():\n"
+        "    before = r.ONNXRegistry.from_torchlib(opset_version=23)\n"
+        "    import torch.ao.quantization.fx._decomposed\n"
+        "    after = r.ONNXRegistry.from_torchlib(opset_version=23)\n"
+        "    again = r.ONNXRegistry.from_torchlib(opset_version=23)\n"
+        "new = set(after.functions) - set(before.functions)\n"
+        "assert again is after and new, new\n"
+        "assert all(k.startswith('quantized_decomposed::') for k in new), new\n"
+        "assert set(r.ONNXRegistry.from_torchlib(opset_version=23).functions) == set(after.functions)\n"
+        "print(len(new))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) > 0
 
 
 def test_graph_optimizer_skips_only_its_named_rules():

@@ -90,15 +90,42 @@ def skipped_rewrite_rules(skipped: tuple[str, ...] = SKIPPED_REWRITE_RULES):
 # torchlib: every function's signature re-read from its Python source) on every call: 0.41 s
 # of a tiny model's ~3 s export, measured on a warm process. Once built it is only read
 # (custom translation tables, which would add to it, are not used here), so the exports of
-# one process share one table per opset version.
+# one process share one table per opset version. What a table holds depends on which of
+# torchlib's ops torch has loaded when it is built: importing torch.ao's quantization, for
+# one, adds the quantized_decomposed ops. So each table is kept with the op names torch had
+# then, and is rebuilt when torch has since loaded an op that torchlib implements. The check
+# is 3 ms; torchlib's op names (0.3 s to list) are read only when torch's ops have changed,
+# as they do during a process's first export (inductor's prims, none of them in torchlib).
 _SHARED_REGISTRIES: dict = {}
+_TORCHLIB_NAMES: list = []  # filled once, when first needed
+
+
+def _registered_ops() -> frozenset:
+    import torch
+
+    return frozenset(torch._C._dispatch_get_all_op_names())
+
+
+def _still_current(built_under: frozenset, ops: frozenset) -> bool:
+    """Whether a table built when torch had the ops ``built_under`` is what one built with
+    ``ops`` would be: the same of torchlib's ops are there."""
+    if built_under == ops:
+        return True
+    if not _TORCHLIB_NAMES:
+        from torch.onnx._internal.exporter import _registration
+
+        _TORCHLIB_NAMES.append(frozenset(
+            m.qualified_name for m in _registration.onnxscript_apis.get_torchlib_ops()))
+    names = _TORCHLIB_NAMES[0]
+    return built_under & names == ops & names
 
 
 @contextlib.contextmanager
 def shared_op_registry():
     """Within the block, ``torch.onnx``'s ``ONNXRegistry.from_torchlib`` builds its table once
-    per process and opset version and hands out that one. Where torch no longer has the
-    registry where this looks for it, the exporter runs as it is."""
+    per process and opset version (again when torch has loaded more of torchlib's ops since)
+    and hands out that one. Where torch no longer has the registry where this looks for it,
+    the exporter runs as it is."""
     try:
         from torch.onnx._internal.exporter import _registration
         registry_cls = _registration.ONNXRegistry
@@ -116,9 +143,12 @@ def shared_op_registry():
         bound = signature.bind(cls, *args, **kwargs)  # opset_version=23 and (23,): one key
         bound.apply_defaults()
         key = (cls, *list(bound.arguments.items())[1:])
-        if key not in _SHARED_REGISTRIES:
-            _SHARED_REGISTRIES[key] = original.__func__(cls, *args, **kwargs)
-        return _SHARED_REGISTRIES[key]
+        ops = _registered_ops()
+        built_under, table = _SHARED_REGISTRIES.get(key, (None, None))
+        if table is None or not _still_current(built_under, ops):
+            table = original.__func__(cls, *args, **kwargs)
+        _SHARED_REGISTRIES[key] = (ops, table)
+        return table
 
     from_torchlib.shared = True
     registry_cls.from_torchlib = classmethod(from_torchlib)
