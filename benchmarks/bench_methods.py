@@ -63,11 +63,12 @@ from _machine import measuring  # noqa: E402
 
 from loretta_merge.memory import peak_rss_bytes  # noqa: E402
 
-METHODS = {  # case (a method, or METHOD-VARIANT) -> (parameters, seed)
+METHODS = {  # case (a method, METHOD-VARIANT, CASE@THREADS) -> (parameters, seed)
     "linear": ({}, None),
     "task_arithmetic": ({"lambda": 0.8}, None),
     "ties": ({"density": 0.5}, None),
     "ties-first": ({"density": 0.5, "tie_break": "first"}, None),
+    "ties-first@1": ({"density": 0.5, "tie_break": "first"}, None),  # one tensor worker
     "dare_ties": ({"density": 0.5}, 0),
     "della": ({"density": 0.5, "epsilon": 0.1}, 0),
     "breadcrumbs": ({"density": 0.5, "gamma": 0.01}, None),
@@ -81,9 +82,18 @@ FULL_METHODS = ("floor", "linear", "ties", "ties-first")  # the cases of --input
 
 
 def case_label(case: str) -> str:
-    """A case as the README names it: the method and the parameters it varies."""
-    method, _, variant = case.partition("-")
-    return f"{method} --tie-break {variant}" if variant else case
+    """A case as the README names it: the method, the parameters it varies, the threads."""
+    base, _, threads = case.partition("@")
+    method, _, variant = base.partition("-")
+    label = f"{method} --tie-break {variant}" if variant else base
+    return f"{label}, LORETTA_KERNEL_THREADS={threads}" if threads else label
+
+
+def case_env(case: str) -> dict[str, str]:
+    """The environment a case's process adds: ``@N`` sets the merge's threads (a method's
+    tensor workers); without it the merge chooses (every core for a method)."""
+    threads = case.partition("@")[2]
+    return {"LORETTA_KERNEL_THREADS": threads} if threads else {}
 FINE_TUNES = (("ft0", 1.0), ("ft1", 0.7))  # fine-tune directory, weight
 MAX_SHARD = "5GB"  # the output shard budget of the merges and the floor (the merge's default)
 
@@ -185,7 +195,7 @@ def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
         merged, total = 0, sum(p.stat().st_size for p in out.glob("*.safetensors"))
     else:
         report = merge(work / "base", given, out, force=True, progress=False,
-                       method=method.partition("-")[0],
+                       method=method.partition("@")[0].partition("-")[0],
                        method_params=params, seed=seed, max_shard_bytes=MAX_SHARD)
         merged, total = report.merged_tensors, report.total_bytes
     seconds = time.perf_counter() - start
@@ -208,11 +218,18 @@ def _rounds(methods: list[str], inputs: str, work: Path, repeat: int,
             in_process = smoke and i > 0
             with measuring() as machine:
                 if in_process:
-                    run = child(m, work, out, inputs)
+                    saved = {k: os.environ.get(k) for k in case_env(m)}
+                    os.environ.update(case_env(m))
+                    try:
+                        run = child(m, work, out, inputs)
+                    finally:
+                        for k, v in saved.items():
+                            os.environ.pop(k) if v is None else os.environ.update({k: v})
                 else:
                     done = subprocess.run(
                         [sys.executable, __file__, "--child", m, "--inputs", inputs, "--work",
-                         str(work), "--out", str(out)], capture_output=True, text=True, check=False)
+                         str(work), "--out", str(out)], capture_output=True, text=True,
+                        check=False, env=dict(os.environ, **case_env(m)))
             shutil.rmtree(out, ignore_errors=True)
             if not in_process:
                 if done.returncode != 0:

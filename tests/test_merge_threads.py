@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from conftest import run_main
 from loretta_merge.errors import ConfigError
 from loretta_merge.merge import merge
 from loretta_merge.merge import run as merge_run
+from loretta_merge.merge import task_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = "LORETTA_KERNEL_THREADS"
@@ -38,17 +40,16 @@ def test_chooser_takes_the_cores_available_minus_one(cores, n, want):
     assert merge_run.available_cores() == n
     assert merge_run.kernel_threads() == want
 
-@pytest.mark.parametrize("policy, n, want", [(None, 2, 2), ("ACTIVE", 8, 8), ("PASSIVE", 2, 1),
-                                             ("passive", 8, 7)])
-def test_a_method_takes_every_core_unless_idle_threads_sleep(cores, monkeypatch, policy, n, want):
-    """A task-vector method is CPU-bound: every core, except under OMP_WAIT_POLICY=PASSIVE
-    (the CLI's default), where each of its short parallel passes pays a thread wake-up."""
+@pytest.mark.parametrize("policy, n", [(None, 2), ("ACTIVE", 8), ("PASSIVE", 2), ("passive", 8)])
+def test_a_method_takes_every_core_whatever_the_wait_policy(cores, monkeypatch, policy, n):
+    """A task-vector method is CPU-bound: every core, as tensor workers on one intra-op
+    thread each, so OpenMP's wait policy (the CLI sets PASSIVE) does not matter."""
     cores(n)
     if policy is None:
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     else:
         monkeypatch.setenv("OMP_WAIT_POLICY", policy)
-    assert merge_run.kernel_threads(cpu_bound=True) == want
+    assert merge_run.kernel_threads(cpu_bound=True) == n
     assert merge_run.kernel_threads() == max(1, n - 1)
 
 
@@ -108,19 +109,37 @@ def _shards(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
 
-def _bytes_on_one_and_two_threads(monkeypatch, tmp_path, run) -> dict[str, dict[str, bytes]]:
+def _bytes_on_one_and_two_threads(monkeypatch, tmp_path, run,
+                                  workers: bool = False) -> dict[str, dict[str, bytes]]:
     """``run(out)`` (a merge) with LORETTA_KERNEL_THREADS 1 and 2: each output's shards,
-    after checking the kernel ran on that many threads."""
+    after checking the kernel ran on that many threads: intra-op threads, or with
+    ``workers`` (a task-vector method) that many tensor workers on one intra-op thread each,
+    whose threads did merge tensors."""
     seen: list[int] = []
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    chosen: list[int] = []
+    real_workers = merge_run.method_workers
+    monkeypatch.setattr(merge_run, "method_workers",
+                        lambda *a: (chosen.append(real_workers(*a)), chosen[-1])[1])
+    merged_in: set[str] = set()
+    real_merge = task_vectors.merge_tensor_task_vectors
+    monkeypatch.setattr(task_vectors, "merge_tensor_task_vectors",
+                        lambda *a, **k: (merged_in.add(threading.current_thread().name),
+                                         real_merge(*a, **k))[1])
     outs = {}
     for threads in ("1", "2"):
         monkeypatch.setenv(ENV, threads)
         seen.clear()
+        chosen.clear()
+        merged_in.clear()
         out = tmp_path / f"out-{threads}"
         run(out)
-        assert seen and seen[0] == int(threads)  # the kernel ran on that many threads
+        n = int(threads)
+        assert chosen == [n if workers else 1]
+        assert seen and seen[0] == (1 if workers else n)  # intra-op threads of the kernel
+        if workers and n > 1:
+            assert merged_in and all(t.startswith("loretta-method") for t in merged_in)
         outs[threads] = _shards(out)
     return outs
 
@@ -174,5 +193,31 @@ def test_methods_write_identical_bytes_on_one_and_two_threads(smoke_checkpoint, 
     inputs = [(smoke_checkpoint / "lora", 1.0), (smoke_checkpoint / "rep", 0.7)]
     outs = _bytes_on_one_and_two_threads(monkeypatch, tmp_path, lambda out: merge(
         smoke_checkpoint / "base", inputs, out, device="cpu", progress=False, method=method,
-        method_params=params, seed=seed))
+        method_params=params, seed=seed), workers=True)
     assert outs["1"] and outs["1"] == outs["2"]
+
+
+def test_a_workers_error_is_the_runs_and_nothing_is_written(smoke_checkpoint, tmp_path,
+                                                            monkeypatch):
+    """With two tensor workers, an error raised while one merges a tensor (here: a range
+    check that fails on the third tensor) ends the merge with that error; no output."""
+    from loretta_merge.errors import NumericsError
+
+    monkeypatch.setenv(ENV, "2")
+    real = task_vectors.merge_tensor_task_vectors
+    calls: list[str] = []
+
+    def failing(name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 3:
+            raise NumericsError(f"{name}: merged values out of range (test)")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(task_vectors, "merge_tensor_task_vectors", failing)
+    out = tmp_path / "out"
+    with pytest.raises(NumericsError, match="out of range \\(test\\)"):
+        merge(smoke_checkpoint / "base", [(smoke_checkpoint / "lora", 1.0),
+                                          (smoke_checkpoint / "rep", 0.7)], out,
+              device="cpu", progress=False, method="ties", method_params={"density": 0.5})
+    assert not out.exists() and len(calls) >= 3
+    assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no temporary left

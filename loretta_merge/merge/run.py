@@ -6,7 +6,9 @@ disk. The output shards are laid out from the plan before the first write, so ea
 goes to disk as soon as it is computed: peak memory is a few tensors, whatever the model.
 On a GPU the merged tensors' ranges are checked once per input shard, so the device is not
 synchronised per tensor. Fully fine-tuned inputs (:mod:`.full`) are read in the same reader
-thread, tensor beside tensor, into the same pool of buffers.
+thread, tensor beside tensor, into the same pool of buffers. A task-vector method (ties,
+dare...) is CPU-bound: on the CPU its tensors are merged by as many worker threads as it
+has threads (:func:`method_workers`), each on one intra-op thread, and written in order.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,27 +42,22 @@ def available_cores() -> int:
 
 
 def kernel_threads(*, cpu_bound: bool = False) -> int:
-    """Intra-op threads for the CPU kernel: ``LORETTA_KERNEL_THREADS`` when set (a whole
-    number, 1 or more), else the available cores minus one (the reader and writer
-    threads beside the kernel need a core between them), at least 1; with ``cpu_bound``
-    (a task-vector method: ties, dare, della..., whose passes over each tensor leave the
-    reader and writer idle most of the time) every available core, unless idle OpenMP
-    threads sleep (``OMP_WAIT_POLICY=PASSIVE``, the command line's default): a method's
-    short parallel passes then pay a wake-up each, and on the 2-core machine a second
-    thread made ``ties`` slower, where with spinning threads it made it faster on a quiet
-    machine and much slower on a loaded one (docs/merge-methods.md, "Speed and memory").
+    """Threads for the CPU kernel: ``LORETTA_KERNEL_THREADS`` when set (a whole number, 1
+    or more), else the available cores minus one (the reader and writer threads beside the
+    kernel need a core between them), at least 1; with ``cpu_bound`` (a task-vector method:
+    ties, dare, della..., whose passes over each tensor leave the reader and writer idle
+    most of the time) every available core. A method's threads are tensor workers
+    (:func:`method_workers`): each merges its own tensor on one intra-op thread, so no
+    OpenMP thread waits at a barrier and the wait policy does not matter.
 
-    On the loaded 2-core development machine that is 1. There, with OpenMP's default wait
+    For the linear kernel, on the loaded 2-core development machine that is 1. There, with OpenMP's default wait
     policy, a second thread made a 1 GB LoRA merge 13x slower (the barrier spins while its
     partner waits for a core); with ``OMP_WAIT_POLICY=PASSIVE``, which the command line sets,
     1 and 2 threads are close (docs/ARCHITECTURE.md, "Memory and speed";
     benchmarks/results/threads.json)."""
     raw = os.environ.get(KERNEL_THREADS_ENV)
     if raw is None or not raw.strip():
-        sleeping = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
-        if cpu_bound and not sleeping:
-            return available_cores()
-        return max(1, available_cores() - 1)
+        return available_cores() if cpu_bound else max(1, available_cores() - 1)
     try:
         n = int(raw.strip())
     except ValueError:
@@ -70,6 +68,18 @@ def kernel_threads(*, cpu_bound: bool = False) -> int:
                           f"it to use the available cores minus one "
                           f"({max(1, available_cores() - 1)} here)")
     return n
+
+
+def method_workers(plan: MergePlan, device: torch.device, threads: int) -> int:
+    """How many tensors a task-vector method merges at once on the CPU: ``threads``, each
+    tensor on one intra-op thread (a method's passes over 1 MiB chunks split badly across
+    OpenMP threads: on 2 cores, two tensors side by side on one thread each merge 1.3x as
+    fast as one tensor on two threads, 2x as fast as one on one). 1 for the linear kernel,
+    a GPU, and PEFT's ``*_svd`` forms (whole dense deltas per tensor: memory, not time)."""
+    tv = plan.task_vectors
+    if tv is None or tv.method.recipe is None or device.type != "cpu":
+        return 1
+    return max(1, threads)
 
 
 @contextlib.contextmanager
@@ -133,10 +143,38 @@ class _Pipeline:
         self.checks: list[kernel.RangeCheck] = []
         self.result = RunResult()
         self._pending: Future | None = None
+        # a task-vector method's tensor workers (None: every tensor merged here, in turn);
+        # outputs go to the writer in the order they were computed, once done
+        self.method_pool: ThreadPoolExecutor | None = None
+        self.workers = 1
+        self._queue: deque = deque()  # (Future or None, name, tensor, buffer, event)
 
     def put(self, wpool: ThreadPoolExecutor, name: str, tensor: torch.Tensor,
-            buf: torch.Tensor | None, event=None) -> None:
-        """Hand a finished tensor to the writer thread; its buffer returns to the pool after."""
+            buf: torch.Tensor | None, event=None, job: Future | None = None) -> None:
+        """Hand a tensor to the writer thread, after the ones before it, once ``job`` (the
+        worker computing it, if any) is done; its buffer returns to the pool after."""
+        self._queue.append((job, name, tensor, buf, event))
+        self.drain(wpool, self.workers - 1)
+
+    def drain(self, wpool: ThreadPoolExecutor, busy: int) -> None:
+        """Write the queued outputs that are done, in order, and return once at most
+        ``busy`` workers are computing (a worker is free for the next tensor) and at most
+        ``workers`` outputs are queued (each holds its buffers); -1: write everything."""
+        while self._queue:
+            head = self._queue[0][0]
+            if head is None or head.done() or busy < 0 or len(self._queue) > self.workers:
+                job, name, tensor, buf, event = self._queue.popleft()
+                if job is not None:
+                    job.result()  # waits for it; its error, if any, is the run's
+                self._write_next(wpool, name, tensor, buf, event)
+                continue
+            computing = [q[0] for q in self._queue if q[0] is not None and not q[0].done()]
+            if len(computing) <= busy:
+                return
+            wait(computing, return_when=FIRST_COMPLETED)  # a tensor behind the head may end first
+
+    def _write_next(self, wpool: ThreadPoolExecutor, name: str, tensor: torch.Tensor,
+                    buf: torch.Tensor | None, event=None) -> None:
         def job() -> None:
             if event is not None:
                 event.synchronize()  # its copy back from the device has landed
@@ -158,13 +196,18 @@ class _Pipeline:
         return w0, buf, self.full_reads.read(outs)
 
     def compute(self, wpool: ThreadPoolExecutor, out: OutputTensor, w0: torch.Tensor | None,
-                in_buf: torch.Tensor | None, full: dict[int, torch.Tensor] | None = None) -> None:
+                in_buf: torch.Tensor | None, full: dict[int, torch.Tensor] | None = None,
+                release: tuple = (), alone: bool = True) -> None:
         """Merge (or cast, or copy) one output tensor and hand it to the writer (``full``:
-        the fine-tunes' tensors of its FULL ops)."""
+        the fine-tunes' tensors of its FULL ops; ``release``: buffers to give back once it
+        is computed; ``alone``: the only output of its base tensor, so a worker may merge
+        it while the next is read)."""
         r = self.result
         r.tensors += 1
         if not out.ops and w0 is not None and w0.dtype == out.dtype:
             r.copied += 1
+            for b in release:
+                self.pool.give(b)
             self.put(wpool, out.name, w0, in_buf)  # the read buffer goes straight to disk
             return
         if not out.ops:
@@ -180,12 +223,22 @@ class _Pipeline:
             # a method other than linear: chunks of rows (whole tensors for PEFT's forms), on
             # the merge's device (random masks are drawn on the CPU there too, so a seed
             # gives the same draws anywhere)
-            check = task_vectors.merge_tensor_task_vectors(
-                out.name, w0, out.ops, result, self.plan.task_vectors, self.device, full)
-            self.pool.give(in_buf)
-            kernel.check_ranges([check])
-            self.put(wpool, out.name, result, out_buf)
-        elif self.cuda and out.ops:
+            def merge() -> None:
+                check = task_vectors.merge_tensor_task_vectors(
+                    out.name, w0, out.ops, result, self.plan.task_vectors, self.device, full)
+                for b in (in_buf, *release):
+                    self.pool.give(b)
+                kernel.check_ranges([check])
+
+            if self.method_pool is not None and alone:
+                self.put(wpool, out.name, result, out_buf, job=self.method_pool.submit(merge))
+            else:
+                merge()
+                self.put(wpool, out.name, result, out_buf)
+            return
+        for b in release:  # the rest is computed here and now (the GPU gives none)
+            self.pool.give(b)
+        if self.cuda and out.ops:
             self.checks.append(kernel.merge_tensor_device(out.name, w0, out.ops, result,
                                                           self.device, full))
             event = torch.cuda.Event()
@@ -229,12 +282,15 @@ def run_plan(plan: MergePlan, reader: CheckpointReader, out_dir: Path, *, device
         for o in plan.outputs:
             kernel.ops_to(o.ops, device)
     run = _Pipeline(plan, reader, writer, device)
+    run.workers = method_workers(plan, device, threads)
     bar = _progress_bar(reader) if progress else None
     keys, shard = plan.reads(), None
     try:
-        with _intra_op_threads(threads), \
+        with _intra_op_threads(1 if run.workers > 1 else threads), \
+                ThreadPoolExecutor(run.workers, thread_name_prefix="loretta-method") as mpool, \
                 ThreadPoolExecutor(1, thread_name_prefix="loretta-read") as rpool, \
                 ThreadPoolExecutor(1, thread_name_prefix="loretta-write") as wpool:
+            run.method_pool = mpool if run.workers > 1 else None
             stream = _prefetch(lambda k: run.read(k, by_source[k]), keys, rpool)
             try:
                 for key, (w0, buf, full) in stream:
@@ -247,6 +303,7 @@ def run_plan(plan: MergePlan, reader: CheckpointReader, out_dir: Path, *, device
                         bar.update(reader.nbytes(key))
                 for out in by_source.get(None, []):
                     run.compute(wpool, out, None, None)
+                run.drain(wpool, -1)
                 kernel.check_ranges(run.checks)
                 run.wait_for_writer()
             finally:
@@ -268,13 +325,17 @@ def _compute_from(run: _Pipeline, wpool, outs: list[OutputTensor], w0: torch.Ten
     """All outputs computed from one base tensor (two when an embedding is untied), then
     the fine-tunes' buffers go back to the pool (after the device has read them)."""
     values = {k: t for k, (t, _) in full.items()}
+    # with tensor workers, the last output's merge gives the fine-tunes' buffers back
+    release = tuple(b for _, b in full.values()) if run.method_pool is not None else ()
     for i, out in enumerate(outs):
         last = i == len(outs) - 1
         if last:
-            run.compute(wpool, out, w0, buf, values)
+            run.compute(wpool, out, w0, buf, values, release=release, alone=len(outs) == 1)
         else:  # the buffer must outlive this output: it is released with the last one
             run.compute(wpool, out, w0 if out.ops or w0.dtype != out.dtype else w0.clone(), None,
-                        values)
+                        values, alone=False)
+    if release:
+        return
     event = None
     if full and run.cuda:
         event = torch.cuda.Event()
