@@ -221,3 +221,23 @@ def test_a_workers_error_is_the_runs_and_nothing_is_written(smoke_checkpoint, tm
               device="cpu", progress=False, method="ties", method_params={"density": 0.5})
     assert not out.exists() and len(calls) >= 3
     assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no temporary left
+
+
+@pytest.mark.parametrize("method, params, threads, device, want", [
+    ("ties", {"density": 0.5}, 2, "cpu", 2),
+    ("ties", {"density": 0.5}, 16, "cpu", merge_run.METHOD_WORKERS),  # memory: two at most
+    ("ties", {"density": 0.5}, 1, "cpu", 1),
+    ("dare_ties", {"density": 0.5}, 8, "cpu", 2),
+    ("ties", {"density": 0.5}, 8, "cuda", 1),
+    ("task_arithmetic", {}, 8, "cpu", 1),  # no pruning: one pass of a few ops per chunk
+    ("ties_svd", {"density": 0.5}, 8, "cpu", 1),  # whole dense deltas per tensor
+])
+def test_which_merges_run_tensors_side_by_side(method, params, threads, device, want):
+    from types import SimpleNamespace
+
+    tv = task_vectors.resolve_method(method, params, 3 if method.startswith("dare") else None,
+                                     [1.0, 0.5])
+    plan = SimpleNamespace(task_vectors=tv)
+    assert merge_run.method_workers(plan, torch.device(device), threads) == want
+    assert merge_run.method_workers(SimpleNamespace(task_vectors=None), torch.device("cpu"),
+                                    threads) == 1  # linear

@@ -7,8 +7,8 @@ goes to disk as soon as it is computed: peak memory is a few tensors, whatever t
 On a GPU the merged tensors' ranges are checked once per input shard, so the device is not
 synchronised per tensor. Fully fine-tuned inputs (:mod:`.full`) are read in the same reader
 thread, tensor beside tensor, into the same pool of buffers. A task-vector method (ties,
-dare...) is CPU-bound: on the CPU its tensors are merged by as many worker threads as it
-has threads (:func:`method_workers`), each on one intra-op thread, and written in order.
+dare...) is CPU-bound: on the CPU two worker threads merge its tensors side by side
+(:func:`method_workers`), sharing its intra-op threads, and they are written in order.
 """
 
 from __future__ import annotations
@@ -46,9 +46,8 @@ def kernel_threads(*, cpu_bound: bool = False) -> int:
     or more), else the available cores minus one (the reader and writer threads beside the
     kernel need a core between them), at least 1; with ``cpu_bound`` (a task-vector method:
     ties, dare, della..., whose passes over each tensor leave the reader and writer idle
-    most of the time) every available core. A method's threads are tensor workers
-    (:func:`method_workers`): each merges its own tensor on one intra-op thread, so no
-    OpenMP thread waits at a barrier and the wait policy does not matter.
+    most of the time) every available core, shared by the tensors it merges side by side
+    (:func:`method_workers`).
 
     For the linear kernel, on the loaded 2-core development machine that is 1. There, with OpenMP's default wait
     policy, a second thread made a 1 GB LoRA merge 13x slower (the barrier spins while its
@@ -70,16 +69,25 @@ def kernel_threads(*, cpu_bound: bool = False) -> int:
     return n
 
 
+METHOD_WORKERS = 2  # tensors a method merges at once, at most: each holds its own buffers
+
+
 def method_workers(plan: MergePlan, device: torch.device, threads: int) -> int:
-    """How many tensors a task-vector method merges at once on the CPU: ``threads``, each
-    tensor on one intra-op thread (a method's passes over 1 MiB chunks split badly across
-    OpenMP threads: on 2 cores, two tensors side by side on one thread each merge 1.3x as
-    fast as one tensor on two threads, 2x as fast as one on one). 1 for the linear kernel,
-    a GPU, and PEFT's ``*_svd`` forms (whole dense deltas per tensor: memory, not time)."""
+    """How many tensors a task-vector method merges at once on the CPU, its ``threads``
+    shared among them as intra-op threads (:func:`run_plan`). A method that prunes runs
+    passes of short ops over 1 MiB chunks, which split badly across OpenMP threads inside
+    one tensor (each op pays a fork and a barrier, and a wake-up under the CLI's
+    ``OMP_WAIT_POLICY=PASSIVE``); two tensors side by side need neither. At most
+    :data:`METHOD_WORKERS`: each tensor in flight holds its buffers, and a cut through tied
+    magnitudes its whole-tensor sort. 1 for the linear kernel, a method that does not prune
+    (one pass of a few ops per chunk), a GPU, and PEFT's ``*_svd`` forms (whole dense
+    deltas per tensor)."""
     tv = plan.task_vectors
     if tv is None or tv.method.recipe is None or device.type != "cpu":
         return 1
-    return max(1, threads)
+    if tv.method.recipe(tv.params).prune is None:
+        return 1
+    return max(1, min(threads, METHOD_WORKERS))
 
 
 @contextlib.contextmanager
@@ -286,7 +294,7 @@ def run_plan(plan: MergePlan, reader: CheckpointReader, out_dir: Path, *, device
     bar = _progress_bar(reader) if progress else None
     keys, shard = plan.reads(), None
     try:
-        with _intra_op_threads(1 if run.workers > 1 else threads), \
+        with _intra_op_threads(max(1, threads // run.workers)), \
                 ThreadPoolExecutor(run.workers, thread_name_prefix="loretta-method") as mpool, \
                 ThreadPoolExecutor(1, thread_name_prefix="loretta-read") as rpool, \
                 ThreadPoolExecutor(1, thread_name_prefix="loretta-write") as wpool:
