@@ -167,10 +167,10 @@ class _Pipeline:
     def drain(self, wpool: ThreadPoolExecutor, busy: int) -> None:
         """Write the queued outputs that are done, in order, and return once at most
         ``busy`` workers are computing (a worker is free for the next tensor) and at most
-        ``workers`` outputs are queued (each holds its buffers); -1: write everything."""
+        ``2 * workers`` outputs are queued (each holds its buffers); -1: write everything."""
         while self._queue:
             head = self._queue[0][0]
-            if head is None or head.done() or busy < 0 or len(self._queue) > self.workers:
+            if head is None or head.done() or busy < 0 or len(self._queue) > 2 * self.workers:
                 job, name, tensor, buf, event = self._queue.popleft()
                 if job is not None:
                     job.result()  # waits for it; its error, if any, is the run's

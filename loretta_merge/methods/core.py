@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 Prune = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, input index) -> pruned delta
@@ -48,8 +49,8 @@ def _weighted_pruned(deltas: Sequence[torch.Tensor], weights: Sequence[float],
     return out
 
 
-def _votes_positive(weighted: Sequence[torch.Tensor], majority_sign: str) -> torch.Tensor:
-    """Weighted deltas -> bool: where the elected sign is + (ties go to +), from the sum of
+def _votes(weighted: Sequence[torch.Tensor], majority_sign: str) -> torch.Tensor:
+    """Weighted deltas -> votes: the elected sign is + where they are >= 0, from the sum of
     the deltas (``total``) or of their signs (``frequency``), added in input order without
     stacking them: ``(a + b) + c`` is what ``stack(...).sum(dim=0)`` computes, bit for bit,
     and sign counts are exact in any order."""
@@ -61,14 +62,31 @@ def _votes_positive(weighted: Sequence[torch.Tensor], majority_sign: str) -> tor
         votes = weighted[0].sign()
         for w in weighted[1:]:
             votes.add_(w.sign())
-    return votes >= 0
+    return votes
 
 
 def _elected_sign(weighted: Sequence[torch.Tensor], majority_sign: str) -> torch.Tensor:
-    """The elected sign of each entry as ±1: a delta ``w`` agrees where ``w * sign > 0``
-    (exact; a zero entry agrees with neither sign), one multiply and compare rather than a
-    ``where`` over two masks."""
-    return _votes_positive(weighted, majority_sign).to(weighted[0].dtype).mul_(2).sub_(1)
+    """The elected sign of each entry as ±1 (+1 where the votes are >= 0): a delta ``w``
+    agrees where ``w * sign > 0`` (exact; a zero entry agrees with neither sign), one
+    multiply and compare rather than a ``where`` over two masks. On the CPU numpy makes it
+    (its compare and select: a tenth of torch's compare and cast on a 1 MiB chunk)."""
+    votes = _votes(weighted, majority_sign)
+    if votes.device.type == "cpu" and votes.is_contiguous():
+        v = votes.numpy()
+        sign = np.greater_equal(v, 0).astype(v.dtype)  # (np.where with scalars: 10x slower)
+        sign *= 2
+        sign -= 1
+        return torch.from_numpy(sign)
+    return (votes >= 0).to(weighted[0].dtype).mul_(2).sub_(1)
+
+
+def _one_where_zero(norm: torch.Tensor) -> None:
+    """``norm``'s zeros become 1, in place (``+ (norm == 0)``: the same bits as a fill)."""
+    if norm.device.type == "cpu" and norm.is_contiguous():
+        n = norm.numpy()
+        np.add(n, n == 0, out=n, casting="unsafe")
+    else:
+        norm.masked_fill_(norm == 0, 1)
 
 
 def elected_signs(weighted: torch.Tensor, majority_sign: str) -> torch.Tensor:
@@ -97,7 +115,7 @@ def combine_task_vectors(deltas: Sequence[torch.Tensor], weights: Sequence[float
             mixed = kept if mixed is None else mixed.add_(kept)
             share = agree.mul_(float(weights[i]))
             norm = share if norm is None else norm.add_(share)
-        norm.masked_fill_(norm == 0, 1)
+        _one_where_zero(norm)
     else:
         mixed = weighted[0]
         for i in range(1, len(weighted)):
