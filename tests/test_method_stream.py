@@ -197,3 +197,13 @@ def test_tie_break_is_a_parameter_of_the_magnitude_methods_only():
         get_method("dare_ties").resolve({"tie_break": "first"}, n_inputs=2)
     with pytest.raises(ConfigError, match="--tie-break 'stable' is not one of mergekit, first"):
         get_method("ties").resolve({"tie_break": "stable"}, n_inputs=2)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "magnitude_prune"])
+def test_deltas_that_require_grad_combine_as_plain_ones(method):
+    """The CPU paths that go through numpy take tensors autograd tracks (a user's
+    parameters handed to the Python API) and give the same bits."""
+    deltas = tied_deltas()
+    plain = run(method, deltas, chunk=SHAPE[1] * 4)
+    tracked = run(method, [d.clone().requires_grad_(True) for d in deltas], chunk=SHAPE[1] * 4)
+    assert torch.equal(plain, tracked.detach())

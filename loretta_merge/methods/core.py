@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 Prune = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, input index) -> pruned delta
+_NUMPY_FLOATS = (torch.float32, torch.float64)  # the CPU paths through numpy take these
 
 class OwnedDeltas(list):
     """A list of deltas handed over to a method: it may change them in place and drops each
@@ -71,8 +72,8 @@ def _elected_sign(weighted: Sequence[torch.Tensor], majority_sign: str) -> torch
     multiply and compare rather than a ``where`` over two masks. On the CPU numpy makes it
     (its compare and select: a tenth of torch's compare and cast on a 1 MiB chunk)."""
     votes = _votes(weighted, majority_sign)
-    if votes.device.type == "cpu" and votes.is_contiguous():
-        v = votes.numpy()
+    if votes.device.type == "cpu" and votes.is_contiguous() and votes.dtype in _NUMPY_FLOATS:
+        v = votes.detach().numpy()
         sign = np.greater_equal(v, 0).astype(v.dtype)  # (np.where with scalars: 10x slower)
         sign *= 2
         sign -= 1
@@ -82,8 +83,8 @@ def _elected_sign(weighted: Sequence[torch.Tensor], majority_sign: str) -> torch
 
 def _one_where_zero(norm: torch.Tensor) -> None:
     """``norm``'s zeros become 1, in place (``+ (norm == 0)``: the same bits as a fill)."""
-    if norm.device.type == "cpu" and norm.is_contiguous():
-        n = norm.numpy()
+    if norm.device.type == "cpu" and norm.is_contiguous() and norm.dtype in _NUMPY_FLOATS:
+        n = norm.detach().numpy()
         np.add(n, n == 0, out=n, casting="unsafe")
     else:
         norm.masked_fill_(norm == 0, 1)

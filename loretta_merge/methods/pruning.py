@@ -47,7 +47,7 @@ def magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
     """The int32 bits of ``|chunk|`` (fp32), flat: they order as the magnitudes do."""
     flat = chunk.contiguous().view(torch.int32).reshape(-1)
     if flat.device.type == "cpu":
-        return torch.from_numpy(np.bitwise_and(flat.numpy(), 0x7FFFFFFF))
+        return torch.from_numpy(np.bitwise_and(flat.detach().numpy(), 0x7FFFFFFF))
     return flat & 0x7FFFFFFF
 
 
@@ -55,9 +55,10 @@ def _times_mask(values: torch.Tensor, kept: torch.Tensor) -> None:
     """``values *= kept`` in place (a bool mask, or 0/1 floats): IEEE products by 1 and 0,
     as torch's (torch's float-by-bool product is its slow path: 4x numpy's)."""
     if (values.device.type == "cpu" and kept.dtype == torch.bool and values.is_contiguous()
-            and kept.is_contiguous() and kept.shape == values.shape):
-        v = values.numpy()
-        np.multiply(v, kept.numpy(), out=v)
+            and kept.is_contiguous() and kept.shape == values.shape
+            and values.dtype in (torch.float32, torch.float64)):
+        v = values.detach().numpy()
+        np.multiply(v, kept.detach().numpy(), out=v)
     else:
         values.mul_(kept)
 
