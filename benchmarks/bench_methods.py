@@ -9,7 +9,9 @@ by round; a child reports the wall time of the merge (imports excluded), its own
 that peak above the RSS it had after its imports, beside the largest input shard (the
 issue's memory bound: 1.5x that shard).
 ``linear`` is the fused streaming kernel; every other method runs in passes over chunks of rows
-(docs/merge-methods.md).
+(docs/merge-methods.md). ``floor`` merges nothing: it reads the base and the adapters' files
+and writes the base once (``full_floor``), the I/O every case does at least; each case is
+given over the floor of its round. ``CASE@N`` runs a case with ``LORETTA_KERNEL_THREADS=N``.
 
 ``mergekit`` (adapters, ``--mergekit ties,linear``; not in ``--smoke`` unless asked): the
 same job through mergekit 0.1.5. mergekit merges adapters only as full models, so each
@@ -64,6 +66,7 @@ from _machine import measuring  # noqa: E402
 from loretta_merge.memory import peak_rss_bytes  # noqa: E402
 
 METHODS = {  # case (a method, METHOD-VARIANT, CASE@THREADS) -> (parameters, seed)
+    "floor": ({}, None),  # no merge: read the inputs, write one output (full_floor)
     "linear": ({}, None),
     "task_arithmetic": ({"lambda": 0.8}, None),
     "ties": ({"density": 0.5}, None),
@@ -156,14 +159,20 @@ def largest_shard(*dirs: Path) -> int:
     return max(p.stat().st_size for d in dirs for p in d.glob("*.safetensors"))
 
 
-def full_floor(work: Path, out: Path, budget: int) -> None:
-    """Read every shard of the base and of both fine-tunes (``load_file``), write the base's
-    tensors once under ``budget`` bytes per shard, each file fsynced."""
+def full_floor(work: Path, out: Path, budget: int, inputs: str = "full") -> None:
+    """Read every shard of the base and of the inputs (``load_file``: both fine-tunes, or
+    the three adapters' files), write the base's tensors once under ``budget`` bytes per
+    shard, each file fsynced."""
     from safetensors.torch import load_file
 
     from bench_merge import write_shards
 
-    inputs = [sorted((work / d).glob("*.safetensors")) for d in ("base", *dict(FINE_TUNES))]
+    if inputs == "adapters":
+        for name, _, _ in ADAPTERS:
+            for f in sorted((work / name).glob("*.safetensors")):
+                load_file(f)
+    dirs = ("base", *dict(FINE_TUNES)) if inputs == "full" else ("base",)
+    inputs = [sorted((work / d).glob("*.safetensors")) for d in dirs]
 
     def base_tensors():
         for i in range(max(len(shards) for shards in inputs)):
@@ -191,7 +200,7 @@ def child(method: str, work: Path, out: Path, inputs: str = "adapters") -> dict:
     after_imports = bench_merge.rss_now()
     start = time.perf_counter()
     if method == "floor":
-        full_floor(work, out, parse_size(MAX_SHARD))
+        full_floor(work, out, parse_size(MAX_SHARD), inputs)
         merged, total = 0, sum(p.stat().st_size for p in out.glob("*.safetensors"))
     else:
         report = merge(work / "base", given, out, force=True, progress=False,
@@ -399,7 +408,7 @@ def main() -> None:
                              "checkpoints, against the I/O floor")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated (adapters: {','.join(METHODS)}; full: "
-                             f"{','.join(FULL_METHODS)} by default, any method or floor)")
+                             f"{','.join(FULL_METHODS)} by default, any of them)")
     parser.add_argument("--mergekit", default=None,
                         help="comma-separated methods also run through mergekit on the adapter "
                              f"case ({','.join(MERGEKIT)}; default: those of them the adapter "
@@ -422,7 +431,7 @@ def main() -> None:
     for kind in kinds:
         default = ",".join(METHODS if kind == "adapters" else FULL_METHODS)
         methods = [m for m in (args.methods or default).split(",") if m]
-        allowed = set(METHODS) | ({"floor"} if kind == "full" else set())
+        allowed = set(METHODS)
         unknown = [m for m in methods if m not in allowed]
         if unknown:
             parser.error(f"unknown method(s) {', '.join(unknown)}; choose from "

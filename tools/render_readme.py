@@ -596,8 +596,12 @@ def methods_block() -> str:
              f"LLaMA-shaped checkpoint, {', '.join(q['adapters'])} on all seven linears of every "
              f"layer; each method in its own process, median of {q['repeat']} round(s); peak RSS "
              f"includes the interpreter and imports.{_shard_note(q)}", ""]
-    lines += _methods_header("method", False, rss)
-    lines += _methods_rows(q["methods"], floor=False)
+    floor = "floor" in q["methods"]  # (results before the adapter case had a floor: none)
+    if floor:
+        lines[0] += (" Each case over the floor of its own round: read the base and the "
+                     "adapters, write one output.")
+    lines += _methods_header("method", floor, rss)
+    lines += _methods_rows(q["methods"], floor=floor)
     states = _methods_states(q["runs"])
     if "mergekit" in q:
         more, mk_states = _mergekit_lines(q["mergekit"])
@@ -605,6 +609,33 @@ def methods_block() -> str:
         states += mk_states
     lines += ["", machine_note(states) + " " + _src("methods-1gb.json")]
     return "\n".join(lines)
+
+
+def methods_summary_block() -> str:
+    """The README's lines on merge methods' speed: the figures of the two method runs."""
+    q = _load("methods-1gb.json")
+    m, full = q["methods"], _load("methods-full-1gb.json")["full"]["methods"]
+
+    def case(c: dict) -> str:
+        ratio = f", {c['over_floor']:.1f}x the I/O floor" if "over_floor" in c else ""
+        return (f"{c['median_seconds']:.1f} s{ratio}, peak RSS above imports "
+                f"{c['rss_over_largest_shard']:.1f}x the largest input shard")
+
+    text = (f"On the ~1 GB bf16 benchmark checkpoint and this project's 2-core CPU, three "
+            f"adapters merge by `ties` in {case(m['ties'])}; by `ties --tie-break first` in "
+            f"{case(m['ties-first'])}; by `linear` in {case(m['linear'])}.")
+    mk = q.get("mergekit", {}).get("methods", {}).get("ties")
+    if mk:
+        text += (f" mergekit's `ties` on the same adapters takes {mk['total_wall_s']:.0f} s, "
+                 f"writing the base+adapter models it needs first, and peaks at "
+                 f"{mk['total_peak_rss_bytes'] / 2**30:.1f} GiB; our command line "
+                 f"{mk['ours_cli']['wall_s']:.1f} s and {mk['ours_cli']['peak_rss_bytes'] / 2**30:.1f} GiB.")
+    text += (f" Two full fine-tunes of the base: `linear` {full['linear']['over_floor']:.1f}x the "
+             f"floor (read every input, write one output), `ties` {full['ties']['over_floor']:.1f}x, "
+             f"`ties --tie-break first` {full['ties-first']['over_floor']:.1f}x. The methods are "
+             f"CPU-bound; the tables and why: [speed and memory](docs/merge-methods.md#speed-and-memory). "
+             f"Source: `benchmarks/results/methods-1gb.json`, `benchmarks/results/methods-full-1gb.json`.")
+    return text
 
 
 def methods_full_block() -> str:
@@ -640,6 +671,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "train-bench": train_block,
     "methods-bench": methods_block,
     "methods-full-bench": methods_full_block,
+    "methods-summary": methods_summary_block,
     "extract-accuracy": render_extract_accuracy.extract_accuracy_block,
     "extract-resize": render_extract_accuracy.extract_resize_block,
 }
