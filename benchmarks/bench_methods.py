@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -159,7 +160,7 @@ def largest_shard(*dirs: Path) -> int:
     return max(p.stat().st_size for d in dirs for p in d.glob("*.safetensors"))
 
 
-def full_floor(work: Path, out: Path, budget: int, inputs: str = "full") -> None:
+def full_floor(work: Path, out: Path, budget: int, kind: str = "full") -> None:
     """Read every shard of the base and of the inputs (``load_file``: both fine-tunes, or
     the three adapters' files), write the base's tensors once under ``budget`` bytes per
     shard, each file fsynced."""
@@ -167,11 +168,11 @@ def full_floor(work: Path, out: Path, budget: int, inputs: str = "full") -> None
 
     from bench_merge import write_shards
 
-    if inputs == "adapters":
+    if kind == "adapters":
         for name, _, _ in ADAPTERS:
             for f in sorted((work / name).glob("*.safetensors")):
                 load_file(f)
-    dirs = ("base", *dict(FINE_TUNES)) if inputs == "full" else ("base",)
+    dirs = ("base", *dict(FINE_TUNES)) if kind == "full" else ("base",)
     inputs = [sorted((work / d).glob("*.safetensors")) for d in dirs]
 
     def base_tensors():
@@ -227,13 +228,8 @@ def _rounds(methods: list[str], inputs: str, work: Path, repeat: int,
             in_process = smoke and i > 0
             with measuring() as machine:
                 if in_process:
-                    saved = {k: os.environ.get(k) for k in case_env(m)}
-                    os.environ.update(case_env(m))
-                    try:
+                    with mock.patch.dict(os.environ, case_env(m)):
                         run = child(m, work, out, inputs)
-                    finally:
-                        for k, v in saved.items():
-                            os.environ.pop(k) if v is None else os.environ.update({k: v})
                 else:
                     done = subprocess.run(
                         [sys.executable, __file__, "--child", m, "--inputs", inputs, "--work",

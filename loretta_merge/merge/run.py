@@ -244,19 +244,19 @@ class _Pipeline:
                 merge()
                 self.put(wpool, out.name, result, out_buf)
             return
-        for b in release:  # the rest is computed here and now (the GPU gives none)
-            self.pool.give(b)
         if self.cuda and out.ops:
             self.checks.append(kernel.merge_tensor_device(out.name, w0, out.ops, result,
                                                           self.device, full))
             event = torch.cuda.Event()
             event.record()
-            self.pool.give(in_buf, event)
+            for b in (in_buf, *release):
+                self.pool.give(b, event)
             self.put(wpool, out.name, result, out_buf, event)
         else:
             check = kernel.merge_tensor_cpu(out.name, w0, out.ops, result, self.scratch, full,
                                             self.delta_scratch if full else None)
-            self.pool.give(in_buf)
+            for b in (in_buf, *release):  # after the kernel has read them
+                self.pool.give(b)
             kernel.check_ranges([check])  # CPU values: no cost to look now (device ones wait)
             self.put(wpool, out.name, result, out_buf)
 

@@ -235,11 +235,11 @@ class RankRange(Pruning):
 
     def _observe_low(self, chunk: torch.Tensor, offset: int) -> None:
         bits = magnitude_bits(chunk)
-        on_cpu = bits.device.type == "cpu"
-        high = bits.numpy() >> 16 if on_cpu else bits >> 16
+        b = bits.numpy() if bits.device.type == "cpu" else None
+        high = b >> 16 if b is not None else bits >> 16
         for bucket, acc in self._low.items():
-            if on_cpu:  # a few entries in a thousand: numpy's compress
-                inside = torch.from_numpy(np.compress(high == bucket, bits.numpy()) & 0xFFFF)
+            if b is not None:  # a few entries in a thousand: numpy's compress
+                inside = torch.from_numpy(np.compress(high == bucket, b) & 0xFFFF)
             else:
                 inside = bits[high == bucket] & 0xFFFF
             hist = torch.bincount(inside, minlength=_BUCKETS)
